@@ -1,0 +1,96 @@
+"""Benchmarks.
+
+    python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5]
+
+``step`` times the full jitted train step (both views through teacher and student, heads, optimizer, EMA)
+on random 10 s log-mels, after compilation and warm-up, and prints seconds per step and clips per second.
+Nothing is read from disk, so the figure is the compute cost alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def bench_step(args) -> dict:
+    from atst_jax import sharding as shd
+    from atst_jax.train import Trainer, check_config, crop_frames, load_config
+
+    config = load_config(args.config)
+    config.train.global_batch = args.batch
+    config.train.steps = max(config.train.steps, 1000)
+    for override in args.set or []:
+        key, _, value = override.partition("=")
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value.lower() == "true"
+    check_config(config, jax.device_count())
+    mesh = shd.make_mesh(config.mesh)
+    trainer = Trainer(config, mesh)
+    state = trainer.init(config.seed)
+    step_fn = trainer.jit_train_step()
+    frames = crop_frames(config)
+    rng = np.random.default_rng(0)
+    host = {
+        "spec": rng.uniform(-1, 1, (args.batch, config.model.n_mels, frames)).astype(np.float32),
+        "length": np.full((args.batch,), frames, np.int32),
+    }
+    batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    result = {
+        "config": args.config,
+        "batch": args.batch,
+        "frames": frames,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "compile_s": compile_s,
+        "step_s_median": med,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "clips_per_s": args.batch / med,
+    }
+    print(
+        f"{args.config} batch {args.batch} x {frames} frames on {result['devices']} {result['backend']} device(s): "
+        f"{med:.3f} s/step (min {min(times):.3f}, max {max(times):.3f}, {args.steps} steps), "
+        f"{result['clips_per_s']:.2f} clips/s, compile {compile_s:.1f} s"
+    )
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m atst_jax.bench")
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("step", help="time the full train step")
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--set", action="append", help="config override KEY=VALUE (e.g. model.scan_layers=false)")
+    args = parser.parse_args(argv)
+    if args.what == "step":
+        bench_step(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

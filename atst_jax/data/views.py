@@ -1,0 +1,127 @@
+"""On-device views, augmentations and masks (jax.numpy), keyed by a PRNG key derived from the step.
+
+Doing this work inside the jitted step keeps the host pipeline to crop + batch, makes every random choice a
+pure function of (seed, step) — so a resumed run repeats it exactly — and lets XLA fuse it.
+
+- ``span_mask``: fairseq ``compute_mask_indices(mask_type="static", no_overlap=False)`` as the official ATST
+  code calls it per example: ``int(ratio·N/span + U(0,1))`` spans (at least ``min_spans``), starts drawn
+  without replacement from ``[0, N − span)``, spans may overlap (real masked fraction ≈ 0.50 at ratio 0.65).
+- ``mixup``: BYOL-A log-mixup-exp, ``log((1−λ)·e^x + λ·e^z + eps)`` with λ ~ U(0, ratio). The official code
+  draws z from a FIFO bank of 2,000 earlier inputs; here z is another clip of the same global batch (a
+  random cyclic shift ≥ 1, so never the clip itself) — the JAX-native equivalent, documented in the spec.
+- ``freq_warp``: BYOL-A RandomResizeCrop as ATST-Frame configures it (virtual canvas 1×, time untouched): crop
+  ``h = clip(int(U(lo, hi)·F), 1, F)`` mel bins at a random offset and resize back to F bins with PyTorch's
+  bicubic (A = −0.75, ``align_corners=True``, border-clamped taps). Expressed as one ``[F, F]`` matrix per
+  example, so the warp is a single batched matmul.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CUBIC_A = -0.75  # PyTorch's bicubic coefficient (jax.image uses the Keys kernel with A = -0.5)
+
+
+# --- masks ----------------------------------------------------------------------------------------------
+def max_spans(num_tokens: int, ratio: float, span: int, min_spans: int) -> int:
+    """Upper bound of the number of spans ``int(ratio·N/span + u)``, u ∈ [0, 1)."""
+    expected = ratio * num_tokens / span
+    upper = int(expected) + (0 if float(expected).is_integer() else 1)
+    return max(min_spans, min(upper, num_tokens - span))
+
+
+def mask_capacity(num_tokens: int, ratio: float, span: int, min_spans: int) -> int:
+    """The most tokens a span mask can cover: a static bound used to gather masked tokens."""
+    return min(num_tokens, span * max_spans(num_tokens, ratio, span, min_spans))
+
+
+def span_mask(key, batch: int, num_tokens: int, *, ratio=0.65, span=5, min_spans=2):
+    """Boolean ``[batch, num_tokens]`` block mask (see module doc)."""
+    k_count, k_start = jax.random.split(key)
+    n_starts = num_tokens - span
+    if n_starts < 1:
+        raise ValueError(f"span masking needs more than span={span} tokens, got {num_tokens}")
+    count = jnp.floor(ratio * num_tokens / span + jax.random.uniform(k_count, (batch,))).astype(jnp.int32)
+    count = jnp.clip(count, min_spans, n_starts)
+    # Sampling without replacement = the `count` smallest of i.i.d. uniform scores.
+    scores = jax.random.uniform(k_start, (batch, n_starts))
+    ranks = jnp.argsort(jnp.argsort(scores, axis=1), axis=1)
+    starts = ranks < count[:, None]
+    starts = jnp.pad(starts, ((0, 0), (0, span)))  # [batch, num_tokens]
+    mask = jnp.zeros((batch, num_tokens), bool)
+    for offset in range(span):
+        mask = mask | jnp.roll(starts, offset, axis=1)  # starts < N - span: the roll never wraps a start
+    return mask
+
+
+def gather_masked(mask, capacity: int):
+    """Indices ``[B, capacity]`` of the masked tokens (in order, padded with unmasked ones) and their validity.
+
+    Masked tokens vary in number per example; a fixed capacity keeps shapes static so the heads run on
+    ~capacity tokens instead of all N.
+    """
+    order = jnp.argsort(~mask, axis=1, stable=True)[:, :capacity]
+    valid = jnp.take_along_axis(mask, order, axis=1)
+    return order, valid
+
+
+def take_tokens(x, idx):
+    """``x [B, N, D]``, ``idx [B, K]`` → ``[B, K, D]``."""
+    return jnp.take_along_axis(x, idx[..., None], axis=1)
+
+
+# --- augmentations --------------------------------------------------------------------------------------
+def mixup(key, x, ratio: float = 0.4):
+    """Log-mixup-exp of each example with another example of the batch. ``x [B, F, T]``."""
+    b = x.shape[0]
+    if b < 2 or ratio <= 0:
+        return x
+    k_lam, k_shift = jax.random.split(key)
+    lam = ratio * jax.random.uniform(k_lam, (b, 1, 1), jnp.float32)
+    shift = jax.random.randint(k_shift, (), 1, b)
+    z = jnp.roll(x, shift, axis=0)
+    x32, z32 = x.astype(jnp.float32), z.astype(jnp.float32)
+    eps = jnp.finfo(jnp.float32).eps
+    return jnp.log((1 - lam) * jnp.exp(x32) + lam * jnp.exp(z32) + eps).astype(x.dtype)
+
+
+def _cubic_weights(t):
+    """PyTorch's 4-tap bicubic convolution weights for fractional offset ``t`` ∈ [0, 1)."""
+    a = CUBIC_A
+
+    def near(s):  # |s| <= 1
+        return ((a + 2) * s - (a + 3)) * s * s + 1
+
+    def far(s):  # 1 < |s| < 2
+        return ((a * s - 5 * a) * s + 8 * a) * s - 4 * a
+
+    return jnp.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def freq_warp_matrix(height, offset, size: int):
+    """``[B, size, size]`` matrices resizing rows ``offset … offset+height−1`` to ``size`` rows (bicubic,
+    align_corners=True, taps clamped to the crop)."""
+    height = height.astype(jnp.float32)
+    i = jnp.arange(size, dtype=jnp.float32)
+    scale = jnp.where(size > 1, (height - 1) / max(size - 1, 1), 0.0)  # [B]
+    src = scale[:, None] * i[None, :]  # [B, size]
+    base = jnp.floor(src)
+    t = src - base
+    w = _cubic_weights(t)  # [B, size, 4]
+    taps = base[..., None] + jnp.arange(-1, 3, dtype=jnp.float32)  # [B, size, 4]
+    taps = jnp.clip(taps, 0, height[:, None, None] - 1) + offset.astype(jnp.float32)[:, None, None]
+    onehot = jax.nn.one_hot(taps.astype(jnp.int32), size, dtype=jnp.float32)  # [B, size, 4, size]
+    return jnp.einsum("bik,bikj->bij", w, onehot)
+
+
+def freq_warp(key, x, scale=(0.6, 1.5)):
+    """Random frequency crop-and-resize of ``x [B, F, T]`` (time untouched)."""
+    b, f, _ = x.shape
+    k_h, k_off = jax.random.split(key)
+    h = jnp.floor(jax.random.uniform(k_h, (b,), minval=scale[0], maxval=scale[1]) * f)
+    h = jnp.clip(h, 1, f).astype(jnp.int32)
+    # random.randint(0, F - h) is inclusive of both ends.
+    offset = jnp.floor(jax.random.uniform(k_off, (b,)) * (f - h + 1).astype(jnp.float32)).astype(jnp.int32)
+    mat = freq_warp_matrix(h, offset, f)
+    return jnp.einsum("bij,bjt->bit", mat, x.astype(jnp.float32)).astype(x.dtype)

@@ -1,0 +1,103 @@
+"""Optimiser and schedules of the official ATST recipes.
+
+The official code uses ``transformers.AdamW`` (β 0.9/0.999, eps 1e-6, bias correction on) with two parameter
+groups and per-step schedules taken from NumPy arrays (``cosine_scheduler_step``). Two details differ from
+``optax.adamw`` and are reproduced here:
+
+- eps is added to ``sqrt(v)`` *before* bias correction is folded into the step size
+  (``p -= lr·sqrt(1−β2^t)/(1−β1^t) · m / (sqrt(v) + eps)``), which matters in the first steps;
+- decoupled weight decay is applied *after* the Adam update, to the updated parameter
+  (``p ← p' − lr·wd·p'``).
+
+Weight decay applies to every parameter that is not a bias and has ≥ 2 dimensions (``pos_embed`` and
+``mask_embed`` included); 1-D tensors and biases get none.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+
+# --- schedules (match audiossl.utils.common.cosine_scheduler_step indexed by the step) ------------------
+def warmup_cosine(step, base: float, final: float, warmup: int, total: int):
+    """``linspace(0, base, warmup)`` then cosine from ``base`` to ``final`` over the remaining steps."""
+    step = jnp.minimum(jnp.asarray(step, jnp.float32), total - 1)
+    warm = base * step / max(warmup - 1, 1) if warmup > 0 else jnp.asarray(base, jnp.float32)
+    i = step - warmup
+    cos = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * i / max(total - warmup, 1)))
+    return jnp.where(step < warmup, warm, cos)
+
+
+def cosine(step, start: float, end: float, total: int):
+    """Cosine from ``start`` (step 0) towards ``end`` (reached at step ``total``)."""
+    step = jnp.minimum(jnp.asarray(step, jnp.float32), total - 1)
+    return end + 0.5 * (start - end) * (1 + jnp.cos(jnp.pi * step / total))
+
+
+def peak_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule of the recipes: ``base_lr × global_batch / 256``."""
+    return base_lr * global_batch / 256.0
+
+
+# --- parameter groups -----------------------------------------------------------------------------------
+def decay_mask(params: nnx.State):
+    """Per-variable bool (same tree structure as ``params``): True where weight decay applies — not a bias
+    and ≥ 2-D before stacking (scanned layers add a leading dim, so the logical ``axes`` give the true rank)."""
+
+    def one(path, v):
+        name = str(path[-1].key if hasattr(path[-1], "key") else path[-1])
+        axes = v.get_metadata().get("axes", None)
+        ndim = len(axes) if axes is not None else np.ndim(v.get_value())
+        return v.replace(name != "bias" and ndim >= 2)
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# --- AdamW, transformers flavour -----------------------------------------------------------------------
+class HFAdamWState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+def hf_adamw(lr_fn, wd_fn, *, b1=0.9, b2=0.999, eps=1e-6, mask=None) -> optax.GradientTransformation:
+    """AdamW as ``transformers.AdamW(correct_bias=True)``; ``lr_fn``/``wd_fn`` map the step index to a value.
+
+    ``mask`` is a pytree of bools (same structure as params) selecting the weight-decayed group.
+    """
+
+    def init(params):
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        return HFAdamWState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.copy, zeros))
+
+    def update(grads, state, params):
+        if params is None:
+            raise ValueError("hf_adamw needs params (decoupled weight decay)")
+        t = state.count + 1
+        lr, wd = lr_fn(state.count), wd_fn(state.count)
+        mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)
+        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, grads)
+        tf = t.astype(jnp.float32)
+        step_size = lr * jnp.sqrt(1 - b2**tf) / (1 - b1**tf)
+        adam = jax.tree.map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
+        decay = mask if mask is not None else jax.tree.map(lambda _: True, params)
+
+        def with_decay(u, p, d):
+            # p_new = (p + u) * (1 - lr·wd)  ⇔  update = u − lr·wd·(p + u)
+            return (u - lr * wd * (p + u)) if d else u
+
+        updates = jax.tree.map(with_decay, adam, params, decay)
+        return updates, HFAdamWState(t, mu, nu)
+
+    return optax.GradientTransformation(init, update)
+
+
+def ema_momentum(step, base: float, total: int):
+    """Teacher momentum: cosine from ``base`` at step 0 to 1.0 at the end (``cosine_scheduler_step(ema, 1)``)."""
+    return cosine(step, base, 1.0, total)

@@ -1,0 +1,461 @@
+"""Pretraining loop: mesh, state, jitted sharded step, loop, logging, checkpoints.
+
+    python -m atst_jax.train --config configs/atst_frame.py:tiny --workdir /tmp/run [--config.train.steps=20]
+
+Read top to bottom: "Config checks" → "Set up mesh" → "Data" → "Build state" → "Update step" → "Loop".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from atst_jax import optim
+from atst_jax import sharding as shd
+from atst_jax.checkpoint import Checkpointer
+from atst_jax.data import pipeline, records
+from atst_jax.methods import get_method
+from atst_jax.models.encoder import EncoderConfig
+from atst_jax.sharding import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/atst_frame.py:tiny")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard logs"
+)
+
+
+# ======================================================================================================
+# Config checks (all before anything is compiled)
+# ======================================================================================================
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``path/to/config.py[:variant]`` the way ``config_flags`` does, for programmatic use."""
+    import importlib.util
+
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_atst_config", path)
+    if module_spec is None:
+        raise ConfigError(f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def crop_frames(config) -> int:
+    """Frames of a crop: ``samples // hop + 1`` (10 s → 1001), as the official transform."""
+    return int(round(config.data.crop_seconds * config.data.sample_rate)) // config.data.hop_length + 1
+
+
+def encoder_config(config) -> EncoderConfig:
+    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    return EncoderConfig(**{k: v for k, v in config.model.items() if k in fields})
+
+
+def check_config(config, num_devices: int, process_count: int = 1) -> None:
+    """Raises ``ConfigError`` (one line) for configs that cannot run."""
+    mesh_sizes = shd.mesh_shape(config.mesh, num_devices)
+    rules = shd.rules_from_config(config.sharding_rules)
+    spec = shd.logical_to_spec(("batch",), rules)
+    names = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0] or ())
+    sizes = dict(zip(shd.MESH_AXES, mesh_sizes, strict=True))
+    dp = math.prod(sizes[n] for n in names)
+    gb = config.train.global_batch
+    if gb <= 0 or gb % dp:
+        raise ConfigError(
+            f"train.global_batch={gb} is not divisible by the data-parallel size {dp} "
+            f"(mesh {sizes}, batch sharded over {names})"
+        )
+    if gb % process_count:
+        raise ConfigError(f"train.global_batch={gb} is not divisible by the process count {process_count}")
+    m = config.model
+    if m.width % m.heads:
+        raise ConfigError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
+    if m.remat not in ("none", "full", "save_dots"):
+        raise ConfigError(f"model.remat={m.remat!r}: choose none, full or save_dots")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}: choose float32 or bfloat16")
+    frames = crop_frames(config)
+    tokens = frames // m.patch_w
+    if tokens + 1 > m.num_pos:
+        raise ConfigError(
+            f"data.crop_seconds={config.data.crop_seconds} gives {tokens} tokens, more than the "
+            f"{m.num_pos - 1} positional slots of the encoder (model.num_pos={m.num_pos})"
+        )
+    o = config.optim
+    if config.train.steps <= 0:
+        raise ConfigError(f"train.steps={config.train.steps} must be positive")
+    if o.warmup_steps >= config.train.steps:
+        # Not an error for short demo runs: the schedule then never leaves warm-up. Warn only.
+        logging.warning("optim.warmup_steps=%d >= train.steps=%d", o.warmup_steps, config.train.steps)
+
+
+def check_crop_against_data(config, files) -> None:
+    """A crop longer than every clip in the data would train on padding: refuse it."""
+    source = pipeline.make_source(files)
+    probe = min(len(source), 64)
+    longest = max(int(records.decode_example(source[i])["length"]) for i in range(probe))
+    frames = crop_frames(config)
+    if frames > longest:
+        sec = (longest - 1) * config.data.hop_length / config.data.sample_rate
+        raise ConfigError(
+            f"data.crop_seconds={config.data.crop_seconds} ({frames} frames) is longer than the clips in the "
+            f"data (longest of the first {probe}: {longest} frames ≈ {sec:.2f} s)"
+        )
+
+
+# ======================================================================================================
+# Data
+# ======================================================================================================
+def data_files(config) -> list[str]:
+    d = config.data
+    if d.source == "embedded":
+        cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "atst_jax", "embedded")
+        return pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0)
+    if d.source == "records":
+        if not d.records_dir:
+            raise ConfigError("data.source=records needs data.records_dir")
+        files = records.list_record_files(d.records_dir)
+        if not files:
+            raise ConfigError(f"no ArrayRecord shards found in data.records_dir={d.records_dir}")
+        return files
+    raise ConfigError(f"data.source={d.source!r}: choose embedded or records")
+
+
+def make_data_iterator(config, files):
+    per_host = config.train.global_batch // jax.process_count()
+    ds = pipeline.make_dataset(
+        files,
+        seed=config.seed,
+        crop_frames=crop_frames(config),
+        per_host_batch=per_host,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return pipeline.make_iterator(ds, worker_count=config.data.worker_count)
+
+
+# ======================================================================================================
+# Build state
+# ======================================================================================================
+class Trainer:
+    """Holds what the jitted functions close over: graph definitions, the optimizer, the method."""
+
+    def __init__(self, config, mesh):
+        self.config = config
+        self.mesh = mesh
+        self.rules = shd.rules_from_config(config.sharding_rules)
+        self.method = get_method(config.method)
+        self.mcfg = self.method.method_config(config)
+        self.enc_cfg = encoder_config(config)
+        o, t = config.optim, config.train
+        self.peak_lr = optim.peak_lr(o.base_lr, t.global_batch)
+        self.lr_fn = lambda s: optim.warmup_cosine(s, self.peak_lr, o.final_lr, o.warmup_steps, t.steps)
+        self.wd_fn = lambda s: optim.cosine(s, o.wd_start, o.wd_end, t.steps)
+        self.ema_fn = lambda s: optim.ema_momentum(s, o.ema, t.steps)
+
+        # Abstract model: shapes and logical axes without allocating anything.
+        student, teacher, _ = nnx.eval_shape(
+            lambda: self.method.init(jax.random.key(0), self.enc_cfg, self.mcfg)
+        )
+        self.student_def, abs_params, abs_stats = nnx.split(student, nnx.Param, nnx.BatchStat)
+        self.teacher_def, abs_tparams, abs_tstats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
+        self.tx = optim.hf_adamw(
+            self.lr_fn, self.wd_fn, b1=o.b1, b2=o.b2, eps=o.eps, mask=optim.decay_mask(abs_params)
+        )
+        self.abstract_state = jax.eval_shape(self._init_state, jax.random.key_data(jax.random.key(0)))
+        self.state_shardings = self._shardings(abs_params, abs_stats, abs_tparams, abs_tstats)
+        self.batch_shardings = {
+            "spec": shd.batch_sharding(mesh, self.rules, 3),
+            "length": shd.batch_sharding(mesh, self.rules, 1),
+        }
+        self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
+        self.num_encoder_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params["encoder"]))
+
+    def _init_state(self, rng_data):
+        rng = jax.random.wrap_key_data(rng_data)
+        student, teacher, _ = self.method.init(jax.random.fold_in(rng, 0), self.enc_cfg, self.mcfg)
+        _, params, stats = nnx.split(student, nnx.Param, nnx.BatchStat)
+        _, tparams, tstats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "stats": stats,
+            "teacher": tparams,
+            "teacher_stats": tstats,
+            "opt": self.tx.init(params),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
+        }
+
+    def _shardings(self, params, stats, tparams, tstats):
+        mesh, rules = self.mesh, self.rules
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        p = shd.state_shardings(params, mesh, rules)
+        # Teacher and optimizer moments shard exactly like the student, so the EMA and the update are local.
+        return {
+            "step": rep,
+            "params": p,
+            "stats": shd.state_shardings(stats, mesh, rules),
+            "teacher": shd.state_shardings(tparams, mesh, rules),
+            "teacher_stats": shd.state_shardings(tstats, mesh, rules),
+            "opt": optim.HFAdamWState(rep, p, p),
+            "rng": rep,
+        }
+
+    def init(self, seed: int):
+        init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        return init(jax.random.key_data(jax.random.key(seed)))
+
+    # ==================================================================================================
+    # Update step
+    # ==================================================================================================
+    def train_step(self, state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+
+        def loss_fn(params):
+            student = nnx.merge(self.student_def, params, state["stats"], copy=True)
+            teacher = nnx.merge(self.teacher_def, state["teacher"], state["teacher_stats"], copy=True)
+            loss, metrics = self.method.loss(student, teacher, batch, key, self.mcfg)
+            new_stats = nnx.state(student, nnx.BatchStat)
+            new_tstats = nnx.state(teacher, nnx.BatchStat)
+            return loss, (metrics, new_stats, new_tstats)
+
+        (loss, (metrics, stats, tstats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        momentum = self.ema_fn(step)
+        teacher = ema_update(state["teacher"], params, momentum, self.method.EMA_COVERS)
+        metrics = dict(metrics)
+        metrics.update(
+            lr=self.lr_fn(step),
+            wd=self.wd_fn(step),
+            ema=momentum,
+            grad_norm=optax.global_norm(grads),
+            param_norm=optax.global_norm(params),
+        )
+        new_state = dict(
+            step=step + 1,
+            params=params,
+            stats=stats,
+            teacher=teacher,
+            teacher_stats=tstats,
+            opt=opt,
+            rng=state["rng"],
+        )
+        return new_state, metrics
+
+    def jit_train_step(self):
+        return jax.jit(
+            self.train_step,
+            in_shardings=(self.state_shardings, self.batch_shardings),
+            out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,),
+        )
+
+
+def ema_update(teacher, student_params, momentum, covers):
+    """``teacher ← m·teacher + (1−m)·student`` on the covered sub-modules (same tree on both sides)."""
+    source = nnx.State({name: student_params.raw_mapping[name] for name in covers})
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, source)
+
+
+# ======================================================================================================
+# Loop
+# ======================================================================================================
+class MetricsWriter:
+    """``metrics.jsonl`` and TensorBoard scalars, written by process 0 only."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        if self.enabled:
+            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            except ImportError:  # optional: jsonl alone is enough
+                self.tb = None
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) pretraining; returns ``{"step", "loss", "workdir"}`` of the last step."""
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    t = config.train
+
+    # ---------------------------------------------------------------------------------- Set up mesh
+    check_config(config, jax.device_count(), jax.process_count())
+    mesh = shd.make_mesh(config.mesh)
+    files = data_files(config)
+    check_crop_against_data(config, files)
+
+    # ---------------------------------------------------------------------------------- Build state
+    trainer = Trainer(config, mesh)
+    data_iter = make_data_iterator(config, files)
+    ckpt = Checkpointer(workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state = ckpt.restore(latest, trainer.abstract_state, trainer.state_shardings, data_iter)
+        print(f"resumed from {ckpt.directory / str(latest)}", flush=True)
+    else:
+        state = trainer.init(config.seed)
+    step = int(jax.device_get(state["step"]))
+    print(
+        f"{config.method} {config.variant}: {trainer.num_params:,} trainable parameters "
+        f"({trainer.num_encoder_params:,} in the encoder), mesh {dict(mesh.shape)}, "
+        f"global batch {t.global_batch}, {len(files)} record files",
+        flush=True,
+    )
+    train_step = trainer.jit_train_step()
+    writer = MetricsWriter(workdir)
+
+    # ---------------------------------------------------------------------------------- Loop
+    # Metrics are fetched one step late so the host never waits for the device before dispatching.
+    pending = None
+    last = {"step": step, "loss": float("nan")}
+    t0 = time.perf_counter()
+    t_window, clips_window, first_logged = t0, 0, False
+    start_step = step
+    try:
+        while step < t.steps:
+            host = next(data_iter)
+            batch = {
+                k: pipeline.to_global_batch({k: host[k]}, s)[k] for k, s in trainer.batch_shardings.items()
+            }
+            state, metrics = train_step(state, batch)
+            step += 1
+            clips_window += t.global_batch
+            if pending is not None:
+                last = _log(
+                    pending, writer, t, start_step, t0, t_window, clips_window - t.global_batch, first_logged
+                )
+                if last.get("logged"):
+                    t_window, clips_window, first_logged = time.perf_counter(), t.global_batch, True
+            pending = (step, metrics)
+            ckpt.save(step, state, data_iter, config, force=(step == t.steps))
+        if pending is not None:
+            last = _log(pending, writer, t, start_step, t0, t_window, clips_window, first_logged, force=True)
+    finally:
+        ckpt.close()
+        writer.close()
+        data_iter.close()
+    elapsed = time.perf_counter() - t0
+    print(
+        f"checkpoints: {ckpt.directory}\nmetrics: {workdir / 'metrics.jsonl'}\n"
+        f"tensorboard: {workdir / 'tensorboard'}",
+        flush=True,
+    )
+    print(f"done in {_fmt_time(elapsed)}: final step {last['step']} loss {last['loss']:.6f}", flush=True)
+    return {"step": last["step"], "loss": last["loss"], "workdir": str(workdir)}
+
+
+def _log(pending, writer, t, start_step, t0, t_window, clips, first_logged, force=False):
+    step, metrics = pending
+    if not (force or step % t.log_every == 0 or step == start_step + 1):
+        return {"step": step, "loss": float("nan"), "logged": False}
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(np.isfinite(v) for v in scalars.values()):
+        bad = [k for k, v in scalars.items() if not np.isfinite(v)]
+        raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
+    now = time.perf_counter()
+    # The first logged window contains compilation; rates are meaningful from the second one on.
+    rate = clips / max(now - t_window, 1e-9) if first_logged else float("nan")
+    scalars["perf/clips_per_s"] = rate
+    writer.write(step, scalars)
+    remaining = t.steps - step
+    eta = remaining * t.global_batch / rate if rate == rate and rate > 0 else float("nan")
+    print(
+        f"step {step:>6}/{t.steps} | loss {scalars['loss']:.4f} | std stu {scalars.get('std_frm_stu', 0):.4f} "
+        f"tea {scalars.get('std_frm_tea', 0):.4f} | lr {scalars['lr']:.2e} | "
+        f"{rate:7.1f} clips/s | ETA {_fmt_time(eta) if eta == eta else '--'} | "
+        f"elapsed {_fmt_time(now - t0)}",
+        flush=True,
+    )
+    return {"step": step, "loss": scalars["loss"], "logged": True}
+
+
+def main(argv):
+    del argv
+    if _WORKDIR.value is None:
+        print("error: --workdir is required", file=sys.stderr)
+        sys.exit(2)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Rejects ``--config.a.b=...`` for fields the config does not have, with one line (config_flags would
+    raise a multi-screen traceback from inside flag parsing)."""
+    import difflib
+
+    config_spec, overrides = None, []
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config_spec = argv[i + 1]
+        elif arg.startswith("--config="):
+            config_spec = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            overrides.append(arg[len("--config.") :].split("=", 1)[0])
+    if config_spec is None or not overrides:
+        return
+    config = load_config(config_spec)
+    for path in overrides:
+        node, walked = config, []
+        for part in path.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, options, n=1)
+                hint = f" (did you mean {'.'.join(walked + close)!r}?)" if close else ""
+                raise ConfigError(f"unknown config field {path!r}{hint}")
+            node = node[part]
+            walked.append(part)
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

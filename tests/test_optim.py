@@ -1,0 +1,93 @@
+"""Optimiser and schedules against independent NumPy versions of the official ones."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from atst_jax import optim
+from atst_jax.methods import atst_frame
+from atst_jax.models.encoder import EncoderConfig
+
+
+def _cosine_scheduler_step(base, final, max_steps, warmup=0, start_warmup=0.0):
+    """audiossl.utils.common.cosine_scheduler_step, as arrays."""
+    warm = np.linspace(start_warmup, base, warmup) if warmup > 0 else np.array([])
+    iters = np.arange(max_steps - warmup)
+    sched = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate([warm, sched])
+
+
+def test_schedules_match_official_arrays():
+    total, warmup = 500, 37
+    steps = np.arange(total)
+    lr = np.asarray(jax.vmap(lambda s: optim.warmup_cosine(s, 1.6e-3, 1e-6, warmup, total))(steps))
+    np.testing.assert_allclose(lr, _cosine_scheduler_step(1.6e-3, 1e-6, total, warmup), rtol=1e-5, atol=1e-10)
+    wd = np.asarray(jax.vmap(lambda s: optim.cosine(s, 0.04, 0.4, total))(steps))
+    np.testing.assert_allclose(wd, _cosine_scheduler_step(0.04, 0.4, total), rtol=1e-5)
+    ema = np.asarray(jax.vmap(lambda s: optim.ema_momentum(s, 0.997, total))(steps))
+    np.testing.assert_allclose(ema, _cosine_scheduler_step(0.997, 1.0, total), rtol=1e-6)
+    assert optim.peak_lr(4e-4, 1024) == 1.6e-3
+
+
+def _hf_adamw_numpy(params, grads_seq, lrs, wds, decay, b1=0.9, b2=0.999, eps=1e-6):
+    """transformers.AdamW.step (correct_bias=True), weight decay added at the end, per parameter."""
+    p = {k: v.astype(np.float64).copy() for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (g, lr, wd) in enumerate(zip(grads_seq, lrs, wds, strict=True), start=1):
+        for k in p:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            denom = np.sqrt(v[k]) + eps
+            step_size = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+            p[k] = p[k] - step_size * m[k] / denom
+            if decay[k]:
+                p[k] = p[k] - lr * wd * p[k]
+    return p
+
+
+def test_hf_adamw_matches_transformers_algorithm():
+    rng = np.random.default_rng(0)
+    raw = {
+        "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+        "bias": rng.normal(size=(4,)).astype(np.float32),
+    }
+    params = nnx.State(
+        {
+            "kernel": nnx.Param(jnp.asarray(raw["kernel"]), axes=("embed", "mlp")),
+            "bias": nnx.Param(jnp.asarray(raw["bias"]), axes=("mlp",)),
+        }
+    )
+    lrs = [0.0, 1e-2, 5e-3, 2e-2, 1e-3]
+    wds = [0.04, 0.1, 0.2, 0.3, 0.4]
+    tx = optim.hf_adamw(
+        lambda s: jnp.asarray(lrs)[s], lambda s: jnp.asarray(wds)[s], mask=optim.decay_mask(params)
+    )
+    state = tx.init(params)
+    grads_seq = []
+    for _ in range(5):
+        g = {k: rng.normal(size=v.shape).astype(np.float32) * 1e-3 for k, v in raw.items()}
+        grads_seq.append(g)
+        grads = nnx.State({k: params.raw_mapping[k].replace(jnp.asarray(g[k])) for k in g})
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    ref = _hf_adamw_numpy(raw, grads_seq, lrs, wds, {"kernel": True, "bias": False})
+    for k in raw:
+        np.testing.assert_allclose(np.asarray(params[k].get_value()), ref[k], rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_groups():
+    enc = EncoderConfig(width=32, depth=2, heads=2)
+    student = atst_frame.Student(
+        enc, atst_frame.AtstFrameConfig(proj_hidden=16, proj_dim=8), rngs=nnx.Rngs(0)
+    )
+    mask = nnx.to_flat_state(optim.decay_mask(nnx.state(student, nnx.Param)))
+    flat = {"/".join(map(str, path)): v.get_value() for path, v in mask}
+    assert flat["encoder/pos_embed"] and flat["encoder/mask_embed"]
+    assert flat["encoder/patch_embed/kernel"] and flat["encoder/blocks/attn/qkv/kernel"]
+    assert flat["projector/fc1/kernel"] and flat["predictor/fc2/kernel"]
+    assert not flat["encoder/patch_embed/bias"] and not flat["encoder/blocks/mlp/fc1/bias"]
+    assert not flat["encoder/blocks/norm1/scale"]  # stacked [L, D] but 1-D per layer
+    assert not flat["encoder/norm/scale"] and not flat["projector/bn/scale"]

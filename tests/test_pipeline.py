@@ -1,0 +1,454 @@
+"""Record format and Grain pipeline: exact round trips, crop semantics, determinism, resume, sharding."""
+
+import csv
+import os
+import types
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from atst_jax.audio import denormalize_db
+from atst_jax.data import pipeline
+from atst_jax.data.pipeline import (
+    CropExample,
+    ensure_embedded_dataset,
+    make_dataset,
+    make_iterator,
+    make_source,
+    normalize_db,
+    to_global_batch,
+)
+from atst_jax.data.records import decode_example, encode_example, list_record_files, write_records
+
+N_MELS, FRAMES, CROP = 8, 60, 16
+NUM_EXAMPLES = 40
+
+
+def denormalize(spec):
+    """Inverse of normalize_db, to read back the frame indices written into the fake mels."""
+    return denormalize_db(np.asarray(spec, np.float64))
+
+
+def fake_example(j, length=None, frames=FRAMES):
+    """Row 0 holds the example number j, the other rows the frame index; frames past `length` hold 999 so a
+    crop that strays outside the valid region is visible."""
+    length = frames if length is None else length
+    mel = np.tile(np.arange(frames, dtype=np.float16), (N_MELS, 1))
+    mel[0] = j
+    mel[:, length:] = 999
+    return {
+        "mel": mel,
+        "length": length,
+        "id": f"ex{j:03d}",
+        "labels": np.arange(j % 3, dtype=np.int32),
+        "events": np.array([[0.5, 1.25, j % 5]], np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("records")
+    # Lengths from 20 to 59 frames: all longer than CROP; every example has a distinct valid length.
+    examples = (fake_example(j, length=20 + j) for j in range(NUM_EXAMPLES))
+    return write_records(str(out), examples, num_shards=3)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+# --- records -------------------------------------------------------------------------------------------
+
+
+def test_encode_decode_round_trip_exact():
+    rng = np.random.default_rng(0)
+    ex = {
+        "mel": rng.normal(-40, 20, (64, 1001)).astype(np.float16),
+        "length": 987,
+        "id": "Y-abc_123.wav ünï",
+        "labels": np.zeros((0,), np.int32),
+        "events": np.array([[0.0, 1.5, 3], [2.25, 9.99, 0]], np.float32),
+    }
+    back = decode_example(encode_example(ex))
+    assert set(back) == set(ex)
+    assert back["id"] == ex["id"] and back["length"] == 987
+    for k in ("mel", "labels", "events"):
+        assert back[k].dtype == ex[k].dtype and back[k].shape == ex[k].shape
+        np.testing.assert_array_equal(back[k], ex[k])
+    # Bit-exact, including NaN payloads and signed zeros that assert_array_equal would forgive.
+    assert back["mel"].tobytes() == ex["mel"].tobytes()
+
+    no_events = {k: v for k, v in ex.items() if k != "events"} | {"labels": np.array([5, 2], np.int32)}
+    back = decode_example(encode_example(no_events))
+    assert "events" not in back
+    np.testing.assert_array_equal(back["labels"], [5, 2])
+
+
+def test_encode_rejects_bad_length():
+    with pytest.raises(ValueError):
+        encode_example(fake_example(0) | {"length": FRAMES + 1})
+
+
+def test_write_records_shards_and_listing(tmp_path):
+    out = str(tmp_path)
+    paths = write_records(out, (fake_example(j) for j in range(10)), num_shards=3)
+    assert [os.path.basename(p) for p in paths] == [f"data-0000{i}-of-00003.array_record" for i in range(3)]
+    assert list_record_files(out) == paths
+    assert not [n for n in os.listdir(out) if ".tmp" in n]
+    # Round-robin: shard s holds examples s, s+3, ...
+    src = make_source(paths)
+    assert len(src) == 10
+    ids = [decode_example(src[i])["id"] for i in range(10)]
+    assert ids == [f"ex{j:03d}" for j in (0, 3, 6, 9, 1, 4, 7, 2, 5, 8)]
+
+    # Rewriting with another shard count replaces the old set instead of mixing with it.
+    paths2 = write_records(out, (fake_example(j) for j in range(4)), num_shards=2)
+    assert list_record_files(out) == paths2 and len(make_source(paths2)) == 4
+
+    os.remove(paths2[1])
+    with pytest.raises(ValueError, match="incomplete"):
+        list_record_files(out)
+
+
+def test_write_records_interrupted_leaves_nothing(tmp_path):
+    def boom():
+        yield fake_example(0)
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_records(str(tmp_path), boom(), num_shards=2)
+    assert os.listdir(tmp_path) == []
+
+
+# --- crop ----------------------------------------------------------------------------------------------
+
+
+def test_crop_long_clip_lies_in_valid_region():
+    crop = CropExample(CROP, keep_index=True)
+    length = 50
+    record = encode_example(fake_example(7, length=length))
+    starts = set()
+    for s in range(600):
+        out = crop.random_map((7, record), np.random.default_rng(s))
+        assert out["spec"].shape == (N_MELS, CROP) and out["spec"].dtype == np.float32
+        assert out["length"] == CROP and out["length"].dtype == np.int32
+        assert out["index"] == 7
+        frames = np.round(denormalize(out["spec"][1:])).astype(int)
+        start = frames[0, 0]
+        np.testing.assert_array_equal(frames, np.tile(np.arange(start, start + CROP), (N_MELS - 1, 1)))
+        np.testing.assert_allclose(denormalize(out["spec"][0]), 7, atol=1e-3)
+        starts.add(start)
+    # Uniform over [0, length - CROP]: both ends reachable, nothing beyond.
+    assert min(starts) == 0 and max(starts) == length - CROP
+    assert len(starts) == length - CROP + 1
+
+
+def test_crop_short_clip_pads_with_clip_floor():
+    crop = CropExample(CROP)
+    ex = fake_example(0, length=10)
+    ex["mel"][:, :10] += np.float16(-30)  # valid frames: -30 .. -21 dB, floor -30
+    out = crop.random_map((0, encode_example(ex)), np.random.default_rng(0))
+    assert out["spec"].shape == (N_MELS, CROP) and out["length"] == 10
+    assert "index" not in out
+    np.testing.assert_allclose(
+        denormalize(out["spec"][1:, :10]), np.tile(np.arange(10) - 30.0, (N_MELS - 1, 1)), atol=1e-3
+    )
+    np.testing.assert_allclose(out["spec"][:, 10:], normalize_db(np.float32(-30)), atol=1e-6)
+
+    empty = crop.random_map((0, encode_example(fake_example(0, length=0))), np.random.default_rng(0))
+    assert empty["length"] == 0
+    np.testing.assert_allclose(empty["spec"], -1.0, atol=1e-6)
+
+
+def test_crop_output_is_float32_precise():
+    # float16 storage must not leak into float16 arithmetic: −79.6482 dB is not representable in float16, so
+    # compare against the float32 normalisation of the stored (float16) value.
+    ex = fake_example(0)
+    ex["mel"][:] = np.float16(-37.3)
+    out = CropExample(CROP).random_map((0, encode_example(ex)), np.random.default_rng(0))
+    expected = (np.float32(np.float16(-37.3)) + 79.6482) / (50.6842 + 79.6482) * 2 - 1
+    np.testing.assert_allclose(out["spec"], expected, rtol=0, atol=1e-6)
+
+
+# --- determinism, epochs, resume -----------------------------------------------------------------------
+
+
+def dataset(files, seed=0, **kw):
+    kw = {"crop_frames": CROP, "per_host_batch": 8, "keep_index": True} | kw
+    return make_dataset(files, seed=seed, **kw)
+
+
+def test_same_seed_same_batches_other_seed_differs(files):
+    a = [dataset(files, seed=1)[i] for i in range(6)]
+    b = [dataset(files, seed=1)[i] for i in range(6)]
+    c = [dataset(files, seed=2)[i] for i in range(6)]
+    assert_batches_equal(a, b)
+    assert a[0]["spec"].shape == (8, N_MELS, CROP) and a[0]["length"].shape == (8,)
+    assert not all(np.array_equal(x["index"], y["index"]) for x, y in zip(a, c, strict=True))
+    # Same order but different crops would also be a seed failure: compare the specs too.
+    assert not all(np.array_equal(x["spec"], y["spec"]) for x, y in zip(a, c, strict=True))
+
+
+def test_each_epoch_is_a_new_permutation(files):
+    ds = dataset(files, seed=3)
+    per_epoch = NUM_EXAMPLES // 8
+    epochs = [np.concatenate([ds[e * per_epoch + i]["index"] for i in range(per_epoch)]) for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(NUM_EXAMPLES))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    assert not np.array_equal(epochs[0], np.arange(NUM_EXAMPLES))
+    # The same clip gets a fresh crop in the next epoch (lengths 20..59 leave room to move).
+    ds_specs = {}
+    for e in range(2):
+        for i in range(per_epoch):
+            b = ds[e * per_epoch + i]
+            for idx, spec in zip(b["index"], b["spec"], strict=True):
+                ds_specs.setdefault(int(idx), []).append(spec)
+    moved = sum(not np.array_equal(*v) for v in ds_specs.values())
+    assert moved > NUM_EXAMPLES // 2
+
+
+def test_unshuffled_is_in_source_order(files):
+    ds = dataset(files, shuffle=False, num_epochs=1)
+    order = np.concatenate([b["index"] for b in ds])
+    np.testing.assert_array_equal(order, np.arange(NUM_EXAMPLES))
+
+
+def test_iterator_resume_is_exact(files):
+    ds = dataset(files, seed=5)
+    it = make_iterator(ds)
+    take(it, 4)
+    state = it.get_state()
+    expected = take(it, 3)
+    it2 = make_iterator(dataset(files, seed=5))
+    it2.set_state(state)
+    assert_batches_equal(take(it2, 3), expected)
+
+
+def test_worker_processes_give_identical_batches(files):
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    reference = take(make_iterator(dataset(files, seed=6)), 9)
+    it = make_iterator(dataset(files, seed=6), worker_count=2)
+    try:
+        first = take(it, 4)
+        state = it.get_state()
+        rest = take(it, 2)
+        # Rewinding a running multi-worker iterator replays the same batches.
+        it.set_state(state)
+        assert_batches_equal(take(it, 2), rest)
+    finally:
+        it.close()
+    assert_batches_equal(first + rest, reference[:6])
+    # The state does not depend on the worker count: one saved under 2 workers resumes without workers.
+    it0 = make_iterator(dataset(files, seed=6))
+    it0.set_state(state)
+    assert_batches_equal(take(it0, 5), reference[4:])
+
+
+def test_grain_checkpoint_handler_round_trip(files, tmp_path):
+    from etils import epath
+    from grain.checkpoint import CheckpointHandler
+
+    it = make_iterator(dataset(files, seed=8))
+    take(it, 3)
+    CheckpointHandler().save(epath.Path(tmp_path), item=it)
+    expected = take(it, 2)
+    restored = CheckpointHandler().restore(epath.Path(tmp_path), item=make_iterator(dataset(files, seed=8)))
+    assert_batches_equal(take(restored, 2), expected)
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_processes_read_disjoint_examples_covering_the_epoch(files, process_count):
+    single = {}
+    for b in dataset(files, seed=7, per_host_batch=1, num_epochs=1, drop_remainder=False):
+        single[int(b["index"][0])] = b["spec"][0]
+    per_process = []
+    for p in range(process_count):
+        ds = dataset(
+            files,
+            seed=7,
+            per_host_batch=4,
+            num_epochs=1,
+            process_index=p,
+            process_count=process_count,
+            drop_remainder=False,  # so an unequal split would show up as unequal counts
+        )
+        batches = list(ds)
+        per_process.append(np.concatenate([b["index"] for b in batches]))
+        # The crop of a clip does not depend on how many processes share the data.
+        for b in batches:
+            for idx, spec in zip(b["index"], b["spec"], strict=True):
+                np.testing.assert_array_equal(spec, single[int(idx)])
+    counts = {len(x) for x in per_process}
+    assert len(counts) == 1, "every process must produce the same number of examples"
+    all_idx = np.concatenate(per_process)
+    assert len(set(all_idx.tolist())) == len(all_idx), "processes overlap"
+    # Only the remainder of the epoch modulo process_count is dropped (40 = 3·13 + 1).
+    assert len(all_idx) == NUM_EXAMPLES // process_count * process_count
+    src = make_source(files)
+    ids = {decode_example(src[int(i)])["id"] for i in all_idx}
+    if process_count == 2:  # 40 = 2 processes × 5 batches × 4: the whole epoch
+        assert ids == {f"ex{j:03d}" for j in range(NUM_EXAMPLES)}
+
+
+# --- global batch --------------------------------------------------------------------------------------
+
+
+def test_to_global_batch_on_8_devices():
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    host = {
+        "spec": np.arange(16 * N_MELS * CROP, dtype=np.float32).reshape(16, N_MELS, CROP),
+        "length": np.arange(16, dtype=np.int32),
+    }
+    out = to_global_batch(host, sharding)
+    for k, v in host.items():
+        assert out[k].shape == v.shape and out[k].dtype == v.dtype
+        assert out[k].sharding == sharding
+        np.testing.assert_array_equal(np.asarray(out[k]), v)
+        for shard in out[k].addressable_shards:
+            assert shard.data.shape[0] == 2
+            np.testing.assert_array_equal(np.asarray(shard.data), v[shard.index])
+
+
+# --- embedded dataset ----------------------------------------------------------------------------------
+
+FAKE_CLASSES = ["Alarm", "Dog", "Speech"]
+
+
+def _fake_generate_clip(index, seed):
+    rng = np.random.default_rng([seed, index])
+    wave = rng.normal(size=1600).astype(np.float32)
+    events = [(0.1 * k, 0.1 * k + 0.5, FAKE_CLASSES[(index + 2 * k) % 3]) for k in range(index % 3)]
+    return wave, events
+
+
+def _fake_write_dataset(out_dir, num_clips, seed):
+    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
+    with open(os.path.join(out_dir, "strong_labels.tsv"), "w") as f:
+        f.write("filename\tonset\toffset\tevent_label\n")
+        for i in range(num_clips):
+            for on, off, lab in _fake_generate_clip(i, seed)[1]:
+                f.write(f"clip_{i:05d}.wav\t{on:.3f}\t{off:.3f}\t{lab}\n")
+
+
+def _fake_log_mel(wave):
+    return 20 * np.log10(np.abs(wave[: 64 * 10]).reshape(64, 10) + 1e-3)
+
+
+def fake_deps(generate_clip=_fake_generate_clip):
+    return types.SimpleNamespace(
+        generate_clip=generate_clip,
+        classes=FAKE_CLASSES,
+        write_dataset=_fake_write_dataset,
+        clip_filename=lambda i: f"clip_{i:05d}.wav",
+        log_mel_db_np=_fake_log_mel,
+    )
+
+
+def read_tsv_labels(path, classes):
+    labels = {}
+    with open(path) as f:
+        for row in csv.reader(f, delimiter="\t"):
+            if row[0] == "filename":
+                continue
+            stem = os.path.splitext(os.path.basename(row[0]))[0]
+            labels.setdefault(stem, set()).add(classes.index(row[3]))
+    return labels
+
+
+def check_embedded(cache, files, num_clips, classes):
+    assert len(files) == 2 and all(os.path.exists(f) for f in files)
+    assert os.path.exists(os.path.join(cache, "embedded_dataset.json"))
+    tsv = read_tsv_labels(os.path.join(cache, "strong_labels.tsv"), classes)
+    src = make_source(files)
+    assert len(src) == num_clips
+    seen = set()
+    for i in range(num_clips):
+        ex = decode_example(src[i])
+        seen.add(ex["id"])
+        assert (
+            ex["mel"].dtype == np.float16 and ex["mel"].shape[0] == 64 and ex["length"] == ex["mel"].shape[1]
+        )
+        assert ex["labels"].tolist() == sorted(tsv.get(ex["id"], set()))
+        assert sorted(set(ex["events"][:, 2].astype(int).tolist())) == ex["labels"].tolist()
+    assert seen == {f"clip_{i:05d}" for i in range(num_clips)}
+
+
+def test_embedded_dataset_builds_once_with_stand_in(tmp_path, monkeypatch):
+    calls = []
+
+    def deps():
+        calls.append(1)
+        return fake_deps()
+
+    monkeypatch.setattr(pipeline, "_embedded_deps", deps)
+    cache = str(tmp_path / "emb")
+    files = ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2)
+    check_embedded(cache, files, 8, FAKE_CLASSES)
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
+
+    calls.clear()
+    assert ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2) == files
+    assert calls == [] and {f: os.stat(f).st_mtime_ns for f in files} == mtimes
+
+    # A different request rebuilds; so does a build whose marker never got written.
+    assert len(make_source(ensure_embedded_dataset(cache, num_clips=6, seed=1, num_shards=2))) == 6
+    os.remove(os.path.join(cache, "embedded_dataset.json"))
+    calls.clear()
+    files = ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2)
+    assert calls and len(make_source(files)) == 8
+
+
+def test_embedded_dataset_interrupted_build_is_redone(tmp_path, monkeypatch):
+    def failing_clip(index, seed):
+        if index == 5:
+            raise KeyboardInterrupt
+        return _fake_generate_clip(index, seed)
+
+    monkeypatch.setattr(pipeline, "_embedded_deps", lambda: fake_deps(failing_clip))
+    cache = str(tmp_path / "emb")
+    with pytest.raises(KeyboardInterrupt):
+        ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2)
+    assert not os.path.exists(os.path.join(cache, "embedded_dataset.json"))
+    with pytest.raises(FileNotFoundError):
+        list_record_files(os.path.join(cache, "records"))
+    monkeypatch.setattr(pipeline, "_embedded_deps", fake_deps)
+    check_embedded(cache, ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2), 8, FAKE_CLASSES)
+
+
+def _real_deps_available():
+    try:
+        pipeline._embedded_deps()
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _real_deps_available(), reason="atst_jax.data.synthetic / atst_jax.audio not present")
+def test_embedded_dataset_real_generator(tmp_path):
+    from atst_jax.data import synthetic
+
+    cache = str(tmp_path / "emb")
+    files = ensure_embedded_dataset(cache, num_clips=6, seed=0, num_shards=2)
+    check_embedded(cache, files, 6, list(synthetic.CLASSES))
+    assert len([n for n in os.listdir(os.path.join(cache, "audio")) if n.endswith(".wav")]) == 6
+    src = make_source(files)
+    assert decode_example(src[0])["mel"].shape == (64, 1001)
+    # Worker processes give byte-identical records.
+    files2 = ensure_embedded_dataset(str(tmp_path / "emb2"), num_clips=6, seed=0, num_shards=2, num_workers=2)
+    src2 = make_source(files2)
+    assert [src[i] for i in range(6)] == [src2[i] for i in range(6)]
