@@ -58,6 +58,7 @@ def _abstract(tree, shardings):
 class Checkpointer:
     def __init__(self, workdir: str | Path, *, save_every: int, keep: int, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self.save_every = max(1, save_every)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(1, save_every),
@@ -81,12 +82,15 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_iter=None, config=None, *, force: bool = False) -> bool:
+        # Our own cadence: Orbax would also save the very first step of a run.
+        if not (force or step % self.save_every == 0):
+            return False
         items = {"state": ocp.args.StandardSave(to_pure(state))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
         if config is not None:
             items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
-        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         if saved:
             log.info("checkpoint for step %d started in %s", step, self.directory)
         return saved

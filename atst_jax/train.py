@@ -337,6 +337,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = trainer.init(config.seed)
     step = int(jax.device_get(state["step"]))
+    if step >= t.steps:
+        ckpt.close()
+        data_iter.close()
+        print(
+            f"nothing to do: the checkpoint at step {step} already reaches train.steps={t.steps}", flush=True
+        )
+        return {"step": step, "loss": float("nan"), "workdir": str(workdir)}
     print(
         f"{config.method} {config.variant}: {trainer.num_params:,} trainable parameters "
         f"({trainer.num_encoder_params:,} in the encoder), mesh {dict(mesh.shape)}, "
@@ -347,12 +354,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricsWriter(workdir)
 
     # ---------------------------------------------------------------------------------- Loop
-    # Metrics are fetched one step late so the host never waits for the device before dispatching.
-    pending = None
+    progress = Progress(t.steps, t.global_batch, step)
+    pending = None  # metrics are fetched one step late, so the host never waits on the device to dispatch
     last = {"step": step, "loss": float("nan")}
-    t0 = time.perf_counter()
-    t_window, clips_window, first_logged = t0, 0, False
-    start_step = step
     try:
         while step < t.steps:
             host = next(data_iter)
@@ -361,54 +365,60 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             }
             state, metrics = train_step(state, batch)
             step += 1
-            clips_window += t.global_batch
             if pending is not None:
-                last = _log(
-                    pending, writer, t, start_step, t0, t_window, clips_window - t.global_batch, first_logged
-                )
-                if last.get("logged"):
-                    t_window, clips_window, first_logged = time.perf_counter(), t.global_batch, True
+                last = progress.maybe_log(*pending, writer, t.log_every) or last
             pending = (step, metrics)
             ckpt.save(step, state, data_iter, config, force=(step == t.steps))
-        if pending is not None:
-            last = _log(pending, writer, t, start_step, t0, t_window, clips_window, first_logged, force=True)
+        last = progress.maybe_log(*pending, writer, t.log_every, force=True)
     finally:
         ckpt.close()
         writer.close()
         data_iter.close()
-    elapsed = time.perf_counter() - t0
     print(
         f"checkpoints: {ckpt.directory}\nmetrics: {workdir / 'metrics.jsonl'}\n"
         f"tensorboard: {workdir / 'tensorboard'}",
         flush=True,
     )
-    print(f"done in {_fmt_time(elapsed)}: final step {last['step']} loss {last['loss']:.6f}", flush=True)
+    print(
+        f"done in {_fmt_time(progress.elapsed())}: final step {last['step']} loss {last['loss']:.6f}",
+        flush=True,
+    )
     return {"step": last["step"], "loss": last["loss"], "workdir": str(workdir)}
 
 
-def _log(pending, writer, t, start_step, t0, t_window, clips, first_logged, force=False):
-    step, metrics = pending
-    if not (force or step % t.log_every == 0 or step == start_step + 1):
-        return {"step": step, "loss": float("nan"), "logged": False}
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not all(np.isfinite(v) for v in scalars.values()):
+class Progress:
+    """The progress line and scalars: every ``log_every`` steps, the first step, and the last."""
+
+    def __init__(self, total: int, global_batch: int, start_step: int):
+        self.total, self.global_batch, self.start_step = total, global_batch, start_step
+        self.t0 = time.perf_counter()
+        self.last_time, self.last_step = None, start_step  # the first window holds compilation: no rate
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def maybe_log(self, step, metrics, writer, log_every, force=False):
+        if not (force or step % log_every == 0 or step == self.start_step + 1):
+            return None
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bad = [k for k, v in scalars.items() if not np.isfinite(v)]
-        raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
-    now = time.perf_counter()
-    # The first logged window contains compilation; rates are meaningful from the second one on.
-    rate = clips / max(now - t_window, 1e-9) if first_logged else float("nan")
-    scalars["perf/clips_per_s"] = rate
-    writer.write(step, scalars)
-    remaining = t.steps - step
-    eta = remaining * t.global_batch / rate if rate == rate and rate > 0 else float("nan")
-    print(
-        f"step {step:>6}/{t.steps} | loss {scalars['loss']:.4f} | std stu {scalars.get('std_frm_stu', 0):.4f} "
-        f"tea {scalars.get('std_frm_tea', 0):.4f} | lr {scalars['lr']:.2e} | "
-        f"{rate:7.1f} clips/s | ETA {_fmt_time(eta) if eta == eta else '--'} | "
-        f"elapsed {_fmt_time(now - t0)}",
-        flush=True,
-    )
-    return {"step": step, "loss": scalars["loss"], "logged": True}
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
+        now = time.perf_counter()
+        rate = float("nan")
+        if self.last_time is not None and step > self.last_step:
+            rate = (step - self.last_step) * self.global_batch / (now - self.last_time)
+            scalars["perf/clips_per_s"] = rate
+        self.last_time, self.last_step = now, step
+        writer.write(step, scalars)
+        eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")
+        print(
+            f"step {step:>6}/{self.total} | loss {scalars['loss']:.4f} | std stu {scalars.get('std_frm_stu', 0):.4f} "
+            f"tea {scalars.get('std_frm_tea', 0):.4f} | lr {scalars['lr']:.2e} | {rate:7.1f} clips/s | "
+            f"ETA {_fmt_time(eta) if eta == eta else '--'} | elapsed {_fmt_time(self.elapsed())}",
+            flush=True,
+        )
+        return {"step": step, "loss": scalars["loss"]}
 
 
 def main(argv):

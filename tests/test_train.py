@@ -143,7 +143,7 @@ def test_three_steps_on_one_device_equal_eight_devices():
 
 
 def test_loss_decreases_on_embedded_data_without_collapse(tmp_path, embedded_cache):
-    config = _tiny_config(batch=16, crop_seconds=6.0)
+    config = load_config(CONFIG + ":tiny")  # the demo's own settings: batch 16, 6 s crops
     config.train.steps = 100
     config.train.log_every = 10
     config.train.ckpt_every = 50

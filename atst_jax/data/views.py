@@ -67,8 +67,13 @@ def gather_masked(mask, capacity: int):
 
 
 def take_tokens(x, idx):
-    """``x [B, N, D]``, ``idx [B, K]`` → ``[B, K, D]``."""
-    return jnp.take_along_axis(x, idx[..., None], axis=1)
+    """``x [B, N, D]``, ``idx [B, K]`` → ``[B, K, D]``.
+
+    Written as a one-hot batched matmul: exact (one 1.0 per row), and on XLA:CPU both it and its backward
+    run on the GEMM path instead of a gather and a scatter-add.
+    """
+    onehot = jax.nn.one_hot(idx, x.shape[1], dtype=x.dtype)  # [B, K, N]
+    return jnp.einsum("bkn,bnd->bkd", onehot, x, precision=jax.lax.Precision.HIGHEST)
 
 
 # --- augmentations --------------------------------------------------------------------------------------

@@ -106,12 +106,12 @@ def _cosine(a, b):
 def normalized_std(x, weights):
     """Mean over dims of the std of L2-normalised vectors over real tokens (official ``compute_var``:
     unbiased variance, ``sqrt(var + 1e-6)``) — the collapse monitor."""
-    x = x.astype(jnp.float32)
+    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
     x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    w = weights.astype(jnp.float32)[..., None]
-    n = jnp.sum(weights.astype(jnp.float32))
-    s = jnp.sum(x * w, axis=tuple(range(x.ndim - 1)))
-    ss = jnp.sum(jnp.square(x) * w, axis=tuple(range(x.ndim - 1)))
+    w = weights.astype(jnp.float32).reshape(-1)
+    n = jnp.sum(w)
+    s = w @ x  # matmul reductions (see MaskedBatchNorm)
+    ss = w @ jnp.square(x)
     var = ss / (n - 1) - jnp.square(s) / (n * (n - 1))
     return jnp.mean(jnp.sqrt(var + 1e-6))
 

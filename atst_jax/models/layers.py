@@ -97,11 +97,13 @@ class MaskedBatchNorm(nnx.Module):
         if use_running_average:
             mean, var = self.running_mean[...], self.running_var[...]
         else:
-            w = weights.astype(jnp.float32)[..., None]
-            reduce_axes = tuple(range(x.ndim - 1))
+            # Statistics as (weights @ x) matmuls: XLA:CPU runs column reductions over thousands of rows
+            # ~10x slower than the equivalent GEMV, and the backward of a dot is again a dot.
+            w = weights.astype(jnp.float32).reshape(-1)
+            x2 = x.reshape(-1, x.shape[-1])
             count = jnp.maximum(jnp.sum(w), 1.0)
-            mean = jnp.sum(x * w, axis=reduce_axes) / count
-            var = jnp.sum(jnp.square(x - mean) * w, axis=reduce_axes) / count
+            mean = (w @ x2) / count
+            var = (w @ jnp.square(x2 - mean)) / count
             if update_stats:
                 unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
                 m = BN_MOMENTUM
@@ -116,4 +118,4 @@ class MaskedBatchNorm(nnx.Module):
 
 def gelu_exact(x):
     """GELU with erf, as ``torch.nn.GELU()``; Flax/JAX default to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1.0 / np.sqrt(2.0), x.dtype)))
