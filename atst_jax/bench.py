@@ -1,6 +1,7 @@
 """Benchmarks.
 
     python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5]
+    python -m atst_jax.bench data [...]      (input pipeline and preparation throughput)
 
 ``step`` times the full jitted train step (both views through teacher and student, heads, optimizer, EMA)
 on random 10 s log-mels, after compilation and warm-up, and prints seconds per step and clips per second.
@@ -86,9 +87,19 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--set", action="append", help="config override KEY=VALUE (e.g. model.scan_layers=false)")
-    args = parser.parse_args(argv)
-    if args.what == "step":
-        bench_step(args)
+    sub.add_parser(
+        "data",
+        help="input pipeline and preparation throughput (see atst_jax/data/bench_data.py)",
+        add_help=False,
+    )
+    args, rest = parser.parse_known_args(argv)
+    if args.what == "data":
+        from atst_jax.data import bench_data
+
+        return bench_data.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    bench_step(args)
     return 0
 
 

@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from atst_jax import optim
 from atst_jax import sharding as shd
-from atst_jax.checkpoint import Checkpointer
+from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_metadata, to_pure
 from atst_jax.data import pipeline, records
 from atst_jax.methods import get_method
 from atst_jax.models.encoder import EncoderConfig
@@ -165,6 +165,7 @@ class Trainer:
         self.lr_fn = lambda s: optim.warmup_cosine(s, self.peak_lr, o.final_lr, o.warmup_steps, t.steps)
         self.wd_fn = lambda s: optim.cosine(s, o.wd_start, o.wd_end, t.steps)
         self.ema_fn = lambda s: optim.ema_momentum(s, o.ema, t.steps)
+        self.inject_nan_at = int(t.get("inject_nan_at_step", -1))
 
         # Abstract model: shapes and logical axes without allocating anything.
         student, teacher, _ = nnx.eval_shape(
@@ -234,27 +235,32 @@ class Trainer:
             return loss, (metrics, new_stats, new_tstats)
 
         (loss, (metrics, stats, tstats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        if self.inject_nan_at >= 0:  # fault injection for tests: a NaN loss (and gradients) at one step
+            poison = jnp.where(step + 1 == self.inject_nan_at, jnp.nan, 1.0)  # 1-based, as logged
+            loss = loss * poison
+            grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         momentum = self.ema_fn(step)
         teacher = ema_update(state["teacher"], params, momentum, self.method.EMA_COVERS)
-        metrics = dict(metrics)
+        grad_norm = optax.tree.norm(grads)
+        # Non-finite guard: a step whose loss or gradient is not finite leaves the state untouched (only the
+        # counter moves), so non-finite values never reach the parameters or a checkpoint. The host reads
+        # ``finite`` one step late and halts or counts skips (train.nonfinite).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = dict(params=params, stats=stats, teacher=teacher, teacher_stats=tstats, opt=opt)
+        old = {k: state[k] for k in new}
+        kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = dict(metrics, loss=loss)
         metrics.update(
             lr=self.lr_fn(step),
             wd=self.wd_fn(step),
             ema=momentum,
-            grad_norm=optax.global_norm(grads),
-            param_norm=optax.global_norm(params),
+            grad_norm=grad_norm,
+            param_norm=optax.tree.norm(kept["params"]),
+            finite=finite,
         )
-        new_state = dict(
-            step=step + 1,
-            params=params,
-            stats=stats,
-            teacher=teacher,
-            teacher_stats=tstats,
-            opt=opt,
-            rng=state["rng"],
-        )
+        new_state = dict(kept, step=step + 1, rng=state["rng"])
         return new_state, metrics
 
     def jit_train_step(self):
@@ -314,11 +320,87 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient stopped the run (train.nonfinite=halt, or too many skips)."""
+
+
+class _StopSignal:
+    """SIGTERM (preemption notice, ``scancel``, Kubernetes) → finish the current step, save, exit 0.
+
+    The handler only sets a flag; the loop acts on it at the next step boundary, so a signal that arrives
+    during compilation or a long evaluation is honoured right after it, at the first step boundary.
+    """
+
+    def __init__(self):
+        self.requested = None
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+
+        for sig in (signal.SIGTERM,):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test harness thread): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested = signum
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def init_from_checkpoint(state, trainer, source: str):
+    """Replaces student/teacher parameters and BN buffers of a fresh ``state`` by those of another run's
+    checkpoint (a run directory, newest step, or ``RUN/checkpoints/<step>``); optimizer and step stay fresh."""
+    src = Path(source)
+    step = None
+    if src.name.isdigit() and src.parent.name == "checkpoints":
+        step, src = int(src.name), src.parent.parent
+    from_step, _, loaded = read_checkpoint(src, step)
+    pure = to_pure(state)
+    shardings = to_pure(trainer.state_shardings)
+    for part in ("params", "stats", "teacher", "teacher_stats"):
+        flat = jax.tree_util.tree_flatten_with_path(pure[part])[0]
+        targets = jax.tree.leaves(shardings[part])
+        leaves = []
+        for (path, value), sharding in zip(flat, targets, strict=True):
+            theirs = _lookup(loaded[part], path)
+            if theirs is None or np.shape(theirs) != value.shape:
+                got = "missing" if theirs is None else np.shape(theirs)
+                key = jax.tree_util.keystr(path)
+                raise ConfigError(
+                    f"init_from={source}: {part}{key} is {got} there, this model needs {value.shape}"
+                )
+            leaves.append(jax.device_put(np.asarray(theirs, value.dtype), sharding))
+        pure[part] = jax.tree.unflatten(jax.tree.structure(pure[part]), leaves)
+    print(f"initialised parameters from {src} step {from_step}", flush=True)
+    return from_pure(trainer.abstract_state, pure)
+
+
+def _lookup(tree, path):
+    """The leaf of a nested dict at a key path, or None."""
+    for entry in path:
+        if not isinstance(tree, dict) or entry.key not in tree:
+            return None
+        tree = tree[entry.key]
+    return tree
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) pretraining; returns ``{"step", "loss", "workdir"}`` of the last step."""
+    """Runs (or resumes) pretraining; returns ``{"step", "loss", "workdir", "preempted"}`` of the last step."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     t = config.train
+    if t.nonfinite not in ("halt", "skip"):
+        raise ConfigError(f"train.nonfinite={t.nonfinite!r}: choose halt or skip")
 
     # ---------------------------------------------------------------------------------- Set up mesh
     check_config(config, jax.device_count(), jax.process_count())
@@ -329,13 +411,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------------------------- Build state
     trainer = Trainer(config, mesh)
     data_iter = make_data_iterator(config, files)
-    ckpt = Checkpointer(workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state = ckpt.restore(latest, trainer.abstract_state, trainer.state_shardings, data_iter)
+    ckpt = Checkpointer(workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints, keep_period=t.keep_every)
+    latest, state = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, data_iter)
+    if state is not None:
         print(f"resumed from {ckpt.directory / str(latest)}", flush=True)
     else:
         state = trainer.init(config.seed)
+        if config.init_from:
+            state = init_from_checkpoint(state, trainer, config.init_from)
     step = int(jax.device_get(state["step"]))
     if step >= t.steps:
         ckpt.close()
@@ -343,7 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(
             f"nothing to do: the checkpoint at step {step} already reaches train.steps={t.steps}", flush=True
         )
-        return {"step": step, "loss": float("nan"), "workdir": str(workdir)}
+        return {"step": step, "loss": float("nan"), "workdir": str(workdir), "preempted": False}
     print(
         f"{config.method} {config.variant}: {trainer.num_params:,} trainable parameters "
         f"({trainer.num_encoder_params:,} in the encoder), mesh {dict(mesh.shape)}, "
@@ -352,38 +435,73 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     train_step = trainer.jit_train_step()
     writer = MetricsWriter(workdir)
+    meta = run_metadata(mesh)
 
     # ---------------------------------------------------------------------------------- Loop
     progress = Progress(t.steps, t.global_batch, step)
-    pending = None  # metrics are fetched one step late, so the host never waits on the device to dispatch
+    pending = None  # (step, metrics): fetched one step late, so the host never waits on the device
     last = {"step": step, "loss": float("nan")}
+    skipped = 0
+    preempted = False
+
+    def check_finite(step_done, metrics):
+        nonlocal skipped
+        if bool(jax.device_get(metrics["finite"])):
+            return
+        if t.nonfinite == "skip" and skipped < t.max_skipped:
+            skipped += 1
+            print(
+                f"warning: non-finite loss or gradient at step {step_done}: update skipped "
+                f"({skipped}/{t.max_skipped})",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        good = [s for s in ckpt.all_steps() if s < step_done]
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step_done} (train.nonfinite={t.nonfinite}); "
+            f"last checkpoint: {good[-1] if good else 'none'}"
+        )
+
     try:
-        while step < t.steps:
-            host = next(data_iter)
-            batch = {
-                k: pipeline.to_global_batch({k: host[k]}, s)[k] for k, s in trainer.batch_shardings.items()
-            }
-            state, metrics = train_step(state, batch)
-            step += 1
-            if pending is not None:
-                last = progress.maybe_log(*pending, writer, t.log_every) or last
-            pending = (step, metrics)
-            ckpt.save(step, state, data_iter, config, force=(step == t.steps))
-        last = progress.maybe_log(*pending, writer, t.log_every, force=True)
+        with _StopSignal() as stop:
+            while step < t.steps:
+                host = next(data_iter)
+                batch = {
+                    k: pipeline.to_global_batch({k: host[k]}, s)[k]
+                    for k, s in trainer.batch_shardings.items()
+                }
+                state, metrics = train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    check_finite(*pending)
+                    last = progress.maybe_log(*pending, writer, t.log_every) or last
+                pending = (step, metrics)
+                stopping = stop.requested is not None or ckpt.reached_preemption(step)
+                if stopping or ckpt.should_save(step) or step == t.steps:
+                    check_finite(step, metrics)  # never write a checkpoint of a non-finite step
+                    ckpt.save(step, state, data_iter, config, meta, force=True)
+                if stopping:
+                    preempted = True
+                    break
+            check_finite(*pending)
+            last = progress.maybe_log(*pending, writer, t.log_every, force=True)
     finally:
-        ckpt.close()
+        ckpt.close()  # waits for the last asynchronous save to commit
         writer.close()
         data_iter.close()
+    if preempted:
+        print(f"stop requested: saved step {step} to {ckpt.directory}; exiting", flush=True)
+        return {"step": step, "loss": last["loss"], "workdir": str(workdir), "preempted": True}
     print(
-        f"checkpoints: {ckpt.directory}\nmetrics: {workdir / 'metrics.jsonl'}\n"
-        f"tensorboard: {workdir / 'tensorboard'}",
+        f"checkpoints: {ckpt.directory}\nmetrics: {workdir / 'metrics.jsonl'}\ntensorboard: {workdir / 'tensorboard'}",
         flush=True,
     )
     print(
         f"done in {_fmt_time(progress.elapsed())}: final step {last['step']} loss {last['loss']:.6f}",
         flush=True,
     )
-    return {"step": last["step"], "loss": last["loss"], "workdir": str(workdir)}
+    return {"step": last["step"], "loss": last["loss"], "workdir": str(workdir), "preempted": False}
 
 
 class Progress:
@@ -400,10 +518,7 @@ class Progress:
     def maybe_log(self, step, metrics, writer, log_every, force=False):
         if not (force or step % log_every == 0 or step == self.start_step + 1):
             return None
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        bad = [k for k, v in scalars.items() if not np.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}")
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the guard is check_finite
         now = time.perf_counter()
         rate = float("nan")
         if self.last_time is not None and step > self.last_step:
@@ -423,6 +538,8 @@ class Progress:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax/JAX INFO chatter would drown the progress line
+        logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value is None:
         print("error: --workdir is required", file=sys.stderr)
         sys.exit(2)
@@ -431,6 +548,9 @@ def main(argv):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def check_overrides(argv: list[str]) -> None:

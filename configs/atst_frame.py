@@ -35,6 +35,7 @@ def get_config(variant: str = "tiny"):
     c.method = "atst_frame"
     c.variant = variant
     c.seed = 0
+    c.init_from = ""  # a run directory (or its checkpoints/ step) to take parameters from; fresh optimizer
 
     c.model = ml_collections.ConfigDict(
         dict(
@@ -85,7 +86,11 @@ def get_config(variant: str = "tiny"):
             global_batch=batch,
             log_every=10,
             ckpt_every=100,
-            keep_checkpoints=3,
+            keep_checkpoints=3,  # newest K checkpoints kept ...
+            keep_every=0,  # ... plus every M-th step for good (0 = none)
+            nonfinite="halt",  # halt | skip: what a NaN/Inf loss or gradient does
+            max_skipped=10,  # with nonfinite=skip: halt after this many skipped steps
+            inject_nan_at_step=-1,  # fault injection for tests: make the N-th step's loss NaN (1-based)
         )
     )
     c.data = ml_collections.ConfigDict(

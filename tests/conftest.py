@@ -1,8 +1,45 @@
-"""Test set-up: 8 simulated CPU devices, set before JAX is imported anywhere."""
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported anywhere) and shared fixtures."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "atst_frame.py")
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """A small embedded dataset (64 clips) shared by the tests that read data."""
+    from atst_jax.data.pipeline import ensure_embedded_dataset
+
+    cache = tmp_path_factory.mktemp("embedded")
+    ensure_embedded_dataset(str(cache), num_clips=64, seed=0)
+    return str(cache)
+
+
+def cli_env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def train_cmd(*args, variant="tiny"):
+    return [sys.executable, "-m", "atst_jax.train", "--config", f"{CONFIG}:{variant}", *args]
+
+
+def run_train(args, devices=1, timeout=600):
+    return subprocess.run(
+        train_cmd(*args), capture_output=True, text=True, env=cli_env(devices), cwd=ROOT, timeout=timeout
+    )

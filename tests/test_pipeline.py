@@ -1,12 +1,15 @@
 """Record format and Grain pipeline: exact round trips, crop semantics, determinism, resume, sharding."""
 
 import csv
+import functools
+import json
 import os
 import types
 
 import jax
 import numpy as np
 import pytest
+import soundfile as sf
 from jax.sharding import NamedSharding, PartitionSpec
 
 from atst_jax.audio import denormalize_db
@@ -102,7 +105,9 @@ def test_encode_rejects_bad_length():
 def test_write_records_shards_and_listing(tmp_path):
     out = str(tmp_path)
     paths = write_records(out, (fake_example(j) for j in range(10)), num_shards=3)
-    assert [os.path.basename(p) for p in paths] == [f"data-0000{i}-of-00003.array_record" for i in range(3)]
+    assert [os.path.basename(p) for p in paths] == [
+        f"data-train.array_record-0000{i}-of-00003" for i in range(3)
+    ]
     assert list_record_files(out) == paths
     assert not [n for n in os.listdir(out) if ".tmp" in n]
     # Round-robin: shard s holds examples s, s+3, ...
@@ -128,6 +133,63 @@ def test_write_records_interrupted_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         write_records(str(tmp_path), boom(), num_shards=2)
     assert os.listdir(tmp_path) == []
+
+
+def test_records_are_what_tfds_writes_and_reads():
+    """The hand-written tf.train.Example bytes parse to the same proto as TFDS's own serializer writes, and
+    TFDS's numpy decoder returns the same arrays as decode_example."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    from atst_jax.data.records import tfds_features
+
+    rng = np.random.default_rng(1)
+    base = {
+        "mel": rng.normal(-40, 20, (64, 37)).astype(np.float16),
+        "length": 30,
+        "id": "Yé_1",
+        "labels": np.array([4, 0, 526], np.int32),
+    }
+    for ex in (
+        base,
+        base | {"events": np.array([[0.25, 1.5, 3], [0, 0, 1]], np.float32)},
+        base | {"events": np.zeros((0, 3), np.float32)},
+    ):
+        features = tfds_features(with_events="events" in ex)
+        ours = encode_example(ex)
+        theirs = features.serialize_example(ex)
+        assert tf_example_pb2.Example.FromString(ours) == tf_example_pb2.Example.FromString(theirs)
+        assert encode_example(ex) == ours  # deterministic
+        via_tfds = features.deserialize_example_np(ours)
+        back = decode_example(ours)
+        assert via_tfds["id"].decode() == back["id"] == ex["id"]
+        assert int(via_tfds["length"]) == back["length"] == 30
+        for k in ("mel", "labels") + (("events",) if "events" in ex else ()):
+            assert via_tfds[k].dtype == back[k].dtype == ex[k].dtype
+            np.testing.assert_array_equal(via_tfds[k], back[k])
+            np.testing.assert_array_equal(back[k], ex[k])
+        # decode also accepts what TFDS wrote (field order and packing are TFDS's there).
+        np.testing.assert_array_equal(decode_example(theirs)["mel"], ex["mel"])
+
+
+def test_decode_rejects_other_formats():
+    # A format-1 record: the msgpack map {"v": 1, "id": "x", "length": 3} (bytes spelled out, msgpack is not
+    # a dependency any more).
+    with pytest.raises(ValueError, match="not a record of format"):
+        decode_example(b"\x83\xa1v\x01\xa2id\xa1x\xa6length\x03")
+    with pytest.raises(ValueError):
+        encode_example(fake_example(0) | {"mel": np.zeros((N_MELS, 0), np.float16), "length": 0})
+
+
+def test_list_record_files_picks_a_split(tmp_path):
+    out = str(tmp_path)
+    train = write_records(out, (fake_example(j) for j in range(4)), num_shards=2, split="train")
+    test = write_records(out, (fake_example(j) for j in range(3)), num_shards=1, split="test")
+    with pytest.raises(ValueError, match="several"):
+        list_record_files(out)
+    assert list_record_files(out, split="train") == train
+    assert list_record_files(out, split="test") == test
+    (tmp_path / ".data-train.array_record-00000-of-00002.tmp-1").write_bytes(b"")  # temp files are ignored
+    assert list_record_files(out, split="train") == train
 
 
 # --- crop ----------------------------------------------------------------------------------------------
@@ -329,33 +391,30 @@ def test_to_global_batch_on_8_devices():
 FAKE_CLASSES = ["Alarm", "Dog", "Speech"]
 
 
-def _fake_generate_clip(index, seed):
-    rng = np.random.default_rng([seed, index])
-    wave = rng.normal(size=1600).astype(np.float32)
-    events = [(0.1 * k, 0.1 * k + 0.5, FAKE_CLASSES[(index + 2 * k) % 3]) for k in range(index % 3)]
-    return wave, events
+def _fake_events(index):
+    return [(0.1 * k, 0.1 * k + 0.05, FAKE_CLASSES[(index + 2 * k) % 3]) for k in range(index % 3)]
 
 
-def _fake_write_dataset(out_dir, num_clips, seed):
+def _fake_write_dataset(out_dir, num_clips, seed, fail_at=None):
+    """Stand-in for synthetic.write_dataset: 0.1 s noise WAVs and a strong TSV (a clip without events gets a
+    row with empty onset/offset/label, as DCASE allows)."""
     os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
+    rows = ["filename\tonset\toffset\tevent_label"]
+    for i in range(num_clips):
+        if i == fail_at:
+            raise KeyboardInterrupt
+        wave = np.random.default_rng([seed, i]).uniform(-0.5, 0.5, 1600)
+        sf.write(os.path.join(out_dir, "audio", f"clip_{i:05d}.wav"), wave, 16000, subtype="PCM_16")
+        events = _fake_events(i)
+        rows += [f"clip_{i:05d}.wav\t{on:.3f}\t{off:.3f}\t{lab}" for on, off, lab in events]
+        rows += [] if events else [f"clip_{i:05d}.wav\t\t\t"]
     with open(os.path.join(out_dir, "strong_labels.tsv"), "w") as f:
-        f.write("filename\tonset\toffset\tevent_label\n")
-        for i in range(num_clips):
-            for on, off, lab in _fake_generate_clip(i, seed)[1]:
-                f.write(f"clip_{i:05d}.wav\t{on:.3f}\t{off:.3f}\t{lab}\n")
+        f.write("\n".join(rows) + "\n")
 
 
-def _fake_log_mel(wave):
-    return 20 * np.log10(np.abs(wave[: 64 * 10]).reshape(64, 10) + 1e-3)
-
-
-def fake_deps(generate_clip=_fake_generate_clip):
+def fake_deps(fail_at=None):
     return types.SimpleNamespace(
-        generate_clip=generate_clip,
-        classes=FAKE_CLASSES,
-        write_dataset=_fake_write_dataset,
-        clip_filename=lambda i: f"clip_{i:05d}.wav",
-        log_mel_db_np=_fake_log_mel,
+        classes=FAKE_CLASSES, write_dataset=functools.partial(_fake_write_dataset, fail_at=fail_at)
     )
 
 
@@ -366,7 +425,7 @@ def read_tsv_labels(path, classes):
             if row[0] == "filename":
                 continue
             stem = os.path.splitext(os.path.basename(row[0]))[0]
-            labels.setdefault(stem, set()).add(classes.index(row[3]))
+            labels.setdefault(stem, set()).update([classes.index(row[3])] if row[3] else [])
     return labels
 
 
@@ -386,6 +445,10 @@ def check_embedded(cache, files, num_clips, classes):
         assert ex["labels"].tolist() == sorted(tsv.get(ex["id"], set()))
         assert sorted(set(ex["events"][:, 2].astype(int).tolist())) == ex["labels"].tolist()
     assert seen == {f"clip_{i:05d}" for i in range(num_clips)}
+    # Built by the preparation tool: the directory is a TFDS dataset with its vocabulary.
+    with open(os.path.join(cache, "records", "labels.json")) as f:
+        assert json.load(f)["classes"] == list(classes)
+    assert os.path.exists(os.path.join(cache, "records", "dataset_info.json"))
 
 
 def test_embedded_dataset_builds_once_with_stand_in(tmp_path, monkeypatch):
@@ -414,20 +477,26 @@ def test_embedded_dataset_builds_once_with_stand_in(tmp_path, monkeypatch):
 
 
 def test_embedded_dataset_interrupted_build_is_redone(tmp_path, monkeypatch):
-    def failing_clip(index, seed):
-        if index == 5:
-            raise KeyboardInterrupt
-        return _fake_generate_clip(index, seed)
-
-    monkeypatch.setattr(pipeline, "_embedded_deps", lambda: fake_deps(failing_clip))
+    monkeypatch.setattr(pipeline, "_embedded_deps", lambda: fake_deps(fail_at=5))
     cache = str(tmp_path / "emb")
     with pytest.raises(KeyboardInterrupt):
         ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2)
     assert not os.path.exists(os.path.join(cache, "embedded_dataset.json"))
-    with pytest.raises(FileNotFoundError):
-        list_record_files(os.path.join(cache, "records"))
+    assert not os.path.exists(os.path.join(cache, "records"))
     monkeypatch.setattr(pipeline, "_embedded_deps", fake_deps)
     check_embedded(cache, ensure_embedded_dataset(cache, num_clips=8, seed=1, num_shards=2), 8, FAKE_CLASSES)
+
+
+def test_embedded_dataset_replaces_format_1_cache(tmp_path, monkeypatch):
+    # A cache written by EMBEDDED_VERSION 1 (msgpack records, other file names) is rebuilt, not misread.
+    cache = tmp_path / "emb"
+    (cache / "records").mkdir(parents=True)
+    (cache / "records" / "data-00000-of-00001.array_record").write_bytes(b"old")
+    (cache / "embedded_dataset.json").write_text(json.dumps({"version": 1}))
+    monkeypatch.setattr(pipeline, "_embedded_deps", fake_deps)
+    files = ensure_embedded_dataset(str(cache), num_clips=4, seed=0, num_shards=2)
+    assert not (cache / "records" / "data-00000-of-00001.array_record").exists()
+    assert len(make_source(files)) == 4
 
 
 def _real_deps_available():
@@ -438,7 +507,7 @@ def _real_deps_available():
     return True
 
 
-@pytest.mark.skipif(not _real_deps_available(), reason="atst_jax.data.synthetic / atst_jax.audio not present")
+@pytest.mark.skipif(not _real_deps_available(), reason="atst_jax.data.synthetic not present")
 def test_embedded_dataset_real_generator(tmp_path):
     from atst_jax.data import synthetic
 
@@ -448,7 +517,8 @@ def test_embedded_dataset_real_generator(tmp_path):
     assert len([n for n in os.listdir(os.path.join(cache, "audio")) if n.endswith(".wav")]) == 6
     src = make_source(files)
     assert decode_example(src[0])["mel"].shape == (64, 1001)
-    # Worker processes give byte-identical records.
-    files2 = ensure_embedded_dataset(str(tmp_path / "emb2"), num_clips=6, seed=0, num_shards=2, num_workers=2)
-    src2 = make_source(files2)
-    assert [src[i] for i in range(6)] == [src2[i] for i in range(6)]
+    # The events are the generator's, exactly as the TSV states them (3 decimals, whole milliseconds).
+    by_id = {decode_example(src[i])["id"]: decode_example(src[i]) for i in range(6)}
+    events = synthetic.clip_events(0, seed=0)
+    expected = np.array([(on, off, synthetic.CLASSES.index(lab)) for on, off, lab in events], np.float32)
+    np.testing.assert_array_equal(by_id["clip_00000"]["events"], expected)

@@ -1,45 +1,14 @@
 """The trainer end to end: config errors, device-count invariance, learning on the embedded data, the CLI."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import CONFIG, run_train
 
 from atst_jax import sharding as shd
 from atst_jax.train import Trainer, ema_update, load_config, train
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "configs" / "atst_frame.py")
-
-
-@pytest.fixture(scope="session")
-def embedded_cache(tmp_path_factory):
-    """A small embedded dataset (64 clips) shared by the tests that read data."""
-    from atst_jax.data.pipeline import ensure_embedded_dataset
-
-    cache = tmp_path_factory.mktemp("embedded")
-    ensure_embedded_dataset(str(cache), num_clips=64, seed=0)
-    return str(cache)
-
-
-def _run_cli(args, devices=1, timeout=600):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run(
-        [sys.executable, "-m", "atst_jax.train", "--config", CONFIG + ":tiny", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=timeout,
-    )
 
 
 def _assert_one_line_error(proc, needle):
@@ -64,11 +33,11 @@ def _assert_one_line_error(proc, needle):
     ],
 )
 def test_bad_config_gives_one_line_error(tmp_path, args, devices, needle):
-    _assert_one_line_error(_run_cli(["--workdir", str(tmp_path), *args], devices=devices), needle)
+    _assert_one_line_error(run_train(["--workdir", str(tmp_path), *args], devices=devices), needle)
 
 
 def test_crop_longer_than_data_is_refused(tmp_path, embedded_cache):
-    proc = _run_cli(
+    proc = run_train(
         [
             "--workdir",
             str(tmp_path),
@@ -164,7 +133,7 @@ def test_loss_decreases_on_embedded_data_without_collapse(tmp_path, embedded_cac
 
 
 def test_cli_runs_20_steps_and_writes_checkpoint(tmp_path, embedded_cache):
-    proc = _run_cli(
+    proc = run_train(
         [
             "--workdir",
             str(tmp_path),

@@ -1,0 +1,196 @@
+"""Export a run's checkpoint to the files PyTorch users load (spec/torch_export.md).
+
+    python -m atst_jax.export --workdir RUN [--step N] [--encoder teacher|student] \
+        --format safetensors|atst_sed|lightning --out PATH
+
+* ``safetensors``: exactly the 138 official encoder keys (139 for ATST-Clip), float32, plus string metadata
+  (width, depth, heads, step, encoder). ``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``.
+* ``atst_sed``: ``torch.save({"state_dict": {"model.teacher.encoder.<key>": tensor}})``, what ATST-SED
+  reads. ``--encoder student`` puts the *student's* encoder under that same name, since that is the name
+  the consumer looks for.
+* ``lightning``: the official pretraining checkpoint layout (``model.student.{encoder,projector,predictor}``,
+  ``model.teacher.{encoder,projector}`` with BatchNorm buffers, ``hyper_parameters``,
+  ``pytorch-lightning_version``) for ``FrameATSTLightningModule.load_from_checkpoint`` and the downstream
+  scripts. ``--encoder`` does not apply (both networks are written).
+
+Every file holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` opens it.
+Errors (missing run or step, unknown format) are reported on one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from atst_jax.export import convert
+
+FORMATS = ("safetensors", "atst_sed", "lightning")
+# The official code targets Lightning 1.x; load_from_checkpoint only needs the entry to exist (it decides
+# which checkpoint migrations to apply, none of which touch the keys written here).
+LIGHTNING_VERSION = "1.9.5"
+_ARCHS = {(384, 12, 6): "small", (768, 12, 12): "base"}
+
+
+class ExportError(Exception):
+    """A user error: printed as one line."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ExportError("this format needs torch: pip install -e .[torch]") from e
+    return torch
+
+
+def _tensors(sd):
+    torch = _torch()
+    return {k: torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}
+
+
+def arch_name(width: int, depth: int, heads: int) -> tuple[str, bool]:
+    """``("small"|"base", True)`` for the official sizes, else a descriptive name and ``False``."""
+    name = _ARCHS.get((width, depth, heads))
+    return (name, True) if name else (f"custom_d{width}_l{depth}_h{heads}", False)
+
+
+def lightning_hparams(config: dict, width: int, depth: int, heads: int) -> tuple[dict, list[str]]:
+    """The ``hyper_parameters`` of the official module from a run's config, and warnings to print.
+
+    ``learning_rate`` is the peak LR the optimiser reached (``base_lr × global_batch / 256``): the official
+    module uses the value as the top of its warm-up/cosine schedule.
+    """
+    warnings = []
+    arch, official = arch_name(width, depth, heads)
+    if not official:
+        warnings.append(
+            f"width {width} / depth {depth} / heads {heads} is not an official size: arch={arch!r}, which the "
+            "official FrameATSTLightningModule cannot build (the tensors are still in its layout)"
+        )
+    optim, train = config["optim"], config["train"]
+    warmup, steps = int(optim["warmup_steps"]), int(train["steps"])
+    if steps <= warmup:
+        # The official module builds a cosine schedule of max_steps − warmup_steps entries at load time.
+        warnings.append(f"train.steps={steps} <= warmup_steps={warmup}: writing max_steps={warmup + 1}")
+        steps = warmup + 1
+    method = config.get("atst_frame", {})
+    hp = {
+        "arch": arch,
+        "learning_rate": float(optim["base_lr"]) * int(train["global_batch"]) / 256.0,
+        "warmup_steps": warmup,
+        "max_steps": steps,
+        "ema": float(optim["ema"]),
+        "symmetric": bool(method.get("symmetric", True)),
+        "pos_type": "cut",
+        "avg_blocks": 0,
+        "patch_embed": "Linear",
+        "patch_h": int(config["model"].get("n_mels", 64)),
+        "patch_w": int(config["model"].get("patch_w", 4)),
+        "spec_h": int(config["model"].get("n_mels", 64)),
+        "n_mels": int(config["model"].get("n_mels", 64)),
+        "nprompt": 0,
+        "anchor_len": float(config.get("data", {}).get("crop_seconds", 10.0)),
+        "win_length": 1024,
+    }
+    return hp, warnings
+
+
+def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "teacher") -> list[str]:
+    """Writes ``out`` in ``fmt`` from a run's checkpoint; returns the warnings (for the caller to print)."""
+    from atst_jax.checkpoint import read_checkpoint
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if encoder not in ("teacher", "student"):
+        raise ExportError(f"unknown encoder {encoder!r}: choose teacher or student")
+    if not Path(workdir).is_dir():
+        raise ExportError(f"no such run directory: {workdir}")
+    try:
+        step, config, state = read_checkpoint(workdir, step)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from e
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
+    qkv = enc["blocks"]["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]
+    depth, width, heads = qkv.shape[0], qkv.shape[1], qkv.shape[3]
+    warnings = []
+
+    if fmt == "safetensors":
+        from safetensors.numpy import save_file
+
+        sd = convert.as_contiguous(convert.encoder_to_torch(enc))
+        meta = {
+            "format": "atst_clip_encoder" if convert.is_clip(enc) else "atst_frame_encoder",
+            "width": str(width),
+            "depth": str(depth),
+            "heads": str(heads),
+            "step": str(step),
+            "encoder": encoder,
+        }
+        save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
+        out.chmod(0o644)  # the writer creates the file owner-only; an export is meant to be shared
+    elif fmt == "atst_sed":
+        torch = _torch()
+        sd = convert.encoder_to_torch(enc)
+        torch.save({"state_dict": _tensors({f"model.teacher.encoder.{k}": v for k, v in sd.items()})}, out)
+    else:
+        torch = _torch()
+        if "predictor" not in state["params"]:
+            raise ExportError("the lightning format needs an ATST student with a predictor")
+        sd = {
+            f"model.student.{k}": v
+            for k, v in convert.network_to_torch(state["params"], state["stats"]).items()
+        }
+        teacher = convert.network_to_torch(state["teacher"], state["teacher_stats"])
+        sd.update({f"model.teacher.{k}": v for k, v in teacher.items()})
+        if not config:
+            raise ExportError(
+                f"step {step} of {workdir} has no saved config, which the lightning format needs"
+            )
+        hp, warnings = lightning_hparams(config, width, depth, heads)
+        ckpt = {
+            "epoch": 0,
+            "global_step": int(step),
+            "pytorch-lightning_version": LIGHTNING_VERSION,
+            "state_dict": _tensors(sd),
+            "hyper_parameters": hp,
+        }
+        torch.save(ckpt, out)
+    return warnings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m atst_jax.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="training run directory (with checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--encoder", default="teacher", help="teacher (default) or student")
+    p.add_argument("--format", required=True, help="safetensors, atst_sed or lightning")
+    p.add_argument("--out", required=True, help="output file")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    # Orbax logs several absl warnings on every read-only open (read_only options, items not restored):
+    # noise for a command-line user.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        warnings = export(args.workdir, args.format, args.out, step=args.step, encoder=args.encoder)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(
+        f"wrote {args.out} ({args.format}, {args.encoder if args.format != 'lightning' else 'student+teacher'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""A PyTorch FrameAST written from spec/torch_export.md, plus the ATST front end and long-audio chunking.
+
+The module tree is named so that its ``state_dict`` keys are exactly the official ones (138 for ATST-Frame,
+139 for ATST-Clip): a safetensors export of this repository loads with ``load_state_dict(strict=True)``, and
+so do weights taken out of official checkpoints. The computation is plain PyTorch; the filterbank, window and
+constants of ``atst_jax.audio`` and the chunk grid of ``atst_jax.embed`` are reused so both sides use the
+very same numbers (importing this module therefore imports the atst_jax package, JAX included).
+
+Conventions shared with ``atst_jax.embed`` (the JAX side), checked against each other by tests/test_export.py:
+
+* Front end on the **whole** clip (the top-80 dB floor is per clip, not per chunk), in float64, cast to
+  float32 — computed block by block over frames, so minutes of audio never materialise an [T, 1024] array.
+* Long spectrograms are cut into chunks of ``CHUNK_FRAMES`` = 1000 frames (250 tokens of 40 ms) starting
+  at frame 0. 1000 is a multiple of the 4-frame patch, so token j of the clip is token j mod 250 of chunk
+  j // 250 and the 40 ms grid is global (the official code's 1001-frame chunks drift by 10 ms per chunk).
+  A trailing partial patch (< 4 frames) is dropped, as in training: a clip gives ``frames // 4`` tokens.
+* Features: the last ``n`` blocks, each through the final norm, concatenated on channels (``[T, n·D]``);
+  clip level = mean over the valid tokens of the whole clip.
+* Timestamps: token j is reported at its **centre**, ``40·j + 15`` ms — the mean of the centres of its four
+  STFT frames (``center=True`` puts frame k at ``10·k`` ms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atst_jax import audio
+
+# The chunking and timestamp conventions are defined once, next to the JAX embedding code.
+from atst_jax.embed import CHUNK_FRAMES, chunk_bounds, timestamps_ms
+
+LN_EPS = 1e-6
+PAD_LOGIT = -10000.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """``patch_embed.patch_embed``: Linear over a 64 × 4 patch flattened mel-major (index ``mel·4 + t``)."""
+
+    def __init__(self, n_mels: int, patch_w: int, width: int):
+        super().__init__()
+        self.patch_w = patch_w
+        self.patch_embed = nn.Linear(n_mels * patch_w, width)
+
+    def forward(self, spec):  # [B, F, T] -> [B, T // patch_w, D]
+        b, f, t = spec.shape
+        n = t // self.patch_w
+        x = spec[:, :, : n * self.patch_w].reshape(b, f, n, self.patch_w)
+        return self.patch_embed(x.permute(0, 2, 1, 3).reshape(b, n, f * self.patch_w))
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (width // heads) ** -0.5
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, key_bias):
+        b, n, d = x.shape
+        # Rows of qkv.weight are [q; k; v], each head-major: split to [3, B, H, N, hd].
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        logits = (q * self.scale) @ k.transpose(-2, -1) + key_bias[:, None, None, :]
+        out = logits.softmax(dim=-1) @ v  # [B, H, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()  # exact erf GELU (approximate="none"), as the official code
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; drop-path is an identity at inference and therefore left out."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=LN_EPS)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=LN_EPS)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x, key_bias):
+        x = x + self.attn(self.norm1(x), key_bias)
+        return x + self.mlp(self.norm2(x))
+
+
+class FrameAST(nn.Module):
+    """The ATST-Frame encoder (``use_cls=True``: the ATST-Clip variant with ``cls_token`` and ``norm``).
+
+    Input: normalised log-mel ``[B, n_mels, T]`` (or ``[B, 1, n_mels, T]``) and the valid frames ``[B]``.
+    """
+
+    def __init__(
+        self,
+        width: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        n_mels: int = 64,
+        patch_w: int = 4,
+        num_pos: int = 251,
+        use_cls: bool = False,
+    ):
+        super().__init__()
+        self.width, self.depth, self.heads, self.patch_w = width, depth, heads, patch_w
+        self.use_cls = use_cls
+        if use_cls:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, width))
+        self.patch_embed = PatchEmbed(n_mels, patch_w, width)
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(depth)])
+        if use_cls:
+            self.norm = nn.LayerNorm(width, eps=LN_EPS)
+        else:
+            self.norm_frame = nn.LayerNorm(width, eps=LN_EPS)
+        for p in (self.mask_embed, self.pos_embed) + ((self.cls_token,) if use_cls else ()):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    @classmethod
+    def from_state_dict(cls, sd, heads: int | None = None, strict: bool = True) -> FrameAST:
+        """An encoder shaped after ``sd`` (bare keys), loaded with ``load_state_dict(strict=...)``.
+
+        Heads default to ``width // 64`` (the official head dim); the weights themselves do not tell.
+        """
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        width = sd["mask_embed"].shape[-1]
+        heads = heads if heads is not None else width // 64
+        mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width
+        n_mels_x_w = sd["patch_embed.patch_embed.weight"].shape[1]
+        model = cls(
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            n_mels=n_mels_x_w // 4,
+            num_pos=sd["pos_embed"].shape[1],
+            use_cls="cls_token" in sd,
+        )
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in sd.items()}, strict=strict)
+        return model
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.norm if self.use_cls else self.norm_frame
+
+    def _tokens(self, spec, length):
+        if spec.dim() == 4:  # [B, 1, F, T] as the official transforms produce
+            spec = spec.squeeze(1)
+        x = self.patch_embed(spec)
+        n = x.shape[1]
+        if n + 1 > self.pos_embed.shape[1]:
+            raise ValueError(f"{n} tokens exceed the {self.pos_embed.shape[1] - 1} positional slots")
+        x = x + self.pos_embed[:, 1 : n + 1]  # ATST-Frame: slots 1..N, slot 0 unused
+        valid = torch.div(length, self.patch_w, rounding_mode="floor")
+        if self.use_cls:
+            cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+            valid = valid + 1
+        pos = torch.arange(x.shape[1], device=x.device)
+        key_bias = torch.where(pos[None, :] < valid[:, None], 0.0, PAD_LOGIT).to(x.dtype)
+        return x, key_bias
+
+    def forward(self, spec, length):
+        """Final-normed tokens ``[B, N(+1), D]``."""
+        x, key_bias = self._tokens(spec, length)
+        for blk in self.blocks:
+            x = blk(x, key_bias)
+        return self.final_norm(x)
+
+    def get_intermediate_layers(self, spec, length, n: int = 1, scene: bool = True):
+        """The last ``n`` blocks, each through the final norm, concatenated: ``[B, N, n·D]`` frame level
+        (``scene=False``) or its mean over the valid tokens ``[B, n·D]`` (``scene=True``). CLS removed."""
+        if not 1 <= n <= self.depth:
+            raise ValueError(f"n={n} must be between 1 and the depth {self.depth}")
+        x, key_bias = self._tokens(spec, length)
+        feats = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, key_bias)
+            if i >= self.depth - n:
+                feats.append(self.final_norm(x))
+        out = torch.cat(feats, dim=-1)
+        if self.use_cls:
+            out = out[:, 1:]
+        if not scene:
+            return out
+        valid = torch.div(length, self.patch_w, rounding_mode="floor")
+        w = (torch.arange(out.shape[1], device=out.device)[None, :] < valid[:, None]).to(out.dtype)
+        return (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Front end (the same maths as atst_jax.audio.log_mel_np)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class LogMel(nn.Module):
+    """Normalised ATST log-mel of ``[B, samples]`` → ``float32 [B, 64, samples // 160 + 1]``.
+
+    Computed in float64 (as the NumPy reference) so the JAX and PyTorch paths see the same input to within
+    float32 rounding; the STFT runs over blocks of ``block_frames`` frames, which bounds its memory on long
+    audio. Waves shorter than 513 samples are zero-padded before the reflect padding, as in ``atst_jax.audio``.
+    """
+
+    def __init__(self, block_frames: int = 2000, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.block_frames = block_frames
+        self.dtype = dtype
+        # Buffers (not parameters) and non-persistent: they are not part of any exported state_dict.
+        self.register_buffer("window", torch.from_numpy(audio.hann_window()).to(dtype), persistent=False)
+        self.register_buffer(
+            "mel_fb", torch.from_numpy(audio.mel_filterbank()).to(dtype), persistent=False
+        )  # [513, 64]
+
+    def mel_power(self, wave):
+        """``[B, T, 64]`` mel power, block by block over frames."""
+        wave = wave.to(self.dtype)
+        length = wave.shape[-1]
+        if length < 1:
+            raise ValueError("cannot compute a spectrogram of an empty wave (0 samples)")
+        frames = audio.num_frames(length)
+        min_len = audio.N_FFT // 2 + 1
+        if length < min_len:
+            wave = F.pad(wave, (0, min_len - length))
+        pad = audio.N_FFT // 2
+        padded = F.pad(wave[:, None], (pad, pad), mode="reflect")[:, 0]
+        out = []
+        for start in range(0, frames, self.block_frames):
+            stop = min(start + self.block_frames, frames)
+            # Frame k covers padded[k·hop : k·hop + n_fft]; center=False on the slice reproduces center=True.
+            seg = padded[:, start * audio.HOP_LENGTH : (stop - 1) * audio.HOP_LENGTH + audio.N_FFT]
+            spec = torch.stft(
+                seg,
+                audio.N_FFT,
+                hop_length=audio.HOP_LENGTH,
+                win_length=audio.WIN_LENGTH,
+                window=self.window,
+                center=False,
+                return_complex=True,
+            )  # [B, 513, frames]
+            power = spec.real.square() + spec.imag.square()
+            out.append(power.transpose(1, 2) @ self.mel_fb)
+        return torch.cat(out, dim=1)
+
+    def forward(self, wave):
+        mel = self.mel_power(wave).transpose(1, 2)  # [B, 64, T]
+        db = 10.0 * torch.log10(mel.clamp_min(audio.AMIN))
+        peak = db.amax(dim=(-2, -1), keepdim=True)
+        db = torch.maximum(db, peak - audio.TOP_DB).to(torch.float32)  # float32 before normalising, as NumPy
+        return audio.normalize_db(db)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked embeddings of whole clips
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ATSTFrameEmbedder(nn.Module):
+    """Front end + encoder + chunking: frame and clip embeddings of whole clips of any length.
+
+    ``n_blocks``: how many of the last blocks are concatenated (default: all of them, as the official HEAR
+    wrapper does, giving ``depth·D`` channels). ``max_chunks`` bounds how many ≤1000-frame chunks go through
+    the encoder in one call, so peak memory does not grow with the clip length.
+    """
+
+    def __init__(self, encoder: FrameAST, n_blocks: int | None = None, max_chunks: int = 8):
+        super().__init__()
+        self.encoder = encoder
+        self.frontend = LogMel()
+        self.n_blocks = encoder.depth if n_blocks is None else n_blocks
+        if not 1 <= self.n_blocks <= encoder.depth:
+            raise ValueError(f"n_blocks={self.n_blocks} must be between 1 and the depth {encoder.depth}")
+        self.max_chunks = max_chunks
+        self.embedding_size = self.n_blocks * encoder.width
+
+    @torch.no_grad()
+    def spec_embeddings(self, spec):
+        """Frame embeddings ``[B, frames // 4, n·D]`` of full-length spectrograms ``[B, F, frames]``."""
+        b, _, frames = spec.shape
+        pw = self.encoder.patch_w
+        bounds = chunk_bounds(frames, CHUNK_FRAMES, pw)
+        jobs = [(i, s, e) for i in range(b) for s, e in bounds]
+        out = spec.new_zeros(b, frames // pw, self.embedding_size)
+        for j in range(0, len(jobs), self.max_chunks):
+            group = jobs[j : j + self.max_chunks]
+            longest = max(e - s for _, s, e in group)
+            x = spec.new_zeros(len(group), spec.shape[1], longest)
+            for k, (i, s, e) in enumerate(group):
+                x[k, :, : e - s] = spec[i, :, s:e]
+            length = torch.tensor([e - s for _, s, e in group], device=spec.device)
+            feats = self.encoder.get_intermediate_layers(x, length, self.n_blocks, scene=False)
+            for k, (i, s, e) in enumerate(group):
+                n = (e - s) // pw
+                out[i, s // pw : s // pw + n] = feats[k, :n]
+        return out
+
+    @torch.no_grad()
+    def timestamp_embeddings(self, wave):
+        """``wave [B, samples]`` → ``(emb [B, T, n·D], timestamps_ms [B, T])`` with ``T = (samples//160+1)//4``."""
+        if audio.num_frames(wave.shape[-1]) // self.encoder.patch_w == 0:
+            raise ValueError(f"audio of {wave.shape[-1]} samples is shorter than one 40 ms token")
+        emb = self.spec_embeddings(self.frontend(wave))
+        ts = torch.from_numpy(timestamps_ms(emb.shape[1])).to(device=emb.device, dtype=torch.float32)
+        return emb, ts[None].expand(emb.shape[0], -1)
+
+    @torch.no_grad()
+    def scene_embeddings(self, wave):
+        """Clip level: the mean of the frame embeddings over all tokens of each clip ``[B, n·D]``."""
+        emb, _ = self.timestamp_embeddings(wave)
+        return emb.mean(dim=1)
