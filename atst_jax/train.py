@@ -359,12 +359,32 @@ class _StopSignal:
 
 def init_from_checkpoint(state, trainer, source: str):
     """Replaces student/teacher parameters and BN buffers of a fresh ``state`` by those of another run's
-    checkpoint (a run directory, newest step, or ``RUN/checkpoints/<step>``); optimizer and step stay fresh."""
+    checkpoint (a run directory, newest step, or ``RUN/checkpoints/<step>``) or of an exported / official PyTorch
+    file (a Lightning pretraining checkpoint gives encoders and heads; an encoder-only file sets both student and
+    teacher encoders and keeps the heads' fresh init). Optimizer and step stay fresh."""
     src = Path(source)
-    step = None
-    if src.name.isdigit() and src.parent.name == "checkpoints":
-        step, src = int(src.name), src.parent.parent
-    from_step, _, loaded = read_checkpoint(src, step)
+    partial = False  # an encoder-only file leaves the heads freshly initialised
+    if src.is_file():  # an exported / official PyTorch file (safetensors, ATST-SED or Lightning layout)
+        from atst_jax.export import load as export_load
+
+        heads = trainer.enc_cfg.heads
+        try:
+            loaded = export_load.load_pretraining(src, heads=heads)
+        except KeyError:
+            encoder = export_load.load_encoder_params(src, heads=heads)
+            loaded = {
+                "params": {"encoder": encoder},
+                "teacher": {"encoder": encoder},
+                "stats": {},
+                "teacher_stats": {},
+            }
+            partial = True
+        from_step = "(file)"
+    else:
+        step = None
+        if src.name.isdigit() and src.parent.name == "checkpoints":
+            step, src = int(src.name), src.parent.parent
+        from_step, _, loaded = read_checkpoint(src, step)
     pure = to_pure(state)
     shardings = to_pure(trainer.state_shardings)
     for part in ("params", "stats", "teacher", "teacher_stats"):
@@ -373,6 +393,9 @@ def init_from_checkpoint(state, trainer, source: str):
         leaves = []
         for (path, value), sharding in zip(flat, targets, strict=True):
             theirs = _lookup(loaded[part], path)
+            if theirs is None and partial:
+                leaves.append(value)
+                continue
             if theirs is None or np.shape(theirs) != value.shape:
                 got = "missing" if theirs is None else np.shape(theirs)
                 key = jax.tree_util.keystr(path)

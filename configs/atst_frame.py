@@ -35,7 +35,9 @@ def get_config(variant: str = "tiny"):
     c.method = "atst_frame"
     c.variant = variant
     c.seed = 0
-    c.init_from = ""  # a run directory (or its checkpoints/ step) to take parameters from; fresh optimizer
+    # Parameters to start from (fresh optimizer): a run directory, RUN/checkpoints/<step>, or an exported /
+    # official PyTorch file (.safetensors, ATST-SED .pt, Lightning .ckpt).
+    c.init_from = ""
 
     c.model = ml_collections.ConfigDict(
         dict(

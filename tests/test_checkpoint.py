@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from conftest import CONFIG, ROOT, cli_env, run_train, train_cmd
 
 from atst_jax import checkpoint as ckpt_lib
@@ -263,3 +264,25 @@ def test_digest_and_list_cli(tmp_path):
         cwd=ROOT,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_init_from_an_exported_encoder_file(tmp_path):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    from atst_jax.export.convert import encoder_to_torch
+
+    trainer = _trainer({"data": 8}, jax.devices())
+    trained = to_pure(_one_step(trainer))
+    teacher_encoder = jax.tree.map(np.asarray, trained["teacher"]["encoder"])
+    path = tmp_path / "encoder.safetensors"
+    safetensors_numpy.save_file(
+        {k: np.ascontiguousarray(v) for k, v in encoder_to_torch(teacher_encoder).items()}, str(path)
+    )
+    fresh = trainer.init(seed=7)
+    loaded = _flat(init_from_checkpoint(fresh, trainer, str(path)))
+    before = _flat(fresh)
+    for k, v in _flat({"e": trained["teacher"]["encoder"]}).items():
+        sub = k[len("['e']") :]
+        np.testing.assert_array_equal(loaded["['params']['encoder']" + sub], v)
+        np.testing.assert_array_equal(loaded["['teacher']['encoder']" + sub], v)
+    proj = "['params']['projector']['fc1']['kernel']"
+    np.testing.assert_array_equal(loaded[proj], before[proj])  # heads keep their fresh init
