@@ -28,6 +28,8 @@ from atst_jax import optim
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_metadata, to_pure
 from atst_jax.data import pipeline, records
+from atst_jax.data.pipeline import crop_frames
+from atst_jax.flops import atst_frame_step_flops
 from atst_jax.methods import get_method
 from atst_jax.models.encoder import EncoderConfig
 from atst_jax.sharding import ConfigError
@@ -52,11 +54,6 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant) if variant else module.get_config()
-
-
-def crop_frames(config) -> int:
-    """Frames of a crop: ``samples // hop + 1`` (10 s → 1001), as the official transform."""
-    return int(round(config.data.crop_seconds * config.data.sample_rate)) // config.data.hop_length + 1
 
 
 def encoder_config(config) -> EncoderConfig:
@@ -183,6 +180,7 @@ class Trainer:
             "length": shd.batch_sharding(mesh, self.rules, 1),
         }
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
+        self.step_flops = atst_frame_step_flops(config) if config.method == "atst_frame" else 0.0
         self.num_encoder_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params["encoder"]))
 
     def _init_state(self, rng_data):
@@ -461,7 +459,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     meta = run_metadata(mesh)
 
     # ---------------------------------------------------------------------------------- Loop
-    progress = Progress(t.steps, t.global_batch, step)
+    progress = Progress(t.steps, t.global_batch, step, trainer.step_flops / jax.device_count())
     pending = None  # (step, metrics): fetched one step late, so the host never waits on the device
     last = {"step": step, "loss": float("nan")}
     skipped = 0
@@ -530,8 +528,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class Progress:
     """The progress line and scalars: every ``log_every`` steps, the first step, and the last."""
 
-    def __init__(self, total: int, global_batch: int, start_step: int):
+    def __init__(self, total: int, global_batch: int, start_step: int, flops_per_device: float = 0.0):
         self.total, self.global_batch, self.start_step = total, global_batch, start_step
+        self.flops_per_device = flops_per_device  # analytic, per step
         self.t0 = time.perf_counter()
         self.last_time, self.last_step = None, start_step  # the first window holds compilation: no rate
 
@@ -546,7 +545,11 @@ class Progress:
         rate = float("nan")
         if self.last_time is not None and step > self.last_step:
             rate = (step - self.last_step) * self.global_batch / (now - self.last_time)
+            step_time = (now - self.last_time) / (step - self.last_step)
             scalars["perf/clips_per_s"] = rate
+            scalars["perf/step_time_s"] = step_time
+            if self.flops_per_device:
+                scalars["perf/tflops_per_device"] = self.flops_per_device / step_time / 1e12
         self.last_time, self.last_step = now, step
         writer.write(step, scalars)
         eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")

@@ -32,6 +32,12 @@ from atst_jax.audio import NORM_MAX, NORM_MIN, normalize_db  # noqa: F401 (norma
 from atst_jax.data.records import FORMAT_VERSION, decode_example, list_record_files
 
 
+def crop_frames(config) -> int:
+    """Frames of a training crop: ``samples // hop + 1`` (10 s → 1001), as the official transform."""
+    d = config.data
+    return int(round(d.crop_seconds * d.sample_rate)) // d.hop_length + 1
+
+
 def make_source(files: Sequence[str]) -> grain.sources.ArrayRecordDataSource:
     """Random-access view over the concatenation of `files` (in the given order), yielding record bytes."""
     return grain.sources.ArrayRecordDataSource(list(files))
