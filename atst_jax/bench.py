@@ -50,7 +50,7 @@ def bench_step(args) -> dict:
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
+        jax.block_until_ready(metrics)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
