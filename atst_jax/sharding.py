@@ -20,21 +20,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Default rules: batch over data x fsdp, parameters' embed dim over fsdp (ZeRO-3 style), heads and MLP hidden
-# units over tensor. A logical name absent from the table is replicated.
-DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("length", None),
-    ("layers", None),
-    ("patch", None),
-    ("proj_hidden", "tensor"),
-    ("proj_out", None),
-)
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; raised before anything is compiled."""
@@ -116,15 +101,6 @@ def variable_axes(var: nnx.Variable) -> tuple[str | None, ...]:
     return axes
 
 
-def state_specs(state: nnx.State, rules) -> nnx.State:
-    """PartitionSpec for every variable of an ``nnx.State`` (structure preserved)."""
-    return jax.tree.map(
-        lambda v: v.replace(logical_to_spec(variable_axes(v), rules)),
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-
-
 def state_shardings(state, mesh: jax.sharding.Mesh, rules):
     """NamedShardings for an ``nnx.State``, same tree structure (each Variable holds its sharding), so the
     result can be passed directly as ``in_shardings``/``out_shardings``."""
@@ -145,12 +121,15 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules, ndim: int = 1) -> NamedShardi
     return NamedSharding(mesh, PartitionSpec(*tuple(spec), *([None] * (ndim - 1))))
 
 
-def data_parallel_size(mesh: jax.sharding.Mesh, rules) -> int:
-    """How many ways the batch is split (the product of the mesh axes that ``batch`` maps to)."""
-    spec = logical_to_spec(("batch",), rules)
-    entry = spec[0] if len(spec) else None
-    names = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    return math.prod(mesh.shape[n] for n in names)
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the global batch is split over (from the ``batch`` rule)."""
+    entry = logical_to_spec(("batch",), rules)[0]
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def data_parallel_size(axis_sizes: Mapping[str, int], rules) -> int:
+    """How many ways the batch is split, given mesh axis sizes (``mesh.shape`` or a plain mapping)."""
+    return math.prod(axis_sizes[n] for n in batch_axes(rules))
 
 
 def rules_from_config(rules_config) -> tuple[tuple[str, object], ...]:

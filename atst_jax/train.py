@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -65,10 +64,9 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     """Raises ``ConfigError`` (one line) for configs that cannot run."""
     mesh_sizes = shd.mesh_shape(config.mesh, num_devices)
     rules = shd.rules_from_config(config.sharding_rules)
-    spec = shd.logical_to_spec(("batch",), rules)
-    names = (spec[0],) if isinstance(spec[0], str) else tuple(spec[0] or ())
     sizes = dict(zip(shd.MESH_AXES, mesh_sizes, strict=True))
-    dp = math.prod(sizes[n] for n in names)
+    names = shd.batch_axes(rules)
+    dp = shd.data_parallel_size(sizes, rules)
     gb = config.train.global_batch
     if gb <= 0 or gb % dp:
         raise ConfigError(
