@@ -40,3 +40,35 @@ def atst_frame_step_flops(config, global_batch: int | None = None, frames: int |
     teacher = encoder + gather + projector
     student = 3 * (encoder + gather + projector + predictor)
     return float(teacher + student + warp)
+
+
+# Peak dense bf16 throughput (TFLOP/s) and HBM per chip, as the vendors state them. The planner and the
+# training loop's MFU use these; ``--chip`` / ``train.chip`` name one.
+CHIPS = {
+    "v4": {"peak_tflops": 275.0, "hbm_bytes": 32 * 2**30},
+    "v5e": {"peak_tflops": 197.0, "hbm_bytes": 16 * 10**9},
+    "v5p": {"peak_tflops": 459.0, "hbm_bytes": 95 * 2**30},
+    "v6e": {"peak_tflops": 918.0, "hbm_bytes": 32 * 10**9},
+    "h100": {"peak_tflops": 989.0, "hbm_bytes": 80 * 10**9},
+    "h200": {"peak_tflops": 989.0, "hbm_bytes": 141 * 10**9},
+}
+
+
+def chip_from_device(device) -> str | None:
+    """The ``CHIPS`` key of a JAX device (``device_kind`` such as "TPU v5p", "TPU v5 lite", "NVIDIA H100
+    80GB HBM3"), or None for hardware without a stated peak (CPUs)."""
+    kind = getattr(device, "device_kind", "").lower()
+    if "h200" in kind:
+        return "h200"
+    if "h100" in kind:
+        return "h100"
+    if "v5 lite" in kind or "v5e" in kind or "v5litepod" in kind:
+        return "v5e"
+    if "v6" in kind:
+        return "v6e"
+    for name in ("v5p", "v4"):
+        if name in kind:
+            return name
+    if kind.startswith("tpu v5"):
+        return "v5p"
+    return None

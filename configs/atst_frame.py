@@ -118,7 +118,9 @@ def get_config(variant: str = "tiny"):
         ["kv", None],
         ["layers", None],
         ["patch", None],
-        ["proj_hidden", "tensor"],
+        # Head hidden units (4096): over tensor, and over fsdp where the other dim did not take it, so
+        # FSDP shards the heads too (otherwise ~3M replicated head weights dominate at fsdp=256).
+        ["proj_hidden", ["fsdp", "tensor"]],
         ["proj_out", None],
     ]
     return c
