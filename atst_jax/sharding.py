@@ -10,6 +10,7 @@ eagerly when that key is present, which would tie model construction to a mesh.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -130,6 +131,37 @@ def batch_axes(rules) -> tuple[str, ...]:
 def data_parallel_size(axis_sizes: Mapping[str, int], rules) -> int:
     """How many ways the batch is split, given mesh axis sizes (``mesh.shape`` or a plain mapping)."""
     return math.prod(axis_sizes[n] for n in batch_axes(rules))
+
+
+# The (mesh, rules) that ``constrain`` applies while a train step is traced; None outside (plain calls,
+# export, tests of the model alone), where ``constrain`` is the identity.
+_ACTIVATION_CONTEXT: tuple[jax.sharding.Mesh, tuple] | None = None
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh, rules):
+    """Makes ``constrain`` pin activations to ``rules`` on ``mesh`` while a function is traced under it."""
+    global _ACTIVATION_CONTEXT
+    previous, _ACTIVATION_CONTEXT = _ACTIVATION_CONTEXT, (mesh, tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONTEXT = previous
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical activation names (``act_batch``, ``act_mlp``, ...).
+
+    Without it, XLA's propagation under FSDP may keep the whole global batch's activations on every device
+    and shard the weights' use instead (measured: 7.6 GiB of temporaries per device for ``base`` at
+    fsdp=256 and one clip per device). Pinning the batch dimension of the residual stream and of the MLP
+    and attention activations keeps each device on its own examples and makes XLA gather the weights.
+    """
+    if _ACTIVATION_CONTEXT is None:
+        return x
+    mesh, rules = _ACTIVATION_CONTEXT
+    spec = _fit_spec(logical_to_spec(axes, rules), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def rules_from_config(rules_config) -> tuple[tuple[str, object], ...]:

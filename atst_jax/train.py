@@ -23,12 +23,12 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from atst_jax import optim
+from atst_jax import distributed, optim
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_metadata, to_pure
 from atst_jax.data import pipeline, records
 from atst_jax.data.pipeline import crop_frames
-from atst_jax.flops import atst_frame_step_flops
+from atst_jax.flops import CHIPS, atst_frame_step_flops, chip_from_device
 from atst_jax.methods import get_method
 from atst_jax.models.encoder import EncoderConfig
 from atst_jax.sharding import ConfigError
@@ -75,6 +75,15 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         )
     if gb % process_count:
         raise ConfigError(f"train.global_batch={gb} is not divisible by the process count {process_count}")
+    accum = int(config.train.get("grad_accum_steps", 1))
+    if accum < 1 or gb % accum or (gb // accum) % dp:
+        raise ConfigError(
+            f"train.grad_accum_steps={accum}: the global batch {gb} must split into {accum} microbatches "
+            f"that are each divisible by the data-parallel size {dp}"
+        )
+    chip = config.train.get("chip", "")
+    if chip and chip not in CHIPS:
+        raise ConfigError(f"train.chip={chip!r}: choose one of {', '.join(CHIPS)} (or '' to detect)")
     m = config.model
     if m.width % m.heads:
         raise ConfigError(f"model.width={m.width} is not divisible by model.heads={m.heads}")
@@ -118,6 +127,11 @@ def data_files(config) -> list[str]:
     d = config.data
     if d.source == "embedded":
         cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "atst_jax", "embedded")
+        # Process 0 builds; the others then find it finished (shared file system) or, on hosts with their
+        # own disks, build the same bytes locally. Never two builders of one directory at once.
+        if distributed.is_main():
+            pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0)
+        distributed.barrier("embedded_data")
         return pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0)
     if d.source == "records":
         if not d.records_dir:
@@ -161,6 +175,7 @@ class Trainer:
         self.wd_fn = lambda s: optim.cosine(s, o.wd_start, o.wd_end, t.steps)
         self.ema_fn = lambda s: optim.ema_momentum(s, o.ema, t.steps)
         self.inject_nan_at = int(t.get("inject_nan_at_step", -1))
+        self.accum = int(t.get("grad_accum_steps", 1))
 
         # Abstract model: shapes and logical axes without allocating anything.
         student, teacher, _ = nnx.eval_shape(
@@ -218,19 +233,78 @@ class Trainer:
     # ==================================================================================================
     # Update step
     # ==================================================================================================
+    def _loss_and_grads(self, params, stats, teacher, tstats, batch, key):
+        def loss_fn(params):
+            student = nnx.merge(self.student_def, params, stats, copy=True)
+            teacher_m = nnx.merge(self.teacher_def, teacher, tstats, copy=True)
+            loss, metrics = self.method.loss(student, teacher_m, batch, key, self.mcfg)
+            new_stats = nnx.state(student, nnx.BatchStat)
+            new_tstats = nnx.state(teacher_m, nnx.BatchStat)
+            return loss, (metrics, new_stats, new_tstats)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def _accumulate(self, state, batch, key):
+        """Mean loss and gradients over ``accum`` microbatches, run one after another under ``lax.scan`` so only
+        one microbatch's activations are live. Microbatch j holds examples j, j+k, j+2k, … of the global batch:
+        with the batch sharded on its leading axis that split is local to every device (no resharding).
+
+        Equal to the full-batch step for losses that are means over examples; for ATST-Frame the BatchNorm
+        statistics (and the masked-token normalisation) are per microbatch, as with gradient accumulation in
+        PyTorch, and the BN buffers are updated once per microbatch."""
+        k = self.accum
+        spec = {name: s.spec for name, s in self.batch_shardings.items()}
+
+        def split(name, x):
+            x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+            target = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, *spec[name]))
+            return jax.lax.with_sharding_constraint(x, target)
+
+        micro = {name: split(name, x) for name, x in batch.items()}
+        params = state["params"]
+
+        def body(carry, inputs):
+            stats, tstats, grad_sum, loss_sum, metric_sum = carry
+            j, mb = inputs
+            (loss, (metrics, stats, tstats)), grads = self._loss_and_grads(
+                params, stats, state["teacher"], tstats, mb, jax.random.fold_in(key, j)
+            )
+            grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+            metric_sum = jax.tree.map(jnp.add, metric_sum, metrics)
+            return (stats, tstats, grad_sum, loss_sum + loss, metric_sum), None
+
+        zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+        first_metrics = jax.eval_shape(
+            lambda: self._loss_and_grads(
+                params,
+                state["stats"],
+                state["teacher"],
+                state["teacher_stats"],
+                jax.tree.map(lambda x: x[0], micro),
+                key,
+            )[0][1][0]
+        )
+        carry = (
+            state["stats"],
+            state["teacher_stats"],
+            zeros_like(params),
+            jnp.zeros((), jnp.float32),
+            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first_metrics),
+        )
+        (stats, tstats, grad_sum, loss_sum, metric_sum), _ = jax.lax.scan(body, carry, (jnp.arange(k), micro))
+        mean = lambda x: x / k
+        metrics = jax.tree.map(mean, metric_sum)
+        return mean(loss_sum), metrics, stats, tstats, jax.tree.map(mean, grad_sum)
+
     def train_step(self, state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-
-        def loss_fn(params):
-            student = nnx.merge(self.student_def, params, state["stats"], copy=True)
-            teacher = nnx.merge(self.teacher_def, state["teacher"], state["teacher_stats"], copy=True)
-            loss, metrics = self.method.loss(student, teacher, batch, key, self.mcfg)
-            new_stats = nnx.state(student, nnx.BatchStat)
-            new_tstats = nnx.state(teacher, nnx.BatchStat)
-            return loss, (metrics, new_stats, new_tstats)
-
-        (loss, (metrics, stats, tstats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        if self.accum == 1:
+            (loss, (metrics, stats, tstats)), grads = self._loss_and_grads(
+                state["params"], state["stats"], state["teacher"], state["teacher_stats"], batch, key
+            )
+        else:
+            loss, metrics, stats, tstats, grads = self._accumulate(state, batch, key)
         if self.inject_nan_at >= 0:  # fault injection for tests: a NaN loss (and gradients) at one step
             poison = jnp.where(step + 1 == self.inject_nan_at, jnp.nan, 1.0)  # 1-based, as logged
             loss = loss * poison
@@ -259,11 +333,19 @@ class Trainer:
         new_state = dict(kept, step=step + 1, rng=state["rng"])
         return new_state, metrics
 
+    def _step_with_activation_sharding(self, state, batch):
+        with shd.activation_sharding(self.mesh, self.rules):  # active while jit traces the step
+            return self.train_step(state, batch)
+
     def jit_train_step(self):
         return jax.jit(
-            self.train_step,
+            self._step_with_activation_sharding,
             in_shardings=(self.state_shardings, self.batch_shardings),
-            out_shardings=(self.state_shardings, None),
+            # Metrics replicated, so every process can read them without a cross-host gather.
+            out_shardings=(
+                self.state_shardings,
+                jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()),
+            ),
             donate_argnums=(0,),
         )
 
@@ -307,6 +389,18 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def fetch(tree):
+    """Host copies of replicated scalars. ``jax.device_get`` refuses arrays that span other processes'
+    devices; a replicated value is whole on any local device, so read this process's first shard."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+def _log(message: str) -> None:
+    """Progress and status lines: printed by process 0 only (every process runs the same loop)."""
+    if distributed.is_main():
+        print(message, flush=True)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -400,7 +494,7 @@ def init_from_checkpoint(state, trainer, source: str):
                 )
             leaves.append(jax.device_put(np.asarray(theirs, value.dtype), sharding))
         pure[part] = jax.tree.unflatten(jax.tree.structure(pure[part]), leaves)
-    print(f"initialised parameters from {src} step {from_step}", flush=True)
+    _log(f"initialised parameters from {src} step {from_step}")
     return from_pure(trainer.abstract_state, pure)
 
 
@@ -433,31 +527,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = Checkpointer(workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints, keep_period=t.keep_every)
     latest, state = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, data_iter)
     if state is not None:
-        print(f"resumed from {ckpt.directory / str(latest)}", flush=True)
+        _log(f"resumed from {ckpt.directory / str(latest)}")
     else:
         state = trainer.init(config.seed)
         if config.init_from:
             state = init_from_checkpoint(state, trainer, config.init_from)
-    step = int(jax.device_get(state["step"]))
+    step = int(fetch(state["step"]))
     if step >= t.steps:
         ckpt.close()
         data_iter.close()
-        print(
-            f"nothing to do: the checkpoint at step {step} already reaches train.steps={t.steps}", flush=True
-        )
+        _log(f"nothing to do: the checkpoint at step {step} already reaches train.steps={t.steps}")
         return {"step": step, "loss": float("nan"), "workdir": str(workdir), "preempted": False}
-    print(
+    _log(
         f"{config.method} {config.variant}: {trainer.num_params:,} trainable parameters "
-        f"({trainer.num_encoder_params:,} in the encoder), mesh {dict(mesh.shape)}, "
+        f"({trainer.num_encoder_params:,} in the encoder), mesh {dict(mesh.shape)} over "
+        f"{jax.process_count()} process(es), "
         f"global batch {t.global_batch}, {len(files)} record files",
-        flush=True,
     )
     train_step = trainer.jit_train_step()
     writer = MetricsWriter(workdir)
     meta = run_metadata(mesh)
 
     # ---------------------------------------------------------------------------------- Loop
-    progress = Progress(t.steps, t.global_batch, step, trainer.step_flops / jax.device_count())
+    chip = t.get("chip", "") or chip_from_device(jax.devices()[0])
+    peak = CHIPS[chip]["peak_tflops"] if chip else 0.0
+    progress = Progress(t.steps, t.global_batch, step, trainer.step_flops / jax.device_count(), peak)
     pending = None  # (step, metrics): fetched one step late, so the host never waits on the device
     last = {"step": step, "loss": float("nan")}
     skipped = 0
@@ -465,7 +559,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def check_finite(step_done, metrics):
         nonlocal skipped
-        if bool(jax.device_get(metrics["finite"])):
+        if bool(fetch(metrics["finite"])):
             return
         if t.nonfinite == "skip" and skipped < t.max_skipped:
             skipped += 1
@@ -485,11 +579,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with _StopSignal() as stop:
             while step < t.steps:
+                waited = time.perf_counter()
                 host = next(data_iter)
                 batch = {
                     k: pipeline.to_global_batch({k: host[k]}, s)[k]
                     for k, s in trainer.batch_shardings.items()
                 }
+                progress.data_wait += time.perf_counter() - waited
                 state, metrics = train_step(state, batch)
                 step += 1
                 if pending is not None:
@@ -510,15 +606,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.close()
         data_iter.close()
     if preempted:
-        print(f"stop requested: saved step {step} to {ckpt.directory}; exiting", flush=True)
+        _log(f"stop requested: saved step {step} to {ckpt.directory}; exiting")
         return {"step": step, "loss": last["loss"], "workdir": str(workdir), "preempted": True}
-    print(
+    _log(
         f"checkpoints: {ckpt.directory}\nmetrics: {workdir / 'metrics.jsonl'}\ntensorboard: {workdir / 'tensorboard'}",
-        flush=True,
     )
-    print(
+    _log(
         f"done in {_fmt_time(progress.elapsed())}: final step {last['step']} loss {last['loss']:.6f}",
-        flush=True,
     )
     return {"step": last["step"], "loss": last["loss"], "workdir": str(workdir), "preempted": False}
 
@@ -526,11 +620,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 class Progress:
     """The progress line and scalars: every ``log_every`` steps, the first step, and the last."""
 
-    def __init__(self, total: int, global_batch: int, start_step: int, flops_per_device: float = 0.0):
+    def __init__(
+        self,
+        total: int,
+        global_batch: int,
+        start_step: int,
+        flops_per_device: float = 0.0,
+        peak_tflops: float = 0.0,
+    ):
         self.total, self.global_batch, self.start_step = total, global_batch, start_step
         self.flops_per_device = flops_per_device  # analytic, per step
+        self.peak_tflops = peak_tflops  # of the chip (flops.CHIPS); 0 = unknown (CPU): no MFU
         self.t0 = time.perf_counter()
         self.last_time, self.last_step = None, start_step  # the first window holds compilation: no rate
+        # Host time spent waiting for the next batch (input pipeline + host→device transfer), summed over the
+        # current logging window. The step itself is dispatched asynchronously, so this is data stall only
+        # when the device is already idle; a large share means the input pipeline is the bottleneck.
+        self.data_wait = 0.0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -538,7 +644,7 @@ class Progress:
     def maybe_log(self, step, metrics, writer, log_every, force=False):
         if not (force or step % log_every == 0 or step == self.start_step + 1):
             return None
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the guard is check_finite
+        scalars = {k: float(v) for k, v in fetch(metrics).items()}  # the guard is check_finite
         now = time.perf_counter()
         rate = float("nan")
         if self.last_time is not None and step > self.last_step:
@@ -546,16 +652,21 @@ class Progress:
             step_time = (now - self.last_time) / (step - self.last_step)
             scalars["perf/clips_per_s"] = rate
             scalars["perf/step_time_s"] = step_time
+            scalars["perf/data_wait_s"] = self.data_wait / (step - self.last_step)
+            scalars["perf/data_wait_frac"] = self.data_wait / (now - self.last_time)
             if self.flops_per_device:
-                scalars["perf/tflops_per_device"] = self.flops_per_device / step_time / 1e12
+                tflops = self.flops_per_device / step_time / 1e12
+                scalars["perf/tflops_per_device"] = tflops
+                if self.peak_tflops:
+                    scalars["perf/mfu"] = tflops / self.peak_tflops
         self.last_time, self.last_step = now, step
+        self.data_wait = 0.0
         writer.write(step, scalars)
         eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")
-        print(
+        _log(
             f"step {step:>6}/{self.total} | loss {scalars['loss']:.4f} | std stu {scalars.get('std_frm_stu', 0):.4f} "
             f"tea {scalars.get('std_frm_tea', 0):.4f} | lr {scalars['lr']:.2e} | {rate:7.1f} clips/s | "
             f"ETA {_fmt_time(eta) if eta == eta else '--'} | elapsed {_fmt_time(self.elapsed())}",
-            flush=True,
         )
         return {"step": step, "loss": scalars["loss"]}
 
@@ -568,6 +679,7 @@ def main(argv):
         print("error: --workdir is required", file=sys.stderr)
         sys.exit(2)
     try:
+        distributed.initialize()
         train(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -93,6 +93,11 @@ def get_config(variant: str = "tiny"):
             nonfinite="halt",  # halt | skip: what a NaN/Inf loss or gradient does
             max_skipped=10,  # with nonfinite=skip: halt after this many skipped steps
             inject_nan_at_step=-1,  # fault injection for tests: make the N-th step's loss NaN (1-based)
+            # Split each global batch into this many microbatches run one after another (same update for
+            # per-example losses; BatchNorm statistics become per-microbatch). For the official 1008–1536
+            # batches on few devices.
+            grad_accum_steps=1,
+            chip="",  # for perf/mfu: v4 | v5e | v5p | v6e | h100 | h200; "" = detect from the device kind
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -113,7 +118,8 @@ def get_config(variant: str = "tiny"):
     c.sharding_rules = [
         ["batch", ["data", "fsdp"]],
         ["embed", "fsdp"],
-        ["mlp", "tensor"],
+        # MLP hidden units over tensor, and over fsdp where the other dim did not take it (the fc1 bias).
+        ["mlp", ["tensor", "fsdp"]],
         ["heads", "tensor"],
         ["kv", None],
         ["layers", None],
@@ -122,5 +128,11 @@ def get_config(variant: str = "tiny"):
         # FSDP shards the heads too (otherwise ~3M replicated head weights dominate at fsdp=256).
         ["proj_hidden", ["fsdp", "tensor"]],
         ["proj_out", None],
+        # Activations: examples over (data, fsdp); heads and MLP units over tensor; features unsharded.
+        ["act_batch", ["data", "fsdp"]],
+        ["act_length", None],
+        ["act_embed", None],
+        ["act_heads", "tensor"],
+        ["act_mlp", "tensor"],
     ]
     return c

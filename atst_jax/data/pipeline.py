@@ -203,8 +203,11 @@ def make_dataset(
     3. crop (random_map): applied to the *global* stream before sharding, so an example's crop depends only on
        (seed, global position), not on how many processes read the data. MapDataset is lazy: each process
        still decodes only the records it keeps.
-    4. per-process shard `[process_index::process_count]`: processes read disjoint examples that together
-       cover every epoch. With finite epochs the stream is first cut to a multiple of `process_count` so all
+    4. per-process share: global batch k is the stream's examples ``[k·G, (k+1)·G)`` (G = per_host_batch ×
+       process_count) and process p reads the contiguous block ``p·per_host_batch + [0, per_host_batch)`` of
+       it. Concatenated in process order (what `make_array_from_process_local_data` does), the global batch
+       is then the same array for any process count, so a run's losses do not depend on how many hosts read
+       the data. With finite epochs the stream is first cut to a multiple of `process_count` so all
        processes produce the same number of batches (an unequal count would hang a multi-host step).
     5. batch(per_host_batch): stacks leaves along a new leading axis.
     """
@@ -220,12 +223,41 @@ def make_dataset(
         ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat(num_epochs)
     ds = ds.random_map(_CropRecord(crop_frames, keep_index=keep_index), seed=crop_seed)
-    if num_epochs is None:
-        ds = ds[process_index::process_count]
-    else:
-        usable = len(ds) // process_count * process_count
-        ds = ds[process_index:usable:process_count]
+    if process_count > 1:
+        ds = _ProcessBlocks(ds, per_host_batch, process_index, process_count, finite=num_epochs is not None)
     return ds.batch(per_host_batch, drop_remainder=drop_remainder, batch_fn=AssembleBatch(crop_frames))
+
+
+class _ProcessBlocks(grain.MapDataset):
+    """Process p's examples: block p of every global batch (see `make_dataset`, step 4).
+
+    With a finite stream of L examples (cut to a multiple of the process count), the last, partial global
+    batch of r examples is split the same way: r / process_count consecutive examples per process.
+    """
+
+    def __init__(self, parent, per_host: int, process_index: int, process_count: int, finite: bool):
+        super().__init__(parent)
+        self._per_host, self._p, self._count = per_host, process_index, process_count
+        self._global = per_host * process_count
+        total = len(parent) // process_count * process_count if finite else len(parent)
+        self._full = total // self._global  # complete global batches
+        self._tail = (total - self._full * self._global) // process_count  # per process, in the last one
+        self._len = total // process_count if finite else len(parent) // process_count
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        k, j = divmod(index, self._per_host)
+        if k < self._full:
+            return self._parent[k * self._global + self._p * self._per_host + j]
+        t = index - self._full * self._per_host
+        return self._parent[self._full * self._global + self._p * self._tail + t]
+
+    def __str__(self) -> str:
+        return f"ProcessBlocks(process={self._p}/{self._count}, per_host={self._per_host})"
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -361,8 +393,9 @@ def ensure_embedded_dataset(
 
     The JSON marker is removed before and written (atomically) after everything else, so a build interrupted
     at any point is redone (prepare reuses the shards it had finished), and a finished one with the same
-    (num_clips, seed, num_shards, versions) is reused without touching the files. Concurrent builders of one
-    directory are not coordinated: on a shared file system build on one process, then barrier.
+    (num_clips, seed, num_shards, versions) is reused without touching the files. Concurrent callers on one
+    host (several training processes per machine) serialise on an advisory lock file, so one builds and the
+    others reuse; across hosts on a shared file system, build on one process and barrier (the trainer does).
 
     `num_workers`: decoding processes (None: in-process below 64 clips, else up to 8 CPUs). The records do not
     depend on it.
@@ -377,14 +410,28 @@ def ensure_embedded_dataset(
         "seed": seed,
         "num_shards": num_shards,
     }
-    try:
-        with open(marker_path) as f:
-            if json.load(f) == expected:
-                return list_record_files(records_dir)
-    except (OSError, ValueError):
-        pass  # missing, unreadable, partial or mismatched: rebuild below
 
+    def finished() -> bool:
+        try:
+            with open(marker_path) as f:
+                return json.load(f) == expected
+        except (OSError, ValueError):
+            return False  # missing, unreadable, partial or mismatched: rebuild
+
+    if finished():
+        return list_record_files(records_dir)
     os.makedirs(cache_dir, exist_ok=True)
+    import fcntl
+
+    with open(os.path.join(cache_dir, ".build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if finished():  # another process built it while we waited
+            return list_record_files(records_dir)
+        return _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers)
+
+
+def _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers):
+    num_clips, seed, num_shards = expected["num_clips"], expected["seed"], expected["num_shards"]
     if os.path.exists(marker_path):
         os.remove(marker_path)
     if os.path.isdir(records_dir):
