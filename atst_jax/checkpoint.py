@@ -92,6 +92,17 @@ class CheckpointRestoreError(RuntimeError):
     pass
 
 
+def run_dir(workdir):
+    """A run directory as a path object: ``gs://``/``s3://`` URLs (TPU pods write straight to a bucket)
+    become ``etils.epath`` paths, which Orbax reads and writes; local paths become absolute."""
+    text = str(workdir)
+    if "://" in text:
+        from etils import epath
+
+        return epath.Path(text)
+    return Path(text).absolute()
+
+
 class Checkpointer:
     """Saves every ``save_every`` steps (plus forced saves), keeps the newest ``keep`` and every
     ``keep_period``-th step (0 = none)."""
@@ -99,7 +110,7 @@ class Checkpointer:
     def __init__(
         self, workdir: str | Path, *, save_every: int, keep: int, keep_period: int = 0, async_save=True
     ):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = run_dir(workdir) / "checkpoints"
         self.save_every = max(1, save_every)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -190,7 +201,7 @@ class Checkpointer:
 
 # --- read-only access (export, digests, init_from) -------------------------------------------------------
 def _read_manager(workdir: str | Path) -> ocp.CheckpointManager:
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = run_dir(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
     return ocp.CheckpointManager(
@@ -243,7 +254,7 @@ def params_digest(state) -> str:
 def list_steps(workdir: str | Path) -> list[tuple[str, str]]:
     """``[(name, status)]`` for everything under ``checkpoints/``: good, incomplete (an unfinished temporary
     directory or a step missing its items) or damaged (present but unreadable)."""
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = run_dir(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
     rows = []

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from atst_jax import distributed, optim
 from atst_jax import sharding as shd
-from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_metadata, to_pure
+from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_dir, run_metadata, to_pure
 from atst_jax.data import pipeline, records
 from atst_jax.data.pipeline import crop_frames
 from atst_jax.flops import CHIPS, atst_frame_step_flops, chip_from_device
@@ -360,14 +360,30 @@ def ema_update(teacher, student_params, momentum, covers):
 # Loop
 # ======================================================================================================
 class MetricsWriter:
-    """``metrics.jsonl`` and TensorBoard scalars, written by process 0 only."""
+    """``metrics.jsonl`` and TensorBoard scalars, written by process 0 only.
 
-    def __init__(self, workdir: Path):
+    Object stores (a ``gs://`` workdir) cannot append, so for a remote workdir the JSONL lines go to a local
+    copy (started from the remote file when resuming) that ``sync`` uploads whole at every checkpoint and at
+    the end. TensorBoard writes ``gs://`` itself (with ``google-cloud-storage`` installed).
+    """
+
+    def __init__(self, workdir):
         self.enabled = jax.process_index() == 0
         self.jsonl = None
         self.tb = None
+        self.remote = workdir / "metrics.jsonl" if "://" in str(workdir) else None
         if self.enabled:
-            self.jsonl = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+            local = workdir / "metrics.jsonl"
+            if self.remote is not None:
+                import hashlib
+                import tempfile
+
+                tag = hashlib.sha1(str(workdir).encode()).hexdigest()[:16]
+                local = Path(tempfile.gettempdir()) / "atst_jax_metrics" / tag / "metrics.jsonl"
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text(self.remote.read_text() if self.remote.exists() else "")
+            self.local = local
+            self.jsonl = open(local, "a")  # noqa: SIM115 - closed in close()
             try:
                 from tensorboardX import SummaryWriter
 
@@ -384,8 +400,15 @@ class MetricsWriter:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
 
+    def sync(self):
+        """Uploads the JSONL for a remote workdir (no-op for a local one)."""
+        if self.enabled and self.remote is not None:
+            self.jsonl.flush()
+            self.remote.write_text(self.local.read_text())
+
     def close(self):
         if self.jsonl:
+            self.sync()
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
@@ -428,6 +451,12 @@ class _StopSignal:
     def __enter__(self):
         import signal
 
+        if jax.process_count() > 1:
+            # Several processes must stop at the same step, or the ones still stepping hang in a collective.
+            # JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM itself and
+            # agrees on a common step, which the loop reads through ``ckpt.reached_preemption``; a Python
+            # handler here would replace it.
+            return self
         for sig in (signal.SIGTERM,):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -509,7 +538,7 @@ def _lookup(tree, path):
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) pretraining; returns ``{"step", "loss", "workdir", "preempted"}`` of the last step."""
-    workdir = Path(workdir).absolute()
+    workdir = run_dir(workdir)  # a local path, or gs://… for pods writing straight to a bucket
     workdir.mkdir(parents=True, exist_ok=True)
     t = config.train
     if t.nonfinite not in ("halt", "skip"):
@@ -596,6 +625,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if stopping or ckpt.should_save(step) or step == t.steps:
                     check_finite(step, metrics)  # never write a checkpoint of a non-finite step
                     ckpt.save(step, state, data_iter, config, meta, force=True)
+                    writer.sync()
                 if stopping:
                     preempted = True
                     break

@@ -2,7 +2,10 @@
 ``launch/local_multiprocess.sh``) train exactly like 1 process × 8 devices."""
 
 import json
+import signal
 import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -47,18 +50,26 @@ def single_process(tmp_path_factory, embedded_cache):
     return workdir
 
 
-def test_two_processes_match_one_process(tmp_path, single_process):
-    workdir = tmp_path / "two_processes"
-    cache = tmp_path / "cache"  # fresh: process 0 builds the embedded data, process 1 waits at the barrier
+def _launcher_env():
     env = cli_env(1)
     env.pop("XLA_FLAGS")
     env["ATST_CPU_DEVICES"] = "4"
-    env["PYTHON"] = str(__import__("sys").executable)
+    env["PYTHON"] = sys.executable
+    return env
+
+
+def _launch_cmd(args):
+    return ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "2", *train_cmd(*args)[3:]]
+
+
+def test_two_processes_match_one_process(tmp_path, single_process):
+    workdir = tmp_path / "two_processes"
+    cache = tmp_path / "cache"  # fresh: process 0 builds the embedded data, process 1 waits at the barrier
     out = subprocess.run(
-        ["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "2", *train_cmd(*_args(workdir, cache))[3:]],
+        _launch_cmd(_args(workdir, cache)),
         capture_output=True,
         text=True,
-        env=env,
+        env=_launcher_env(),
         cwd=ROOT,
         timeout=900,
     )
@@ -77,3 +88,42 @@ def test_two_processes_match_one_process(tmp_path, single_process):
     assert step_dir.is_dir()
     data_files = sorted(p.name for p in (step_dir / "data").iterdir())
     assert len([n for n in data_files if "process_" in n]) == 2, data_files
+
+
+def test_sigterm_stops_both_processes_at_one_step_and_they_resume(tmp_path, embedded_cache):
+    """SIGTERM to the launcher reaches both processes at slightly different times; JAX's preemption service
+    makes them agree on one step, both save it and exit 0. A second launch resumes from it (sharded arrays
+    and each process's Grain position) and finishes."""
+    workdir, steps = tmp_path / "preempted", 12
+    args = _args(workdir, embedded_cache)
+    args[args.index(f"--config.train.steps={STEPS}")] = f"--config.train.steps={steps}"
+    proc = subprocess.Popen(
+        _launch_cmd(args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_launcher_env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    lines, deadline = [], time.time() + 600
+    for line in proc.stdout:
+        lines.append(line)
+        if f"step      3/{steps}" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(lines[-20:])
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 0, "".join(lines[-30:])
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < steps, (saved, "".join(lines[-30:]))
+    assert any(f"saved step {saved[0]}" in line for line in lines)
+
+    out = subprocess.run(
+        _launch_cmd(args), capture_output=True, text=True, env=_launcher_env(), cwd=ROOT, timeout=600
+    )
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert f"resumed from {workdir / 'checkpoints' / str(saved[0])}" in out.stdout
+    assert f"final step {steps}" in out.stdout
+    logged = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == steps and logged[: saved[0]] == list(range(1, saved[0] + 1))
