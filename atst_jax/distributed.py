@@ -16,6 +16,8 @@ import os
 
 import jax
 
+from atst_jax.sharding import ConfigError
+
 
 def _wants_auto(env) -> bool:
     if env.get("ATST_DISTRIBUTED", "").lower() == "auto":
@@ -37,11 +39,11 @@ def initialize(env=None) -> str:
             num = int(env["ATST_NUM_PROCESSES"])
             pid = int(env["ATST_PROCESS_ID"])
         except (KeyError, ValueError) as e:
-            raise ValueError(
+            raise ConfigError(
                 "ATST_COORDINATOR is set, so ATST_NUM_PROCESSES and ATST_PROCESS_ID must be integers too"
             ) from e
         if not 0 <= pid < num:
-            raise ValueError(f"ATST_PROCESS_ID={pid} is not in [0, ATST_NUM_PROCESSES={num})")
+            raise ConfigError(f"ATST_PROCESS_ID={pid} is not in [0, ATST_NUM_PROCESSES={num})")
         # Only the CPU client reads this; harmless on GPU/TPU, required for cross-process CPU collectives.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)

@@ -297,7 +297,9 @@ EOF
 
 cmd_train() {
     local trainer script
-    printf -v trainer '%q ' .venv/bin/python -m atst_jax.train --config "$CONFIG" --workdir "$WORKDIR" \
+    # ATST_DISTRIBUTED=auto: every worker calls jax.distributed.initialize() with no arguments, which finds
+    # the other hosts of the slice through the TPU metadata (single-host slices work the same way).
+    printf -v trainer '%q ' env ATST_DISTRIBUTED=auto .venv/bin/python -m atst_jax.train --config "$CONFIG" --workdir "$WORKDIR" \
         ${train_args[@]+"${train_args[@]}"}
     # setsid + nohup: the trainer outlives the ssh session (no SIGHUP when it closes); the pid file is
     # written by the process that then becomes the trainer (exec), so `stop` signals the right one.

@@ -366,7 +366,7 @@ def test_tpu_train_dry_run_runs_the_trainer_under_nohup_on_all_workers():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("+ gcloud compute tpus tpu-vm ssh pod1 --zone z1 --worker=all --command")
     assert (
-        "nohup setsid bash -c 'echo $$ >train.pid; exec \"$@\"' trainer .venv/bin/python -m atst_jax.train "
+        "nohup setsid bash -c 'echo $$ >train.pid; exec \"$@\"' trainer env ATST_DISTRIBUTED=auto .venv/bin/python -m atst_jax.train "
         "--config configs/atst_frame.py:small --workdir gs://bkt/run --config.train.steps=5"
     ) in out.stdout
 

