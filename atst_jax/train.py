@@ -417,7 +417,7 @@ class MetricsWriter:
 def fetch(tree):
     """Host copies of replicated scalars. ``jax.device_get`` refuses arrays that span other processes'
     devices; a replicated value is whole on any local device, so read this process's first shard."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), tree)
 
 
 def _log(message: str) -> None:

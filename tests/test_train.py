@@ -144,9 +144,40 @@ def test_cli_runs_20_steps_and_writes_checkpoint(tmp_path, embedded_cache):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "20").is_dir()
-    assert (tmp_path / "metrics.jsonl").exists()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 10, 20]
+    # Performance scalars from the second logged window on (the first holds compilation); no MFU on a CPU.
+    for key in ("perf/step_time_s", "perf/tflops_per_device", "perf/data_wait_s", "perf/data_wait_frac"):
+        assert key in rows[1] and key in rows[2], key
+    assert 0 <= rows[2]["perf/data_wait_frac"] <= 1 and "perf/mfu" not in rows[2]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("done in") and "final step 20 loss" in last, last
+
+
+def test_progress_reports_mfu_against_the_chip_peak_and_data_wait():
+    from atst_jax.train import Progress
+
+    class Sink:
+        rows = []
+
+        def write(self, step, scalars):
+            self.rows.append(scalars)
+
+    flops = 2e12  # per device per step
+    progress = Progress(total=10, global_batch=4, start_step=0, flops_per_device=flops, peak_tflops=989.0)
+    metrics = {"loss": np.float32(1.0), "lr": np.float32(1e-4)}
+    sink = Sink()
+    progress.maybe_log(1, metrics, sink, log_every=2)  # first step: compilation, no rate
+    progress.data_wait = 0.25  # the loop adds the host's wait for each batch
+    progress.last_time -= 1.0  # pretend the next two steps took 1 s
+    progress.maybe_log(3, metrics, sink, log_every=1)
+    row = sink.rows[-1]
+    step_time = row["perf/step_time_s"]
+    assert 0.5 <= step_time < 0.6
+    np.testing.assert_allclose(row["perf/tflops_per_device"], flops / step_time / 1e12, rtol=1e-9)
+    np.testing.assert_allclose(row["perf/mfu"], row["perf/tflops_per_device"] / 989.0, rtol=1e-9)
+    np.testing.assert_allclose(row["perf/data_wait_s"], 0.125)
+    assert 0.2 < row["perf/data_wait_frac"] <= 0.25 and progress.data_wait == 0.0  # reset per window
 
 
 def test_metrics_for_a_remote_workdir_are_staged_locally_and_uploaded_whole(tmp_path, monkeypatch):
