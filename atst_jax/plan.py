@@ -140,7 +140,6 @@ def state_bytes(abstract_state, shardings):
 
 def compile_step(config):
     """Lowers and compiles the real train step for abstract, sharded inputs (nothing is allocated)."""
-    import jax
     import numpy as np
 
     from atst_jax import sharding as shd
@@ -148,18 +147,8 @@ def compile_step(config):
 
     mesh = shd.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        trainer.abstract_state,
-        trainer.state_shardings,
-    )
-    gb, frames = config.train.global_batch, crop_frames(config)
-    batch = {
-        "spec": jax.ShapeDtypeStruct(
-            (gb, config.model.n_mels, frames), np.float32, sharding=trainer.batch_shardings["spec"]
-        ),
-        "length": jax.ShapeDtypeStruct((gb,), np.int32, sharding=trainer.batch_shardings["length"]),
-    }
+    frames = crop_frames(config)
+    state, batch = trainer.abstract_step_inputs()
     t0 = time.perf_counter()
     lowered = trainer.jit_train_step().lower(state, batch)
     t1 = time.perf_counter()

@@ -337,6 +337,22 @@ class Trainer:
         with shd.activation_sharding(self.mesh, self.rules):  # active while jit traces the step
             return self.train_step(state, batch)
 
+    def abstract_step_inputs(self, global_batch: int | None = None):
+        """``(state, batch)`` as sharded ``ShapeDtypeStruct``s: what ``jit_train_step().lower`` needs to
+        compile the step ahead of time (the planner, cost and memory tests) without allocating anything."""
+        gb = global_batch or self.config.train.global_batch
+        state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
+        shapes = {"spec": (gb, self.enc_cfg.n_mels, crop_frames(self.config)), "length": (gb,)}
+        dtypes = {"spec": np.float32, "length": np.int32}
+        batch = {
+            k: jax.ShapeDtypeStruct(shapes[k], dtypes[k], sharding=s) for k, s in self.batch_shardings.items()
+        }
+        return state, batch
+
     def jit_train_step(self):
         return jax.jit(
             self._step_with_activation_sharding,

@@ -49,6 +49,19 @@ def _wait_for(paths, timeout=20.0):
         time.sleep(0.02)
 
 
+def _signal_when_ready(proc, ready, sig=signal.SIGTERM):
+    """Sends ``sig`` once every file in ``ready`` exists, then returns ``communicate()``'s (stdout, stderr);
+    the process is killed if it does not end by itself."""
+    try:
+        _wait_for(ready)
+        proc.send_signal(sig)
+        return proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def _alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie, e.g. an orphan that no init reaps in a container, is not)."""
     try:
@@ -188,14 +201,7 @@ def test_local_forwards_signals_as_sigterm(tmp_path, sig):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        _wait_for([tmp_path / "ready.0", tmp_path / "ready.1"])
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    stdout, stderr = _signal_when_ready(proc, [tmp_path / "ready.0", tmp_path / "ready.1"], sig)
     assert proc.returncode == 0, stderr
     assert (tmp_path / "term.0").exists() and (tmp_path / "term.1").exists()
     assert sorted(stdout.splitlines()) == ["[0] got-term", "[1] got-term"]
@@ -285,14 +291,8 @@ def test_slurm_sigterm_checkpoints_then_requeues(fake_slurm):
     proc = subprocess.Popen(
         ["bash", str(SLURM), "--config.train.global_batch=64"], env=env, stderr=subprocess.PIPE, text=True
     )
-    try:
-        _wait_for([tmp_path / "started"])
-        proc.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 delivers to the batch shell
-        _, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    # SIGTERM: what --signal=B:TERM@120 delivers to the batch shell.
+    _, stderr = _signal_when_ready(proc, [tmp_path / "started"])
     assert proc.returncode == 0, stderr
     trainer = (
         f"{tmp_path}/venv/bin/python -m atst_jax.train --config configs/atst_frame.py:small "
@@ -325,14 +325,7 @@ def test_slurm_stops_requeueing_after_max_requeues(fake_slurm):
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        _wait_for([tmp_path / "started"])
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    _, stderr = _signal_when_ready(proc, [tmp_path / "started"])
     assert proc.returncode == 0, stderr
     assert "not requeueing" in stderr
     assert not any(c.startswith("scontrol") for c in _calls(tmp_path))

@@ -80,23 +80,12 @@ def test_bfloat16_compute_tracks_float32_with_float32_params():
 
 def test_analytic_flops_agree_with_xla_cost_analysis():
     from atst_jax.flops import atst_frame_step_flops
-    from atst_jax.train import crop_frames
 
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 4
     config.model.scan_layers = False  # XLA's cost analysis counts a scanned body only once
     trainer = Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
-    frames = crop_frames(config)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        trainer.abstract_state,
-        trainer.state_shardings,
-    )
-    batch = {
-        "spec": jax.ShapeDtypeStruct((4, 64, frames), np.float32, sharding=trainer.batch_shardings["spec"]),
-        "length": jax.ShapeDtypeStruct((4,), np.int32, sharding=trainer.batch_shardings["length"]),
-    }
-    cost = trainer.jit_train_step().lower(state, batch).compile().cost_analysis()
+    cost = trainer.jit_train_step().lower(*trainer.abstract_step_inputs()).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     analytic = atst_frame_step_flops(config)
     assert abs(cost["flops"] / analytic - 1) < 0.10, (cost["flops"], analytic)
@@ -212,17 +201,8 @@ def _temp_bytes(**model):
     config.data.crop_seconds = 4.0
     config.model.update(model)
     trainer = Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
-    frames = __import__("atst_jax.data.pipeline", fromlist=["crop_frames"]).crop_frames(config)
-    state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        trainer.abstract_state,
-        trainer.state_shardings,
-    )
-    batch = {
-        "spec": jax.ShapeDtypeStruct((8, 64, frames), np.float32, sharding=trainer.batch_shardings["spec"]),
-        "length": jax.ShapeDtypeStruct((8,), np.int32, sharding=trainer.batch_shardings["length"]),
-    }
-    return trainer.jit_train_step().lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    compiled = trainer.jit_train_step().lower(*trainer.abstract_step_inputs()).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_remat_reduces_step_temporaries():
