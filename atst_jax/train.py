@@ -337,10 +337,10 @@ class Trainer:
         with shd.activation_sharding(self.mesh, self.rules):  # active while jit traces the step
             return self.train_step(state, batch)
 
-    def abstract_step_inputs(self, global_batch: int | None = None):
+    def abstract_step_inputs(self):
         """``(state, batch)`` as sharded ``ShapeDtypeStruct``s: what ``jit_train_step().lower`` needs to
         compile the step ahead of time (the planner, cost and memory tests) without allocating anything."""
-        gb = global_batch or self.config.train.global_batch
+        gb = self.config.train.global_batch
         state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract_state,
