@@ -1,6 +1,7 @@
 """Benchmarks.
 
-    python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5]
+    python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5] [--chip h100]
+        [--set model.dtype=bfloat16 ...]
     python -m atst_jax.bench data [...]      (input pipeline and preparation throughput)
 
 ``step`` times the full jitted train step (both views through teacher and student, heads, optimizer, EMA)
@@ -58,6 +59,11 @@ def bench_step(args) -> dict:
         jax.block_until_ready(metrics["loss"])
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
+    from atst_jax.flops import CHIPS, chip_from_device
+
+    tflops = trainer.step_flops / jax.device_count() / med / 1e12  # analytic, per device
+    chip = args.chip or chip_from_device(jax.devices()[0])
+    mfu = tflops / CHIPS[chip]["peak_tflops"] if chip else None
     result = {
         "config": args.config,
         "batch": args.batch,
@@ -69,11 +75,16 @@ def bench_step(args) -> dict:
         "step_s_min": min(times),
         "step_s_max": max(times),
         "clips_per_s": args.batch / med,
+        "tflops_per_device": tflops,
+        "chip": chip,
+        "mfu": mfu,
     }
     print(
         f"{args.config} batch {args.batch} x {frames} frames on {result['devices']} {result['backend']} device(s): "
         f"{med:.3f} s/step (min {min(times):.3f}, max {max(times):.3f}, {args.steps} steps), "
-        f"{result['clips_per_s']:.2f} clips/s, compile {compile_s:.1f} s"
+        f"{result['clips_per_s']:.2f} clips/s, {tflops:.2f} TFLOP/s per device"
+        + (f", MFU {mfu:.1%} of {chip}'s bf16 peak" if chip else "")
+        + f", compile {compile_s:.1f} s"
     )
     return result
 
@@ -86,6 +97,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--chip", default="", help="peak for the MFU: v4 v5e v5p v6e h100 h200 (default: detect)")
     p.add_argument("--set", action="append", help="config override KEY=VALUE (e.g. model.scan_layers=false)")
     sub.add_parser(
         "data",
