@@ -367,17 +367,6 @@ def no_fit_message(r: dict, config) -> str:
 # ======================================================================================================
 # Main
 # ======================================================================================================
-def _config_spec(argv: list[str]) -> str | None:
-    """The value of --config (its last occurrence), read before the flag exists."""
-    spec = None
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            spec = argv[i + 1]
-        elif arg.startswith(("--config=", "-config=")):
-            spec = arg.split("=", 1)[1]
-    return spec
-
-
 def _fail(message: str, code: int = EXIT_CONFIG):
     print(message if message.startswith("error:") else f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -404,7 +393,7 @@ def main() -> int:
     from atst_jax.sharding import ConfigError
 
     try:
-        spec = _config_spec(argv)
+        spec = train.config_spec_from_argv(argv)
         if spec is None:
             raise PlanError("--config is required, e.g. --config configs/atst_frame.py:base")
         if not os.path.isfile(spec.partition(":")[0]):

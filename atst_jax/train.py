@@ -384,7 +384,7 @@ class MetricsWriter:
     """
 
     def __init__(self, workdir):
-        self.enabled = jax.process_index() == 0
+        self.enabled = distributed.is_main()
         self.jsonl = None
         self.tb = None
         self.remote = workdir / "metrics.jsonl" if "://" in str(workdir) else None
@@ -735,19 +735,24 @@ def main(argv):
         sys.exit(3)
 
 
+def config_spec_from_argv(argv: list[str]) -> str | None:
+    """The value of ``--config`` (its last occurrence; absl also takes one dash), read before flags are parsed."""
+    spec = None
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith(("--config=", "-config=")):
+            spec = arg.split("=", 1)[1]
+    return spec
+
+
 def check_overrides(argv: list[str]) -> None:
     """Rejects ``--config.a.b=...`` for fields the config does not have, with one line (config_flags would
     raise a multi-screen traceback from inside flag parsing)."""
     import difflib
 
-    config_spec, overrides = None, []
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            config_spec = argv[i + 1]
-        elif arg.startswith("--config="):
-            config_spec = arg.split("=", 1)[1]
-        elif arg.startswith("--config."):
-            overrides.append(arg[len("--config.") :].split("=", 1)[0])
+    config_spec = config_spec_from_argv(argv)
+    overrides = [a[len("--config.") :].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if config_spec is None or not overrides:
         return
     config = load_config(config_spec)

@@ -237,32 +237,23 @@ def test_digest_and_list_cli(tmp_path):
     ck.save(3, state, force=True)
     ck.close()
     (tmp_path / "checkpoints" / "7.orbax-checkpoint-tmp-123").mkdir()
-    env = cli_env()
-    out = subprocess.run(
-        [sys.executable, "-m", "atst_jax.checkpoint", "list", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=True,
-    ).stdout.splitlines()
-    assert out == ["3\tgood", "7.orbax-checkpoint-tmp-123\tincomplete"]
-    dig = subprocess.run(
-        [sys.executable, "-m", "atst_jax.checkpoint", "digest", "--workdir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=True,
-    ).stdout.strip()
-    assert dig == f"step 3 sha256 {params_digest(to_pure(state))}"
-    bad = subprocess.run(
-        [sys.executable, "-m", "atst_jax.checkpoint", "digest", "--workdir", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "atst_jax.checkpoint", *args],
+            capture_output=True,
+            text=True,
+            env=cli_env(),
+            cwd=ROOT,
+        )
+
+    out = cli("list", "--workdir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["3\tgood", "7.orbax-checkpoint-tmp-123\tincomplete"]
+    dig = cli("digest", "--workdir", str(tmp_path))
+    assert dig.returncode == 0, dig.stderr
+    assert dig.stdout.strip() == f"step 3 sha256 {params_digest(to_pure(state))}"
+    bad = cli("digest", "--workdir", str(tmp_path / "nope"))
     assert bad.returncode == 2 and bad.stderr.startswith("error:")
 
 
