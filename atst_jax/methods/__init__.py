@@ -1,16 +1,33 @@
-"""Pretraining methods. Each module provides ``method_config(config)``, ``init(rng, encoder_config,
-method_config) -> (student, teacher, extra_state)``, ``loss(student, teacher, batch, key, method_config)
--> (scalar, metrics)`` and ``EMA_COVERS`` (the student sub-modules the teacher tracks). A method never imports
-another method."""
+"""Pretraining methods: one file per method over the shared models, each a ``Method`` subclass (the contract
+is in ``atst_jax/methods/base.py``). Code outside this package reaches a method only through ``build`` /
+``get_class`` and the contract; a method never imports another method."""
+
+from __future__ import annotations
 
 import importlib
 
+from atst_jax.methods.base import Crop, Method  # noqa: F401 (the contract's public names)
+from atst_jax.sharding import ConfigError
+
 _METHODS = {
-    "atst_frame": "atst_jax.methods.atst_frame",
+    "atst_frame": "atst_jax.methods.atst_frame:AtstFrame",
+    "atst_clip": "atst_jax.methods.atst_clip:AtstClip",
 }
 
 
-def get_method(name: str):
+def names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_class(name: str) -> type[Method]:
     if name not in _METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(_METHODS)}")
-    return importlib.import_module(_METHODS[name])
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(names())}")
+    module, _, cls = _METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build(config) -> Method:
+    """The method of a run config (``config.method``), built from its section and checked."""
+    method = get_class(config.method)(config)
+    method.check()
+    return method

@@ -44,6 +44,13 @@ class EncoderConfig:
     scan_layers: bool = True
     remat: str = "none"  # none | full | save_dots
 
+    @classmethod
+    def from_config(cls, model_config) -> EncoderConfig:
+        """The encoder fields of a run config's ``model`` section (a ConfigDict or a plain dict, e.g. the
+        JSON config saved in a checkpoint); other keys of that section are ignored."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(model_config).items() if k in fields})
+
     @property
     def head_dim(self) -> int:
         return self.width // self.heads

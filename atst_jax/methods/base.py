@@ -1,0 +1,132 @@
+"""The method contract: everything the trainer, data pipeline, FLOPs counter, planner, bench, checkpoint and
+export know about a pretraining method (DESIGN.md, "Core contracts").
+
+A method is a subclass of :class:`Method` in one file of ``atst_jax/methods/``, registered by name in
+``atst_jax/methods/__init__.py``. It is built from the run config (``build(config)``) and provides:
+
+- ``Config``: a frozen dataclass, the **single source** of the method's defaults. The config file's section
+  ``config.<name>`` may override any field; an unknown key is a one-line ``ConfigError``.
+- ``inputs()``: the crops it needs per clip, as :class:`Crop` (name, frames, feature set). The pipeline
+  produces one ``float32 [B, n_mels, frames]`` array per crop under ``crop.name`` and the valid frames
+  ``int32 [B]`` under ``crop.length_key``; the trainer derives batch shardings, abstract inputs (planner),
+  bench inputs and data checks from this list alone.
+- ``init(rng) -> (student, teacher, method_state)``: NNX modules (parameters ``nnx.Param``, buffers
+  ``nnx.BatchStat``) and a pytree of arrays that persists across steps (e.g. DINO centres). Method state is
+  part of the train state everywhere: sharded (leaves that are ``nnx.Variable`` with ``axes`` metadata follow
+  the sharding rules, plain arrays are replicated), checkpointed, resumed, carried through gradient
+  accumulation, and left untouched by a non-finite step.
+- ``loss(student, teacher, method_state, batch, key, step) -> (loss, metrics, new_method_state)``.
+- ``ema_covers`` (the student sub-modules whose parameters the teacher tracks, same names on both sides) and
+  ``ema_momentum(step)`` (cosine from ``optim.ema`` to 1 over the run by default).
+- Optimizer knobs beyond the shared AdamW come from ``config.optim`` (``grad_clip`` none / global_norm /
+  per_param with ``clip_norm``, betas, ``wd_schedule``); a method's config file states the ones that differ.
+- ``step_flops(global_batch)``: analytic matmul FLOPs of one train step from the shared encoder/head helpers
+  in ``atst_jax.flops`` (so ``perf/mfu`` and the planner work for every method); ``monitors``: the metric
+  names of its collapse monitors, shown on the progress line; ``check()``: method-level one-line errors.
+- ``lightning_hparams(config_dict)``: the ``hyper_parameters`` of the official PyTorch Lightning module, for
+  the ``lightning`` export (``None``: the method has no official Lightning layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from atst_jax import optim
+from atst_jax.features import DEFAULT_FEATURES
+from atst_jax.models.encoder import EncoderConfig
+from atst_jax.sharding import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+    """One crop per clip that a method consumes: ``batch[name]`` is ``[B, n_mels, frames]`` and
+    ``batch[length_key]`` its valid frames (shorter clips are padded)."""
+
+    name: str
+    frames: int
+    features: str = DEFAULT_FEATURES
+
+    @property
+    def length_key(self) -> str:
+        return f"{self.name}_length"
+
+
+def crop_frames(seconds: float, sample_rate: int, hop_length: int) -> int:
+    """Frames of a crop of ``seconds``: ``samples // hop + 1`` (10 s → 1001), as the official transforms."""
+    return int(round(seconds * sample_rate)) // hop_length + 1
+
+
+def dataclass_from_section(cls, section, where: str):
+    """``cls(**section)`` with one-line errors for unknown keys; lists become tuples (ConfigDicts and the JSON
+    saved in checkpoints store tuples as lists)."""
+    section = dict(section or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
+    return cls(**kwargs)
+
+
+def dataclass_defaults(cls) -> dict[str, Any]:
+    """The defaults of a config dataclass as a plain dict (what a config file starts its section from)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+class Method:
+    """Base class of every pretraining method; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    ema_covers: ClassVar[tuple[str, ...]] = ()
+    monitors: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config):
+        self.config = config
+        self.cfg = dataclass_from_section(self.Config, config.get(self.name), f"config.{self.name}")
+        self.enc_cfg = EncoderConfig.from_config(config.model)
+
+    # --- data -----------------------------------------------------------------------------------------
+    def inputs(self) -> tuple[Crop, ...]:
+        raise NotImplementedError
+
+    def input_shapes(self, global_batch: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{batch key: (shape, dtype)}`` of one global batch, derived from ``inputs()``."""
+        out = {}
+        for crop in self.inputs():
+            out[crop.name] = ((global_batch, self.enc_cfg.n_mels, crop.frames), jnp.float32)
+            out[crop.length_key] = ((global_batch,), jnp.int32)
+        return out
+
+    # --- model and loss -------------------------------------------------------------------------------
+    def init(self, rng):
+        raise NotImplementedError
+
+    def loss(self, student, teacher, method_state, batch, key, step):
+        raise NotImplementedError
+
+    # --- teacher and optimizer ------------------------------------------------------------------------
+    def ema_momentum(self, step):
+        """Teacher momentum at ``step``: cosine from ``optim.ema`` to 1.0 over ``train.steps``."""
+        return optim.ema_momentum(step, self.config.optim.ema, self.config.train.steps)
+
+    # --- cost, monitors, checks -----------------------------------------------------------------------
+    def step_flops(self, global_batch: int) -> float:
+        return 0.0
+
+    def check(self) -> None:
+        """Method-level config errors (``ConfigError``, one line), before anything is compiled."""
+
+    def lightning_hparams(self, config: Mapping) -> dict | None:
+        del config
+        return None
