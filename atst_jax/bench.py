@@ -4,8 +4,9 @@
         [--set model.dtype=bfloat16 ...]
     python -m atst_jax.bench data [...]      (input pipeline and preparation throughput)
 
-``step`` times the full jitted train step (both views through teacher and student, heads, optimizer, EMA)
-on random 10 s log-mels, after compilation and warm-up, and prints seconds per step and clips per second.
+``step`` times the full jitted train step of the config's method (teacher and student over all its views,
+heads, optimizer, EMA) on random log-mels of the method's crop lengths, after compilation and warm-up, and
+prints seconds per step and clips per second.
 Nothing is read from disk, so the figure is the compute cost alone.
 """
 
@@ -17,12 +18,11 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 
 def bench_step(args) -> dict:
     from atst_jax import sharding as shd
-    from atst_jax.train import Trainer, check_config, crop_frames, load_config
+    from atst_jax.train import Trainer, check_config, load_config
 
     config = load_config(args.config)
     config.train.global_batch = args.batch
@@ -39,12 +39,9 @@ def bench_step(args) -> dict:
     trainer = Trainer(config, mesh)
     state = trainer.init(config.seed)
     step_fn = trainer.jit_train_step()
-    frames = crop_frames(config)
-    rng = np.random.default_rng(0)
-    host = {
-        "spec": rng.uniform(-1, 1, (args.batch, config.model.n_mels, frames)).astype(np.float32),
-        "length": np.full((args.batch,), frames, np.int32),
-    }
+    # The method's own inputs (crop names and lengths), random log-mels, full lengths.
+    host = trainer.synthetic_batch(0)
+    frames = {c.name: c.frames for c in trainer.method.inputs()}
     batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
@@ -67,6 +64,7 @@ def bench_step(args) -> dict:
     result = {
         "config": args.config,
         "batch": args.batch,
+        "method": config.method,
         "frames": frames,
         "devices": jax.device_count(),
         "backend": jax.default_backend(),

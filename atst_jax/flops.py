@@ -1,12 +1,12 @@
-"""Analytic FLOPs of one ATST-Frame train step (matmuls only; 1 multiply-add = 2 FLOPs).
+"""Analytic FLOPs (matmuls only; 1 multiply-add = 2 FLOPs): shared helpers every method builds its
+``step_flops`` from, and the chips' peaks for MFU.
 
-Counted per step for a global batch B (2B sequences: both views go through both networks):
-
-- encoder forward per sequence: patch embedding ``2·N·P·D`` and per block ``2·N·3D²`` (qkv) + ``4·N²·D``
-  (logits and attention-weighted values) + ``2·N·D²`` (output projection) + ``4·N·D·F`` (MLP);
-- masked-token gather (a one-hot matmul) ``2·K·N·D`` and the heads on the K gathered tokens;
-- teacher: forward only; student: forward + backward ≈ 3 × forward;
-- the frequency warp of view 2: ``2·F_mel²·T`` per clip.
+- encoder forward per sequence of N tokens (+1 with a CLS token): patch embedding ``2·N·P·D`` and per block
+  ``2·N·3D²`` (qkv) + ``4·N²·D`` (logits and attention-weighted values) + ``2·N·D²`` (output projection) +
+  ``4·N·D·F`` (MLP);
+- the masked-token gather (a one-hot matmul) ``2·K·N·D``; a BN-MLP head on R rows
+  ``2·R·(d_in·hidden + hidden·d_out)``; the frequency warp ``2·F_mel²·T`` per clip and warped axis;
+- a network that is trained costs forward + backward ≈ ``TRAIN_FACTOR`` = 3 × forward; a teacher forward only.
 
 Elementwise work (norms, softmax, GELU, optimizer) is left out; it is a few percent. XLA's own
 ``cost_analysis()`` agrees within a few percent for unrolled layers, but counts a ``lax.scan`` body once,
@@ -15,31 +15,46 @@ not once per layer, so it cannot be used directly on the scanned model.
 
 from __future__ import annotations
 
-from atst_jax.data import views
-from atst_jax.data.pipeline import crop_frames
+TRAIN_FACTOR = 3  # forward + backward (two matmuls per forward matmul) of a trained network
 
 
-def atst_frame_step_flops(config, global_batch: int | None = None, frames: int | None = None) -> float:
-    m, a = config.model, config.atst_frame
-    b = global_batch or config.train.global_batch
-    t = frames or crop_frames(config)
-    s = 2 * b
-    n = t // m.patch_w
-    d, depth = m.width, m.depth
-    f = int(d * m.mlp_ratio)
-    p = m.n_mels * m.patch_w
-    hid, out = a.proj_hidden, a.proj_dim
-    k = views.mask_capacity(n, a.mask_ratio, a.mask_span, a.min_spans)
-    encoder = s * (
-        2 * n * p * d + depth * (2 * n * 3 * d * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * f)
-    )
-    gather = s * 2 * k * n * d
-    projector = s * 2 * k * (d * hid + hid * out)
-    predictor = s * 2 * k * (out * hid + hid * out)
-    warp = b * 2 * m.n_mels * m.n_mels * t if a.aug_view2 else 0
-    teacher = encoder + gather + projector
-    student = 3 * (encoder + gather + projector + predictor)
-    return float(teacher + student + warp)
+def patch_dim(enc) -> int:
+    """Input values per token of the encoder's patch stem."""
+    if getattr(enc, "stem", "frame") == "patch2d":
+        pt, pf = enc.patch_size
+        return pt * pf
+    return enc.n_mels * enc.patch_w
+
+
+def encoder_forward(enc, n_tokens: int, sequences: int, *, n_embed: int | None = None) -> float:
+    """Forward FLOPs of ``sequences`` sequences through the encoder ``enc`` (an ``EncoderConfig``).
+
+    ``n_tokens``: the patch tokens the stem embeds per sequence; ``n_embed`` (default ``n_tokens``): how many
+    of them go through the blocks (fewer for methods that drop masked tokens); a CLS token adds one."""
+    d, f = enc.width, int(enc.width * enc.mlp_ratio)
+    n = (n_tokens if n_embed is None else n_embed) + (1 if enc.use_cls else 0)
+    block = 2 * n * 3 * d * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * f
+    return float(sequences * (2 * n_tokens * patch_dim(enc) * d + enc.depth * block))
+
+
+def token_gather(sequences: int, k: int, n: int, d: int) -> float:
+    """The one-hot matmul that gathers ``k`` of ``n`` tokens of width ``d`` per sequence."""
+    return float(sequences * 2 * k * n * d)
+
+
+def bnmlp_forward(rows: int, d_in: int, hidden: int, d_out: int) -> float:
+    """``Linear(d_in→hidden) → BN → ReLU → Linear(hidden→d_out)`` on ``rows`` rows."""
+    return float(2 * rows * (d_in * hidden + hidden * d_out))
+
+
+def freq_warp(clips: int, n_mels: int, frames: int) -> float:
+    """The frequency crop-and-resize as a ``[F, F]`` matrix per clip."""
+    return float(clips * 2 * n_mels * n_mels * frames)
+
+
+def resize_2d(clips: int, n_mels: int, frames: int, canvas_frames: int) -> float:
+    """RandomResizeCrop on both axes: ``[F, F]`` rows then ``[T_canvas, T]`` columns per clip."""
+    return float(clips * 2 * (n_mels * n_mels * frames + n_mels * canvas_frames * frames))
 
 
 # Peak dense bf16 throughput (TFLOP/s) and HBM per chip, as the vendors state them. The planner and the

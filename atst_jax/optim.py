@@ -66,10 +66,38 @@ class HFAdamWState(NamedTuple):
     nu: optax.Updates
 
 
-def hf_adamw(lr_fn, wd_fn, *, b1=0.9, b2=0.999, eps=1e-6, mask=None) -> optax.GradientTransformation:
+GRAD_CLIPS = ("none", "global_norm", "per_param")
+
+
+def clip_gradients(grads, mode: str, max_norm: float):
+    """Gradient clipping as the official PyTorch recipes do it, before the optimizer:
+
+    - ``global_norm``: ``torch.nn.utils.clip_grad_norm_`` — all gradients scaled by
+      ``min(1, max_norm / (‖g‖ + 1e-6))`` over the whole tree;
+    - ``per_param``: DINO/ASiT ``clip_gradients`` — each parameter's gradient scaled by
+      ``min(1, max_norm / (‖g_p‖ + 1e-6))`` on its own;
+    - ``none``: unchanged.
+    """
+    if mode == "none":
+        return grads
+    if mode == "global_norm":
+        scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    if mode == "per_param":
+        return jax.tree.map(
+            lambda g: g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g.reshape(-1)) + 1e-6)).astype(g.dtype),
+            grads,
+        )
+    raise ValueError(f"grad_clip must be one of {GRAD_CLIPS}, got {mode!r}")
+
+
+def hf_adamw(
+    lr_fn, wd_fn, *, b1=0.9, b2=0.999, eps=1e-6, mask=None, grad_clip="none", clip_norm=0.0
+) -> optax.GradientTransformation:
     """AdamW as ``transformers.AdamW(correct_bias=True)``; ``lr_fn``/``wd_fn`` map the step index to a value.
 
-    ``mask`` is a pytree of bools (same structure as params) selecting the weight-decayed group.
+    ``mask`` is a pytree of bools (same structure as params) selecting the weight-decayed group; gradients are
+    clipped first (``clip_gradients``) when ``grad_clip`` is not ``none``.
     """
 
     def init(params):
@@ -79,6 +107,7 @@ def hf_adamw(lr_fn, wd_fn, *, b1=0.9, b2=0.999, eps=1e-6, mask=None) -> optax.Gr
     def update(grads, state, params):
         if params is None:
             raise ValueError("hf_adamw needs params (decoupled weight decay)")
+        grads = clip_gradients(grads, grad_clip, clip_norm)
         t = state.count + 1
         lr, wd = lr_fn(state.count), wd_fn(state.count)
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)
@@ -101,3 +130,48 @@ def hf_adamw(lr_fn, wd_fn, *, b1=0.9, b2=0.999, eps=1e-6, mask=None) -> optax.Gr
 def ema_momentum(step, base: float, total: int):
     """Teacher momentum: cosine from ``base`` at step 0 to 1.0 at the end (``cosine_scheduler_step(ema, 1)``)."""
     return cosine(step, base, 1.0, total)
+
+
+WD_SCHEDULES = ("cosine", "constant")
+
+
+def weight_decay_schedule(optim_config, total: int):
+    """Step → weight decay: ``cosine`` from ``wd_start`` to ``wd_end`` (the ATST/DINO recipes) or ``constant``
+    at ``wd_start`` (EAT-style recipes)."""
+    o = optim_config
+    kind = o.get("wd_schedule", "cosine")
+    if kind == "constant":
+        return lambda s: jnp.full((), o.wd_start, jnp.float32) + 0.0 * jnp.asarray(s, jnp.float32)
+    return lambda s: cosine(s, o.wd_start, o.wd_end, total)
+
+
+def make_optimizer(optim_config, lr_fn, wd_fn, mask) -> optax.GradientTransformation:
+    """The shared AdamW with the run's knobs (betas, eps, clipping) from ``config.optim``."""
+    o = optim_config
+    return hf_adamw(
+        lr_fn,
+        wd_fn,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        mask=mask,
+        grad_clip=o.get("grad_clip", "none"),
+        clip_norm=float(o.get("clip_norm", 0.0)),
+    )
+
+
+def check_config(optim_config) -> None:
+    """One-line ``ConfigError``s for the optimizer knobs, before anything is compiled."""
+    from atst_jax.sharding import ConfigError
+
+    o = optim_config
+    clip = o.get("grad_clip", "none")
+    if clip not in GRAD_CLIPS:
+        raise ConfigError(f"optim.grad_clip={clip!r}: choose one of {', '.join(GRAD_CLIPS)}")
+    if clip != "none" and not float(o.get("clip_norm", 0.0)) > 0:
+        raise ConfigError(f"optim.grad_clip={clip} needs optim.clip_norm > 0")
+    wd = o.get("wd_schedule", "cosine")
+    if wd not in WD_SCHEDULES:
+        raise ConfigError(f"optim.wd_schedule={wd!r}: choose one of {', '.join(WD_SCHEDULES)}")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        raise ConfigError(f"optim.b1={o.b1}, optim.b2={o.b2}: betas must be in [0, 1)")

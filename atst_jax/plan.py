@@ -103,7 +103,7 @@ STATE_PARTS = {
     "params": ("params", "stats"),  # student parameters + BN running statistics
     "optimizer": ("opt",),  # AdamW mu, nu, count
     "teacher": ("teacher", "teacher_stats"),
-    "other": ("step", "rng"),
+    "other": ("step", "rng", "method"),  # the method's own state (e.g. DINO centres) counts here
 }
 
 
@@ -143,11 +143,11 @@ def compile_step(config):
     import numpy as np
 
     from atst_jax import sharding as shd
-    from atst_jax.train import Trainer, crop_frames
+    from atst_jax.train import Trainer
 
     mesh = shd.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
-    frames = crop_frames(config)
+    frames = {c.name: c.frames for c in trainer.method.inputs()}
     state, batch = trainer.abstract_step_inputs()
     t0 = time.perf_counter()
     lowered = trainer.jit_train_step().lower(state, batch)
@@ -249,7 +249,7 @@ def report(r: dict) -> str:
         "  memory is XLA:CPU's buffer assignment for the real train step: an estimate of what the TPU/GPU",
         "  compilers will allocate (the state rows are exact; temporaries depend on the compiler).",
         f"  global batch {r['global_batch']} ({r['clips_per_device']:g} clips per data-parallel shard), "
-        f"{r['frames']} frames per clip, {r['num_params']:,} trainable parameters, "
+        f"crops {', '.join(f'{k} {v}' for k, v in r['frames'].items())} frames per clip, {r['num_params']:,} trainable parameters, "
         f"model.dtype={r['model_dtype']}, model.remat={r['remat']}",
         f"  lowered in {r['lower_s']:.1f} s, compiled in {r['compile_s']:.1f} s",
         "",
@@ -259,7 +259,7 @@ def report(r: dict) -> str:
         ("parameters (student params + BN stats)", "params"),
         ("optimizer state (AdamW mu + nu + count)", "optimizer"),
         ("teacher (params + BN stats)", "teacher"),
-        ("other (step, rng)", "other"),
+        ("other (step, rng, method state)", "other"),
         ("state", "state"),
     ]
     for label, key in rows:

@@ -7,7 +7,6 @@ Read top to bottom: "Config checks" → "Set up mesh" → "Data" → "Build stat
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -23,14 +22,12 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from atst_jax import distributed, optim
+from atst_jax import distributed, features, methods, optim
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_dir, run_metadata, to_pure
 from atst_jax.data import pipeline, records
-from atst_jax.data.pipeline import crop_frames
-from atst_jax.flops import CHIPS, atst_frame_step_flops, chip_from_device
-from atst_jax.methods import get_method
-from atst_jax.models.encoder import EncoderConfig
+from atst_jax.flops import CHIPS, chip_from_device
+from atst_jax.models.encoder import FrameAST
 from atst_jax.sharding import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/atst_frame.py:tiny")
@@ -55,13 +52,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(variant) if variant else module.get_config()
 
 
-def encoder_config(config) -> EncoderConfig:
-    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-    return EncoderConfig(**{k: v for k, v in config.model.items() if k in fields})
-
-
-def check_config(config, num_devices: int, process_count: int = 1) -> None:
-    """Raises ``ConfigError`` (one line) for configs that cannot run."""
+def check_config(config, num_devices: int, process_count: int = 1) -> methods.Method:
+    """Raises ``ConfigError`` (one line) for configs that cannot run; returns the built method."""
     mesh_sizes = shd.mesh_shape(config.mesh, num_devices)
     rules = shd.rules_from_config(config.sharding_rules)
     sizes = dict(zip(shd.MESH_AXES, mesh_sizes, strict=True))
@@ -91,33 +83,54 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
         raise ConfigError(f"model.remat={m.remat!r}: choose none, full or save_dots")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: choose float32 or bfloat16")
-    frames = crop_frames(config)
-    tokens = frames // m.patch_w
-    if tokens + 1 > m.num_pos:
-        raise ConfigError(
-            f"data.crop_seconds={config.data.crop_seconds} gives {tokens} tokens, more than the "
-            f"{m.num_pos - 1} positional slots of the encoder (model.num_pos={m.num_pos})"
-        )
-    o = config.optim
+    optim.check_config(config.optim)
+    method = methods.build(config)
+    # The token rule belongs to the encoder's patch stem; an abstract encoder answers it without allocating.
+    encoder = nnx.eval_shape(lambda: FrameAST(method.enc_cfg, rngs=nnx.Rngs(0)))
+    for crop in method.inputs():
+        tokens = encoder.num_tokens(crop.frames)
+        if tokens + 1 > m.num_pos:
+            raise ConfigError(
+                f"the {crop.name!r} crop of {config.method} ({crop.frames} frames) gives {tokens} tokens, more "
+                f"than the {m.num_pos - 1} positional slots of the encoder (model.num_pos={m.num_pos})"
+            )
     if config.train.steps <= 0:
         raise ConfigError(f"train.steps={config.train.steps} must be positive")
-    if o.warmup_steps >= config.train.steps:
+    if config.optim.warmup_steps >= config.train.steps:
         # Not an error for short demo runs: the schedule then never leaves warm-up. Warn only.
-        logging.warning("optim.warmup_steps=%d >= train.steps=%d", o.warmup_steps, config.train.steps)
+        logging.warning(
+            "optim.warmup_steps=%d >= train.steps=%d", config.optim.warmup_steps, config.train.steps
+        )
+    return method
 
 
-def check_crop_against_data(config, files) -> None:
-    """A crop longer than every clip in the data would train on padding: refuse it."""
+def check_data(config, method: methods.Method, files) -> str:
+    """Refuses, before compiling, data the method cannot train on: another feature set than its crops want (or
+    than the encoder's mel bins), or crops longer than every clip (it would train on padding). Returns the
+    dataset's feature-set name."""
+    name = records.read_features(files)
+    fs = features.get(name)
+    for crop in method.inputs():
+        if crop.features != name:
+            raise ConfigError(
+                f"{config.method} wants {crop.features!r} features for its {crop.name!r} crop, but the data "
+                f"was prepared with {name!r} ({fs.description})"
+            )
+    if fs.n_mels != config.model.n_mels:
+        raise ConfigError(
+            f"model.n_mels={config.model.n_mels} but the data has {fs.n_mels} mel bins ({name})"
+        )
     source = pipeline.make_source(files)
     probe = min(len(source), 64)
     longest = max(int(records.decode_example(source[i])["length"]) for i in range(probe))
-    frames = crop_frames(config)
-    if frames > longest:
-        sec = (longest - 1) * config.data.hop_length / config.data.sample_rate
+    crop = max(method.inputs(), key=lambda c: c.frames)
+    if crop.frames > longest:
+        sec = (longest - 1) * fs.hop_length / fs.sample_rate
         raise ConfigError(
-            f"data.crop_seconds={config.data.crop_seconds} ({frames} frames) is longer than the clips in the "
+            f"the {crop.name!r} crop of {config.method} ({crop.frames} frames) is longer than the clips in the "
             f"data (longest of the first {probe}: {longest} frames ≈ {sec:.2f} s)"
         )
+    return name
 
 
 # ======================================================================================================
@@ -143,16 +156,22 @@ def data_files(config) -> list[str]:
     raise ConfigError(f"data.source={d.source!r}: choose embedded or records")
 
 
-def make_data_iterator(config, files):
+def make_data_iterator(config, method: methods.Method, files, feature_set: str):
     per_host = config.train.global_batch // jax.process_count()
-    ds = pipeline.make_dataset(
-        files,
-        seed=config.seed,
-        crop_frames=crop_frames(config),
-        per_host_batch=per_host,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    try:
+        ds = pipeline.make_dataset(
+            files,
+            seed=config.seed,
+            crops=[(c.name, c.frames) for c in method.inputs()],
+            per_host_batch=per_host,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            features=feature_set,
+            subset=int(config.data.subset),
+            subset_seed=int(config.data.subset_seed),
+        )
+    except ValueError as e:  # e.g. a subset larger than the data
+        raise ConfigError(f"data: {e}") from None
     return pipeline.make_iterator(ds, worker_count=config.data.worker_count)
 
 
@@ -160,45 +179,45 @@ def make_data_iterator(config, files):
 # Build state
 # ======================================================================================================
 class Trainer:
-    """Holds what the jitted functions close over: graph definitions, the optimizer, the method."""
+    """Holds what the jitted functions close over: graph definitions, the optimizer, the method.
+
+    The train state is a dict: ``step``, student ``params`` and BN ``stats``, ``teacher`` parameters and
+    ``teacher_stats``, ``opt`` (AdamW moments), the method's own ``method`` state (e.g. DINO centres; ``{}`` for
+    the ATST methods) and the ``rng`` key data."""
 
     def __init__(self, config, mesh):
         self.config = config
         self.mesh = mesh
         self.rules = shd.rules_from_config(config.sharding_rules)
-        self.method = get_method(config.method)
-        self.mcfg = self.method.method_config(config)
-        self.enc_cfg = encoder_config(config)
+        self.method = methods.build(config)
+        self.enc_cfg = self.method.enc_cfg
         o, t = config.optim, config.train
         self.peak_lr = optim.peak_lr(o.base_lr, t.global_batch)
         self.lr_fn = lambda s: optim.warmup_cosine(s, self.peak_lr, o.final_lr, o.warmup_steps, t.steps)
-        self.wd_fn = lambda s: optim.cosine(s, o.wd_start, o.wd_end, t.steps)
-        self.ema_fn = lambda s: optim.ema_momentum(s, o.ema, t.steps)
+        self.wd_fn = optim.weight_decay_schedule(o, t.steps)
+        self.ema_fn = self.method.ema_momentum
         self.inject_nan_at = int(t.get("inject_nan_at_step", -1))
         self.accum = int(t.get("grad_accum_steps", 1))
 
         # Abstract model: shapes and logical axes without allocating anything.
-        student, teacher, _ = nnx.eval_shape(
-            lambda: self.method.init(jax.random.key(0), self.enc_cfg, self.mcfg)
-        )
+        student, teacher, _ = nnx.eval_shape(lambda: self.method.init(jax.random.key(0)))
         self.student_def, abs_params, abs_stats = nnx.split(student, nnx.Param, nnx.BatchStat)
         self.teacher_def, abs_tparams, abs_tstats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
-        self.tx = optim.hf_adamw(
-            self.lr_fn, self.wd_fn, b1=o.b1, b2=o.b2, eps=o.eps, mask=optim.decay_mask(abs_params)
-        )
+        self.tx = optim.make_optimizer(o, self.lr_fn, self.wd_fn, optim.decay_mask(abs_params))
         self.abstract_state = jax.eval_shape(self._init_state, jax.random.key_data(jax.random.key(0)))
         self.state_shardings = self._shardings(abs_params, abs_stats, abs_tparams, abs_tstats)
+        gb = t.global_batch
+        self.input_shapes = self.method.input_shapes(gb)
         self.batch_shardings = {
-            "spec": shd.batch_sharding(mesh, self.rules, 3),
-            "length": shd.batch_sharding(mesh, self.rules, 1),
+            k: shd.batch_sharding(mesh, self.rules, len(shape)) for k, (shape, _) in self.input_shapes.items()
         }
         self.num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params))
-        self.step_flops = atst_frame_step_flops(config) if config.method == "atst_frame" else 0.0
+        self.step_flops = self.method.step_flops(gb)
         self.num_encoder_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abs_params["encoder"]))
 
     def _init_state(self, rng_data):
         rng = jax.random.wrap_key_data(rng_data)
-        student, teacher, _ = self.method.init(jax.random.fold_in(rng, 0), self.enc_cfg, self.mcfg)
+        student, teacher, method_state = self.method.init(jax.random.fold_in(rng, 0))
         _, params, stats = nnx.split(student, nnx.Param, nnx.BatchStat)
         _, tparams, tstats = nnx.split(teacher, nnx.Param, nnx.BatchStat)
         return {
@@ -208,6 +227,7 @@ class Trainer:
             "teacher": tparams,
             "teacher_stats": tstats,
             "opt": self.tx.init(params),
+            "method": method_state,
             "rng": jax.random.key_data(jax.random.fold_in(rng, 1)),
         }
 
@@ -223,6 +243,7 @@ class Trainer:
             "teacher": shd.state_shardings(tparams, mesh, rules),
             "teacher_stats": shd.state_shardings(tstats, mesh, rules),
             "opt": optim.HFAdamWState(rep, p, p),
+            "method": shd.state_shardings(self.abstract_state["method"], mesh, rules),
             "rng": rep,
         }
 
@@ -233,14 +254,14 @@ class Trainer:
     # ==================================================================================================
     # Update step
     # ==================================================================================================
-    def _loss_and_grads(self, params, stats, teacher, tstats, batch, key):
+    def _loss_and_grads(self, params, stats, teacher, tstats, method_state, batch, key, step):
         def loss_fn(params):
             student = nnx.merge(self.student_def, params, stats, copy=True)
             teacher_m = nnx.merge(self.teacher_def, teacher, tstats, copy=True)
-            loss, metrics = self.method.loss(student, teacher_m, batch, key, self.mcfg)
+            loss, metrics, new_mstate = self.method.loss(student, teacher_m, method_state, batch, key, step)
             new_stats = nnx.state(student, nnx.BatchStat)
             new_tstats = nnx.state(teacher_m, nnx.BatchStat)
-            return loss, (metrics, new_stats, new_tstats)
+            return loss, (metrics, new_stats, new_tstats, new_mstate)
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
@@ -249,9 +270,9 @@ class Trainer:
         one microbatch's activations are live. Microbatch j holds examples j, j+k, j+2k, … of the global batch:
         with the batch sharded on its leading axis that split is local to every device (no resharding).
 
-        Equal to the full-batch step for losses that are means over examples; for ATST-Frame the BatchNorm
-        statistics (and the masked-token normalisation) are per microbatch, as with gradient accumulation in
-        PyTorch, and the BN buffers are updated once per microbatch."""
+        Equal to the full-batch step for losses that are means over examples; for the ATST methods the
+        BatchNorm statistics (and the masked-token normalisation) are per microbatch, as with gradient
+        accumulation in PyTorch, and the BN buffers and the method state are updated once per microbatch."""
         k = self.accum
         spec = {name: s.spec for name, s in self.batch_shardings.items()}
 
@@ -261,17 +282,17 @@ class Trainer:
             return jax.lax.with_sharding_constraint(x, target)
 
         micro = {name: split(name, x) for name, x in batch.items()}
-        params = state["params"]
+        params, step = state["params"], state["step"]
 
         def body(carry, inputs):
-            stats, tstats, grad_sum, loss_sum, metric_sum = carry
+            stats, tstats, mstate, grad_sum, loss_sum, metric_sum = carry
             j, mb = inputs
-            (loss, (metrics, stats, tstats)), grads = self._loss_and_grads(
-                params, stats, state["teacher"], tstats, mb, jax.random.fold_in(key, j)
+            (loss, (metrics, stats, tstats, mstate)), grads = self._loss_and_grads(
+                params, stats, state["teacher"], tstats, mstate, mb, jax.random.fold_in(key, j), step
             )
             grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
             metric_sum = jax.tree.map(jnp.add, metric_sum, metrics)
-            return (stats, tstats, grad_sum, loss_sum + loss, metric_sum), None
+            return (stats, tstats, mstate, grad_sum, loss_sum + loss, metric_sum), None
 
         zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)
         first_metrics = jax.eval_shape(
@@ -280,45 +301,57 @@ class Trainer:
                 state["stats"],
                 state["teacher"],
                 state["teacher_stats"],
+                state["method"],
                 jax.tree.map(lambda x: x[0], micro),
                 key,
+                step,
             )[0][1][0]
         )
         carry = (
             state["stats"],
             state["teacher_stats"],
+            state["method"],
             zeros_like(params),
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first_metrics),
         )
-        (stats, tstats, grad_sum, loss_sum, metric_sum), _ = jax.lax.scan(body, carry, (jnp.arange(k), micro))
+        (stats, tstats, mstate, grad_sum, loss_sum, metric_sum), _ = jax.lax.scan(
+            body, carry, (jnp.arange(k), micro)
+        )
         mean = lambda x: x / k
         metrics = jax.tree.map(mean, metric_sum)
-        return mean(loss_sum), metrics, stats, tstats, jax.tree.map(mean, grad_sum)
+        return mean(loss_sum), metrics, stats, tstats, mstate, jax.tree.map(mean, grad_sum)
 
     def train_step(self, state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         if self.accum == 1:
-            (loss, (metrics, stats, tstats)), grads = self._loss_and_grads(
-                state["params"], state["stats"], state["teacher"], state["teacher_stats"], batch, key
+            (loss, (metrics, stats, tstats, mstate)), grads = self._loss_and_grads(
+                state["params"],
+                state["stats"],
+                state["teacher"],
+                state["teacher_stats"],
+                state["method"],
+                batch,
+                key,
+                step,
             )
         else:
-            loss, metrics, stats, tstats, grads = self._accumulate(state, batch, key)
+            loss, metrics, stats, tstats, mstate, grads = self._accumulate(state, batch, key)
         if self.inject_nan_at >= 0:  # fault injection for tests: a NaN loss (and gradients) at one step
             poison = jnp.where(step + 1 == self.inject_nan_at, jnp.nan, 1.0)  # 1-based, as logged
             loss = loss * poison
             grads = jax.tree.map(lambda g: g * poison, grads)
+        grad_norm = optax.tree.norm(grads)  # before any clipping: the monitor and the finiteness check
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         momentum = self.ema_fn(step)
-        teacher = ema_update(state["teacher"], params, momentum, self.method.EMA_COVERS)
-        grad_norm = optax.tree.norm(grads)
+        teacher = ema_update(state["teacher"], params, momentum, self.method.ema_covers)
         # Non-finite guard: a step whose loss or gradient is not finite leaves the state untouched (only the
-        # counter moves), so non-finite values never reach the parameters or a checkpoint. The host reads
-        # ``finite`` one step late and halts or counts skips (train.nonfinite).
+        # counter moves), so non-finite values never reach the parameters, the method state or a checkpoint.
+        # The host reads ``finite`` one step late and halts or counts skips (train.nonfinite).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = dict(params=params, stats=stats, teacher=teacher, teacher_stats=tstats, opt=opt)
+        new = dict(params=params, stats=stats, teacher=teacher, teacher_stats=tstats, opt=opt, method=mstate)
         old = {k: state[k] for k in new}
         kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         metrics = dict(metrics, loss=loss)
@@ -340,18 +373,27 @@ class Trainer:
     def abstract_step_inputs(self):
         """``(state, batch)`` as sharded ``ShapeDtypeStruct``s: what ``jit_train_step().lower`` needs to
         compile the step ahead of time (the planner, cost and memory tests) without allocating anything."""
-        gb = self.config.train.global_batch
         state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             self.abstract_state,
             self.state_shardings,
         )
-        shapes = {"spec": (gb, self.enc_cfg.n_mels, crop_frames(self.config)), "length": (gb,)}
-        dtypes = {"spec": np.float32, "length": np.int32}
         batch = {
-            k: jax.ShapeDtypeStruct(shapes[k], dtypes[k], sharding=s) for k, s in self.batch_shardings.items()
+            k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_shardings[k])
+            for k, (shape, dtype) in self.input_shapes.items()
         }
         return state, batch
+
+    def synthetic_batch(self, seed: int = 0):
+        """A host batch of the method's inputs: uniform random log-mels in [-1, 1), full lengths (bench)."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for k, (shape, dtype) in self.input_shapes.items():
+            if np.dtype(dtype) == np.int32:  # a crop's valid frames: the whole crop
+                out[k] = np.full(shape, self.input_shapes[k[: -len("_length")]][0][-1], np.int32)
+            else:
+                out[k] = rng.uniform(-1, 1, shape).astype(np.float32)
+        return out
 
     def jit_train_step(self):
         return jax.jit(
@@ -561,14 +603,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"train.nonfinite={t.nonfinite!r}: choose halt or skip")
 
     # ---------------------------------------------------------------------------------- Set up mesh
-    check_config(config, jax.device_count(), jax.process_count())
+    method = check_config(config, jax.device_count(), jax.process_count())
     mesh = shd.make_mesh(config.mesh)
     files = data_files(config)
-    check_crop_against_data(config, files)
+    feature_set = check_data(config, method, files)
 
     # ---------------------------------------------------------------------------------- Build state
     trainer = Trainer(config, mesh)
-    data_iter = make_data_iterator(config, files)
+    data_iter = make_data_iterator(config, trainer.method, files, feature_set)
     ckpt = Checkpointer(workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints, keep_period=t.keep_every)
     latest, state = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, data_iter)
     if state is not None:
@@ -596,7 +638,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------------------------- Loop
     chip = t.get("chip", "") or chip_from_device(jax.devices()[0])
     peak = CHIPS[chip]["peak_tflops"] if chip else 0.0
-    progress = Progress(t.steps, t.global_batch, step, trainer.step_flops / jax.device_count(), peak)
+    progress = Progress(
+        t.steps, t.global_batch, step, trainer.step_flops / jax.device_count(), peak, trainer.method.monitors
+    )
     pending = None  # (step, metrics): fetched one step late, so the host never waits on the device
     last = {"step": step, "loss": float("nan")}
     skipped = 0
@@ -673,8 +717,10 @@ class Progress:
         start_step: int,
         flops_per_device: float = 0.0,
         peak_tflops: float = 0.0,
+        monitors: tuple[str, ...] = (),
     ):
         self.total, self.global_batch, self.start_step = total, global_batch, start_step
+        self.monitors = monitors  # the method's collapse monitors, shown on the progress line
         self.flops_per_device = flops_per_device  # analytic, per step
         self.peak_tflops = peak_tflops  # of the chip (flops.CHIPS); 0 = unknown (CPU): no MFU
         self.t0 = time.perf_counter()
@@ -710,8 +756,9 @@ class Progress:
         writer.write(step, scalars)
         eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")
         _log(
-            f"step {step:>6}/{self.total} | loss {scalars['loss']:.4f} | std stu {scalars.get('std_frm_stu', 0):.4f} "
-            f"tea {scalars.get('std_frm_tea', 0):.4f} | lr {scalars['lr']:.2e} | {rate:7.1f} clips/s | "
+            f"step {step:>6}/{self.total} | loss {scalars['loss']:.4f} | "
+            + "".join(f"{name} {scalars[name]:.4f} | " for name in self.monitors if name in scalars)
+            + f"lr {scalars['lr']:.2e} | {rate:7.1f} clips/s | "
             f"ETA {_fmt_time(eta) if eta == eta else '--'} | elapsed {_fmt_time(self.elapsed())}",
         )
         return {"step": step, "loss": scalars["loss"]}

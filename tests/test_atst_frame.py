@@ -1,35 +1,45 @@
-"""ATST-Frame's inputs (views and masks), masked BatchNorm and the loss against direct NumPy computations."""
+"""ATST-Frame's inputs (views and masks), masked BatchNorm and the loss against direct NumPy computations,
+and the recipe switches (single-pair path, eval-mode teacher)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from conftest import CONFIG
 from flax import nnx
 
-from atst_jax.methods import atst_frame
-from atst_jax.models.encoder import EncoderConfig
+from atst_jax.methods import atst_frame, build
 from atst_jax.models.layers import MaskedBatchNorm
+from atst_jax.train import load_config
 
-ENC = EncoderConfig(width=64, depth=2, heads=1, drop_path=0.0)
-CFG = atst_frame.AtstFrameConfig(proj_hidden=32, proj_dim=16)
+
+def _method(**overrides):
+    config = load_config(CONFIG + ":tiny")
+    config.model.update(width=64, depth=2, heads=1, drop_path=0.0)
+    config.atst_frame.update(proj_hidden=32, proj_dim=16, **overrides)
+    return build(config)
 
 
 def _batch(b=6, frames=401):
     rng = np.random.default_rng(0)
     spec = rng.uniform(-1, 0.5, (b, 64, frames)).astype(np.float32)
     length = np.array([frames] * (b - 1) + [frames - 120], np.int32)
-    return {"spec": jnp.asarray(spec), "length": jnp.asarray(length)}
+    return {"spec": jnp.asarray(spec), "spec_length": jnp.asarray(length)}
 
 
 def test_views_share_one_mask_and_only_view_2_is_augmented():
-    student, _, _ = atst_frame.init(jax.random.key(0), ENC, CFG)
+    method = _method()
+    student, _, _ = method.init(jax.random.key(0))
     batch = _batch()
     b = batch["spec"].shape[0]
-    x, lengths, mask2, idx, valid = atst_frame.prepare_inputs(jax.random.key(3), batch, CFG, student.encoder)
+    x, lengths, mask2, idx, valid = atst_frame.prepare_inputs(
+        jax.random.key(3), batch, method.cfg, student.encoder
+    )
     x, mask2, idx, valid = map(np.asarray, (x, mask2, idx, valid))
     np.testing.assert_array_equal(mask2[:b], mask2[b:])  # the same mask for both views of a clip
     np.testing.assert_array_equal(x[:b], np.asarray(batch["spec"]))  # view 1 clean (official aug_tea=False)
     assert np.abs(x[b:] - x[:b]).mean() > 1e-3  # view 2 = mixup + frequency warp
-    np.testing.assert_array_equal(np.asarray(lengths), np.concatenate([batch["length"]] * 2))
+    np.testing.assert_array_equal(np.asarray(lengths), np.concatenate([batch["spec_length"]] * 2))
     # No masked token beyond the valid length of the short clip (120 frames = 30 tokens of padding).
     assert not mask2[b - 1, 100 - 30 :].any()
     # The gathered indices are exactly the masked positions.
@@ -54,34 +64,84 @@ def test_masked_batchnorm_uses_only_valid_tokens_and_torch_running_stats():
     assert int(bn.num_batches_tracked[...]) == 1
 
 
-def test_loss_is_the_symmetric_byol_loss_on_masked_tokens():
-    student, teacher, _ = atst_frame.init(jax.random.key(0), ENC, CFG)
-    # Perturb the teacher so that student and teacher differ.
+def _byol(p, z):
+    p = p / np.linalg.norm(p, axis=-1, keepdims=True)
+    z = z / np.linalg.norm(z, axis=-1, keepdims=True)
+    return 2 - 2 * (p * z).sum(-1).mean()
+
+
+def _perturbed(method):
+    student, teacher, _ = method.init(jax.random.key(0))
     tparams = nnx.state(teacher, nnx.Param)
     nnx.update(teacher, jax.tree.map(lambda a: a + 0.01 * jnp.sin(a * 100.0), tparams))
+    return student, teacher
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_loss_is_the_byol_loss_on_masked_tokens(symmetric):
+    """Symmetric: both views through both networks, two pairs. Single pair (official symmetric=False): the
+    teacher sees view 1 only and the student view 2 only, so each network's BatchNorm covers that view alone."""
+    method = _method(symmetric=symmetric)
+    student, teacher = _perturbed(method)
     batch = _batch()
     key = jax.random.key(5)
-    loss, metrics = atst_frame.loss(student, teacher, batch, key, CFG)
+    loss, metrics, state = method.loss(student, teacher, {}, batch, key, 0)
+    assert state == {}
 
     # Recompute from the networks' outputs with plain NumPy.
-    student2, teacher2, _ = atst_frame.init(jax.random.key(0), ENC, CFG)
-    nnx.update(teacher2, nnx.state(teacher, nnx.Param))
+    student2, teacher2 = _perturbed(method)
     k_in, k_stu, k_tea = jax.random.split(key, 3)
-    x, lengths, mask2, idx, valid = atst_frame.prepare_inputs(k_in, batch, CFG, student2.encoder)
-    t_tok = np.asarray(teacher2.encoder(x, lengths, None, train=True, key=k_tea))
-    s_tok = np.asarray(student2.encoder(x, lengths, mask2, train=True, key=k_stu))
-    m = np.asarray(mask2)
-    tz = np.asarray(teacher2.projector(jnp.asarray(t_tok[m]), jnp.ones(m.sum())))
-    sp = np.asarray(
-        student2.predictor(student2.projector(jnp.asarray(s_tok[m]), jnp.ones(m.sum())), jnp.ones(m.sum()))
-    )
-    half = m[: len(m) // 2].sum()  # tokens of view 1 come first, then the same positions of view 2
-
-    def byol(p, z):
-        p = p / np.linalg.norm(p, axis=-1, keepdims=True)
-        z = z / np.linalg.norm(z, axis=-1, keepdims=True)
-        return 2 - 2 * (p * z).sum(-1).mean()
-
-    expected = 0.5 * (byol(sp[half:], tz[:half]) + byol(sp[:half], tz[half:]))
+    x, lengths, mask2, idx, valid = atst_frame.prepare_inputs(k_in, batch, method.cfg, student2.encoder)
+    b = batch["spec"].shape[0]
+    t_rows = slice(None) if symmetric else slice(0, b)
+    s_rows = slice(None) if symmetric else slice(b, 2 * b)
+    t_tok = np.asarray(teacher2.encoder(x[t_rows], lengths[t_rows], None, train=True, key=k_tea))
+    s_tok = np.asarray(student2.encoder(x[s_rows], lengths[s_rows], mask2[s_rows], train=True, key=k_stu))
+    mt, ms = np.asarray(mask2[t_rows]), np.asarray(mask2[s_rows])
+    tz = np.asarray(teacher2.projector(jnp.asarray(t_tok[mt]), jnp.ones(mt.sum())))
+    ones = jnp.ones(ms.sum())
+    sp = np.asarray(student2.predictor(student2.projector(jnp.asarray(s_tok[ms]), ones), ones))
+    if symmetric:
+        half = mt[:b].sum()  # tokens of view 1 come first, then the same positions of view 2
+        expected = 0.5 * (_byol(sp[half:], tz[:half]) + _byol(sp[:half], tz[half:]))
+    else:
+        expected = _byol(sp, tz)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
     assert 0.0 < float(metrics["std_frm_stu"]) < 1.0 and 0.0 < float(metrics["std_frm_tea"]) < 1.0
+
+
+def test_eval_mode_teacher_uses_running_statistics_and_no_drop_path():
+    """teacher_train_mode=False: no drop-path, and the teacher projector normalises with the student
+    projector's running statistics (the stated source) instead of batch statistics; it updates none."""
+    method = _method(teacher_train_mode=False)
+    student, teacher = _perturbed(method)
+    # Distinct running statistics on the student, so using them (and not batch statistics) is visible.
+    bn = student.projector.bn
+    bn.running_mean[...] = jnp.linspace(-0.5, 0.5, bn.running_mean.shape[0])
+    bn.running_var[...] = jnp.linspace(0.5, 2.0, bn.running_var.shape[0])
+    batch = _batch()
+    key = jax.random.key(5)
+    loss_a, _, _ = method.loss(student, teacher, {}, batch, key, 0)
+    np.testing.assert_allclose(teacher.projector.bn.running_mean[...], np.linspace(-0.5, 0.5, 32), rtol=1e-6)
+    assert int(teacher.projector.bn.num_batches_tracked[...]) == 0  # eval mode: buffers not updated
+
+    # The same teacher output from an explicit eval-mode computation.
+    k_in, _, k_tea = jax.random.split(key, 3)
+    x, lengths, mask2, idx, valid = atst_frame.prepare_inputs(k_in, batch, method.cfg, student.encoder)
+    tok = teacher.encoder(x, lengths, None, train=False)
+    m = np.asarray(mask2)
+    h = np.asarray(tok)[m] @ np.asarray(teacher.projector.fc1.kernel[...])
+    mean, var = np.linspace(-0.5, 0.5, 32), np.linspace(0.5, 2.0, 32)
+    h = (h - mean) / np.sqrt(var + 1e-5) * np.asarray(teacher.projector.bn.scale[...]) + np.asarray(
+        teacher.projector.bn.bias[...]
+    )
+    z_ref = np.maximum(h, 0) @ np.asarray(teacher.projector.fc2.kernel[...])
+    z = np.asarray(
+        teacher.projector(jnp.asarray(np.asarray(tok)[m]), jnp.ones(m.sum()), use_running_average=True)
+    )
+    np.testing.assert_allclose(z, z_ref, rtol=2e-4, atol=2e-5)
+    # Drop-path off: the teacher's tokens do not depend on its key.
+    t1 = teacher.encoder(x, lengths, None, train=False, key=k_tea)
+    t2 = teacher.encoder(x, lengths, None, train=False, key=jax.random.key(99))
+    np.testing.assert_array_equal(np.asarray(t1), np.asarray(t2))
+    assert np.isfinite(float(loss_a))

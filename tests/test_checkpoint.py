@@ -21,7 +21,7 @@ from atst_jax.train import Trainer, init_from_checkpoint, load_config
 # Small and fast: 2 s crops, batch 4, a checkpoint every 3 steps.
 FAST = [
     "--config.train.global_batch=4",
-    "--config.data.crop_seconds=2.0",
+    "--config.atst_frame.crop_seconds=2.0",
     "--config.train.log_every=1",
     "--config.data.num_clips=64",
 ]
@@ -105,7 +105,7 @@ def test_sigterm_saves_the_step_in_progress_and_exits_0(tmp_path, embedded_cache
 def _trainer(mesh_cfg, devices):
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 8
-    config.data.crop_seconds = 2.0
+    config.atst_frame.crop_seconds = 2.0
     return Trainer(config, shd.make_mesh(mesh_cfg, devices))
 
 
@@ -115,7 +115,7 @@ def _one_step(trainer):
     rng = np.random.default_rng(0)
     host = {
         "spec": rng.uniform(-1, 1, (8, 64, frames)).astype(np.float32),
-        "length": np.full((8,), frames, np.int32),
+        "spec_length": np.full((8,), frames, np.int32),
     }
     batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
     state, _ = trainer.jit_train_step()(state, batch)

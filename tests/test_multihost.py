@@ -21,7 +21,7 @@ def _args(workdir, cache):
         f"--config.train.steps={STEPS}",
         "--config.train.log_every=1",
         "--config.train.ckpt_every=100",
-        "--config.data.crop_seconds=2.0",  # tiny's model and batch; shorter crops keep the compile fast
+        "--config.atst_frame.crop_seconds=2.0",  # tiny's model and batch; shorter crops keep the compile fast
         "--config.data.num_clips=64",
         f"--config.data.cache_dir={cache}",
         "--config.mesh.data=4",

@@ -12,7 +12,8 @@ import sys
 import pytest
 from conftest import CONFIG, ROOT, cli_env
 
-from atst_jax.flops import CHIPS, atst_frame_step_flops
+from atst_jax.flops import CHIPS
+from atst_jax.methods import build
 from atst_jax.train import load_config
 
 # The base model's parameter count, from the layer shapes (D=768, 12 blocks, MLP 3072, 251 positions,
@@ -37,14 +38,14 @@ def fsdp256(tmp_path_factory):
 
     1 s crops and one clip per device keep the compile short; the state does not depend on either."""
     out = tmp_path_factory.mktemp("plan") / "fsdp256.json"
-    overrides = ["--config.train.global_batch=256", "--config.data.crop_seconds=1.0"]
+    overrides = ["--config.train.global_batch=256", "--config.atst_frame.crop_seconds=1.0"]
     proc = run_plan(
         "--config", f"{CONFIG}:base", "--mesh", "data=1,fsdp=256", "--chip", "v5p", "--mfu", "0.4",
         "--json", str(out), *overrides,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = load_config(f"{CONFIG}:base")
-    config.train.global_batch, config.data.crop_seconds = 256, 1.0
+    config.train.global_batch, config.atst_frame.crop_seconds = 256, 1.0
     return json.loads(out.read_text()), proc.stdout, config
 
 
@@ -78,7 +79,7 @@ def test_fitting_plan_reports_step_time_from_flops_and_peak(fsdp256):
     r, stdout, config = fsdp256
     chip = r["chip"]
     assert chip["name"] == "v5p" and chip["fits"] and chip["mfu"] == 0.4
-    flops_per_device = atst_frame_step_flops(config) / 256  # computed here, independently of the planner
+    flops_per_device = build(config).step_flops(256) / 256  # computed here, independently of the planner
     assert r["flops"]["analytic_per_device"] == pytest.approx(flops_per_device, rel=1e-9)
     expected = flops_per_device / (CHIPS["v5p"]["peak_tflops"] * 1e12 * 0.4)
     assert chip["step_time_s"] == pytest.approx(expected, rel=1e-9)
@@ -98,7 +99,7 @@ def test_too_big_for_the_chip_exits_3_naming_chip_and_sizes(tmp_path):
     out = tmp_path / "plan.json"
     proc = run_plan(
         "--config", f"{CONFIG}:base", "--mesh", "data=1", "--chip", "v5e", "--json", str(out),
-        "--config.train.global_batch=512", "--config.data.crop_seconds=1.0",
+        "--config.train.global_batch=512", "--config.atst_frame.crop_seconds=1.0",
     )  # fmt: skip
     assert proc.returncode == 3, proc.stderr[-3000:]
     r = json.loads(out.read_text())

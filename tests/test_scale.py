@@ -13,6 +13,7 @@ from conftest import CONFIG
 
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import to_pure
+from atst_jax.methods.atst_frame import AtstFrame
 from atst_jax.train import Trainer, load_config
 
 GOLDEN = Path(__file__).parent / "golden" / "sharding_atst_frame_base_d2_f2_t2.json"
@@ -49,7 +50,7 @@ def test_base_parameter_shardings_match_golden():
 def _losses(dtype, steps):
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 8
-    config.data.crop_seconds = 2.0
+    config.atst_frame.crop_seconds = 2.0
     config.optim.base_lr = 4e-3  # so that 20 steps move the loss well beyond bf16 round-off
     config.model.dtype = dtype
     trainer = Trainer(config, shd.make_mesh({"data": 8}))
@@ -58,7 +59,7 @@ def _losses(dtype, steps):
     clips = rng.uniform(-1, 0.5, (32, 64, 201)).astype(np.float32)
     out = []
     for _ in range(steps):
-        host = {"spec": clips[rng.choice(32, 8, replace=False)], "length": np.full((8,), 201, np.int32)}
+        host = {"spec": clips[rng.choice(32, 8, replace=False)], "spec_length": np.full((8,), 201, np.int32)}
         batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
         state, metrics = step(state, batch)
         out.append(float(metrics["loss"]))
@@ -79,54 +80,43 @@ def test_bfloat16_compute_tracks_float32_with_float32_params():
 
 
 def test_analytic_flops_agree_with_xla_cost_analysis():
-    from atst_jax.flops import atst_frame_step_flops
-
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 4
     config.model.scan_layers = False  # XLA's cost analysis counts a scanned body only once
     trainer = Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
     cost = trainer.jit_train_step().lower(*trainer.abstract_step_inputs()).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    analytic = atst_frame_step_flops(config)
+    analytic = trainer.step_flops
     assert abs(cost["flops"] / analytic - 1) < 0.10, (cost["flops"], analytic)
 
 
-class _PerExampleLoss:
-    """A method whose loss is a mean over examples (no BatchNorm, no randomness): for it, gradient accumulation
-    over k microbatches of b must give the same update as one batch of k·b."""
+class _PerExampleLoss(AtstFrame):
+    """A method whose loss is a mean over examples (no BatchNorm, no randomness), with a running counter as
+    method state: for it, gradient accumulation over k microbatches of b must give the same update as one
+    batch of k·b."""
 
-    EMA_COVERS = ("encoder", "projector")
+    def init(self, rng):
+        student, teacher, _ = super().init(rng)
+        return student, teacher, {"calls": jax.numpy.zeros((), jax.numpy.int32)}
 
-    @staticmethod
-    def init(rng, enc_cfg, cfg):
-        from atst_jax.methods import atst_frame
-
-        return atst_frame.init(rng, enc_cfg, cfg)
-
-    @staticmethod
-    def method_config(config):
-        from atst_jax.methods import atst_frame
-
-        return atst_frame.method_config(config)
-
-    @staticmethod
-    def loss(student, teacher, batch, key, cfg):
-        del teacher, key, cfg
-        tokens = student.encoder(batch["spec"], batch["length"])
+    def loss(self, student, teacher, method_state, batch, key, step):
+        del teacher, key, step
+        tokens = student.encoder(batch["spec"], batch["spec_length"])
         per_example = jax.numpy.mean(jax.numpy.square(tokens - 0.5), axis=(1, 2))
         loss = jax.numpy.mean(per_example)
-        return loss, {"loss": loss, "tok_mean": jax.numpy.mean(tokens)}
+        new_state = {"calls": method_state["calls"] + 1}
+        return loss, {"loss": loss, "tok_mean": jax.numpy.mean(tokens)}, new_state
 
 
 def _accum_run(monkeypatch, accum, method=None, steps=2):
-    import atst_jax.train as train_mod
+    import atst_jax.methods as methods_mod
 
     if method is not None:
-        monkeypatch.setattr(train_mod, "get_method", lambda name: method)
+        monkeypatch.setattr(methods_mod, "get_class", lambda name: method)
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 16
     config.train.grad_accum_steps = accum
-    config.data.crop_seconds = 2.0
+    config.atst_frame.crop_seconds = 2.0
     config.optim.warmup_steps = 0  # full learning rate (1e-3) from step 1: a real update to compare
     config.optim.base_lr = 1.6e-2
     trainer = Trainer(config, shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
@@ -136,7 +126,7 @@ def _accum_run(monkeypatch, accum, method=None, steps=2):
     for _ in range(steps):
         host = {
             "spec": rng.uniform(-1, 0.5, (16, 64, 201)).astype(np.float32),
-            "length": rng.integers(120, 202, (16,)).astype(np.int32),  # padding differs per example
+            "spec_length": rng.integers(120, 202, (16,)).astype(np.int32),  # padding differs per example
         }
         batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
         state, metrics = step(state, batch)
@@ -148,6 +138,8 @@ def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
     """4 microbatches × 4 = 1 × 16 for a per-example loss: same losses, same parameters after 2 AdamW steps."""
     ref_loss, ref, trainer = _accum_run(monkeypatch, 1, _PerExampleLoss)
     got_loss, got, trainer4 = _accum_run(monkeypatch, 4, _PerExampleLoss)
+    # The method state is carried through the microbatches: 2 steps × 4 microbatches vs 2 × 1.
+    assert int(got["method"]["calls"]) == 8 and int(ref["method"]["calls"]) == 2
     # The gradients themselves (AdamW's update is nearly scale-free, so compare them before the optimizer).
     state = trainer.init(0)
     batch = {
@@ -155,15 +147,17 @@ def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
             np.random.default_rng(2).uniform(-1, 0.5, (16, 64, 201)).astype(np.float32),
             trainer.batch_shardings["spec"],
         ),
-        "length": jax.device_put(np.arange(140, 204, 4, dtype=np.int32), trainer.batch_shardings["length"]),
+        "spec_length": jax.device_put(
+            np.arange(140, 204, 4, dtype=np.int32), trainer.batch_shardings["spec_length"]
+        ),
     }
     key = jax.random.key(0)
     full = jax.jit(
         lambda s, b: trainer._loss_and_grads(
-            s["params"], s["stats"], s["teacher"], s["teacher_stats"], b, key
+            s["params"], s["stats"], s["teacher"], s["teacher_stats"], s["method"], b, key, s["step"]
         )[1]
     )(state, batch)
-    accum = jax.jit(lambda s, b: trainer4._accumulate(s, b, key)[4])(state, batch)
+    accum = jax.jit(lambda s, b: trainer4._accumulate(s, b, key)[5])(state, batch)
     # Per leaf, ‖accumulated − full‖ ≤ 2e-3 ‖full‖: the block gradients here are small sums of large,
     # cancelling per-token terms, so fp32 summation order alone moves single entries by ~3e-4 of the leaf's
     # largest (measured: the same full-batch gradient on a (data=8) mesh vs (2,2,2), or on one device). A
@@ -198,7 +192,7 @@ def test_gradient_accumulation_runs_atst_frame(monkeypatch):
 def _temp_bytes(**model):
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = 8
-    config.data.crop_seconds = 4.0
+    config.atst_frame.crop_seconds = 4.0
     config.model.update(model)
     trainer = Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
     compiled = trainer.jit_train_step().lower(*trainer.abstract_step_inputs()).compile()

@@ -29,7 +29,7 @@ def _assert_one_line_error(proc, needle):
             "not divisible by the data-parallel size 8",
         ),
         (["--config.train.stepz=3"], 1, "unknown config field 'train.stepz' (did you mean 'train.steps'?)"),
-        (["--config.data.crop_seconds=12"], 1, "more than the 250 positional slots"),
+        (["--config.atst_frame.crop_seconds=12"], 1, "more than the 250 positional slots"),
     ],
 )
 def test_bad_config_gives_one_line_error(tmp_path, args, devices, needle):
@@ -41,7 +41,7 @@ def test_crop_longer_than_data_is_refused(tmp_path, embedded_cache):
         [
             "--workdir",
             str(tmp_path),
-            "--config.data.crop_seconds=12",
+            "--config.atst_frame.crop_seconds=12",
             "--config.model.num_pos=400",
             f"--config.data.cache_dir={embedded_cache}",
             "--config.data.num_clips=64",
@@ -67,7 +67,7 @@ def test_ema_update_matches_formula():
 def _tiny_config(batch=8, crop_seconds=4.0):
     config = load_config(CONFIG + ":tiny")
     config.train.global_batch = batch
-    config.data.crop_seconds = crop_seconds
+    config.atst_frame.crop_seconds = crop_seconds
     return config
 
 
@@ -88,11 +88,11 @@ def test_three_steps_on_one_device_equal_eight_devices():
     assert jax.device_count() == 8
     config = _tiny_config(batch=8)
     rng = np.random.default_rng(0)
-    frames = int(config.data.crop_seconds * 16000) // 160 + 1
+    frames = int(config.atst_frame.crop_seconds * 16000) // 160 + 1
     batches = [
         {
             "spec": rng.uniform(-1, 1, (8, 64, frames)).astype(np.float32),
-            "length": np.array([frames] * 6 + [frames - 100, frames - 37], np.int32),
+            "spec_length": np.array([frames] * 6 + [frames - 100, frames - 37], np.int32),
         }
         for _ in range(3)
     ]

@@ -104,9 +104,10 @@ def _cubic_weights(t):
     return jnp.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
-def freq_warp_matrix(height, offset, size: int):
-    """``[B, size, size]`` matrices resizing rows ``offset … offset+height−1`` to ``size`` rows (bicubic,
-    align_corners=True, taps clamped to the crop)."""
+def freq_warp_matrix(height, offset, size: int, canvas: int | None = None):
+    """``[B, size, canvas]`` matrices resizing rows ``offset … offset+height−1`` of a ``canvas``-row input
+    (default ``size`` rows) to ``size`` rows (bicubic, align_corners=True, taps clamped to the crop)."""
+    canvas = size if canvas is None else canvas
     height = height.astype(jnp.float32)
     i = jnp.arange(size, dtype=jnp.float32)
     scale = jnp.where(size > 1, (height - 1) / max(size - 1, 1), 0.0)  # [B]
@@ -116,17 +117,42 @@ def freq_warp_matrix(height, offset, size: int):
     w = _cubic_weights(t)  # [B, size, 4]
     taps = base[..., None] + jnp.arange(-1, 3, dtype=jnp.float32)  # [B, size, 4]
     taps = jnp.clip(taps, 0, height[:, None, None] - 1) + offset.astype(jnp.float32)[:, None, None]
-    onehot = jax.nn.one_hot(taps.astype(jnp.int32), size, dtype=jnp.float32)  # [B, size, 4, size]
+    onehot = jax.nn.one_hot(taps.astype(jnp.int32), canvas, dtype=jnp.float32)  # [B, size, 4, canvas]
     return jnp.einsum("bik,bikj->bij", w, onehot)
+
+
+def _crop_size_and_offset(key, batch: int, src: int, canvas: int, scale):
+    """BYOL-A ``RandomResizeCrop.get_params`` along one axis: ``clip(int(U(lo, hi)·src), 1, canvas)`` and an
+    offset drawn from ``[0, canvas − size]`` (both ends included; 0 when the crop fills the canvas)."""
+    k_size, k_off = jax.random.split(key)
+    size = jnp.floor(jax.random.uniform(k_size, (batch,), minval=scale[0], maxval=scale[1]) * src)
+    size = jnp.clip(size, 1, canvas).astype(jnp.int32)
+    room = (canvas - size + 1).astype(jnp.float32)
+    offset = jnp.floor(jax.random.uniform(k_off, (batch,)) * room).astype(jnp.int32)
+    return size, offset
 
 
 def freq_warp(key, x, scale=(0.6, 1.5)):
     """Random frequency crop-and-resize of ``x [B, F, T]`` (time untouched)."""
     b, f, _ = x.shape
-    k_h, k_off = jax.random.split(key)
-    h = jnp.floor(jax.random.uniform(k_h, (b,), minval=scale[0], maxval=scale[1]) * f)
-    h = jnp.clip(h, 1, f).astype(jnp.int32)
-    # random.randint(0, F - h) is inclusive of both ends.
-    offset = jnp.floor(jax.random.uniform(k_off, (b,)) * (f - h + 1).astype(jnp.float32)).astype(jnp.int32)
+    h, offset = _crop_size_and_offset(key, b, f, f, scale)
     mat = freq_warp_matrix(h, offset, f)
     return jnp.einsum("bij,bjt->bit", mat, x.astype(jnp.float32)).astype(x.dtype)
+
+
+def random_resize_crop(key, x, freq_scale=(0.6, 1.5), time_scale=(0.6, 1.5), virtual_time: float = 1.5):
+    """BYOL-A RandomResizeCrop on both axes, as ATST-Clip configures it: ``x [B, F, T]`` is placed in the
+    middle of a zero canvas of ``F × int(virtual_time·T)`` (virtual crop scale 1× frequency), a crop of
+    ``clip(int(U(freq_scale)·F), 1, F)`` × ``clip(int(U(time_scale)·T), 1, canvas)`` at a random offset is
+    resized back to ``F × T`` (PyTorch bicubic, ``align_corners=True``). Separable, so it is one ``[F, F]``
+    and one ``[T, T]`` matrix per example: the canvas columns outside the input are zeros and drop out."""
+    b, f, t = x.shape
+    canvas_t = int(t * virtual_time)
+    k_f, k_t = jax.random.split(key)
+    h, i = _crop_size_and_offset(k_f, b, f, f, freq_scale)
+    w, j = _crop_size_and_offset(k_t, b, t, canvas_t, time_scale)
+    rows = freq_warp_matrix(h, i, f)  # [B, F, F]
+    start = (canvas_t - t) // 2  # where the input sits on the canvas
+    cols = freq_warp_matrix(w, j, t, canvas_t)[:, :, start : start + t]  # [B, T(out), T(in)]
+    y = jnp.einsum("bij,bjt->bit", rows, x.astype(jnp.float32))
+    return jnp.einsum("bft,bst->bfs", y, cols).astype(x.dtype)

@@ -6,15 +6,19 @@ Recipe, as the official audiossl code runs it:
   clip + frequency warp (official ``aug_tea=False, aug_stu=True``; both switchable).
 - One span mask per clip (≈50 % of the 250 tokens), **shared by both views**. The student sees masked input
   (``mask_embed``); the teacher sees the unmasked views. Both are read out only at masked positions.
-- Both views go through both networks in one batch ``[view 1; view 2]``. Student:
-  encoder → projector → predictor; teacher: encoder → projector (stop-gradient). BatchNorm statistics are
-  taken over all masked tokens of both views of the global batch (SyncBN). The teacher runs in train mode
-  as in the official code (drop-path on, BN batch statistics), switchable with ``teacher_train_mode``.
-- Loss: ``2 − 2·cos`` between the student prediction of one view and the teacher projection of the other,
-  mean over masked tokens, averaged over the two pairs.
+- Symmetric (the released recipe): both views go through both networks in one batch ``[view 1; view 2]``.
+  Student: encoder → projector → predictor; teacher: encoder → projector (stop-gradient). BatchNorm
+  statistics are taken over all masked tokens of both views of the global batch (SyncBN). Loss:
+  ``2 − 2·cos`` between the student prediction of one view and the teacher projection of the other, mean
+  over masked tokens, averaged over the two pairs. ``symmetric=False`` is the official single-pair path: the
+  teacher sees view 1 only, the student view 2 only (so each network's BN statistics cover one view).
+- Teacher mode: the official teacher runs in train mode (drop-path on, BN batch statistics) —
+  ``teacher_train_mode=True``, the default. ``False`` puts the teacher in eval mode: no drop-path, and its
+  projector BatchNorm normalises with running statistics instead of batch statistics. The teacher's own
+  running statistics would never move in eval mode (EMA covers parameters, not buffers), so their stated
+  source is the **student projector's running statistics** of the step (tracked over the student's
+  masked-token batches), copied into the teacher before it runs.
 - Teacher = EMA of the student's encoder and projector parameters (not BN buffers).
-
-The trainer knows only ``init``, ``loss`` and ``EMA_COVERS``.
 """
 
 from __future__ import annotations
@@ -23,18 +27,18 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from atst_jax import flops
 from atst_jax.data import views
-from atst_jax.models.encoder import EncoderConfig, FrameAST
-from atst_jax.models.heads import BNMLP
-
-# The teacher's parameters are an EMA of these student sub-modules (same names on both sides).
-EMA_COVERS = ("encoder", "projector")
+from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
+from atst_jax.models.byol import byol_pair, init_byol, normalized_std, use_student_bn_stats
+from atst_jax.models.encoder import FrameAST
+from atst_jax.sharding import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class AtstFrameConfig:
+    crop_seconds: float = 10.0  # the whole AudioSet clip, as the official recipe
     mask_ratio: float = 0.65
     mask_span: int = 5
     min_spans: int = 2
@@ -46,37 +50,6 @@ class AtstFrameConfig:
     proj_dim: int = 256
     teacher_train_mode: bool = True
     symmetric: bool = True
-
-    @classmethod
-    def from_config(cls, method_config) -> AtstFrameConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in dict(method_config).items() if k in fields}
-        if "freq_scale" in kwargs:
-            kwargs["freq_scale"] = tuple(kwargs["freq_scale"])
-        return cls(**kwargs)
-
-
-class Student(nnx.Module):
-    def __init__(self, enc: EncoderConfig, cfg: AtstFrameConfig, *, rngs: nnx.Rngs):
-        self.encoder = FrameAST(enc, rngs=rngs)
-        self.projector = BNMLP(enc.width, cfg.proj_hidden, cfg.proj_dim, in_axis="embed", rngs=rngs)
-        self.predictor = BNMLP(cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim, in_axis="proj_out", rngs=rngs)
-
-
-class Teacher(nnx.Module):
-    def __init__(self, enc: EncoderConfig, cfg: AtstFrameConfig, *, rngs: nnx.Rngs):
-        self.encoder = FrameAST(enc, rngs=rngs)
-        self.projector = BNMLP(enc.width, cfg.proj_hidden, cfg.proj_dim, in_axis="embed", rngs=rngs)
-
-
-def init(rng, encoder_config: EncoderConfig, method_config: AtstFrameConfig):
-    """Student and teacher; the teacher starts as an exact copy of the student's encoder and projector
-    (parameters and BN buffers), as the official ``load_state_dict`` does."""
-    student = Student(encoder_config, method_config, rngs=nnx.Rngs(params=rng))
-    teacher = Teacher(encoder_config, method_config, rngs=nnx.Rngs(params=jax.random.fold_in(rng, 1)))
-    for name in EMA_COVERS:
-        nnx.update(getattr(teacher, name), nnx.state(getattr(student, name)))
-    return student, teacher, {}
 
 
 def make_views(key, spec, cfg: AtstFrameConfig):
@@ -94,32 +67,11 @@ def make_views(key, spec, cfg: AtstFrameConfig):
     return v1, v2
 
 
-def _cosine(a, b):
-    """Cosine similarity on the last axis with F.normalize's eps (1e-12) semantics."""
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    na = jnp.maximum(jnp.linalg.norm(a, axis=-1), 1e-12)
-    nb = jnp.maximum(jnp.linalg.norm(b, axis=-1), 1e-12)
-    return jnp.sum(a * b, axis=-1) / (na * nb)
-
-
-def normalized_std(x, weights):
-    """Mean over dims of the std of L2-normalised vectors over real tokens (official ``compute_var``:
-    unbiased variance, ``sqrt(var + 1e-6)``) — the collapse monitor."""
-    x = x.astype(jnp.float32).reshape(-1, x.shape[-1])
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    w = weights.astype(jnp.float32).reshape(-1)
-    n = jnp.sum(w)
-    s = w @ x  # matmul reductions (see MaskedBatchNorm)
-    ss = w @ jnp.square(x)
-    var = ss / (n - 1) - jnp.square(s) / (n * (n - 1))
-    return jnp.mean(jnp.sqrt(var + 1e-6))
-
-
 def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
-    """Views and masks of one step: ``x [2B, F, T]`` = [view 1; view 2], their lengths, the token mask
-    ``[2B, N]`` (the same mask for both views of a clip) and the indices/validity of the masked tokens."""
-    spec, length = batch["spec"], batch["length"]
+    """Views and masks of one step (symmetric path): ``x [2B, F, T]`` = [view 1; view 2], their lengths, the
+    token mask ``[2B, N]`` (the same mask for both views of a clip) and the indices/validity of the masked
+    tokens."""
+    spec, length = batch["spec"], batch["spec_length"]
     b, _, frames = spec.shape
     n_tok = encoder.num_tokens(frames)
     k_mask, k_view = jax.random.split(key)
@@ -136,42 +88,111 @@ def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
     return x, lengths, mask2, idx, valid
 
 
-def loss(student: Student, teacher: Teacher, batch, key, cfg: AtstFrameConfig):
-    """One ATST-Frame loss evaluation on a global batch ``{"spec": [B, F, T], "length": [B]}``."""
-    b = batch["spec"].shape[0]
-    enc = student.encoder
-    k_in, k_stu, k_tea = jax.random.split(key, 3)
-    x, lengths, mask2, idx, valid = prepare_inputs(k_in, batch, cfg, enc)
+class AtstFrame(Method):
+    name = "atst_frame"
+    Config = AtstFrameConfig
+    ema_covers = ("encoder", "projector")
+    monitors = ("std_frm_stu", "std_frm_tea")
 
-    # Teacher: unmasked input, read out at the masked positions; no gradient.
-    t_tok = teacher.encoder(x, lengths, None, train=cfg.teacher_train_mode, key=k_tea)
-    z = teacher.projector(views.take_tokens(t_tok, idx), valid)
-    z = jax.lax.stop_gradient(z)
+    @property
+    def frames(self) -> int:
+        d = self.config.data
+        return crop_frames(self.cfg.crop_seconds, d.sample_rate, d.hop_length)
 
-    s_tok = student.encoder(x, lengths, mask2, train=True, key=k_stu)
-    p = student.predictor(student.projector(views.take_tokens(s_tok, idx), valid), valid)
+    def inputs(self):
+        return (Crop("spec", self.frames),)
 
-    w = valid.astype(jnp.float32)
-    z1, z2 = z[:b], z[b:]
-    p1, p2 = p[:b], p[b:]
-    w1 = w[:b]  # identical masks for both views
-    denom = jnp.maximum(jnp.sum(w1), 1.0)
+    def init(self, rng):
+        student, teacher = init_byol(rng, self.enc_cfg, self.cfg, self.ema_covers)
+        return student, teacher, {}
 
-    def pair(pred, target):
-        return 2.0 - 2.0 * jnp.sum(_cosine(pred, target) * w1) / denom
+    def loss(self, student, teacher, method_state, batch, key, step):
+        """One ATST-Frame loss evaluation on a global batch ``{"spec": [B, F, T], "spec_length": [B]}``."""
+        del step
+        cfg = self.cfg
+        b = batch["spec"].shape[0]
+        enc = student.encoder
+        k_in, k_stu, k_tea = jax.random.split(key, 3)
+        x, lengths, mask2, idx, valid = prepare_inputs(k_in, batch, cfg, enc)
+        # Rows of the teacher / student batch: both views for the symmetric loss, else view 1 / view 2.
+        t_rows = slice(None) if cfg.symmetric else slice(0, b)
+        s_rows = slice(None) if cfg.symmetric else slice(b, 2 * b)
 
-    if cfg.symmetric:
-        total = 0.5 * (pair(p2, z1) + pair(p1, z2))
-    else:
-        total = pair(p2, z1)
-    metrics = {
-        "loss": total,
-        "std_frm_stu": normalized_std(p, valid),
-        "std_frm_tea": normalized_std(z, valid),
-        "mask_frac": jnp.sum(mask2) / jnp.maximum(jnp.sum(enc.token_lengths(lengths)), 1),
-    }
-    return total, metrics
+        # Teacher: unmasked input, read out at the masked positions; no gradient.
+        train_mode = cfg.teacher_train_mode
+        if not train_mode:
+            use_student_bn_stats(student, teacher)
+        t_tok = teacher.encoder(x[t_rows], lengths[t_rows], None, train=train_mode, key=k_tea)
+        z = teacher.projector(
+            views.take_tokens(t_tok, idx[t_rows]), valid[t_rows], use_running_average=not train_mode
+        )
+        z = jax.lax.stop_gradient(z)
 
+        s_tok = student.encoder(x[s_rows], lengths[s_rows], mask2[s_rows], train=True, key=k_stu)
+        v_s = valid[s_rows]
+        p = student.predictor(student.projector(views.take_tokens(s_tok, idx[s_rows]), v_s), v_s)
 
-def method_config(config) -> AtstFrameConfig:
-    return AtstFrameConfig.from_config(config.atst_frame)
+        w1 = valid[:b].astype(jnp.float32)  # identical masks for both views
+        if cfg.symmetric:
+            total = 0.5 * (byol_pair(p[b:], z[:b], w1) + byol_pair(p[:b], z[b:], w1))
+        else:
+            total = byol_pair(p, z, w1)
+        metrics = {
+            "loss": total,
+            "std_frm_stu": normalized_std(p, v_s),
+            "std_frm_tea": normalized_std(z, valid[t_rows]),
+            "mask_frac": jnp.sum(mask2) / jnp.maximum(jnp.sum(enc.token_lengths(lengths)), 1),
+        }
+        return total, metrics, method_state
+
+    # --- cost, checks, export ----------------------------------------------------------------------
+    def step_flops(self, global_batch: int) -> float:
+        """Analytic matmul FLOPs (see ``atst_jax.flops``): both networks over ``2B`` sequences (``B`` each when
+        not symmetric), the one-hot gather and the heads on the masked tokens, the frequency warp."""
+        cfg, enc = self.cfg, self.enc_cfg
+        seqs = 2 * global_batch if cfg.symmetric else global_batch
+        n = self.frames // enc.patch_w
+        k = views.mask_capacity(n, cfg.mask_ratio, cfg.mask_span, cfg.min_spans)
+        encoder = flops.encoder_forward(enc, n, seqs)
+        gather = flops.token_gather(seqs, k, n, enc.width)
+        projector = flops.bnmlp_forward(seqs * k, enc.width, cfg.proj_hidden, cfg.proj_dim)
+        predictor = flops.bnmlp_forward(seqs * k, cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+        warps = int(cfg.aug_view1) + int(cfg.aug_view2)
+        warp = warps * flops.freq_warp(global_batch, enc.n_mels, self.frames)
+        teacher = encoder + gather + projector
+        student = flops.TRAIN_FACTOR * (encoder + gather + projector + predictor)
+        return float(teacher + student + warp)
+
+    def check(self):
+        cfg = self.cfg
+        if self.enc_cfg.use_cls:
+            raise ConfigError("atst_frame has no CLS token: set model.use_cls=False")
+        n = self.frames // self.enc_cfg.patch_w
+        if n <= cfg.mask_span:
+            raise ConfigError(
+                f"atst_frame.crop_seconds={cfg.crop_seconds} gives {n} tokens: span masking needs more than "
+                f"mask_span={cfg.mask_span}"
+            )
+
+    @classmethod
+    def lightning_hparams(cls, config, *, width: int, depth: int, heads: int):
+        """The ``hyper_parameters`` of the official ``FrameATSTLightningModule`` from a run's saved config
+        (a plain dict), and warnings. ``learning_rate`` is the peak LR the optimiser reached
+        (``base_lr × global_batch / 256``): the official module uses it as the top of its schedule."""
+        method = dict(config.get(cls.name) or {})
+        hp, warnings = official_schedule_hparams(config, width, depth, heads)
+        hp.update(
+            symmetric=bool(method.get("symmetric", True)),
+            pos_type="cut",
+            avg_blocks=0,
+            patch_embed="Linear",
+            patch_h=int(config["model"].get("n_mels", 64)),
+            patch_w=int(config["model"].get("patch_w", 4)),
+            spec_h=int(config["model"].get("n_mels", 64)),
+            n_mels=int(config["model"].get("n_mels", 64)),
+            nprompt=0,
+            # Saved configs from before the method contract kept the crop under data.
+            anchor_len=float(method.get("crop_seconds", config.get("data", {}).get("crop_seconds", 10.0))),
+            win_length=1024,
+        )
+        return hp, warnings

@@ -83,6 +83,10 @@ def dataclass_defaults(cls) -> dict[str, Any]:
     return out
 
 
+# The official Lightning modules build their encoders by these names (hyper_parameters "arch").
+_ARCHS = {(384, 12, 6): "small", (768, 12, 12): "base"}
+
+
 class Method:
     """Base class of every pretraining method; see the module docstring for the contract."""
 
@@ -130,3 +134,30 @@ class Method:
     def lightning_hparams(self, config: Mapping) -> dict | None:
         del config
         return None
+
+
+def official_schedule_hparams(config, width: int, depth: int, heads: int):
+    """``arch``, ``learning_rate`` (peak), ``warmup_steps``, ``max_steps`` and ``ema`` — the hyper-parameters
+    both official ATST Lightning modules take — with warnings for what they cannot represent."""
+    warnings = []
+    arch = _ARCHS.get((width, depth, heads))
+    if arch is None:
+        arch = f"custom_d{width}_l{depth}_h{heads}"
+        warnings.append(
+            f"width {width} / depth {depth} / heads {heads} is not an official size: arch={arch!r}, which the "
+            "official Lightning module cannot build (the tensors are still in its layout)"
+        )
+    optim_cfg, train_cfg = config["optim"], config["train"]
+    warmup, steps = int(optim_cfg["warmup_steps"]), int(train_cfg["steps"])
+    if steps <= warmup:
+        # The official modules build a cosine schedule of max_steps − warmup_steps entries at load time.
+        warnings.append(f"train.steps={steps} <= warmup_steps={warmup}: writing max_steps={warmup + 1}")
+        steps = warmup + 1
+    hp = {
+        "arch": arch,
+        "learning_rate": float(optim_cfg["base_lr"]) * int(train_cfg["global_batch"]) / 256.0,
+        "warmup_steps": warmup,
+        "max_steps": steps,
+        "ema": float(optim_cfg["ema"]),
+    }
+    return hp, warnings

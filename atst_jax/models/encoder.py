@@ -1,15 +1,26 @@
-"""The ATST "FrameAST" encoder in Flax NNX (spec/methods.md §0).
+"""The ATST "FrameAST" encoder family in Flax NNX (spec/methods.md §0): a patch stem + a transformer trunk.
 
-Input is a normalised log-mel ``[B, n_mels, T]``. Frames are cut to a multiple of ``patch_w``; each token is
-all mel bins × ``patch_w`` frames, flattened mel-major (index ``mel * patch_w + frame_offset``) and projected
-by a Linear. Masked tokens take a learned ``mask_embed`` after the projection and before the positions.
-Positions are learned, slot 0 unused by ATST-Frame (kept for checkpoint parity); ATST-Clip's ``cls_token``
-takes slot 0. Pre-norm blocks, exact GELU, LayerNorm eps 1e-6, qkv without bias, −10000 on padded keys.
+Input is a normalised log-mel ``[B, n_mels, T]``. The stem (``atst_jax.models.stems``, chosen by
+``EncoderConfig.stem``) turns it into embedded tokens ``[B, N(+1), D]``: ``frame`` is ATST's (all mel bins ×
+4 frames per token, learned positions, slot 0 unused by ATST-Frame and taken by ATST-Clip's CLS token);
+``patch2d`` is the ViT-style 16×16 patch stem of ASiT / EAT / AaSP (time-major tokens, learned or fixed
+2-D sin-cos positions). Masked tokens take a learned ``mask_embed`` after the projection and before the
+positions. The trunk is pre-norm blocks (exact GELU, LayerNorm eps 1e-6, qkv bias off for ATST, on for
+ASiT, −10000 on padded keys) and a final LayerNorm.
+
+``__call__`` is ``embed`` then ``trunk``. ``trunk`` also runs on any ``[B, K, D]`` set of already-embedded
+tokens, so methods that drop masked tokens (data2vec 2.0 / EAT / AaSP) embed the whole crop, gather the
+visible tokens (which keep the positions they were given) and encode only those.
 
 The blocks' parameters are stacked on a leading ``layers`` axis and run under ``jax.lax.scan`` by default:
 on XLA:CPU the backward of an unrolled 12-block encoder is ~2× slower, and scan keeps compile time flat in
 depth. ``scan_layers=False`` runs the same stacked parameters in a Python loop, so checkpoints are identical
 either way.
+
+For ``stem="frame"`` the parameter tree (names, shapes, and the order of random draws, hence the values
+for a given key) is ATST's: ``patch_embed``, ``mask_embed``, ``pos_embed``, ``cls_token`` (Clip only),
+``blocks``, ``norm`` — existing checkpoints and the PyTorch export depend on it (tests/test_model.py
+pins it with a golden hash).
 """
 
 from __future__ import annotations
@@ -21,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from atst_jax.models.layers import LayerNorm, Linear, gelu_exact, trunc_normal
+from atst_jax.models.attention import PAD_LOGIT, Attention, Block, Mlp, drop_path, key_bias  # noqa: F401
+from atst_jax.models.layers import LayerNorm
+from atst_jax.models.stems import POS_EMBEDS, STEMS, make_stem
 from atst_jax.sharding import constrain
 
 RESIDUAL = ("act_batch", "act_length", "act_embed")
-
-PAD_LOGIT = -10000.0  # additive key mask of the official code (not -inf: fully padded rows stay finite)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,13 +47,36 @@ class EncoderConfig:
     heads: int = 6
     mlp_ratio: float = 4.0
     n_mels: int = 64
-    patch_w: int = 4
-    num_pos: int = 251  # pos_embed slots (250 tokens of a 10 s crop + the unused/CLS slot 0)
+    patch_w: int = 4  # frame stem: frames per token
+    num_pos: int = 251  # learned pos_embed slots (250 tokens of a 10 s crop + the unused/CLS slot 0)
     drop_path: float = 0.1
     use_cls: bool = False
     dtype: str = "float32"  # compute dtype; parameters stay float32
     scan_layers: bool = True
     remat: str = "none"  # none | full | save_dots
+    stem: str = "frame"  # frame (ATST) | patch2d (ASiT / EAT / AaSP)
+    patch_size: tuple[int, int] = (16, 16)  # patch2d: (time, mel)
+    pos_embed: str = "learned"  # learned | sincos2d (patch2d only)
+    qkv_bias: bool = False  # ASiT's ViT has a qkv bias; ATST has none
+
+    def __post_init__(self):
+        # Configs arrive as ConfigDicts / JSON, where tuples become lists; the config must stay hashable
+        # (it is static metadata of the module).
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.stem not in STEMS:
+            raise ValueError(f"model.stem must be one of {'|'.join(STEMS)}, got {self.stem!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"model.pos_embed must be one of {'|'.join(POS_EMBEDS)}, got {self.pos_embed!r}")
+        if self.stem == "frame" and self.pos_embed != "learned":
+            raise ValueError(
+                f"model.pos_embed={self.pos_embed!r} needs stem='patch2d'; the frame stem is learned only"
+            )
+        if self.stem == "patch2d" and (len(self.patch_size) != 2 or self.n_mels % self.patch_size[1]):
+            raise ValueError(
+                f"model.patch_size {self.patch_size} must be (time, mel) with a mel size dividing n_mels={self.n_mels}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
 
     @classmethod
     def from_config(cls, model_config) -> EncoderConfig:
@@ -60,66 +94,6 @@ class EncoderConfig:
         return int(self.width * self.mlp_ratio)
 
 
-class Attention(nnx.Module):
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-        h, hd, d = cfg.heads, cfg.head_dim, cfg.width
-        # qkv kernel kept as [D, 3, H, hd] so tensor parallelism splits whole heads; the PyTorch export
-        # reshapes it to the official [3D, D] weight (rows [q; k; v], head-major).
-        self.qkv = Linear(d, (3, h, hd), axes=("embed", None, "heads", "kv"), use_bias=False, rngs=rngs)
-        self.proj = Linear((h, hd), d, axes=("heads", "kv", "embed"), use_bias=True, rngs=rngs)
-        self.scale = hd**-0.5
-
-    def __call__(self, x, key_bias):
-        # Heads-major layout [3, B, H, N, hd] straight out of the projection: on XLA:CPU the batched
-        # matmuls below run ~2.5x faster in this layout than with heads in the middle ([B, N, H, hd]).
-        w = self.qkv.kernel[...].astype(x.dtype)
-        qkv = constrain(
-            jnp.einsum("bnd,dthk->tbhnk", x, w), (None, "act_batch", "act_heads", "act_length", None)
-        )
-        q, k, v = qkv[0] * jnp.asarray(self.scale, x.dtype), qkv[1], qkv[2]
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) + key_bias[:, None, None, :]
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        proj = self.proj.kernel[...].astype(out.dtype)
-        return jnp.einsum("bhnk,hkd->bnd", out, proj) + self.proj.bias[...].astype(out.dtype)
-
-
-class Mlp(nnx.Module):
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-        self.fc1 = Linear(cfg.width, cfg.mlp_dim, axes=("embed", "mlp"), rngs=rngs)
-        self.fc2 = Linear(cfg.mlp_dim, cfg.width, axes=("mlp", "embed"), rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(constrain(gelu_exact(self.fc1(x)), ("act_batch", "act_length", "act_mlp")))
-
-
-def drop_path(x, rate, key):
-    """Per-sample stochastic depth, as timm/official: keep with prob 1-rate, scale kept paths by 1/(1-rate)."""
-    keep = 1.0 - rate
-    u = jax.random.uniform(key, (x.shape[0],) + (1,) * (x.ndim - 1), jnp.float32)
-    mask = jnp.floor(keep + u)
-    return x * (mask / keep).astype(x.dtype)
-
-
-class Block(nnx.Module):
-    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-        self.norm1 = LayerNorm(cfg.width)
-        self.attn = Attention(cfg, rngs=rngs)
-        self.norm2 = LayerNorm(cfg.width)
-        self.mlp = Mlp(cfg, rngs=rngs)
-
-    def __call__(self, x, key_bias, rate, key, train: bool):
-        y = self.attn(self.norm1(x), key_bias)
-        if train:
-            k1, k2 = jax.random.split(key)
-            y = drop_path(y, rate, k1)
-        x = x + y
-        y = self.mlp(self.norm2(x))
-        if train:
-            y = drop_path(y, rate, k2)
-        return x + y
-
-
 _REMAT_POLICIES = {
     "full": None,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -127,69 +101,77 @@ _REMAT_POLICIES = {
 
 
 class FrameAST(nnx.Module):
+    """Patch stem (``cfg.stem``) + transformer trunk; see the module docstring. ``Encoder`` is the same class."""
+
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        d = cfg.width
-        self.patch_embed = Linear(cfg.n_mels * cfg.patch_w, d, axes=("patch", "embed"), rngs=rngs)
-        self.mask_embed = nnx.Param(trunc_normal(rngs.params(), (1, 1, d)), axes=(None, None, "embed"))
-        self.pos_embed = nnx.Param(
-            trunc_normal(rngs.params(), (1, cfg.num_pos, d)), axes=(None, None, "embed")
-        )
-        if cfg.use_cls:
-            self.cls_token = nnx.Param(trunc_normal(rngs.params(), (1, 1, d)), axes=(None, None, "embed"))
-        else:
-            self.cls_token = None
+        # Draw order (checkpoint parity): stem (patch kernel, mask, positions, CLS), then one key split into
+        # per-block keys, then the final norm (no draws).
+        self.stem.init_params(self, rngs)
         keys = jax.random.split(rngs.params(), cfg.depth)
-        self.blocks = nnx.vmap(lambda k: Block(cfg, rngs=nnx.Rngs(params=k)), in_axes=0, out_axes=0)(keys)
-        self.norm = LayerNorm(d)  # "norm_frame" (Frame) / "norm" (Clip) in the PyTorch export
+        self.blocks = nnx.vmap(
+            lambda k: Block(
+                cfg.width, cfg.heads, cfg.mlp_dim, qkv_bias=cfg.qkv_bias, rngs=nnx.Rngs(params=k)
+            ),
+            in_axes=0,
+            out_axes=0,
+        )(keys)
+        self.norm = LayerNorm(cfg.width)  # "norm_frame" (Frame) / "norm" (Clip) in the PyTorch export
 
-    # --- tokens -----------------------------------------------------------------------------------------
+    # --- stem: tokens -----------------------------------------------------------------------------------
+    @property
+    def stem(self):
+        """The stem's rule object (``FrameStem`` / ``PatchStem2D``), rebuilt from ``cfg``: it holds no state."""
+        return make_stem(self.cfg)
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens in front of the patch tokens: 1 with a CLS token, else 0."""
+        return self.stem.n_prefix
+
     def num_tokens(self, frames: int) -> int:
-        return frames // self.cfg.patch_w
-
-    def patchify(self, spec):
-        """``[B, F, T] -> [B, N, F * patch_w]`` with the mel-major flattening of the official PatchEmbed_v2."""
-        b, f, t = spec.shape
-        pw = self.cfg.patch_w
-        n = t // pw
-        x = spec[:, :, : n * pw].reshape(b, f, n, pw)
-        return x.transpose(0, 2, 1, 3).reshape(b, n, f * pw)
+        """Patch tokens of a crop of ``frames`` frames (CLS not counted)."""
+        return self.stem.num_tokens(frames)
 
     def token_lengths(self, length):
-        """Valid tokens per example from valid frames (partial patches at the end are dropped)."""
-        return (length - length % self.cfg.patch_w) // self.cfg.patch_w
+        """Valid patch tokens per example from valid frames ``length [B]`` (CLS not counted)."""
+        return self.stem.token_lengths(length)
+
+    def patchify(self, spec):
+        """``[B, F, T] -> [B, N, patch_dim]`` in the stem's token and feature order."""
+        return self.stem.patchify(spec)
+
+    def unpatchify(self, patches):
+        """Inverse of ``patchify``: ``[B, N, patch_dim] -> [B, F, T']`` (``T'`` = the frames the tokens cover)."""
+        return self.stem.unpatchify(patches)
+
+    def token_positions(self, n: int, dtype=jnp.float32):
+        """Positional embeddings ``[1, n, D]`` of patch tokens ``0..n-1`` (what ``embed`` adds to them)."""
+        return self.stem.token_positions(self, n, dtype)
 
     def embed(self, spec, mask=None):
         """Patch projection, mask token substitution, positions (and CLS). Returns ``[B, N(+1), D]``."""
-        dtype = jnp.dtype(self.cfg.dtype)
-        x = self.patch_embed(self.patchify(spec.astype(dtype)))
-        n = x.shape[1]
-        if n + 1 > self.cfg.num_pos:
-            raise ValueError(f"{n} tokens exceed the {self.cfg.num_pos - 1} positional slots of this encoder")
-        if mask is not None:
-            x = jnp.where(mask[..., None], self.mask_embed[...].astype(dtype), x)
-        pos = self.pos_embed[...].astype(dtype)
-        x = x + pos[:, 1 : n + 1]
-        if self.cls_token is not None:
-            cls = (self.cls_token[...] + self.pos_embed[:, :1]).astype(dtype)
-            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
-        return x
+        return self.stem.embed(self, spec, mask)
 
-    # --- blocks -----------------------------------------------------------------------------------------
-    def __call__(
-        self, spec, length, mask=None, *, train: bool = False, key=None, collect_layers: bool = False
-    ):
-        """Encodes ``spec [B, F, T]`` with valid frames ``length [B]``.
+    def valid_mask(self, length, n: int):
+        """``[B, n]`` bool over an embedded sequence of ``n`` tokens (CLS included): True = a real token."""
+        valid = self.token_lengths(length) + self.n_prefix
+        return jnp.arange(n)[None, :] < valid[:, None]
 
-        ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed``. With ``train`` and a ``key``,
-        drop-path is active. Returns final-normed tokens ``[B, N(+1), D]``; with ``collect_layers`` also
-        every block's output ``[L, B, N(+1), D]`` (before the final norm).
+    # --- trunk: blocks ----------------------------------------------------------------------------------
+    def trunk(self, x, valid=None, *, train: bool = False, key=None, collect_layers: bool = False):
+        """Runs the blocks and the final norm on embedded tokens ``x [B, K, D]`` (positions already added).
+
+        ``K`` is any token count: the full sequence, or a gathered subset of it. ``valid [B, K]`` (bool)
+        marks the real tokens; the others are padding, excluded as keys by a −10000 logit bias (None = all
+        real). With ``train`` and a ``key``, drop-path is active. Returns final-normed tokens
+        ``[B, K, D]``; with ``collect_layers`` also every block's output ``[L, B, K, D]`` (before the norm).
         """
         cfg = self.cfg
-        x = constrain(self.embed(spec, mask), RESIDUAL)
-        n_prefix = 1 if self.cls_token is not None else 0
-        valid = self.token_lengths(length) + n_prefix
-        key_bias = jnp.where(jnp.arange(x.shape[1])[None, :] < valid[:, None], 0.0, PAD_LOGIT)
+        x = constrain(x, RESIDUAL)
+        if valid is None:
+            valid = jnp.ones(x.shape[:2], bool)
+        bias = key_bias(valid)
         rates = jnp.asarray(np.linspace(0.0, cfg.drop_path, cfg.depth), jnp.float32)
         keys = jax.random.split(key if key is not None else jax.random.key(0), cfg.depth)
         train = bool(train and key is not None and cfg.drop_path > 0)
@@ -198,7 +180,7 @@ class FrameAST(nnx.Module):
 
         def body(h, layer):
             params, rate, k = layer
-            h = constrain(nnx.merge(graphdef, params)(h, key_bias, rate, k, train), RESIDUAL)
+            h = constrain(nnx.merge(graphdef, params)(h, bias, rate, k, train), RESIDUAL)
             return h, (h if collect_layers else None)
 
         if cfg.remat != "none":
@@ -207,6 +189,7 @@ class FrameAST(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
         if cfg.scan_layers:
+            # One traced block for all layers: flat compile time in depth, and a faster backward on CPU.
             x, layers = jax.lax.scan(body, x, (stacked, rates, keys))
         else:
             outs = []
@@ -217,13 +200,28 @@ class FrameAST(nnx.Module):
         out = self.norm(x)
         return (out, layers) if collect_layers else out
 
+    def __call__(
+        self, spec, length, mask=None, *, train: bool = False, key=None, collect_layers: bool = False
+    ):
+        """Encodes ``spec [B, F, T]`` with valid frames ``length [B]``: ``trunk(embed(spec, mask))``.
+
+        ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed``. With ``train`` and a ``key``,
+        drop-path is active. Returns final-normed tokens ``[B, N(+1), D]``; with ``collect_layers`` also
+        every block's output ``[L, B, N(+1), D]`` (before the final norm).
+        """
+        x = self.embed(spec, mask)
+        valid = self.valid_mask(length, x.shape[1])
+        return self.trunk(x, valid, train=train, key=key, collect_layers=collect_layers)
+
     def intermediate_features(self, spec, length, n: int = 1):
         """The official ``get_intermediate_layers(scene=False)``: the last ``n`` blocks' outputs, each through
         the final norm, concatenated on channels: ``[B, N, n * D]`` (CLS removed)."""
         _, layers = self(spec, length, collect_layers=True)
-        n_prefix = 1 if self.cls_token is not None else 0
-        feats = [self.norm(layers[i])[:, n_prefix:] for i in range(self.cfg.depth - n, self.cfg.depth)]
+        feats = [self.norm(layers[i])[:, self.n_prefix :] for i in range(self.cfg.depth - n, self.cfg.depth)]
         return jnp.concatenate(feats, axis=-1)
+
+
+Encoder = FrameAST  # the generic name: the same class builds every stem
 
 
 def count_params(module: nnx.Module) -> int:

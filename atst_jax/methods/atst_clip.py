@@ -1,0 +1,153 @@
+"""ATST-Clip: clip-level teacher-student pretraining, the 2022 "ATST" (spec/methods.md §2).
+
+Recipe, as the official audiossl code (``audiossl/methods/atst``) runs it:
+
+- Two **independent** random crops of one clip: an ``anchor`` (``anchor_seconds``; 6 s in the base recipe,
+  9 s in the newer small one) and a ``positive`` (6 s). The pipeline draws both (``inputs()``); shorter clips
+  are padded and masked by length.
+- Each crop gets its own log-mixup-exp (λ ~ U(0, 0.4), partner = another clip of the global batch, as in
+  ATST-Frame) and its own RandomResizeCrop on both axes (virtual canvas 1× frequency, 1.5× time, scales
+  U(0.6, 1.5) on each axis, PyTorch bicubic back to the crop's size).
+- No masking. The encoder has a CLS token (positional slot 0) and the final ``norm``; the representation is
+  the CLS output. Crops of equal length go through an encoder together, as the official MultiCropWrapper
+  concatenates them; the heads always see both crops' CLS outputs in one batch ``[anchor; positive]``, so
+  BatchNorm statistics cover the ``2B`` CLS vectors of the global batch.
+- Student: encoder → projector → predictor; teacher: encoder → projector (stop-gradient), in train mode as in
+  the official code (drop-path on, BN batch statistics; ``teacher_train_mode=False`` = eval mode with the
+  student projector's running statistics, see ATST-Frame). Loss: symmetric BYOL ``2 − 2·cos`` between the
+  student prediction of one crop and the teacher projection of the other, averaged over the two pairs.
+- Teacher = EMA of the student's encoder and projector parameters; optimizer and schedules as ATST-Frame.
+- Collapse monitors ``std_cls_stu`` / ``std_cls_tea``: std of the L2-normalised outputs over the ``2B`` rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from atst_jax import flops
+from atst_jax.data import views
+from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
+from atst_jax.models.byol import byol_pair, init_byol, normalized_std, use_student_bn_stats
+from atst_jax.sharding import ConfigError
+
+CROPS = ("anchor", "positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class AtstClipConfig:
+    anchor_seconds: float = 6.0
+    positive_seconds: float = 6.0
+    mixup_ratio: float = 0.4
+    freq_scale: tuple[float, float] = (0.6, 1.5)
+    time_scale: tuple[float, float] = (0.6, 1.5)
+    virtual_time: float = 1.5  # virtual crop canvas along time (frequency: 1×)
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    teacher_train_mode: bool = True
+
+
+class AtstClip(Method):
+    name = "atst_clip"
+    Config = AtstClipConfig
+    ema_covers = ("encoder", "projector")
+    monitors = ("std_cls_stu", "std_cls_tea")
+
+    def crop_frames(self) -> dict[str, int]:
+        d, c = self.config.data, self.cfg
+        return {
+            "anchor": crop_frames(c.anchor_seconds, d.sample_rate, d.hop_length),
+            "positive": crop_frames(c.positive_seconds, d.sample_rate, d.hop_length),
+        }
+
+    def inputs(self):
+        return tuple(Crop(name, frames) for name, frames in self.crop_frames().items())
+
+    def init(self, rng):
+        student, teacher = init_byol(rng, self.enc_cfg, self.cfg, self.ema_covers)
+        return student, teacher, {}
+
+    def make_views(self, key, batch):
+        """Each crop's own mixup + 2-D RandomResizeCrop: ``{name: [B, F, T_name]}``."""
+        cfg = self.cfg
+        out = {}
+        for name, k in zip(CROPS, jax.random.split(key, len(CROPS)), strict=True):
+            k_mix, k_crop = jax.random.split(k)
+            x = batch[name]
+            if cfg.mixup_ratio > 0:
+                x = views.mixup(k_mix, x, cfg.mixup_ratio)
+            out[name] = views.random_resize_crop(k_crop, x, cfg.freq_scale, cfg.time_scale, cfg.virtual_time)
+        return out
+
+    @staticmethod
+    def encode_cls(encoder, crops, lengths, *, train, key):
+        """CLS outputs ``[2B, D]`` = [anchor; positive]. Crops of equal length share one encoder call."""
+        a, p = crops["anchor"], crops["positive"]
+        if a.shape == p.shape:
+            x = jnp.concatenate([a, p], axis=0)
+            length = jnp.concatenate([lengths["anchor"], lengths["positive"]], axis=0)
+            return encoder(x, length, None, train=train, key=key)[:, 0]
+        k_a, k_p = jax.random.split(key)
+        cls_a = encoder(a, lengths["anchor"], None, train=train, key=k_a)[:, 0]
+        cls_p = encoder(p, lengths["positive"], None, train=train, key=k_p)[:, 0]
+        return jnp.concatenate([cls_a, cls_p], axis=0)
+
+    def loss(self, student, teacher, method_state, batch, key, step):
+        del step
+        cfg = self.cfg
+        b = batch["anchor"].shape[0]
+        k_view, k_stu, k_tea = jax.random.split(key, 3)
+        crops = self.make_views(k_view, batch)
+        lengths = {name: batch[f"{name}_length"] for name in CROPS}
+        rows = jnp.ones((2 * b,), jnp.float32)
+
+        train_mode = cfg.teacher_train_mode
+        if not train_mode:
+            use_student_bn_stats(student, teacher)
+        t_cls = self.encode_cls(teacher.encoder, crops, lengths, train=train_mode, key=k_tea)
+        z = jax.lax.stop_gradient(teacher.projector(t_cls, rows, use_running_average=not train_mode))
+        s_cls = self.encode_cls(student.encoder, crops, lengths, train=True, key=k_stu)
+        p = student.predictor(student.projector(s_cls, rows), rows)
+
+        half = rows[:b]
+        total = 0.5 * (byol_pair(p[b:], z[:b], half) + byol_pair(p[:b], z[b:], half))
+        metrics = {
+            "loss": total,
+            "std_cls_stu": normalized_std(p, rows),
+            "std_cls_tea": normalized_std(z, rows),
+        }
+        return total, metrics, method_state
+
+    def step_flops(self, global_batch: int) -> float:
+        """Both networks over both crops (``B`` sequences each), the heads on ``2B`` CLS vectors, and each
+        crop's 2-D resize."""
+        cfg, enc = self.cfg, self.enc_cfg
+        encoders = sum(
+            flops.encoder_forward(enc, frames // enc.patch_w, global_batch)
+            for frames in self.crop_frames().values()
+        )
+        rows = 2 * global_batch
+        projector = flops.bnmlp_forward(rows, enc.width, cfg.proj_hidden, cfg.proj_dim)
+        predictor = flops.bnmlp_forward(rows, cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
+        resize = sum(
+            flops.resize_2d(global_batch, enc.n_mels, frames, int(frames * cfg.virtual_time))
+            for frames in self.crop_frames().values()
+        )
+        teacher = encoders + projector
+        student = flops.TRAIN_FACTOR * (encoders + projector + predictor)
+        return float(teacher + student + resize)
+
+    def check(self):
+        if not self.enc_cfg.use_cls:
+            raise ConfigError("atst_clip reads the CLS token: set model.use_cls=True")
+        for name, frames in self.crop_frames().items():
+            if frames // self.enc_cfg.patch_w < 1:
+                raise ConfigError(f"atst_clip.{name}_seconds gives no whole token ({frames} frames)")
+
+    @classmethod
+    def lightning_hparams(cls, config, *, width: int, depth: int, heads: int):
+        """The ``hyper_parameters`` of the official ``ATSTLightningModule`` (arch, peak learning_rate,
+        warmup_steps, max_steps, ema), and warnings."""
+        return official_schedule_hparams(config, width, depth, heads)

@@ -1,0 +1,208 @@
+"""Patch stems: how a log-mel ``[B, n_mels, T]`` becomes embedded tokens ``[B, N(+1), D]``.
+
+A stem owns the token rule (how many tokens a crop gives, how many are valid), patchify/unpatchify, the
+patch projection, the positions, the mask token and the optional CLS token.
+
+Stems are stateless rule objects (a frozen dataclass over the encoder config): their parameters live as
+attributes of the encoder module that ``init_params`` is given (``patch_embed``, ``mask_embed``,
+``pos_embed``, ``cls_token``). That keeps ATST's flat checkpoint layout — the one the PyTorch export and
+existing checkpoints use — instead of nesting the stem's parameters under a sub-module.
+
+- ``FrameStem`` (ATST FrameAST): a token is all mel bins × ``patch_w`` frames, flattened mel-major
+  (``mel * patch_w + frame_offset``, the official PatchEmbed_v2), ``Linear(n_mels·patch_w → D)``.
+- ``PatchStem2D`` (ASiT / EAT / AaSP): non-overlapping ``p_t × p_f`` patches over (time, mel), tokens in
+  time-major order (token ``t_patch · n_freq_patches + f_patch``), each patch flattened time-major
+  (``dt · p_f + df``). The projection is a matmul on the reshaped patches — a convolution with kernel =
+  stride is exactly that, and the matmul runs on the GEMM path without a conv lowering.
+
+Positions: ``learned`` = ``pos_embed [1, num_pos, D]``, patch tokens take slots 1..N and the CLS token slot
+0 (unused without CLS, kept for ATST checkpoint parity); ``sincos2d`` (2-D stem only) = fixed 2-D sin-cos
+over the (time, freq) patch grid, computed on the fly (not a parameter: nothing to train, decay or
+checkpoint), with no position on the CLS token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from atst_jax.models.layers import Linear, trunc_normal
+
+
+def sincos_2d(n_time: int, n_freq: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos positions ``[n_time · n_freq, dim]`` for a time-major token grid (float32).
+
+    The MAE/EAT form: the first ``dim/2`` channels encode the freq-patch index (the fast index of the
+    token order), the last ``dim/2`` the time-patch index; each half is ``[sin(p·ω_i), cos(p·ω_i)]`` with
+    ``ω_i = 10000^(−i/(dim/4))``, ``i = 0..dim/4−1``.
+    """
+    if dim % 4:
+        raise ValueError(f"sincos2d positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+
+    def one_axis(pos):
+        angles = np.outer(pos, omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    t, f = np.meshgrid(np.arange(n_time), np.arange(n_freq), indexing="ij")
+    emb = np.concatenate([one_axis(f.reshape(-1)), one_axis(t.reshape(-1))], axis=1)
+    return emb.astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stem:
+    cfg: object  # EncoderConfig (not imported: encoder.py imports this module)
+
+    @property
+    def n_prefix(self) -> int:
+        """Tokens before the patch tokens (the CLS token)."""
+        return 1 if self.cfg.use_cls else 0
+
+    # Subclasses define: patch_dim, grid(frames), patchify(spec), unpatchify(patches), _patch_kernel_init.
+    def num_tokens(self, frames: int) -> int:
+        """Patch tokens of a crop of ``frames`` frames (CLS not counted)."""
+        n_t, n_f = self.grid(frames)
+        return n_t * n_f
+
+    def init_params(self, enc: nnx.Module, rngs: nnx.Rngs) -> None:
+        """Creates the stem's parameters as attributes of ``enc``, in this order of ``rngs.params()`` draws:
+        patch kernel, mask token, learned positions, CLS token (the ATST order; checkpoints depend on it)."""
+        d = self.cfg.width
+        enc.patch_embed = Linear(
+            self.patch_dim, d, axes=("patch", "embed"), init=self._patch_kernel_init, rngs=rngs
+        )
+        enc.mask_embed = nnx.Param(trunc_normal(rngs.params(), (1, 1, d)), axes=(None, None, "embed"))
+        if self.cfg.pos_embed == "learned":
+            enc.pos_embed = nnx.Param(
+                trunc_normal(rngs.params(), (1, self.cfg.num_pos, d)), axes=(None, None, "embed")
+            )
+        else:
+            enc.pos_embed = None
+        if self.cfg.use_cls:
+            enc.cls_token = nnx.Param(trunc_normal(rngs.params(), (1, 1, d)), axes=(None, None, "embed"))
+        else:
+            enc.cls_token = None
+
+    def token_positions(self, enc: nnx.Module, n: int, dtype=jnp.float32):
+        """Positional embeddings ``[1, n, D]`` of patch tokens ``0..n-1`` (no CLS), in ``dtype``."""
+        if self.cfg.pos_embed == "learned":
+            if n + 1 > self.cfg.num_pos:
+                raise ValueError(
+                    f"{n} tokens exceed the {self.cfg.num_pos - 1} positional slots of this encoder"
+                )
+            return enc.pos_embed[...].astype(dtype)[:, 1 : n + 1]
+        n_f = self.grid(0)[1]
+        if n % n_f:
+            raise ValueError(f"{n} tokens do not fill whole time steps of {n_f} frequency patches")
+        return jnp.asarray(sincos_2d(n // n_f, n_f, self.cfg.width), dtype)[None]
+
+    def cls_embedding(self, enc: nnx.Module, dtype=jnp.float32):
+        """The CLS token with its position, ``[1, 1, D]`` (learned: slot 0; sincos: none)."""
+        if self.cfg.pos_embed == "learned":
+            return (enc.cls_token[...] + enc.pos_embed[:, :1]).astype(dtype)
+        return enc.cls_token[...].astype(dtype)
+
+    def embed(self, enc: nnx.Module, spec, mask=None):
+        """Patch projection, mask-token substitution, positions, CLS: ``[B, F, T] → [B, N(+1), D]``.
+
+        ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed`` after the projection and before the
+        positions, so a masked token still knows where it is.
+        """
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = enc.patch_embed(self.patchify(spec.astype(dtype)))
+        pos = self.token_positions(enc, x.shape[1], dtype)
+        if mask is not None:
+            x = jnp.where(mask[..., None], enc.mask_embed[...].astype(dtype), x)
+        x = x + pos
+        if enc.cls_token is not None:
+            cls = self.cls_embedding(enc, dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
+        return x
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameStem(_Stem):
+    """ATST frame patches: all ``n_mels`` bins × ``patch_w`` frames per token (one token per 40 ms)."""
+
+    _patch_kernel_init = "trunc_normal"
+
+    @property
+    def patch_dim(self) -> int:
+        return self.cfg.n_mels * self.cfg.patch_w
+
+    def grid(self, frames: int) -> tuple[int, int]:
+        """``(time patches, freq patches)`` of a crop; frames are cut to a multiple of ``patch_w``."""
+        return frames // self.cfg.patch_w, 1
+
+    def token_lengths(self, length):
+        """Valid tokens per example from valid frames (partial patches at the end are dropped)."""
+        return (length - length % self.cfg.patch_w) // self.cfg.patch_w
+
+    def patchify(self, spec):
+        """``[B, F, T] -> [B, N, F * patch_w]`` with the mel-major flattening of the official PatchEmbed_v2."""
+        b, f, t = spec.shape
+        pw = self.cfg.patch_w
+        n = t // pw
+        x = spec[:, :, : n * pw].reshape(b, f, n, pw)
+        return x.transpose(0, 2, 1, 3).reshape(b, n, f * pw)
+
+    def unpatchify(self, patches):
+        """Inverse of ``patchify``: ``[B, N, F * patch_w] -> [B, F, N * patch_w]``."""
+        b, n, _ = patches.shape
+        f, pw = self.cfg.n_mels, self.cfg.patch_w
+        return patches.reshape(b, n, f, pw).transpose(0, 2, 1, 3).reshape(b, f, n * pw)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchStem2D(_Stem):
+    """Non-overlapping ``patch_size = (p_t, p_f)`` patches over (time, mel), tokens time-major.
+
+    The patch kernel starts from PyTorch's default conv init, U(±1/√(p_t·p_f)), with a zero bias: ASiT's
+    ViT re-initialises only its Linear layers (trunc-normal 0.02) and leaves the patch conv at that default.
+    """
+
+    _patch_kernel_init = "torch_default"
+
+    @property
+    def patch_dim(self) -> int:
+        p_t, p_f = self.cfg.patch_size
+        return p_t * p_f
+
+    def grid(self, frames: int) -> tuple[int, int]:
+        """``(time patches, freq patches)``; frames are cut to a multiple of ``p_t`` (ASiT: 592 × 128 → 37 × 8)."""
+        p_t, p_f = self.cfg.patch_size
+        return frames // p_t, self.cfg.n_mels // p_f
+
+    def token_lengths(self, length):
+        """Valid tokens from valid frames: whole time patches only (the AST/ASiT convention) × freq patches."""
+        p_t, p_f = self.cfg.patch_size
+        return (length // p_t) * (self.cfg.n_mels // p_f)
+
+    def patchify(self, spec):
+        """``[B, F, T] -> [B, n_t · n_f, p_t · p_f]``: token ``t · n_f + f`` holds
+        ``spec[:, f·p_f + df, t·p_t + dt]`` at feature ``dt · p_f + df``."""
+        b, f, t = spec.shape
+        p_t, p_f = self.cfg.patch_size
+        n_t, n_f = t // p_t, f // p_f
+        x = spec[:, :, : n_t * p_t].reshape(b, n_f, p_f, n_t, p_t)
+        return x.transpose(0, 3, 1, 4, 2).reshape(b, n_t * n_f, p_t * p_f)
+
+    def unpatchify(self, patches):
+        """Inverse of ``patchify``: ``[B, n_t · n_f, p_t · p_f] -> [B, n_mels, n_t · p_t]``."""
+        b, n, _ = patches.shape
+        p_t, p_f = self.cfg.patch_size
+        n_f = self.cfg.n_mels // p_f
+        n_t = n // n_f
+        x = patches.reshape(b, n_t, n_f, p_t, p_f)
+        return x.transpose(0, 2, 4, 1, 3).reshape(b, n_f * p_f, n_t * p_t)
+
+
+STEMS = {"frame": FrameStem, "patch2d": PatchStem2D}
+POS_EMBEDS = ("learned", "sincos2d")
+
+
+def make_stem(cfg) -> _Stem:
+    return STEMS[cfg.stem](cfg)

@@ -1,0 +1,137 @@
+"""The parts every method's config shares: model sizes, optimizer, train loop, data, mesh, sharding rules.
+
+Method config files (``configs/<method>.py``) call ``base(variant, method)`` and state only what differs.
+The method's own section (``config.<method>``) starts from the method's config dataclass, the single source
+of its defaults.
+"""
+
+import ml_collections
+
+# width, depth, heads (tiny is ours, for tests and the CPU demo)
+MODELS = {
+    "tiny": (128, 4, 2),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+# Projection/prediction heads of tiny (the recipes' 4096 → 256 is far too big for a CPU test model).
+TINY_HEADS = {"proj_hidden": 512, "proj_dim": 128}
+
+
+def base(variant: str, method: str) -> ml_collections.ConfigDict:
+    """A config for ``method`` at ``variant`` size with the shared defaults (ATST's AdamW and schedules)."""
+    from atst_jax.methods import get_class
+    from atst_jax.methods.base import dataclass_defaults
+
+    variant = variant or "tiny"
+    if variant not in MODELS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(MODELS)}")
+    width, depth, heads = MODELS[variant]
+
+    c = ml_collections.ConfigDict()
+    c.method = method
+    c.variant = variant
+    c.seed = 0
+    # Parameters to start from (fresh optimizer): a run directory, RUN/checkpoints/<step>, or an exported /
+    # official PyTorch file (.safetensors, ATST-SED .pt, Lightning .ckpt).
+    c.init_from = ""
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            width=width,
+            depth=depth,
+            heads=heads,
+            mlp_ratio=4.0,
+            n_mels=64,
+            patch_w=4,
+            num_pos=251,
+            drop_path=0.1,
+            use_cls=False,
+            dtype="float32",  # compute dtype ("bfloat16" on accelerators); params stay float32
+            scan_layers=True,
+            remat="none",  # none | full | save_dots
+        )
+    )
+    # The method's section: every field of its config dataclass, at the dataclass defaults.
+    c[method] = ml_collections.ConfigDict(dataclass_defaults(get_class(method).Config))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            base_lr=4e-4,  # peak LR = base_lr × global_batch / 256
+            final_lr=1e-6,
+            warmup_steps=30,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-6,
+            wd_start=0.04,
+            wd_end=0.4,
+            wd_schedule="cosine",  # cosine (wd_start → wd_end) | constant (wd_start)
+            grad_clip="none",  # none | global_norm | per_param (before AdamW)
+            clip_norm=0.0,
+            ema=0.99,  # teacher momentum at step 0 (the method's schedule takes it from there)
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=300,
+            global_batch=16,
+            log_every=10,
+            ckpt_every=100,
+            keep_checkpoints=3,  # newest K checkpoints kept ...
+            keep_every=0,  # ... plus every M-th step for good (0 = none)
+            nonfinite="halt",  # halt | skip: what a NaN/Inf loss or gradient does
+            max_skipped=10,  # with nonfinite=skip: halt after this many skipped steps
+            inject_nan_at_step=-1,  # fault injection for tests: make the N-th step's loss NaN (1-based)
+            # Split each global batch into this many microbatches run one after another (same update for
+            # per-example losses; BatchNorm statistics become per-microbatch). For the official 1008–1536
+            # batches on few devices.
+            grad_accum_steps=1,
+            chip="",  # for perf/mfu: v4 | v5e | v5p | v6e | h100 | h200; "" = detect from the device kind
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            source="embedded",  # embedded | records
+            records_dir="",  # for source=records: a directory of prepared ArrayRecord shards
+            cache_dir="",  # embedded data cache; default ~/.cache/atst_jax/embedded
+            num_clips=512,
+            # Train on a seeded random subset of this many clips (0 = all). The official small recipes of
+            # ATST-Frame and ATST-Clip use 200,000 AudioSet clips drawn with seed 1234.
+            subset=0,
+            subset_seed=1234,
+            sample_rate=16000,
+            hop_length=160,
+            worker_count=0,  # Grain worker processes (0 = in the main process)
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Logical axis → mesh axes (see atst_jax/sharding.py). Lists, so configs stay plain data.
+    c.sharding_rules = [
+        ["batch", ["data", "fsdp"]],
+        ["embed", "fsdp"],
+        # MLP hidden units over tensor, and over fsdp where the other dim did not take it (the fc1 bias).
+        ["mlp", ["tensor", "fsdp"]],
+        ["heads", "tensor"],
+        ["kv", None],
+        ["layers", None],
+        ["patch", None],
+        # Head hidden units (4096): over tensor, and over fsdp where the other dim did not take it, so
+        # FSDP shards the heads too (otherwise ~3M replicated head weights dominate at fsdp=256).
+        ["proj_hidden", ["fsdp", "tensor"]],
+        ["proj_out", None],
+        # Activations: examples over (data, fsdp); heads and MLP units over tensor; features unsharded.
+        ["act_batch", ["data", "fsdp"]],
+        ["act_length", None],
+        ["act_embed", None],
+        ["act_heads", "tensor"],
+        ["act_mlp", "tensor"],
+    ]
+    return c
+
+
+def set_run(c, *, global_batch, base_lr, warmup_steps, steps, ema):
+    """The recipe's run: global batch, base LR (× batch / 256), warm-up and total steps, teacher EMA."""
+    c.train.global_batch = global_batch
+    c.train.steps = steps
+    c.optim.base_lr = base_lr
+    c.optim.warmup_steps = warmup_steps
+    c.optim.ema = ema

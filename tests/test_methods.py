@@ -1,0 +1,265 @@
+"""The method contract, checked over every registered method: device-count invariance, golden shardings,
+analytic FLOPs against XLA, the planner at fsdp=256, exact resume, ``bench step``; method state through
+checkpoints and non-finite steps (a stand-in method); ATST-Clip learning on the embedded data.
+
+Regenerate a golden file after an intended change with ``UPDATE_GOLDEN=1 pytest tests/test_methods.py`` and
+review the diff.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, cli_env
+
+from atst_jax import methods
+from atst_jax import sharding as shd
+from atst_jax.checkpoint import params_digest, read_checkpoint, to_pure
+from atst_jax.methods.atst_frame import AtstFrame
+from atst_jax.train import Trainer, load_config, train
+
+METHODS = methods.names()
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def config_path(name: str) -> str:
+    return str(ROOT / "configs" / f"{name}.py")
+
+
+def tiny(name, **train):
+    """The method's tiny config with short crops: every crop ≤ 2 s, so compiles stay short."""
+    config = load_config(config_path(name) + ":tiny")
+    section = config[name]
+    for field in list(section.keys()):
+        if field.endswith("seconds"):
+            section[field] = min(float(section[field]), 2.0)
+    config.train.update(train)
+    return config
+
+
+def _run_steps(config, devices, batches):
+    trainer = Trainer(config, shd.make_mesh({"data": len(devices)}, devices))
+    state, step = trainer.init(config.seed), trainer.jit_train_step()
+    out = []
+    for host in batches:
+        batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
+        state, metrics = step(state, batch)
+        out.append(jax.device_get(metrics))
+    return out, state
+
+
+def _batches(trainer_config, n=3, seed=0):
+    trainer = Trainer(trainer_config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    out = []
+    for i in range(n):
+        host = trainer.synthetic_batch(seed + i)
+        for k in host:  # uneven valid lengths, so the padding masks are exercised
+            if k.endswith("_length"):
+                host[k] = host[k] - np.arange(len(host[k]), dtype=np.int32) * 7
+        out.append(host)
+    return out
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_three_steps_on_one_device_equal_eight_devices(name):
+    assert jax.device_count() == 8
+    config = tiny(name, global_batch=8)
+    batches = _batches(config)
+    one, s1 = _run_steps(config, jax.devices()[:1], batches)
+    eight, s8 = _run_steps(config, jax.devices(), batches)
+    monitors = methods.get_class(name).monitors
+    for a, b in zip(one, eight, strict=True):
+        for k in ("loss", "grad_norm", *monitors):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)
+    assert len({round(float(m["loss"]), 6) for m in one}) == 3  # the runs really moved
+    np.testing.assert_allclose(
+        np.asarray(s1["teacher"]["encoder"]["pos_embed"].get_value()),
+        np.asarray(s8["teacher"]["encoder"]["pos_embed"].get_value()),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+def _specs(tree):
+    return {
+        jax.tree_util.keystr(path): [list(e) if isinstance(e, tuple) else e for e in s.spec]
+        for path, s in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_base_parameter_shardings_match_golden(name):
+    config = load_config(config_path(name) + ":base")
+    trainer = Trainer(config, shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    shardings = to_pure(trainer.state_shardings)
+    params = _specs(shardings["params"])
+    golden = GOLDEN / f"sharding_{name}_base_d2_f2_t2.json"
+    if os.environ.get("UPDATE_GOLDEN") or not golden.exists() and os.environ.get("CI") != "true":
+        golden.write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
+    assert params == json.loads(golden.read_text())
+    # Teacher and optimizer moments shard exactly like the student's covered parts.
+    covers = tuple(f"['{c}']" for c in methods.get_class(name).ema_covers)
+    assert _specs(shardings["teacher"]) == {k: v for k, v in params.items() if k.startswith(covers)}
+    assert _specs(shardings["opt"]["mu"]) == params and _specs(shardings["opt"]["nu"]) == params
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_analytic_flops_agree_with_xla_cost_analysis(name):
+    config = tiny(name, global_batch=4)
+    config.model.scan_layers = False  # XLA's cost analysis counts a scanned body only once
+    trainer = Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+    cost = trainer.jit_train_step().lower(*trainer.abstract_step_inputs()).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert trainer.step_flops > 0
+    assert abs(cost["flops"] / trainer.step_flops - 1) < 0.10, (cost["flops"], trainer.step_flops)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "atst_frame"])  # ATST-Frame: tests/test_plan.py
+def test_planner_shards_the_state_over_256_devices(name, tmp_path):
+    out = tmp_path / "plan.json"
+    crops = [
+        f"--config.{name}.{f}=1.0"
+        for f in load_config(config_path(name) + ":base")[name]
+        if f.endswith("seconds")
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "atst_jax.plan", "--config", config_path(name) + ":base", "--mesh",
+         "data=1,fsdp=256", "--json", str(out), "--config.train.global_batch=256", *crops],
+        capture_output=True, text=True, env=cli_env(8), cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    mem = r["memory"]
+    assert mem["per_device"]["state"] <= 1.1 * mem["total"]["state"] / 256, mem["replicated"][:5]
+    assert r["flops"]["analytic_per_step"] > 0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bench_step_runs(name, capsys):
+    from atst_jax import bench
+
+    args = ["step", "--config", config_path(name) + ":tiny", "--batch", "8", "--steps", "1", "--warmup", "0"]
+    args += [f"--set={name}.{f}=1.0" for f in tiny(name)[name] if f.endswith("seconds")]
+    assert bench.main(args) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "s/step" in line and "clips/s" in line and "TFLOP/s" in line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method state: a stand-in method whose state is a running counter and centre
+# ----------------------------------------------------------------------------------------------------------
+class _CentreMethod(AtstFrame):
+    """ATST-Frame plus a DINO-like centre: ``calls`` counts loss evaluations and ``centre`` is an EMA of the
+    batch's mean log-mel per mel bin. Both must resume exactly and stand still on a skipped step."""
+
+    def init(self, rng):
+        student, teacher, _ = super().init(rng)
+        n_mels = self.enc_cfg.n_mels
+        return (
+            student,
+            teacher,
+            {"calls": jnp.zeros((), jnp.int32), "centre": jnp.zeros((n_mels,), jnp.float32)},
+        )
+
+    def loss(self, student, teacher, method_state, batch, key, step):
+        loss, metrics, _ = super().loss(student, teacher, {}, batch, key, step)
+        mean = jnp.mean(batch["spec"], axis=(0, 2))
+        new = {"calls": method_state["calls"] + 1, "centre": 0.9 * method_state["centre"] + 0.1 * mean}
+        return loss, dict(metrics, centre_norm=jnp.linalg.norm(new["centre"])), new
+
+
+@pytest.fixture
+def centre_method(monkeypatch):
+    real = methods.get_class
+    monkeypatch.setattr(methods, "get_class", lambda n: _CentreMethod if n == "atst_frame" else real(n))
+
+
+def _centre_config(cache, steps, **train_fields):
+    config = tiny("atst_frame", global_batch=4, steps=steps, ckpt_every=3, log_every=1, **train_fields)
+    config.data.cache_dir, config.data.num_clips = cache, 64
+    return config
+
+
+def test_method_state_resumes_exactly_and_survives_a_skipped_step(tmp_path, embedded_cache, centre_method):
+    full = train(_centre_config(embedded_cache, 6), str(tmp_path / "full"))
+    assert full["step"] == 6
+    _, _, ref = read_checkpoint(tmp_path / "full")
+    assert int(ref["method"]["calls"]) == 6 and np.abs(ref["method"]["centre"]).sum() > 0
+
+    # Stopped after step 3 (a checkpoint), then restarted: the state continues from the checkpoint.
+    work = tmp_path / "resumed"
+    train(_centre_config(embedded_cache, 3), str(work))
+    _, _, mid = read_checkpoint(work)
+    assert int(mid["method"]["calls"]) == 3
+    train(_centre_config(embedded_cache, 6), str(work))
+    _, _, got = read_checkpoint(work)
+    assert int(got["method"]["calls"]) == 6
+    np.testing.assert_array_equal(got["method"]["centre"], ref["method"]["centre"])
+    assert params_digest(got) == params_digest(ref)
+
+    # A non-finite step 2, skipped: the state is the one of steps 1 and 3 only.
+    skip = tmp_path / "skip"
+    train(_centre_config(embedded_cache, 3, nonfinite="skip", inject_nan_at_step=2), str(skip))
+    _, _, s = read_checkpoint(skip)
+    assert int(s["method"]["calls"]) == 2
+    assert np.isfinite(s["method"]["centre"]).all()
+    rows = [json.loads(x) for x in (skip / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows}
+    # The skipped step's centre never landed: step 3 continues from step 1's centre.
+    assert by_step[2]["finite"] == 0.0
+    np.testing.assert_allclose(np.linalg.norm(s["method"]["centre"]), by_step[3]["centre_norm"], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ATST-Clip end to end
+# ----------------------------------------------------------------------------------------------------------
+def test_atst_clip_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, embedded_cache):
+    proc = subprocess.run(
+        [sys.executable, "-m", "atst_jax.train", "--config", config_path("atst_clip") + ":tiny",
+         "--workdir", str(tmp_path), "--config.train.steps=20", f"--config.data.cache_dir={embedded_cache}",
+         "--config.data.num_clips=64"],
+        capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "20").is_dir()
+    assert "std_cls_stu" in proc.stdout and "atst_clip tiny" in proc.stdout
+    _, config, state = read_checkpoint(tmp_path)
+    assert config["method"] == "atst_clip" and "cls_token" in state["teacher"]["encoder"]
+
+
+def test_atst_clip_learns_on_embedded_data_without_collapse(tmp_path, embedded_cache):
+    config = load_config(config_path("atst_clip") + ":tiny")  # the demo's own settings: batch 16, 4 s / 3 s
+    config.train.update(steps=200, log_every=10, ckpt_every=200)
+    config.data.cache_dir, config.data.num_clips = embedded_cache, 64
+    assert train(config, str(tmp_path))["step"] == 200
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    early = np.mean([r["loss"] for r in rows[:2]])
+    late = np.mean([r["loss"] for r in rows[-3:]])
+    assert late < early - 0.1, (early, late)
+    first, last = rows[0], rows[-1]
+    # Healthy ≈ 1/√128 ≈ 0.088 for the 128-d tiny head; collapse → 0.
+    for k in ("std_cls_stu", "std_cls_tea"):
+        assert last[k] > 0.5 * first[k] and last[k] > 0.02, (k, first[k], last[k])
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path, embedded_cache):
+    """Exact resume for every method: 6 steps in one go = 3 steps, a new process-like restart, 3 more (the SIGKILL
+    variant through the CLI is tests/test_checkpoint.py)."""
+
+    def config(steps):
+        c = tiny(name, global_batch=4, steps=steps, ckpt_every=3, log_every=3)
+        c.data.cache_dir, c.data.num_clips = embedded_cache, 64
+        return c
+
+    train(config(6), str(tmp_path / "full"))
+    train(config(3), str(tmp_path / "resumed"))
+    train(config(6), str(tmp_path / "resumed"))
+    (a_step, _, a), (b_step, _, b) = read_checkpoint(tmp_path / "full"), read_checkpoint(tmp_path / "resumed")
+    assert a_step == b_step == 6 and params_digest(a) == params_digest(b)
