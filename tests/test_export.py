@@ -1,8 +1,8 @@
 """PyTorch export, import, HEAR API and JAX embeddings (issue 6; contract: spec/torch_export.md).
 
-A tiny ATST-Frame (width 64, depth 2, 1 head of 64) with randomly perturbed parameters — so that a wrong
-transpose, a swapped q/k/v or head order, or student/teacher mix-up changes numbers — is written as a real
-Orbax checkpoint once per module; every test works from it.
+A tiny ATST-Frame and a tiny ATST-Clip (width 64, depth 2, 1 head of 64) with randomly perturbed
+parameters — so that a wrong transpose, a swapped q/k/v or head order, or student/teacher mix-up changes
+numbers — are written as real Orbax checkpoints once per module; every test works from them.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import soundfile as sf  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.torch import load_file as st_load_torch  # noqa: E402
 
-from atst_jax import audio, embed  # noqa: E402
+from atst_jax import audio, embed, inference  # noqa: E402
 from atst_jax.checkpoint import Checkpointer, read_checkpoint  # noqa: E402
 from atst_jax.export import __main__ as export_cli  # noqa: E402
 from atst_jax.export import convert, hear, load, torch_encoder  # noqa: E402
-from atst_jax.methods import atst_frame  # noqa: E402
+from atst_jax.methods import build, get_class  # noqa: E402
 from atst_jax.models.encoder import EncoderConfig, FrameAST  # noqa: E402
-from atst_jax.train import encoder_config, load_config  # noqa: E402
+from atst_jax.train import load_config  # noqa: E402
 
 SR = 16000
 WIDTH, DEPTH, HEADS = 64, 2, 1
@@ -58,16 +58,17 @@ def _random_stats(stats, rng):
     return jax.tree_util.tree_map_with_path(one, stats)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run directory with one checkpoint (step 5) of a tiny model; returns (workdir, state)."""
-    config = load_config("configs/atst_frame.py:tiny")
+def _tiny_config(method: str = "atst_frame"):
+    config = load_config(f"configs/{method}.py:tiny")
     config.model.width, config.model.depth, config.model.heads = WIDTH, DEPTH, HEADS
-    config.atst_frame.proj_hidden, config.atst_frame.proj_dim = 32, 16
-    student, teacher, _ = atst_frame.init(
-        jax.random.key(0), encoder_config(config), atst_frame.method_config(config)
-    )
-    rng = np.random.default_rng(0)
+    config[method].proj_hidden, config[method].proj_dim = 32, 16
+    return config
+
+
+def _write_run(config, workdir, seed):
+    """One checkpoint (step 5) of ``config``'s method with perturbed parameters; returns the stored state."""
+    student, teacher, _ = build(config).init(jax.random.key(0))
+    rng = np.random.default_rng(seed)
     state = {
         "step": np.asarray(5, np.int32),
         "params": _perturb(nnx.to_pure_dict(nnx.state(student, nnx.Param)), rng),
@@ -77,19 +78,29 @@ def run(tmp_path_factory):
         "opt": {"count": np.asarray(5, np.int32)},
         "rng": np.zeros((2,), np.uint32),
     }
-    workdir = tmp_path_factory.mktemp("run")
     ckpt = Checkpointer(workdir, save_every=1, keep=3, async_save=False)
     ckpt.save(5, state, config=config, force=True)
     ckpt.close()
     _, _, stored = read_checkpoint(workdir)
-    return workdir, stored
+    return stored
 
 
 @pytest.fixture(scope="module")
-def exports(run, tmp_path_factory):
+def run(tmp_path_factory):
+    """A run directory with one checkpoint (step 5) of a tiny ATST-Frame; returns (workdir, state)."""
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, _write_run(_tiny_config(), workdir, 0)
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """The same for a tiny ATST-Clip (CLS token, final ``norm``; 4 s anchor, 3 s positive crops)."""
+    workdir = tmp_path_factory.mktemp("clip_run")
+    return workdir, _write_run(_tiny_config("atst_clip"), workdir, 1)
+
+
+def _export_all(workdir, out):
     """All formats for both encoders: ``{(format, encoder): path}``."""
-    workdir, _ = run
-    out = tmp_path_factory.mktemp("exports")
     paths = {}
     for fmt, suffix in (("safetensors", "safetensors"), ("atst_sed", "pt"), ("lightning", "ckpt")):
         for enc in ("teacher", "student") if fmt != "lightning" else ("teacher",):
@@ -102,6 +113,16 @@ def exports(run, tmp_path_factory):
             )
             paths[fmt, enc] = path
     return paths
+
+
+@pytest.fixture(scope="module")
+def exports(run, tmp_path_factory):
+    return _export_all(run[0], tmp_path_factory.mktemp("exports"))
+
+
+@pytest.fixture(scope="module")
+def clip_exports(clip_run, tmp_path_factory):
+    return _export_all(clip_run[0], tmp_path_factory.mktemp("clip_exports"))
 
 
 def _random_encoder_params(cfg: EncoderConfig, seed: int):
@@ -167,8 +188,9 @@ def _spec_table(d, depth=12):
 def test_official_key_table_from_abstract_model(width, heads, total):
     """Base/small key names and shapes, from an abstract (never allocated) model, equal the spec table;
     the PyTorch module (on the meta device) has the same state_dict."""
-    cfg = EncoderConfig(width=width, depth=12, heads=heads)
-    student = nnx.eval_shape(lambda: atst_frame.Student(cfg, atst_frame.AtstFrameConfig(), rngs=nnx.Rngs(0)))
+    config = load_config("configs/atst_frame.py:base")
+    config.model.width, config.model.heads = width, heads
+    student = nnx.eval_shape(lambda: build(config).init(jax.random.key(0))[0])
     params = nnx.to_pure_dict(nnx.state(student, nnx.Param))
     stats = nnx.to_pure_dict(nnx.state(student, nnx.BatchStat))
     sd = jax.eval_shape(convert.encoder_to_torch, params["encoder"])
@@ -221,7 +243,7 @@ def test_clip_layout_139_keys():
     assert tm.use_cls
     spec = np.random.default_rng(2).standard_normal((2, 64, 200)).astype(np.float32)
     length = np.array([200, 120])
-    ej = np.asarray(embed.encoder_from_params(params).intermediate_features(spec, length, 2))
+    ej = np.asarray(inference.encoder_from_params(params).intermediate_features(spec, length, 2))
     with torch.no_grad():
         et = tm.get_intermediate_layers(
             torch.from_numpy(spec), torch.from_numpy(length), 2, scene=False
@@ -294,8 +316,9 @@ def test_atst_sed_and_lightning_layouts(run, exports):
     assert all(type(v) in (str, int, float, bool) for v in hp.values())
     assert hp["max_steps"] > hp["warmup_steps"] and hp["pos_type"] == "cut" and hp["avg_blocks"] == 0
     assert hp["arch"].startswith("custom") and isinstance(ck["pytorch-lightning_version"], str)
-    assert export_cli.arch_name(768, 12, 12) == ("base", True)
-    assert export_cli.arch_name(384, 12, 6) == ("small", True)
+    frame_config = read_checkpoint(run[0])[1]
+    assert export_cli._lightning_hparams(frame_config, 768, 12, 12)[0]["arch"] == "base"
+    assert export_cli._lightning_hparams(frame_config, 384, 12, 6)[0]["arch"] == "small"
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "atst_sed"])
@@ -449,11 +472,11 @@ def jax_embedder(run):
 def test_block_frontends_match_reference():
     wave = _signal(7.3, 3)
     ref = audio.log_mel_np(wave)
-    np.testing.assert_allclose(embed.log_mel(wave, block_frames=333), ref, atol=1e-6)
+    np.testing.assert_allclose(inference.log_mel(wave, block_frames=333), ref, atol=1e-6)
     got = torch_encoder.LogMel(block_frames=250)(torch.from_numpy(wave)[None])[0].numpy()
     np.testing.assert_allclose(got, ref, atol=1e-6)
     short = _signal(0.02, 4)  # 320 samples: shorter than the reflect padding
-    np.testing.assert_allclose(embed.log_mel(short), audio.log_mel_np(short), atol=1e-6)
+    np.testing.assert_allclose(inference.log_mel(short), audio.log_mel_np(short), atol=1e-6)
 
 
 @pytest.mark.parametrize("seconds", [3.0, 25.0])
@@ -475,15 +498,15 @@ def test_jax_and_torch_embeddings_agree(run, exports, jax_embedder, seconds):
 def test_chunks_are_independent_10s_windows_on_a_global_grid(jax_embedder, run):
     """Tokens 250·k … of a 25 s clip are the encoding of frames 1000·k … alone; the 2501st frame is dropped."""
     wave = _signal(25.0, 25)
-    spec = embed.log_mel(wave)
+    spec = inference.log_mel(wave)
     emb = jax_embedder.spec_embeddings(spec)
     assert spec.shape[1] == 2501 and emb.shape[0] == 625
     encoder = embed.read_run_encoder(run[0])[0]
-    for k, (s, e) in enumerate(embed.chunk_bounds(spec.shape[1])):
+    for k, (s, e) in enumerate(inference.chunk_bounds(spec.shape[1])):
         direct = np.asarray(encoder.intermediate_features(spec[None, :, s:e], np.array([e - s]), DEPTH))[0]
         assert np.abs(emb[250 * k : 250 * k + direct.shape[0]] - direct).max() < 1e-5
-    assert embed.chunk_bounds(2501) == [(0, 1000), (1000, 2000), (2000, 2501)]
-    assert embed.chunk_bounds(2003) == [(0, 1000), (1000, 2000)]  # 3 frames: no whole patch
+    assert inference.chunk_bounds(2501) == [(0, 1000), (1000, 2000), (2000, 2501)]
+    assert inference.chunk_bounds(2003) == [(0, 1000), (1000, 2000)]  # 3 frames: no whole patch
 
 
 def test_hear_api_on_65s(exports):
@@ -546,3 +569,225 @@ def test_embed_cli(run, exports, jax_embedder, tmp_path, capsys):
         embed.main(["--workdir", str(workdir), "--audio", str(src), "--out", str(out), "--layers", "3"]) == 2
     )
     assert "between 1 and the encoder depth 2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ATST-Clip: export, strict load, parity, round trips, HEAR, embed
+# ----------------------------------------------------------------------------------------------------------
+
+CLIP_CHUNK = 400  # the tiny Clip run's longest crop (4 s anchor): 401 frames, cut to whole 4-frame patches
+
+
+def test_clip_safetensors_layout_strict_and_metadata(clip_run, clip_exports, exports):
+    _, state = clip_run
+    path = clip_exports["safetensors", "teacher"]
+    sd = st_load_torch(str(path))
+    assert set(sd) == set(convert.encoder_keys(DEPTH, clip=True))
+    assert len(sd) == TINY_KEYS + 1 and "norm_frame.weight" not in sd
+    assert tuple(sd["cls_token"].shape) == (1, 1, WIDTH)
+    model = torch_encoder.FrameAST(width=WIDTH, depth=DEPTH, heads=HEADS, use_cls=True)
+    result = model.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    np.testing.assert_array_equal(sd["cls_token"].numpy(), state["teacher"]["encoder"]["cls_token"])
+    np.testing.assert_array_equal(sd["norm.weight"].numpy(), state["teacher"]["encoder"]["norm"]["scale"])
+
+    meta = load.read_file(path)[1]["metadata"]
+    assert meta["format"] == "atst_clip_encoder" and meta["chunk_frames"] == str(CLIP_CHUNK)
+    frame_meta = load.read_file(exports["safetensors", "teacher"])[1]["metadata"]
+    assert frame_meta["format"] == "atst_frame_encoder" and frame_meta["chunk_frames"] == "1000"
+
+    sed = torch.load(clip_exports["atst_sed", "teacher"], weights_only=True)["state_dict"]
+    assert {k.removeprefix("model.teacher.encoder.") for k in sed} == set(
+        convert.encoder_keys(DEPTH, clip=True)
+    )
+
+
+def test_clip_torch_matches_jax_cls_and_tokens(clip_run, clip_exports):
+    """Same perturbed parameters, same input: the CLS and token outputs of the JAX ``FrameAST(use_cls=True)``
+    and of the strict-loaded PyTorch export agree within 1e-4 — final output and the last-n-blocks features."""
+    _, state = clip_run
+    params = state["teacher"]["encoder"]
+    cfg = EncoderConfig(width=WIDTH, depth=DEPTH, heads=HEADS, use_cls=True, drop_path=0.0)
+    jm = inference.encoder_from_params(params, cfg)  # a JAX FrameAST(cfg) holding the run's parameters
+    tm = torch_encoder.FrameAST.from_state_dict(st_load_torch(str(clip_exports["safetensors", "teacher"])))
+    assert tm.use_cls
+
+    rng = np.random.default_rng(5)
+    spec = rng.standard_normal((2, 64, 400)).astype(np.float32)
+    length = np.array([400, 250])
+    valid = [1 + 100, 1 + 62]  # CLS + valid tokens
+    with jax.default_matmul_precision("highest"):
+        final_j = np.asarray(jm(spec, length))
+        feats_j = np.asarray(inference.block_features(jm, spec, length, DEPTH))
+    with torch.no_grad():
+        final_t = tm(torch.from_numpy(spec), torch.from_numpy(length)).numpy()
+        feats_t = tm.block_outputs(torch.from_numpy(spec), torch.from_numpy(length), DEPTH).numpy()
+    assert final_j.shape == final_t.shape == (2, 101, WIDTH)
+    assert feats_j.shape == feats_t.shape == (2, 101, DEPTH * WIDTH)
+    for b, v in enumerate(valid):
+        assert np.abs(final_j[b, 0] - final_t[b, 0]).max() < 1e-4  # CLS
+        assert np.abs(final_j[b, 1:v] - final_t[b, 1:v]).max() < 1e-4  # tokens
+        assert np.abs(feats_j[b, :v] - feats_t[b, :v]).max() < 1e-4
+    assert np.abs(final_j[:, 0]).max() > 0.5  # not a degenerate comparison
+    # The CLS attends to the tokens (a different input changes it).
+    assert np.abs(final_j[0, 0] - final_j[1, 0]).max() > 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "atst_sed"])
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_clip_round_trip_encoder(clip_run, clip_exports, fmt, which):
+    _, state = clip_run
+    got = load.load_encoder_params(clip_exports[fmt, which])
+    _tree_equal(got, state["teacher" if which == "teacher" else "params"]["encoder"])
+    assert inference.config_from_params(got).use_cls
+
+
+def test_clip_lightning_export_and_round_trip(clip_run, clip_exports):
+    workdir, state = clip_run
+    config = read_checkpoint(workdir)[1]
+    ck = torch.load(clip_exports["lightning", "teacher"], weights_only=True)
+    counts = {}
+    for k in ck["state_dict"]:
+        prefix = ".".join(k.split(".")[:3])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    assert counts == {
+        "model.student.encoder": TINY_KEYS + 1,
+        "model.student.projector": 7,
+        "model.student.predictor": 7,
+        "model.teacher.encoder": TINY_KEYS + 1,
+        "model.teacher.projector": 7,
+    }
+    assert "model.teacher.encoder.cls_token" in ck["state_dict"]
+    hp = ck["hyper_parameters"]
+    # The official ATSTLightningModule's arguments, from the run's config.
+    optim, train = config["optim"], config["train"]
+    assert hp["arch"] == f"custom_d{WIDTH}_l{DEPTH}_h{HEADS}"
+    assert hp["learning_rate"] == pytest.approx(optim["base_lr"] * train["global_batch"] / 256)
+    assert (hp["warmup_steps"], hp["max_steps"]) == (optim["warmup_steps"], train["steps"])
+    assert hp["ema"] == optim["ema"]
+    assert all(type(v) in (str, int, float, bool) for v in hp.values())
+    assert isinstance(ck["pytorch-lightning_version"], str)
+
+    got = load.load_pretraining(clip_exports["lightning", "teacher"])
+    for key in ("params", "stats", "teacher", "teacher_stats"):
+        _tree_equal(got[key], state[key])
+
+
+def test_lightning_refused_for_a_method_without_layout(clip_run, tmp_path, monkeypatch, capsys):
+    method = get_class("atst_clip")
+    monkeypatch.setattr(method, "lightning_hparams", classmethod(lambda cls, config, **kw: None))
+    out = tmp_path / "x.ckpt"
+    argv = ["--workdir", str(clip_run[0]), "--format", "lightning", "--out", str(out)]
+    assert export_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no official Lightning" in err and "\n" not in err and not out.exists()
+
+
+def test_run_encoder_config_infers_use_cls_for_old_configs(clip_run):
+    workdir, state = clip_run
+    config = read_checkpoint(workdir)[1]
+    params = state["teacher"]["encoder"]
+    assert inference.run_encoder_config(config, params).use_cls
+    old = {**config, "model": {k: v for k, v in config["model"].items() if k != "use_cls"}}
+    cfg = inference.run_encoder_config(old, params)
+    assert cfg.use_cls and cfg.dtype == "float32" and cfg.drop_path == 0.0
+    frame_params = {k: v for k, v in params.items() if k != "cls_token"}
+    assert not inference.run_encoder_config(old, frame_params).use_cls
+    with pytest.raises(ValueError, match="use_cls=False"):
+        inference.run_encoder_config({**config, "model": {**config["model"], "use_cls": False}}, params)
+    assert inference.run_chunk_frames(config, True) == CLIP_CHUNK
+    assert inference.run_chunk_frames(None, True) == 600  # the official default train_len, 6 s
+    # The longest crop the method trains on (Method.inputs()): a 9 s anchor gives 901 frames → 900.
+    longer = {**config, "atst_clip": {**config["atst_clip"], "anchor_seconds": 9.0}}
+    assert inference.run_chunk_frames(longer, True) == 900
+    assert inference.run_chunk_frames(config, False) == inference.CHUNK_FRAMES
+
+
+@pytest.fixture(scope="module")
+def clip_jax_embedder(clip_run):
+    workdir, _ = clip_run
+    encoder, _, config = embed.read_run_encoder(workdir)
+    assert encoder.cfg.use_cls
+    return embed.Embedder(encoder, chunk_frames=inference.run_chunk_frames(config, True))
+
+
+def test_clip_hear_api(clip_exports, clip_jax_embedder):
+    """Sizes; timestamps are the tokens without CLS; scene = [CLS ‖ mean], with the clip CLS the
+    token-weighted mean of per-chunk CLS features; long audio in chunks of the pretraining crop; JAX agrees."""
+    model = hear.load_model(str(clip_exports["safetensors", "teacher"]), max_chunks=4)
+    assert model.sample_rate == 16000 and model.chunk_frames == CLIP_CHUNK
+    assert model.timestamp_embedding_size == DEPTH * WIDTH
+    assert model.scene_embedding_size == 2 * DEPTH * WIDTH
+    seen = []
+    model.encoder.patch_embed.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
+
+    audio_in = torch.from_numpy(np.stack([_signal(65.0, 3), 0.5 * _signal(65.0, 4)]))
+    emb, ts = hear.get_timestamp_embeddings(audio_in, model)
+    tokens = (65 * SR // 160 + 1) // 4
+    assert emb.shape == (2, tokens, DEPTH * WIDTH) and ts.shape == (2, tokens)
+    np.testing.assert_array_equal(ts[0].numpy(), 40.0 * np.arange(tokens) + 15.0)
+    # 6501 frames: 16 chunks of 400 and one of 101, per clip; never more than 400 frames or 4 chunks a call.
+    assert max(s[-1] for s in seen) <= CLIP_CHUNK and max(s[0] for s in seen) <= 4
+    assert sum(s[0] for s in seen) == 34
+
+    scene = hear.get_scene_embeddings(audio_in, model)
+    assert scene.shape == (2, model.scene_embedding_size)
+    n = DEPTH * WIDTH
+    torch.testing.assert_close(scene[:, n:], emb.mean(dim=1))
+    # The CLS half, rebuilt chunk by chunk with the encoder alone.
+    spec = model.frontend(audio_in[:1])
+    cls, weight = 0.0, 0
+    for s, e in inference.chunk_bounds(spec.shape[-1], CLIP_CHUNK):
+        with torch.no_grad():
+            out = model.encoder.block_outputs(spec[:, :, s:e], torch.tensor([e - s]), DEPTH)
+        cls = cls + ((e - s) // 4) * out[0, 0]
+        weight += (e - s) // 4
+    torch.testing.assert_close(scene[0, :n], cls / weight, atol=1e-5, rtol=1e-5)
+
+    # One chunk: exactly the encoder's single-chunk scene feature [CLS ‖ mean].
+    short = torch.from_numpy(_signal(3.0, 5))[None]
+    one = model.encoder.get_intermediate_layers(model.frontend(short), torch.tensor([301]), DEPTH, scene=True)
+    torch.testing.assert_close(hear.get_scene_embeddings(short, model), one, atol=1e-5, rtol=1e-5)
+
+    # JAX side, on a clip of four chunks (3 × 400 + 101 frames).
+    wave = _signal(13.0, 6)
+    ej, _ = clip_jax_embedder.frame_embeddings(wave)
+    et, _ = model.timestamp_embeddings(torch.from_numpy(wave)[None])
+    assert ej.shape == (325, n) and np.abs(et[0].numpy() - ej).max() < 1e-4
+    sj = clip_jax_embedder.clip_embedding(wave)
+    st = model.scene_embeddings(torch.from_numpy(wave)[None])[0].numpy()
+    assert sj.shape == (2 * n,) and np.abs(sj - st).max() < 1e-4
+    assert clip_jax_embedder.max_frames_seen <= CLIP_CHUNK
+
+
+def test_embed_cli_clip(clip_run, clip_exports, clip_jax_embedder, tmp_path):
+    workdir, _ = clip_run
+    wav = tmp_path / "a.wav"
+    sf.write(wav, _signal(8.0, 9), SR, subtype="PCM_16")
+    wave = audio.load_audio(wav)
+
+    out = tmp_path / "frames"
+    assert embed.main(["--workdir", str(workdir), "--audio", str(wav), "--out", str(out)]) == 0
+    ref, ref_ts = clip_jax_embedder.frame_embeddings(wave)
+    np.testing.assert_allclose(np.load(out / "a.npy"), ref, atol=1e-6)
+    np.testing.assert_array_equal(np.load(out / "a.timestamps.npy"), ref_ts)
+    assert ref.shape == (audio.num_frames(len(wave)) // 4, DEPTH * WIDTH)
+
+    out = tmp_path / "clip"
+    assert (
+        embed.main(["--workdir", str(workdir), "--audio", str(wav), "--out", str(out), "--level", "clip"])
+        == 0
+    )
+    clip = np.load(out / "a.npy")
+    assert clip.shape == (2 * DEPTH * WIDTH,)
+    np.testing.assert_allclose(clip, clip_jax_embedder.clip_embedding(wave), atol=1e-6)
+    np.testing.assert_allclose(clip[DEPTH * WIDTH :], ref.mean(axis=0), atol=1e-6)
+
+    # The same student encoder from the run and from its export (chunk length from the file's metadata).
+    argv = ["--audio", str(wav), "--level", "clip", "--layers", "1", "--encoder", "student"]
+    assert embed.main(["--workdir", str(workdir), "--out", str(tmp_path / "r"), *argv]) == 0
+    weights = str(clip_exports["safetensors", "student"])
+    assert embed.main(["--weights", weights, "--out", str(tmp_path / "w"), *argv]) == 0
+    got = np.load(tmp_path / "w" / "a.npy")
+    assert got.shape == (2 * WIDTH,)
+    np.testing.assert_allclose(got, np.load(tmp_path / "r" / "a.npy"), atol=1e-6)

@@ -196,14 +196,14 @@ def test_list_record_files_picks_a_split(tmp_path):
 
 
 def test_crop_long_clip_lies_in_valid_region():
-    crop = CropExample(CROP, keep_index=True)
+    crop = CropExample([("spec", CROP)], keep_index=True)
     length = 50
     record = encode_example(fake_example(7, length=length))
     starts = set()
     for s in range(600):
         out = crop.random_map((7, record), np.random.default_rng(s))
         assert out["spec"].shape == (N_MELS, CROP) and out["spec"].dtype == np.float32
-        assert out["length"] == CROP and out["length"].dtype == np.int32
+        assert out["spec_length"] == CROP and out["spec_length"].dtype == np.int32
         assert out["index"] == 7
         frames = np.round(denormalize(out["spec"][1:])).astype(int)
         start = frames[0, 0]
@@ -216,11 +216,11 @@ def test_crop_long_clip_lies_in_valid_region():
 
 
 def test_crop_short_clip_pads_with_clip_floor():
-    crop = CropExample(CROP)
+    crop = CropExample([("spec", CROP)])
     ex = fake_example(0, length=10)
     ex["mel"][:, :10] += np.float16(-30)  # valid frames: -30 .. -21 dB, floor -30
     out = crop.random_map((0, encode_example(ex)), np.random.default_rng(0))
-    assert out["spec"].shape == (N_MELS, CROP) and out["length"] == 10
+    assert out["spec"].shape == (N_MELS, CROP) and out["spec_length"] == 10
     assert "index" not in out
     np.testing.assert_allclose(
         denormalize(out["spec"][1:, :10]), np.tile(np.arange(10) - 30.0, (N_MELS - 1, 1)), atol=1e-3
@@ -228,7 +228,7 @@ def test_crop_short_clip_pads_with_clip_floor():
     np.testing.assert_allclose(out["spec"][:, 10:], normalize_db(np.float32(-30)), atol=1e-6)
 
     empty = crop.random_map((0, encode_example(fake_example(0, length=0))), np.random.default_rng(0))
-    assert empty["length"] == 0
+    assert empty["spec_length"] == 0
     np.testing.assert_allclose(empty["spec"], -1.0, atol=1e-6)
 
 
@@ -237,7 +237,7 @@ def test_crop_output_is_float32_precise():
     # compare against the float32 normalisation of the stored (float16) value.
     ex = fake_example(0)
     ex["mel"][:] = np.float16(-37.3)
-    out = CropExample(CROP).random_map((0, encode_example(ex)), np.random.default_rng(0))
+    out = CropExample([("spec", CROP)]).random_map((0, encode_example(ex)), np.random.default_rng(0))
     expected = (np.float32(np.float16(-37.3)) + 79.6482) / (50.6842 + 79.6482) * 2 - 1
     np.testing.assert_allclose(out["spec"], expected, rtol=0, atol=1e-6)
 
@@ -246,7 +246,7 @@ def test_crop_output_is_float32_precise():
 
 
 def dataset(files, seed=0, **kw):
-    kw = {"crop_frames": CROP, "per_host_batch": 8, "keep_index": True} | kw
+    kw = {"crops": [("spec", CROP)], "per_host_batch": 8, "keep_index": True} | kw
     return make_dataset(files, seed=seed, **kw)
 
 
@@ -255,7 +255,7 @@ def test_same_seed_same_batches_other_seed_differs(files):
     b = [dataset(files, seed=1)[i] for i in range(6)]
     c = [dataset(files, seed=2)[i] for i in range(6)]
     assert_batches_equal(a, b)
-    assert a[0]["spec"].shape == (8, N_MELS, CROP) and a[0]["length"].shape == (8,)
+    assert a[0]["spec"].shape == (8, N_MELS, CROP) and a[0]["spec_length"].shape == (8,)
     assert not all(np.array_equal(x["index"], y["index"]) for x, y in zip(a, c, strict=True))
     # Same order but different crops would also be a seed failure: compare the specs too.
     assert not all(np.array_equal(x["spec"], y["spec"]) for x, y in zip(a, c, strict=True))
@@ -540,3 +540,86 @@ def test_embedded_dataset_real_generator(tmp_path):
     events = synthetic.clip_events(0, seed=0)
     expected = np.array([(on, off, synthetic.CLASSES.index(lab)) for on, off, lab in events], np.float32)
     np.testing.assert_array_equal(by_id["clip_00000"]["events"], expected)
+
+
+# --- several crops, subsets, feature sets ---------------------------------------------------------------
+
+
+def test_two_crops_are_independent_windows_of_one_clip_and_the_first_is_the_single_crop():
+    record = encode_example(fake_example(3, length=50))
+    two = CropExample([("anchor", CROP), ("positive", 10)], keep_index=True)
+    one = CropExample([("spec", CROP)])
+    differ = 0
+    for s in range(200):
+        out = two.random_map((3, record), np.random.default_rng(s))
+        assert out["anchor"].shape == (N_MELS, CROP) and out["positive"].shape == (N_MELS, 10)
+        assert out["anchor_length"] == CROP and out["positive_length"] == 10 and out["index"] == 3
+        starts = []
+        for name, width in (("anchor", CROP), ("positive", 10)):
+            frames = np.round(denormalize(out[name][1:])).astype(int)
+            np.testing.assert_allclose(denormalize(out[name][0]), 3, atol=1e-3)  # the same clip
+            start = frames[0, 0]
+            np.testing.assert_array_equal(frames, np.tile(np.arange(start, start + width), (N_MELS - 1, 1)))
+            starts.append(start)
+        differ += starts[0] != starts[1]
+        # The first crop consumes the generator exactly as the one-crop pipeline: identical values.
+        single = one.random_map((3, record), np.random.default_rng(s))
+        np.testing.assert_array_equal(out["anchor"], single["spec"])
+    assert differ > 150  # independent windows, not one shared offset
+
+
+def test_short_clip_is_padded_per_crop():
+    record = encode_example(fake_example(1, length=12))
+    out = CropExample([("a", CROP), ("b", 8)]).random_map((1, record), np.random.default_rng(0))
+    assert out["a_length"] == 12 and out["b_length"] == 8
+    assert out["a"].shape == (N_MELS, CROP)
+
+
+def test_subset_is_a_fixed_seeded_set_covered_by_an_epoch(files):
+    def epoch_indices(**kw):
+        ds = dataset(files, subset=16, shuffle=True, num_epochs=1, per_host_batch=4, **kw)
+        return sorted(int(i) for b in ds for i in b["index"])
+
+    a = epoch_indices(seed=0)
+    assert len(a) == 16 == len(set(a))
+    assert epoch_indices(seed=7) == a  # independent of the shuffle seed
+    assert epoch_indices(seed=0, subset_seed=99) != a
+    expected = sorted(np.random.default_rng(1234).choice(NUM_EXAMPLES, 16, replace=False).tolist())
+    assert a == expected
+    # The same set on every process: the union of two processes' epochs is the subset.
+    parts = [
+        int(i)
+        for p in range(2)
+        for b in dataset(files, subset=16, num_epochs=1, per_host_batch=4, process_index=p, process_count=2)
+        for i in b["index"]
+    ]
+    assert sorted(parts) == a
+    with pytest.raises(ValueError, match="subset=41 clips asked for, but the data has 40 records"):
+        dataset(files, subset=41)
+    # subset=0 changes nothing.
+    assert_batches_equal(
+        [dataset(files, subset=0)[i] for i in range(3)], [dataset(files)[i] for i in range(3)]
+    )
+
+
+def test_normalisation_comes_from_the_feature_set_bit_for_bit():
+    from atst_jax.audio import NORM_MAX
+
+    scale, offset = pipeline.normalisation("atst_logmel64")
+    NORM_MIN = pipeline.NORM_MIN
+    assert scale == np.float32(2.0 / (NORM_MAX - NORM_MIN)) and scale.dtype == np.float32
+    assert offset == np.float32(-1.0 - 2.0 * NORM_MIN / (NORM_MAX - NORM_MIN))
+    with pytest.raises(KeyError, match="unknown feature set"):
+        pipeline.normalisation("kaldi_fbank999")
+
+
+def test_features_are_read_from_the_metadata_with_the_atst_default(tmp_path):
+    from atst_jax.data.records import read_features
+
+    files = write_records(str(tmp_path), (fake_example(j) for j in range(4)), num_shards=2)
+    assert read_features(files) == "atst_logmel64"  # prepared before the name was recorded
+    (tmp_path / "metadata.json").write_text(json.dumps({"features": "atst_logmel64", "n_mels": 64}))
+    assert read_features(str(tmp_path)) == "atst_logmel64"
+    (tmp_path / "metadata.json").write_text(json.dumps({"features": "kaldi_fbank128"}))
+    with pytest.raises(ValueError, match="feature set 'kaldi_fbank128', unknown here"):
+        read_features(files)

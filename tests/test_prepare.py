@@ -397,6 +397,10 @@ def test_tfds_reads_the_same_examples_as_grain(tmp_path):
     assert (
         info.metadata["classes"] == ["Alarm_bell_ringing", "Dog", "Speech"] and info.metadata["n_mels"] == 64
     )
+    # The front end that made the records is recorded, and read back by the trainer's check.
+    from atst_jax.data.records import read_features
+
+    assert info.metadata["features"] == "atst_logmel64" and read_features(str(out)) == "atst_logmel64"
 
 
 # --- determinism, restarts, several jobs ---------------------------------------------------------------

@@ -53,7 +53,7 @@ def bench_pipeline(workdir: str, clips: int, batch: int, crop_frames: int, repea
     )
     out = os.path.join(workdir, "records")
     files = write_records(out, examples, num_shards=4)
-    ds = make_dataset(files, seed=0, crop_frames=crop_frames, per_host_batch=batch)
+    ds = make_dataset(files, seed=0, crops=[("spec", crop_frames)], per_host_batch=batch)
     batches = max(1, clips // batch)
     ds[0]  # warm-up: opens the files, pages them into the cache
 

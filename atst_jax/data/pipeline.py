@@ -28,14 +28,10 @@ import grain
 import jax
 import numpy as np
 
-from atst_jax.audio import NORM_MAX, NORM_MIN, normalize_db  # noqa: F401 (normalize_db re-exported)
+from atst_jax import features as feature_sets
+from atst_jax.audio import NORM_MIN, normalize_db  # noqa: F401 (normalize_db re-exported)
 from atst_jax.data.records import FORMAT_VERSION, decode_example, list_record_files
-
-
-def crop_frames(config) -> int:
-    """Frames of a training crop: ``samples // hop + 1`` (10 s → 1001), as the official transform."""
-    d = config.data
-    return int(round(d.crop_seconds * d.sample_rate)) // d.hop_length + 1
+from atst_jax.features import DEFAULT_FEATURES
 
 
 def make_source(files: Sequence[str]) -> grain.sources.ArrayRecordDataSource:
@@ -57,59 +53,73 @@ class _TagIndex:
         return index % self.num_records, record
 
 
-# normalize_db(x) = (x - NORM_MIN) / (NORM_MAX - NORM_MIN) * 2 - 1, folded into one multiply-add. In float32
-# this differs from the four-operation form by at most a couple of ulps (~1e-7), and lets the batch be written
-# with two in-place passes per clip while it is still in cache.
-_NORM_SCALE = np.float32(2.0 / (NORM_MAX - NORM_MIN))
-_NORM_OFFSET = np.float32(-1.0 - 2.0 * NORM_MIN / (NORM_MAX - NORM_MIN))
+def normalisation(features: str = DEFAULT_FEATURES) -> tuple[np.float32, np.float32]:
+    """``(scale, offset)`` in float32 that map the stored dB values of a feature set to the model input
+    (``x · scale + offset``). For ``atst_logmel64`` that is ``normalize_db`` folded into one multiply-add: in
+    float32 it differs from the four-operation form by at most a couple of ulps (~1e-7), and lets the batch be
+    written with two in-place passes per clip while it is still in cache."""
+    fs = feature_sets.get(features)
+    return np.float32(fs.scale), np.float32(fs.offset)
 
 
 class CropExample(grain.transforms.RandomMap):
-    """Decodes a record and returns one random crop of exactly `crop_frames` frames, normalised.
+    """Decodes a record and returns one random window of exactly ``frames`` frames per named crop, normalised.
 
-    - Clip at least `crop_frames` long: start drawn uniformly from [0, length − crop_frames] within the
-      *valid* frames, so padding stored after `length` is never selected.
-    - Shorter clip: all valid frames, then padding up to `crop_frames`. The pad value is the clip's own
-      minimum over its valid frames (in dB, then normalised): after the top-db floor that minimum is the
-      clip's silence level, so the padded tail looks like the clip going quiet rather than a hard step to an
-      arbitrary constant. Padded frames are excluded by `length` in the encoder anyway; the value matters
+    ``crops``: ``[(name, frames), ...]``. The windows are drawn **in order from the one generator** Grain
+    passes in, each independently of the others (ATST-Clip's anchor and positive are two independent crops
+    of one clip); a single crop draws exactly what the one-crop pipeline always drew.
+
+    - Clip at least ``frames`` long: start drawn uniformly from [0, length − frames] within the *valid*
+      frames, so padding stored after ``length`` is never selected.
+    - Shorter clip: all valid frames, then padding up to ``frames``. The pad value is the clip's own minimum
+      over its valid frames (in dB, then normalised): after the top-db floor that minimum is the clip's
+      silence level, so the padded tail looks like the clip going quiet rather than a hard step to an
+      arbitrary constant. Padded frames are excluded by the length in the encoder anyway; the value matters
       only for augmentations that mix across time or clips (mixup, resizing).
 
-    Output: `{"spec": float32 [n_mels, crop_frames], "length": int32}` (+ `"index": int32`, the record's
-    position in the source, when `keep_index`). Randomness comes only from the generator Grain passes in.
+    Output: ``{name: float32 [n_mels, frames], f"{name}_length": int32}`` per crop (+ ``"index": int32``, the
+    record's position in the source, when ``keep_index``). Randomness comes only from the generator Grain
+    passes in.
 
-    Inside `make_dataset` the work is split in two (`_CropRecord` per record, `AssembleBatch` per batch) so
-    the float16 → float32 conversion and the normalisation write straight into the batch array: a separate
-    per-clip float32 array followed by `np.stack` cost about as much again as everything else together
+    Inside ``make_dataset`` the work is split in two (``_CropRecord`` per record, ``AssembleBatch`` per batch)
+    so the float16 → float32 conversion and the normalisation write straight into the batch array: a separate
+    per-clip float32 array followed by ``np.stack`` cost about as much again as everything else together
     (16 MB copied per batch of 64 ten-second clips). Both paths run the same code and give the same values.
     """
 
-    def __init__(self, crop_frames: int, keep_index: bool = False):
-        if crop_frames < 1:
-            raise ValueError(f"crop_frames must be >= 1, got {crop_frames}")
-        self.crop_frames = int(crop_frames)
+    def __init__(self, crops, keep_index: bool = False, features: str = DEFAULT_FEATURES):
+        self.crops = tuple((str(name), int(frames)) for name, frames in crops)
+        if not self.crops:
+            raise ValueError("at least one crop is needed")
+        for name, frames in self.crops:
+            if frames < 1:
+                raise ValueError(f"crop {name!r}: frames must be >= 1, got {frames}")
+        if len({name for name, _ in self.crops}) != len(self.crops):
+            raise ValueError(f"crop names must be distinct, got {[n for n, _ in self.crops]}")
         self.keep_index = keep_index
+        self.features = features
 
     def crop(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, Any]:
-        """The crop as a plan: the valid float16 frames (a view into the record), the dB pad value and the
-        valid length (+ index)."""
+        """The crops as plans: per crop the valid float16 frames (a view into the record), the dB pad value
+        and the valid length (+ index)."""
         index, record = element
         ex = decode_example(record)
         mel, length = ex["mel"], int(ex["length"])
-        t = self.crop_frames
-        if length >= t:
-            start = int(rng.integers(0, length - t + 1))
-            out = {"mel": mel[:, start : start + t], "pad": np.float32(0.0), "length": np.int32(t)}
-        else:
-            # An empty clip has no floor of its own; the normalisation's minimum (−1) stands in for silence.
-            floor = np.float32(mel[:, :length].min()) if length > 0 else np.float32(NORM_MIN)
-            out = {"mel": mel[:, :length], "pad": floor, "length": np.int32(length)}
+        out: dict[str, Any] = {}
+        for name, t in self.crops:
+            if length >= t:
+                start = int(rng.integers(0, length - t + 1))
+                out[name] = {"mel": mel[:, start : start + t], "pad": np.float32(0.0), "length": np.int32(t)}
+            else:
+                # An empty clip has no floor of its own; the normalisation's minimum (−1) stands in for silence.
+                floor = np.float32(mel[:, :length].min()) if length > 0 else np.float32(NORM_MIN)
+                out[name] = {"mel": mel[:, :length], "pad": floor, "length": np.int32(length)}
         if self.keep_index:
             out["index"] = np.int32(index)
         return out
 
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        batch = AssembleBatch(self.crop_frames)([self.crop(element, rng)])
+        batch = AssembleBatch(self.crops, self.features)([self.crop(element, rng)])
         return {k: v[0] for k, v in batch.items()}
 
 
@@ -122,52 +132,59 @@ class _CropRecord(CropExample):
 
 # float16 → float32 by bit manipulation: a float16's exponent/mantissa bits shifted left by 13 are a float32
 # whose value is the float16's times 2^-112 (exponent bias 15 vs 127), subnormals included; one multiply by
-# 2^112 * _NORM_SCALE both undoes that and normalises, exactly (a power-of-two factor adds no rounding). numpy's
+# 2^112 * scale both undoes that and normalises, exactly (a power-of-two factor adds no rounding). numpy's
 # own float16 cast is not vectorised: ~100 µs per 10 s clip here, a quarter of the pipeline's whole budget,
 # against ~40 µs for these integer passes.
-_F16_RESCALE = np.float32(2.0**112) * _NORM_SCALE
+_F16_BIAS = np.float32(2.0**112)
 
 
-def _normalize_f16_into(dst: np.ndarray, src: np.ndarray, bits: np.ndarray, sign: np.ndarray) -> None:
-    """dst = float32(src) * _NORM_SCALE + _NORM_OFFSET for a float16 `src`; bits/sign: uint32 scratch, same
-    shape. Identical to the plain cast-multiply-add (IEEE rounding is sign-symmetric)."""
+def _normalize_f16_into(dst, src, bits, sign, scale, offset) -> None:
+    """dst = float32(src) * scale + offset for a float16 `src`; bits/sign: uint32 scratch, same shape.
+    Identical to the plain cast-multiply-add (IEEE rounding is sign-symmetric)."""
     np.copyto(bits, src.view(np.uint16), casting="unsafe")
     np.bitwise_and(bits, 0x8000, out=sign)
     np.bitwise_and(bits, 0x7FFF, out=bits)
     if bits.size and bits.max() >= 0x7C00:  # Inf/NaN: the trick does not cover them, take the slow path
         dst[...] = src
-        np.multiply(dst, _NORM_SCALE, out=dst)
+        np.multiply(dst, scale, out=dst)
     else:
         np.left_shift(bits, 13, out=bits)
-        np.multiply(bits.view(np.float32), _F16_RESCALE, out=dst)
+        np.multiply(bits.view(np.float32), _F16_BIAS * scale, out=dst)
         np.left_shift(sign, 16, out=sign)
         dst_bits = dst.view(np.uint32)
         np.bitwise_or(dst_bits, sign, out=dst_bits)
-    np.add(dst, _NORM_OFFSET, out=dst)
+    np.add(dst, offset, out=dst)
 
 
 class AssembleBatch:
-    """Grain `batch_fn`: crop plans → `{"spec": float32 [B, n_mels, crop_frames], "length": int32 [B]}`
-    (+ "index"), converting and normalising each clip directly into its row of the batch."""
+    """Grain `batch_fn`: crop plans → per crop ``{name: float32 [B, n_mels, frames], f"{name}_length": int32
+    [B]}`` (+ "index"), converting and normalising each clip directly into its row of the batch."""
 
-    def __init__(self, crop_frames: int):
-        self.crop_frames = int(crop_frames)
+    def __init__(self, crops, features: str = DEFAULT_FEATURES):
+        self.crops = tuple((str(name), int(frames)) for name, frames in crops)
+        self.features = features
+        self.scale, self.offset = normalisation(features)
 
     def __call__(self, plans: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-        n_mels = plans[0]["mel"].shape[0]
-        spec = np.empty((len(plans), n_mels, self.crop_frames), np.float32)
-        bits = np.empty((n_mels, self.crop_frames), np.uint32)
-        sign = np.empty_like(bits)
-        for row, plan in zip(spec, plans, strict=True):
-            valid = int(plan["length"])
-            mel = plan["mel"]
-            if mel.dtype == np.float16:
-                _normalize_f16_into(row[:, :valid], mel, bits[:, :valid], sign[:, :valid])
-            else:
-                np.multiply(mel, _NORM_SCALE, out=row[:, :valid], dtype=np.float32, casting="unsafe")
-                np.add(row[:, :valid], _NORM_OFFSET, out=row[:, :valid])
-            row[:, valid:] = plan["pad"] * _NORM_SCALE + _NORM_OFFSET
-        out = {"spec": spec, "length": np.array([p["length"] for p in plans], np.int32)}
+        out = {}
+        scale, offset = self.scale, self.offset
+        for name, frames in self.crops:
+            n_mels = plans[0][name]["mel"].shape[0]
+            spec = np.empty((len(plans), n_mels, frames), np.float32)
+            bits = np.empty((n_mels, frames), np.uint32)
+            sign = np.empty_like(bits)
+            for row, plan in zip(spec, plans, strict=True):
+                crop = plan[name]
+                valid = int(crop["length"])
+                mel = crop["mel"]
+                if mel.dtype == np.float16:
+                    _normalize_f16_into(row[:, :valid], mel, bits[:, :valid], sign[:, :valid], scale, offset)
+                else:
+                    np.multiply(mel, scale, out=row[:, :valid], dtype=np.float32, casting="unsafe")
+                    np.add(row[:, :valid], offset, out=row[:, :valid])
+                row[:, valid:] = crop["pad"] * scale + offset
+            out[name] = spec
+            out[f"{name}_length"] = np.array([p[name]["length"] for p in plans], np.int32)
         if "index" in plans[0]:
             out["index"] = np.array([p["index"] for p in plans], np.int32)
         return out
@@ -185,7 +202,7 @@ def make_dataset(
     files: Sequence[str],
     *,
     seed: int,
-    crop_frames: int,
+    crops: Sequence[tuple[str, int]],
     per_host_batch: int,
     process_index: int = 0,
     process_count: int = 1,
@@ -193,10 +210,19 @@ def make_dataset(
     num_epochs: int | None = None,
     drop_remainder: bool = True,
     keep_index: bool = False,
+    features: str = DEFAULT_FEATURES,
+    subset: int = 0,
+    subset_seed: int = 1234,
 ) -> grain.MapDataset:
     """The training pipeline as a lazy, random-access `MapDataset` of per-host batches.
 
+    ``crops``: ``[(name, frames), ...]`` per clip (see `CropExample`); ``features``: the dataset's feature set
+    (its normalisation); ``subset=N`` > 0 trains on N distinct records drawn with ``subset_seed`` (the
+    official small ATST recipes: 200,000 AudioSet clips, seed 1234), the same on every process and for any
+    shuffle seed, kept in ascending order.
+
     Order of operations and why:
+    0. subset: a fixed set of source indices, before everything else, so the shuffle permutes only it.
     1. shuffle: one global permutation per epoch, the same on every process (same seed), different each
        epoch (Grain folds the epoch into the seed).
     2. repeat: `num_epochs=None` repeats forever (`len` becomes `sys.maxsize`).
@@ -219,13 +245,37 @@ def make_dataset(
         raise ValueError("no records in files")
     shuffle_seed, crop_seed = _derive_seeds(seed)
     ds = grain.MapDataset.source(source).map_with_index(_TagIndex(n))
+    if subset:
+        if not 0 < subset <= n:
+            raise ValueError(f"subset={subset} clips asked for, but the data has {n} records")
+        keep = np.sort(np.random.default_rng(subset_seed).choice(n, size=subset, replace=False))
+        ds = _Subset(ds, keep)
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(_CropRecord(crop_frames, keep_index=keep_index), seed=crop_seed)
+    ds = ds.random_map(_CropRecord(crops, keep_index=keep_index, features=features), seed=crop_seed)
     if process_count > 1:
         ds = _ProcessBlocks(ds, per_host_batch, process_index, process_count, finite=num_epochs is not None)
-    return ds.batch(per_host_batch, drop_remainder=drop_remainder, batch_fn=AssembleBatch(crop_frames))
+    return ds.batch(per_host_batch, drop_remainder=drop_remainder, batch_fn=AssembleBatch(crops, features))
+
+
+class _Subset(grain.MapDataset):
+    """The records at ``indices`` (ascending) of the parent, in that order: a fixed N-clip subset."""
+
+    def __init__(self, parent, indices: np.ndarray):
+        super().__init__(parent)
+        self._indices = np.asarray(indices, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[int(self._indices[index % len(self._indices)])]
+
+    def __str__(self) -> str:
+        return f"Subset({len(self._indices)} records)"
 
 
 class _ProcessBlocks(grain.MapDataset):

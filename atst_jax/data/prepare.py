@@ -75,6 +75,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from atst_jax import audio
 from atst_jax.data import records
+from atst_jax.features import DEFAULT_FEATURES
 
 # Bump when the per-file processing changes in a way that changes record bytes (it is part of the shard
 # fingerprints, so finished shards from older code are rebuilt rather than mixed with new ones).
@@ -838,6 +839,9 @@ def _finalize(plan, out_dir, name, split, options, paths, markers, prints, versi
             "labels = class indices into labels.json."
         ),
         metadata={
+            # Which front end made the records (atst_jax.features): the trainer refuses a method or encoder
+            # that expects other features, and the pipeline takes the normalisation from it.
+            "features": DEFAULT_FEATURES,
             "n_mels": audio.N_MELS,
             "sample_rate": audio.SAMPLE_RATE,
             "hop_length": audio.HOP_LENGTH,

@@ -469,3 +469,33 @@ def write_records(
     for t, p in zip(temps, finals, strict=True):
         os.replace(t, p)
     return finals
+
+
+def read_features(files_or_dir) -> str:
+    """The feature-set name (``atst_jax.features``) a prepared dataset records in its TFDS ``metadata.json``
+    (a directory, or its list of shard files).
+
+    Datasets prepared before the name was recorded have none: every one of them was made by the ATST log-mel
+    front end, so that is what is returned for them. An unknown recorded name is an error."""
+    import json
+
+    from atst_jax import features
+
+    if isinstance(files_or_dir, (str, os.PathLike)):
+        directory = os.fspath(files_or_dir)
+    else:
+        paths = {os.path.dirname(os.fspath(f)) for f in files_or_dir}
+        if len(paths) != 1:
+            raise ValueError(f"shards of one dataset must share a directory, got {sorted(paths)[:3]}")
+        (directory,) = paths
+    name = features.DEFAULT_FEATURES
+    path = os.path.join(directory, "metadata.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            name = json.load(f).get("features", name)
+    if name not in features.FEATURE_SETS:
+        raise ValueError(
+            f"{path}: the data was prepared with feature set {name!r}, unknown here "
+            f"(known: {sorted(features.FEATURE_SETS)})"
+        )
+    return name

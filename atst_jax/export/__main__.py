@@ -3,15 +3,20 @@
     python -m atst_jax.export --workdir RUN [--step N] [--encoder teacher|student] \
         --format safetensors|atst_sed|lightning --out PATH
 
-* ``safetensors``: exactly the 138 official encoder keys (139 for ATST-Clip), float32, plus string metadata
-  (width, depth, heads, step, encoder). ``safetensors.torch.load_file`` + ``load_state_dict(strict=True)``.
+* ``safetensors``: exactly the 138 official encoder keys (139 for ATST-Clip: ``cls_token``, final norm
+  ``norm.*``), float32, plus string metadata (format, width, depth, heads, step, encoder, chunk_frames —
+  the inference chunk length, see ``atst_jax.inference``). ``safetensors.torch.load_file`` +
+  ``load_state_dict(strict=True)``.
 * ``atst_sed``: ``torch.save({"state_dict": {"model.teacher.encoder.<key>": tensor}})``, what ATST-SED
   reads. ``--encoder student`` puts the *student's* encoder under that same name, since that is the name
   the consumer looks for.
 * ``lightning``: the official pretraining checkpoint layout (``model.student.{encoder,projector,predictor}``,
   ``model.teacher.{encoder,projector}`` with BatchNorm buffers, ``hyper_parameters``,
-  ``pytorch-lightning_version``) for ``FrameATSTLightningModule.load_from_checkpoint`` and the downstream
-  scripts. ``--encoder`` does not apply (both networks are written).
+  ``pytorch-lightning_version``) for the official module's ``load_from_checkpoint`` and the downstream
+  scripts (``FrameATSTLightningModule`` for ATST-Frame, ``ATSTLightningModule`` for ATST-Clip: both use
+  this state_dict layout). The run's method writes ``hyper_parameters`` (``Method.lightning_hparams``); a
+  method without an official Lightning module is refused. ``--encoder`` does not apply (both networks are
+  written).
 
 Every file holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` opens it.
 Errors (missing run or step, unknown format) are reported on one line with exit status 2.
@@ -26,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from atst_jax import inference
 from atst_jax.export import convert
 
 FORMATS = ("safetensors", "atst_sed", "lightning")
 # The official code targets Lightning 1.x; load_from_checkpoint only needs the entry to exist (it decides
 # which checkpoint migrations to apply, none of which touch the keys written here).
 LIGHTNING_VERSION = "1.9.5"
-_ARCHS = {(384, 12, 6): "small", (768, 12, 12): "base"}
 
 
 class ExportError(Exception):
@@ -52,51 +57,23 @@ def _tensors(sd):
     return {k: torch.from_numpy(np.array(v, order="C")) for k, v in sd.items()}
 
 
-def arch_name(width: int, depth: int, heads: int) -> tuple[str, bool]:
-    """``("small"|"base", True)`` for the official sizes, else a descriptive name and ``False``."""
-    name = _ARCHS.get((width, depth, heads))
-    return (name, True) if name else (f"custom_d{width}_l{depth}_h{heads}", False)
+def _lightning_hparams(config: dict, width: int, depth: int, heads: int) -> tuple[dict, list[str]]:
+    """The run's method writes the official module's ``hyper_parameters`` (``Method.lightning_hparams``):
+    the export knows no method by name, and a method without an official Lightning module says so."""
+    from atst_jax.methods import get_class
+    from atst_jax.sharding import ConfigError
 
-
-def lightning_hparams(config: dict, width: int, depth: int, heads: int) -> tuple[dict, list[str]]:
-    """The ``hyper_parameters`` of the official module from a run's config, and warnings to print.
-
-    ``learning_rate`` is the peak LR the optimiser reached (``base_lr × global_batch / 256``): the official
-    module uses the value as the top of its warm-up/cosine schedule.
-    """
-    warnings = []
-    arch, official = arch_name(width, depth, heads)
-    if not official:
-        warnings.append(
-            f"width {width} / depth {depth} / heads {heads} is not an official size: arch={arch!r}, which the "
-            "official FrameATSTLightningModule cannot build (the tensors are still in its layout)"
-        )
-    optim, train = config["optim"], config["train"]
-    warmup, steps = int(optim["warmup_steps"]), int(train["steps"])
-    if steps <= warmup:
-        # The official module builds a cosine schedule of max_steps − warmup_steps entries at load time.
-        warnings.append(f"train.steps={steps} <= warmup_steps={warmup}: writing max_steps={warmup + 1}")
-        steps = warmup + 1
-    method = config.get("atst_frame", {})
-    hp = {
-        "arch": arch,
-        "learning_rate": float(optim["base_lr"]) * int(train["global_batch"]) / 256.0,
-        "warmup_steps": warmup,
-        "max_steps": steps,
-        "ema": float(optim["ema"]),
-        "symmetric": bool(method.get("symmetric", True)),
-        "pos_type": "cut",
-        "avg_blocks": 0,
-        "patch_embed": "Linear",
-        "patch_h": int(config["model"].get("n_mels", 64)),
-        "patch_w": int(config["model"].get("patch_w", 4)),
-        "spec_h": int(config["model"].get("n_mels", 64)),
-        "n_mels": int(config["model"].get("n_mels", 64)),
-        "nprompt": 0,
-        "anchor_len": float(config.get("data", {}).get("crop_seconds", 10.0)),
-        "win_length": 1024,
-    }
-    return hp, warnings
+    name = config.get("method")
+    if not name:
+        raise ExportError("the run's saved config names no method, which the lightning format needs")
+    try:
+        method = get_class(name)
+    except ConfigError as e:
+        raise ExportError(str(e)) from e
+    result = method.lightning_hparams(config, width=width, depth=depth, heads=heads)
+    if result is None:
+        raise ExportError(f"method {name!r} has no official Lightning checkpoint layout: export safetensors")
+    return result
 
 
 def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "teacher") -> list[str]:
@@ -113,6 +90,9 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
         step, config, state = read_checkpoint(workdir, step)
     except FileNotFoundError as e:
         raise ExportError(str(e)) from e
+    stem = ((config or {}).get("model") or {}).get("stem", "frame")
+    if stem != "frame":
+        raise ExportError(f"model.stem={stem!r}: only frame-stem (ATST FrameAST) encoders have these layouts")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
@@ -131,6 +111,9 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
             "heads": str(heads),
             "step": str(step),
             "encoder": encoder,
+            # The chunk length inference should use (atst_jax.inference): for ATST-Clip the pretraining crop,
+            # which the weights alone do not tell.
+            "chunk_frames": str(inference.run_chunk_frames(config, convert.is_clip(enc))),
         }
         save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
         out.chmod(0o644)  # the writer creates the file owner-only; an export is meant to be shared
@@ -152,7 +135,7 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
             raise ExportError(
                 f"step {step} of {workdir} has no saved config, which the lightning format needs"
             )
-        hp, warnings = lightning_hparams(config, width, depth, heads)
+        hp, warnings = _lightning_hparams(config, width, depth, heads)
         ckpt = {
             "epoch": 0,
             "global_step": int(step),

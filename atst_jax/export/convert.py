@@ -24,7 +24,8 @@ import re
 
 import numpy as np
 
-HEAD_DIM = 64  # the official encoders always use 64-wide heads (width // heads)
+# Shared with the inference code (which builds encoders from parameters): heads = width // 64 by default.
+from atst_jax.inference import infer_heads
 
 # Per block: (torch name, JAX path under blocks/) for the parameters that are a plain copy or a transpose.
 _BLOCK_VECTORS = (
@@ -131,19 +132,6 @@ def encoder_depth(sd) -> int:
     if idx != set(range(len(idx))):
         raise KeyError(f"block indices are not contiguous from 0: {sorted(idx)}")
     return len(idx)
-
-
-def infer_heads(width: int, heads: int | None = None) -> int:
-    """Heads of an encoder of this width: given, else ``width // 64`` (the official head dim)."""
-    if heads is not None:
-        if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads={heads}")
-        return heads
-    if width % HEAD_DIM:
-        raise ValueError(
-            f"width {width} is not a multiple of the official head dim {HEAD_DIM}: pass the number of heads"
-        )
-    return width // HEAD_DIM
 
 
 def torch_to_encoder(sd, heads: int | None = None) -> dict:

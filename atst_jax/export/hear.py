@@ -1,58 +1,61 @@
-"""HEAR API (https://hearbenchmark.com) for an exported ATST-Frame encoder, in PyTorch.
+"""HEAR API (https://hearbenchmark.com) for an exported ATST-Frame or ATST-Clip encoder, in PyTorch.
 
     from atst_jax.export import hear
     model = hear.load_model("encoder.safetensors")          # python -m atst_jax.export --format safetensors
     emb, ts = hear.get_timestamp_embeddings(audio, model)     # audio: float [n, samples] at 16 kHz, in [-1, 1]
     scene = hear.get_scene_embeddings(audio, model)
 
-Choices (see ``atst_jax.export.torch_encoder`` for the shared conventions):
+Choices (the conventions are defined in ``atst_jax.inference``, shared with the JAX embedder):
 
 * Features: the outputs of **all** blocks (12 for small/base), each through the final norm, concatenated —
   what the official ATST-Frame HEAR wrapper uses: ``timestamp_embedding_size = depth·D`` (9216 for base).
-  ``load_model(..., n_blocks=1)`` gives the last block only (D channels).
+  ``load_model(..., n_blocks=1)`` gives the last block only (D channels). The CLS token of an ATST-Clip
+  encoder is not a timestamp: the timestamp embeddings are the patch tokens of both kinds.
 * Timestamps: one embedding per 40 ms token, reported at the token's **centre**, ``40·j + 15`` ms, as HEAR
   asks for centred timestamps. A clip of ``s`` samples has ``(s // 160 + 1) // 4`` tokens.
-* Scene embedding: the mean of the timestamp embeddings over time (``scene_embedding_size`` =
+* Scene embedding, ATST-Frame: the mean of the timestamp embeddings over time (``scene_embedding_size`` =
   ``timestamp_embedding_size``). The official wrapper instead averages per-chunk means (which weights a
   short last chunk like a full one); a plain mean over tokens does not depend on where chunks fall.
+* Scene embedding, ATST-Clip: ``[CLS ‖ mean]`` as the official ATST-Clip downstream code builds its clip
+  feature — the final-normed CLS of each of the n blocks, then the token mean of each
+  (``scene_embedding_size = 2·timestamp_embedding_size``). For audio longer than one chunk the CLS part is
+  the per-chunk CLS averaged with weights = the chunk's tokens.
 * Long audio: the log-mel is computed over the whole clip (block-wise STFT), the encoder then sees chunks
-  of ≤ 1000 frames (10 s), at most ``max_chunks`` at a time, so memory stays bounded for minutes of audio.
+  (≤ 1000 frames for ATST-Frame; the pretraining crop, 600 frames for a 6 s model, for ATST-Clip), at most
+  ``max_chunks`` at a time, so memory stays bounded for minutes of audio.
 """
 
 from __future__ import annotations
 
-from atst_jax.export.torch_encoder import ATSTFrameEmbedder, FrameAST
+from atst_jax.export.torch_encoder import ATSTEmbedder, FrameAST
 
 SAMPLE_RATE = 16000
 
 
-def load_model(model_file_path: str = "", n_blocks: int | None = None, max_chunks: int = 8, heads=None):
-    """An ``ATSTFrameEmbedder`` in eval mode from a safetensors encoder export (or any file
+def load_model(
+    model_file_path: str = "",
+    n_blocks: int | None = None,
+    max_chunks: int = 8,
+    heads=None,
+    chunk_frames: int | None = None,
+):
+    """An ``ATSTEmbedder`` in eval mode from a safetensors encoder export (or any file
     ``atst_jax.export.load`` reads: ATST-SED or Lightning checkpoints — the teacher's encoder).
 
+    ``chunk_frames`` defaults to what the file records (our exports), else the encoder kind's default.
     Attributes: ``sample_rate`` (16000), ``scene_embedding_size``, ``timestamp_embedding_size``.
     """
+    from atst_jax.export.load import read_encoder
+
     if not model_file_path:
         raise ValueError("load_model needs the path of an exported encoder (python -m atst_jax.export)")
-    sd, heads = _encoder_state_dict(model_file_path, heads)
+    sd, heads, file_chunk_frames = read_encoder(model_file_path, "teacher", heads)
     encoder = FrameAST.from_state_dict(sd, heads=heads, strict=True)
-    model = ATSTFrameEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks).eval()
+    chunk_frames = file_chunk_frames if chunk_frames is None else chunk_frames
+    model = ATSTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames).eval()
     model.sample_rate = SAMPLE_RATE
-    model.timestamp_embedding_size = model.embedding_size
-    model.scene_embedding_size = model.embedding_size
     model.requires_grad_(False)
     return model
-
-
-def _encoder_state_dict(path, heads):
-    """Bare-key encoder state_dict (NumPy) and the heads recorded in the file's metadata, if any."""
-    from atst_jax.export import convert
-    from atst_jax.export.load import encoder_prefix, read_file
-
-    sd, extras = read_file(path)
-    if heads is None and "heads" in extras.get("metadata", {}):
-        heads = int(extras["metadata"]["heads"])
-    return convert.sub_dict(sd, encoder_prefix(sd, "teacher")), heads
 
 
 def _check(audio, model):
@@ -68,5 +71,5 @@ def get_timestamp_embeddings(audio, model):
 
 
 def get_scene_embeddings(audio, model):
-    """``audio [n, samples]`` → ``[n, scene_embedding_size]``: the mean of the timestamp embeddings."""
+    """``audio [n, samples]`` → ``[n, scene_embedding_size]`` (mean of tokens; ``[CLS ‖ mean]`` for Clip)."""
     return model.scene_embeddings(_check(audio, model))

@@ -14,8 +14,8 @@ that (e.g. a checkpoint with arbitrary Python objects in its hyper-parameters) f
 instead of being unpickled.
 
 The results are nested dicts of NumPy arrays in the layout of this repository's checkpoints; use
-``atst_jax.embed.encoder_from_params`` for a ready ``FrameAST``, or ``nnx.replace_by_pure_dict`` on a model's
-state to start fine-tuning from official weights.
+``atst_jax.inference.encoder_from_params`` for a ready ``FrameAST``, or ``nnx.replace_by_pure_dict`` on a
+model's state to start fine-tuning from official weights.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atst_jax import inference
 from atst_jax.export import convert
 
 ENCODERS = ("teacher", "student")
@@ -117,16 +118,35 @@ def _heads(extras, heads):
     return int(meta["heads"]) if "heads" in meta else None
 
 
-def load_encoder_params(path, encoder: str = "teacher", heads: int | None = None) -> dict:
-    """JAX encoder params (nested dict, blocks stacked) from any supported file.
+def _chunk_frames(extras, use_cls: bool) -> int:
+    """The inference chunk length of a file's encoder (``atst_jax.inference``): our safetensors exports
+    record it (``chunk_frames``); official ATST-Clip checkpoints record their pretraining crop
+    (``hyper_parameters["train_len"]``, seconds), which the official downstream code chunks at; otherwise
+    the kind's default."""
+    meta = extras.get("metadata", {})
+    if "chunk_frames" in meta:
+        return int(meta["chunk_frames"])
+    train_len = (extras.get("hyper_parameters") or {}).get("train_len")
+    trained = inference.seconds_to_frames(float(train_len)) if train_len else None
+    return inference.default_chunk_frames(use_cls, trained)
+
+
+def read_encoder(path, encoder: str = "teacher", heads: int | None = None) -> tuple[dict, int | None, int]:
+    """``(bare-key encoder state_dict of NumPy arrays, heads, chunk_frames)`` from any supported file.
 
     ``encoder`` picks the teacher's or the student's encoder where a file holds both; files with a single
-    encoder return that one. ``heads`` defaults to the file's metadata (our safetensors exports record it),
-    else ``width // 64`` as in every official model.
+    encoder return that one. ``heads``: as given, else the file's metadata (our safetensors exports record
+    it), else None (the consumer then takes ``width // 64``, as in every official model).
     """
     sd, extras = read_file(path)
-    prefix = encoder_prefix(sd, encoder)
-    return convert.torch_to_encoder(convert.sub_dict(sd, prefix), _heads(extras, heads))
+    sd = convert.sub_dict(sd, encoder_prefix(sd, encoder))
+    return sd, _heads(extras, heads), _chunk_frames(extras, "cls_token" in sd)
+
+
+def load_encoder_params(path, encoder: str = "teacher", heads: int | None = None) -> dict:
+    """JAX encoder params (nested dict, blocks stacked) from any supported file (see :func:`read_encoder`)."""
+    sd, heads, _ = read_encoder(path, encoder, heads)
+    return convert.torch_to_encoder(sd, heads)
 
 
 def load_pretraining(path, heads: int | None = None) -> dict:

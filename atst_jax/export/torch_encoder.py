@@ -3,21 +3,13 @@
 The module tree is named so that its ``state_dict`` keys are exactly the official ones (138 for ATST-Frame,
 139 for ATST-Clip): a safetensors export of this repository loads with ``load_state_dict(strict=True)``, and
 so do weights taken out of official checkpoints. The computation is plain PyTorch; the filterbank, window and
-constants of ``atst_jax.audio`` and the chunk grid of ``atst_jax.embed`` are reused so both sides use the
-very same numbers (importing this module therefore imports the atst_jax package, JAX included).
-
-Conventions shared with ``atst_jax.embed`` (the JAX side), checked against each other by tests/test_export.py:
-
-* Front end on the **whole** clip (the top-80 dB floor is per clip, not per chunk), in float64, cast to
-  float32 — computed block by block over frames, so minutes of audio never materialise an [T, 1024] array.
-* Long spectrograms are cut into chunks of ``CHUNK_FRAMES`` = 1000 frames (250 tokens of 40 ms) starting
-  at frame 0. 1000 is a multiple of the 4-frame patch, so token j of the clip is token j mod 250 of chunk
-  j // 250 and the 40 ms grid is global (the official code's 1001-frame chunks drift by 10 ms per chunk).
-  A trailing partial patch (< 4 frames) is dropped, as in training: a clip gives ``frames // 4`` tokens.
-* Features: the last ``n`` blocks, each through the final norm, concatenated on channels (``[T, n·D]``);
-  clip level = mean over the valid tokens of the whole clip.
-* Timestamps: token j is reported at its **centre**, ``40·j + 15`` ms — the mean of the centres of its four
-  STFT frames (``center=True`` puts frame k at ``10·k`` ms).
+constants of ``atst_jax.audio`` and the chunk grid, timestamps and scene-embedding rule of
+``atst_jax.inference`` are reused, so both sides use the very same numbers (importing this module therefore
+imports the atst_jax package, JAX included). The conventions themselves are documented in
+``atst_jax.inference``; in short: whole-clip front end, chunks of ``chunk_frames`` on a global 40 ms grid
+(1000 frames for ATST-Frame, the pretraining crop for ATST-Clip), the last n blocks through the final norm
+concatenated, tokens at their centres ``40·j + 15`` ms; scene = mean of tokens (Frame) or
+``[CLS ‖ mean]`` with the per-chunk CLS weighted by the chunk's tokens (Clip).
 """
 
 from __future__ import annotations
@@ -28,8 +20,8 @@ from torch import nn
 
 from atst_jax import audio
 
-# The chunking and timestamp conventions are defined once, next to the JAX embedding code.
-from atst_jax.embed import CHUNK_FRAMES, chunk_bounds, timestamps_ms
+# The chunking, timestamp and scene conventions are defined once, for the JAX and the PyTorch side.
+from atst_jax.inference import chunk_bounds, default_chunk_frames, timestamps_ms
 
 LN_EPS = 1e-6
 PAD_LOGIT = -10000.0
@@ -183,9 +175,9 @@ class FrameAST(nn.Module):
             x = blk(x, key_bias)
         return self.final_norm(x)
 
-    def get_intermediate_layers(self, spec, length, n: int = 1, scene: bool = True):
-        """The last ``n`` blocks, each through the final norm, concatenated: ``[B, N, n·D]`` frame level
-        (``scene=False``) or its mean over the valid tokens ``[B, n·D]`` (``scene=True``). CLS removed."""
+    def block_outputs(self, spec, length, n: int = 1):
+        """The last ``n`` blocks, each through the final norm, concatenated on channels: ``[B, N(+1), n·D]``,
+        the CLS row first for ATST-Clip (``[CLS of block L−n+1, …, CLS of block L]`` on channels)."""
         if not 1 <= n <= self.depth:
             raise ValueError(f"n={n} must be between 1 and the depth {self.depth}")
         x, key_bias = self._tokens(spec, length)
@@ -194,14 +186,20 @@ class FrameAST(nn.Module):
             x = blk(x, key_bias)
             if i >= self.depth - n:
                 feats.append(self.final_norm(x))
-        out = torch.cat(feats, dim=-1)
-        if self.use_cls:
-            out = out[:, 1:]
+        return torch.cat(feats, dim=-1)
+
+    def get_intermediate_layers(self, spec, length, n: int = 1, scene: bool = True):
+        """Frame level (``scene=False``): :meth:`block_outputs` without the CLS row, ``[B, N, n·D]``.
+        Scene level (``scene=True``), for one chunk: the mean over the valid tokens ``[B, n·D]``, and for
+        ATST-Clip ``[CLS ‖ mean]`` ``[B, 2·n·D]`` (the official ``get_intermediate_layers_chunks`` order)."""
+        out = self.block_outputs(spec, length, n)
+        cls, out = (out[:, 0], out[:, 1:]) if self.use_cls else (None, out)
         if not scene:
             return out
         valid = torch.div(length, self.patch_w, rounding_mode="floor")
         w = (torch.arange(out.shape[1], device=out.device)[None, :] < valid[:, None]).to(out.dtype)
-        return (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+        mean = (out * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)
+        return mean if cls is None else torch.cat([cls, mean], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,15 +268,24 @@ class LogMel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class ATSTFrameEmbedder(nn.Module):
-    """Front end + encoder + chunking: frame and clip embeddings of whole clips of any length.
+class ATSTEmbedder(nn.Module):
+    """Front end + encoder + chunking: timestamp and scene embeddings of whole clips of any length, for
+    ATST-Frame and ATST-Clip encoders.
 
     ``n_blocks``: how many of the last blocks are concatenated (default: all of them, as the official HEAR
-    wrapper does, giving ``depth·D`` channels). ``max_chunks`` bounds how many ≤1000-frame chunks go through
-    the encoder in one call, so peak memory does not grow with the clip length.
+    wrapper does, giving ``depth·D`` channels). ``chunk_frames``: the encoder's chunk length (default: the
+    kind's, see ``atst_jax.inference.default_chunk_frames``). ``max_chunks`` bounds how many chunks go
+    through the encoder in one call, so peak memory does not grow with the clip length.
+    ``timestamp_embedding_size`` is ``n·D``; ``scene_embedding_size`` is ``n·D`` (Frame) or ``2·n·D`` (Clip).
     """
 
-    def __init__(self, encoder: FrameAST, n_blocks: int | None = None, max_chunks: int = 8):
+    def __init__(
+        self,
+        encoder: FrameAST,
+        n_blocks: int | None = None,
+        max_chunks: int = 8,
+        chunk_frames: int | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.frontend = LogMel()
@@ -286,16 +293,25 @@ class ATSTFrameEmbedder(nn.Module):
         if not 1 <= self.n_blocks <= encoder.depth:
             raise ValueError(f"n_blocks={self.n_blocks} must be between 1 and the depth {encoder.depth}")
         self.max_chunks = max_chunks
-        self.embedding_size = self.n_blocks * encoder.width
+        self.chunk_frames = (
+            default_chunk_frames(encoder.use_cls, patch_w=encoder.patch_w)
+            if chunk_frames is None
+            else chunk_frames
+        )
+        self.timestamp_embedding_size = self.n_blocks * encoder.width
+        self.scene_embedding_size = self.timestamp_embedding_size * (2 if encoder.use_cls else 1)
 
     @torch.no_grad()
-    def spec_embeddings(self, spec):
-        """Frame embeddings ``[B, frames // 4, n·D]`` of full-length spectrograms ``[B, F, frames]``."""
+    def _encode(self, spec):
+        """``(tokens [B, frames // 4, n·D], clip CLS [B, n·D] or None)`` of full-length spectrograms
+        ``[B, F, frames]``; the clip CLS is the token-weighted mean of the per-chunk CLS features."""
         b, _, frames = spec.shape
         pw = self.encoder.patch_w
-        bounds = chunk_bounds(frames, CHUNK_FRAMES, pw)
+        bounds = chunk_bounds(frames, self.chunk_frames, pw)
         jobs = [(i, s, e) for i in range(b) for s, e in bounds]
-        out = spec.new_zeros(b, frames // pw, self.embedding_size)
+        width = self.timestamp_embedding_size
+        out = spec.new_zeros(b, frames // pw, width)
+        cls = spec.new_zeros(b, width) if self.encoder.use_cls else None
         for j in range(0, len(jobs), self.max_chunks):
             group = jobs[j : j + self.max_chunks]
             longest = max(e - s for _, s, e in group)
@@ -303,23 +319,39 @@ class ATSTFrameEmbedder(nn.Module):
             for k, (i, s, e) in enumerate(group):
                 x[k, :, : e - s] = spec[i, :, s:e]
             length = torch.tensor([e - s for _, s, e in group], device=spec.device)
-            feats = self.encoder.get_intermediate_layers(x, length, self.n_blocks, scene=False)
+            feats = self.encoder.block_outputs(x, length, self.n_blocks)
+            prefix = 1 if cls is not None else 0
             for k, (i, s, e) in enumerate(group):
                 n = (e - s) // pw
-                out[i, s // pw : s // pw + n] = feats[k, :n]
-        return out
+                out[i, s // pw : s // pw + n] = feats[k, prefix : prefix + n]
+                if cls is not None:
+                    cls[i] += n * feats[k, 0]
+        if cls is not None:
+            cls /= frames // pw
+        return out, cls
+
+    @torch.no_grad()
+    def spec_embeddings(self, spec):
+        """Timestamp embeddings ``[B, frames // 4, n·D]`` of full-length spectrograms ``[B, F, frames]``."""
+        return self._encode(spec)[0]
+
+    def _check_length(self, wave):
+        if audio.num_frames(wave.shape[-1]) // self.encoder.patch_w == 0:
+            raise ValueError(f"audio of {wave.shape[-1]} samples is shorter than one 40 ms token")
 
     @torch.no_grad()
     def timestamp_embeddings(self, wave):
         """``wave [B, samples]`` → ``(emb [B, T, n·D], timestamps_ms [B, T])`` with ``T = (samples//160+1)//4``."""
-        if audio.num_frames(wave.shape[-1]) // self.encoder.patch_w == 0:
-            raise ValueError(f"audio of {wave.shape[-1]} samples is shorter than one 40 ms token")
+        self._check_length(wave)
         emb = self.spec_embeddings(self.frontend(wave))
         ts = torch.from_numpy(timestamps_ms(emb.shape[1])).to(device=emb.device, dtype=torch.float32)
         return emb, ts[None].expand(emb.shape[0], -1)
 
     @torch.no_grad()
     def scene_embeddings(self, wave):
-        """Clip level: the mean of the frame embeddings over all tokens of each clip ``[B, n·D]``."""
-        emb, _ = self.timestamp_embeddings(wave)
-        return emb.mean(dim=1)
+        """``[B, scene_embedding_size]``: the mean of the timestamp embeddings over all tokens of each clip,
+        preceded for ATST-Clip by the clip CLS (``[CLS ‖ mean]``, see ``atst_jax.inference``)."""
+        self._check_length(wave)
+        tokens, cls = self._encode(self.frontend(wave))
+        mean = tokens.mean(dim=1)
+        return mean if cls is None else torch.cat([cls, mean], dim=-1)

@@ -149,5 +149,15 @@ class AtstClip(Method):
     @classmethod
     def lightning_hparams(cls, config, *, width: int, depth: int, heads: int):
         """The ``hyper_parameters`` of the official ``ATSTLightningModule`` (arch, peak learning_rate,
-        warmup_steps, max_steps, ema), and warnings."""
-        return official_schedule_hparams(config, width, depth, heads)
+        warmup_steps, max_steps, ema, and ``train_len``: the longest crop in seconds, which the official
+        downstream code reads as its chunk length), and warnings."""
+        hp, warnings = official_schedule_hparams(config, width, depth, heads)
+        section = dict(config.get(cls.name) or {})
+        defaults = AtstClipConfig()
+        hp["train_len"] = float(
+            max(
+                section.get("anchor_seconds", defaults.anchor_seconds),
+                section.get("positive_seconds", defaults.positive_seconds),
+            )
+        )
+        return hp, warnings

@@ -23,7 +23,7 @@ A method is a subclass of :class:`Method` in one file of ``atst_jax/methods/``, 
 - ``step_flops(global_batch)``: analytic matmul FLOPs of one train step from the shared encoder/head helpers
   in ``atst_jax.flops`` (so ``perf/mfu`` and the planner work for every method); ``monitors``: the metric
   names of its collapse monitors, shown on the progress line; ``check()``: method-level one-line errors.
-- ``lightning_hparams(config_dict)``: the ``hyper_parameters`` of the official PyTorch Lightning module, for
+- ``lightning_hparams(config_dict, width=, depth=, heads=)`` (a classmethod): the ``hyper_parameters`` of the official PyTorch Lightning module, for
   the ``lightning`` export (``None``: the method has no official Lightning layout).
 """
 
@@ -131,8 +131,11 @@ class Method:
     def check(self) -> None:
         """Method-level config errors (``ConfigError``, one line), before anything is compiled."""
 
-    def lightning_hparams(self, config: Mapping) -> dict | None:
-        del config
+    @classmethod
+    def lightning_hparams(cls, config: Mapping, *, width: int, depth: int, heads: int):
+        """``(hyper_parameters, warnings)`` of the method's official Lightning module for a run's saved config
+        (a plain dict), or ``None`` when the method has no official Lightning layout."""
+        del config, width, depth, heads
         return None
 
 
