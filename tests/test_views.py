@@ -92,6 +92,41 @@ def test_freq_warp_leaves_time_untouched_and_samples_the_official_range():
     assert (offsets >= 0).all() and (offsets + heights - 1 <= 63 + 1e-4).all()
 
 
+@pytest.mark.parametrize(
+    "h,i,w,j", [(64, 0, 40, 0), (40, 10, 55, 5), (30, 34, 60, 0), (64, 0, 1, 59), (50, 7, 33, 20)]
+)
+def test_resize_crop_matches_torch_bicubic_on_the_virtual_canvas(h, i, w, j):
+    """ATST-Clip's RandomResizeCrop: the input centred on a zero canvas of 1.5× its frames, the crop resized
+    back with bicubic (align_corners=True) on both axes — the same numbers as doing that literally."""
+    f, t = 64, 40
+    canvas_t = int(t * 1.5)
+    x = np.random.default_rng(h + w).normal(size=(f, t))
+    canvas = np.zeros((f, canvas_t))
+    start = (canvas_t - t) // 2
+    canvas[:, start : start + t] = x
+    crop = canvas[i : i + h, j : j + w]
+    ref = _torch_bicubic_rows(_torch_bicubic_rows(crop, f).T, t).T  # separable: rows, then columns
+    ours = views.resize_crop(
+        jnp.asarray(x[None], jnp.float32),
+        jnp.array([h]),
+        jnp.array([i]),
+        jnp.array([w]),
+        jnp.array([j]),
+        canvas_t,
+    )
+    np.testing.assert_allclose(np.asarray(ours[0]), ref, atol=1e-4)
+
+
+def test_random_resize_crop_samples_the_official_ranges():
+    """Sizes clip(int(U(0.6, 1.5)·size), 1, canvas) per axis; identity is reachable; time may zoom out."""
+    x = jnp.ones((512, 64, 40), jnp.float32)
+    y = np.asarray(views.random_resize_crop(jax.random.key(1), x))
+    assert y.shape == x.shape and np.isfinite(y).all()
+    # A zero canvas around a constant input: zoomed-out crops (time size > 40) show zeros at some frames.
+    zoomed_out = (y.min(axis=(1, 2)) < 0.5).mean()
+    assert 0.2 < zoomed_out < 0.95
+
+
 def test_mixup_formula_and_partner():
     b = 64
     x = jax.random.normal(jax.random.key(0), (b, 4, 5))

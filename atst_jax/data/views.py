@@ -151,6 +151,13 @@ def random_resize_crop(key, x, freq_scale=(0.6, 1.5), time_scale=(0.6, 1.5), vir
     k_f, k_t = jax.random.split(key)
     h, i = _crop_size_and_offset(k_f, b, f, f, freq_scale)
     w, j = _crop_size_and_offset(k_t, b, t, canvas_t, time_scale)
+    return resize_crop(x, h, i, w, j, canvas_t)
+
+
+def resize_crop(x, h, i, w, j, canvas_t: int):
+    """The deterministic part of ``random_resize_crop``: rows ``i … i+h−1`` and canvas columns ``j … j+w−1``
+    (per example) of ``x [B, F, T]`` centred on a zero canvas of ``canvas_t`` columns, resized to ``F × T``."""
+    _, f, t = x.shape
     rows = freq_warp_matrix(h, i, f)  # [B, F, F]
     start = (canvas_t - t) // 2  # where the input sits on the canvas
     cols = freq_warp_matrix(w, j, t, canvas_t)[:, :, start : start + t]  # [B, T(out), T(in)]
