@@ -1,4 +1,5 @@
-"""The trainer end to end: config errors, learning on the embedded data, the CLI (device-count invariance for every method: tests/test_methods.py)."""
+"""The trainer end to end: config errors, learning on the embedded data, the CLI (device-count invariance,
+for every method: tests/test_methods.py)."""
 
 import json
 
