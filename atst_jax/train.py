@@ -108,7 +108,10 @@ def check_data(config, method: methods.Method, files) -> str:
     """Refuses, before compiling, data the method cannot train on: another feature set than its crops want (or
     than the encoder's mel bins), or crops longer than every clip (it would train on padding). Returns the
     dataset's feature-set name."""
-    name = records.read_features(files)
+    try:
+        name = records.read_features(files)
+    except ValueError as e:  # unreadable metadata or an unknown front end: one line, not a traceback
+        raise ConfigError(f"data: {e}") from None
     fs = features.get(name)
     for crop in method.inputs():
         if crop.features != name:

@@ -181,23 +181,35 @@ def centre_method(monkeypatch):
 
 
 def _centre_config(cache, steps, **train_fields):
-    config = tiny("atst_frame", global_batch=4, steps=steps, ckpt_every=3, log_every=1, **train_fields)
+    config = tiny("atst_frame", global_batch=8, steps=steps, ckpt_every=3, log_every=1, **train_fields)
     config.data.cache_dir, config.data.num_clips = cache, 64
     return config
 
 
-def test_method_state_resumes_exactly_and_survives_a_skipped_step(tmp_path, embedded_cache, centre_method):
-    full = train(_centre_config(embedded_cache, 6), str(tmp_path / "full"))
-    assert full["step"] == 6
-    _, _, ref = read_checkpoint(tmp_path / "full")
+def _crash_after(workdir, step):
+    """What a crash after ``step``'s checkpoint leaves behind: the later checkpoints are gone."""
+    import shutil
+
+    for p in (Path(workdir) / "checkpoints").iterdir():
+        if p.name.isdigit() and int(p.name) > step:
+            shutil.rmtree(p)
+
+
+def test_method_state_resumes_exactly_and_survives_a_skipped_step(
+    tmp_path, embedded_cache, centre_method, capsys
+):
+    work = tmp_path / "run"
+    assert train(_centre_config(embedded_cache, 6), str(work))["step"] == 6
+    _, _, ref = read_checkpoint(work)
     assert int(ref["method"]["calls"]) == 6 and np.abs(ref["method"]["centre"]).sum() > 0
 
-    # Stopped after step 3 (a checkpoint), then restarted: the state continues from the checkpoint.
-    work = tmp_path / "resumed"
-    train(_centre_config(embedded_cache, 3), str(work))
+    # Killed after step 3's checkpoint, then restarted: the state continues from the checkpoint.
+    _crash_after(work, 3)
     _, _, mid = read_checkpoint(work)
     assert int(mid["method"]["calls"]) == 3
+    capsys.readouterr()
     train(_centre_config(embedded_cache, 6), str(work))
+    assert "resumed from" in capsys.readouterr().out  # not a fresh (equally deterministic) restart
     _, _, got = read_checkpoint(work)
     assert int(got["method"]["calls"]) == 6
     np.testing.assert_array_equal(got["method"]["centre"], ref["method"]["centre"])
@@ -249,17 +261,16 @@ def test_atst_clip_learns_on_embedded_data_without_collapse(tmp_path, embedded_c
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path, embedded_cache):
-    """Exact resume for every method: 6 steps in one go = 3 steps, a new process-like restart, 3 more (the SIGKILL
-    variant through the CLI is tests/test_checkpoint.py)."""
-
-    def config(steps):
-        c = tiny(name, global_batch=4, steps=steps, ckpt_every=3, log_every=3)
-        c.data.cache_dir, c.data.num_clips = embedded_cache, 64
-        return c
-
-    train(config(6), str(tmp_path / "full"))
-    train(config(3), str(tmp_path / "resumed"))
-    train(config(6), str(tmp_path / "resumed"))
-    (a_step, _, a), (b_step, _, b) = read_checkpoint(tmp_path / "full"), read_checkpoint(tmp_path / "resumed")
-    assert a_step == b_step == 6 and params_digest(a) == params_digest(b)
+def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path, embedded_cache, capsys):
+    """Exact resume for every method: a run killed after step 3's checkpoint and restarted ends with the
+    digest it had uninterrupted (the SIGKILL variant through the CLI is tests/test_checkpoint.py)."""
+    c = tiny(name, global_batch=8, steps=6, ckpt_every=3, log_every=3)
+    c.data.cache_dir, c.data.num_clips = embedded_cache, 64
+    train(c, str(tmp_path))
+    _, _, uninterrupted = read_checkpoint(tmp_path)
+    _crash_after(tmp_path, 3)
+    capsys.readouterr()
+    assert train(c, str(tmp_path))["step"] == 6
+    assert "resumed from" in capsys.readouterr().out  # not a fresh (equally deterministic) restart
+    step, _, resumed = read_checkpoint(tmp_path)
+    assert step == 6 and params_digest(resumed) == params_digest(uninterrupted)

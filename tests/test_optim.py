@@ -7,7 +7,8 @@ import optax
 from flax import nnx
 
 from atst_jax import optim
-from atst_jax.methods import atst_frame
+from atst_jax.methods.atst_frame import AtstFrameConfig
+from atst_jax.models.byol import Student
 from atst_jax.models.encoder import EncoderConfig
 
 
@@ -80,9 +81,7 @@ def test_hf_adamw_matches_transformers_algorithm():
 
 def test_weight_decay_groups():
     enc = EncoderConfig(width=32, depth=2, heads=2)
-    student = atst_frame.Student(
-        enc, atst_frame.AtstFrameConfig(proj_hidden=16, proj_dim=8), rngs=nnx.Rngs(0)
-    )
+    student = Student(enc, AtstFrameConfig(proj_hidden=16, proj_dim=8), rngs=nnx.Rngs(0))
     mask = nnx.to_flat_state(optim.decay_mask(nnx.state(student, nnx.Param)))
     flat = {"/".join(map(str, path)): v.get_value() for path, v in mask}
     assert flat["encoder/pos_embed"] and flat["encoder/mask_embed"]

@@ -6,6 +6,7 @@ import json
 import os
 import types
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -23,7 +24,13 @@ from atst_jax.data.pipeline import (
     normalize_db,
     to_global_batch,
 )
-from atst_jax.data.records import decode_example, encode_example, list_record_files, write_records
+from atst_jax.data.records import (
+    decode_example,
+    encode_example,
+    list_record_files,
+    read_features,
+    write_records,
+)
 
 N_MELS, FRAMES, CROP = 8, 60, 16
 NUM_EXAMPLES = 40
@@ -467,6 +474,9 @@ def check_embedded(cache, files, num_clips, classes):
     with open(os.path.join(cache, "records", "labels.json")) as f:
         assert json.load(f)["classes"] == list(classes)
     assert os.path.exists(os.path.join(cache, "records", "dataset_info.json"))
+    assert read_features(files) == "atst_logmel64"  # recorded by prepare, not defaulted
+    with open(os.path.join(cache, "records", "metadata.json")) as f:
+        assert json.load(f)["features"] == "atst_logmel64"
 
 
 def test_embedded_dataset_builds_once_with_stand_in(tmp_path, monkeypatch):
@@ -549,7 +559,7 @@ def test_two_crops_are_independent_windows_of_one_clip_and_the_first_is_the_sing
     record = encode_example(fake_example(3, length=50))
     two = CropExample([("anchor", CROP), ("positive", 10)], keep_index=True)
     one = CropExample([("spec", CROP)])
-    differ = 0
+    differ, pairs = 0, set()
     for s in range(200):
         out = two.random_map((3, record), np.random.default_rng(s))
         assert out["anchor"].shape == (N_MELS, CROP) and out["positive"].shape == (N_MELS, 10)
@@ -562,17 +572,160 @@ def test_two_crops_are_independent_windows_of_one_clip_and_the_first_is_the_sing
             np.testing.assert_array_equal(frames, np.tile(np.arange(start, start + width), (N_MELS - 1, 1)))
             starts.append(start)
         differ += starts[0] != starts[1]
+        pairs.add(tuple(int(x) for x in starts))
         # The first crop consumes the generator exactly as the one-crop pipeline: identical values.
         single = one.random_map((3, record), np.random.default_rng(s))
-        np.testing.assert_array_equal(out["anchor"], single["spec"])
-    assert differ > 150  # independent windows, not one shared offset
+        assert out["anchor"].tobytes() == single["spec"].tobytes()
+    assert differ > 150  # not one shared offset
+    # Independent draws: 200 samples of 35 x 41 possible (anchor, positive) starts give well over a hundred
+    # distinct pairs; a positive start derived from the anchor's (or from a reused generator state) would give
+    # at most one pair per anchor start, i.e. <= 35.
+    assert len(pairs) > 100
 
 
 def test_short_clip_is_padded_per_crop():
-    record = encode_example(fake_example(1, length=12))
-    out = CropExample([("a", CROP), ("b", 8)]).random_map((1, record), np.random.default_rng(0))
-    assert out["a_length"] == 12 and out["b_length"] == 8
-    assert out["a"].shape == (N_MELS, CROP)
+    """A 12-frame clip: the 16-frame crop takes all of it and pads with the clip's floor, the 8-frame crop is
+    a random window inside it; each crop has its own length."""
+    ex = fake_example(1, length=12)
+    ex["mel"][1:, :12] -= np.float16(20)  # valid frames of rows 1..: -20 .. -9 dB; row 0 holds 1: floor -20
+    record = encode_example(ex)
+    crop = CropExample([("a", CROP), ("b", 8)])
+    starts = set()
+    for s in range(100):
+        out = crop.random_map((1, record), np.random.default_rng(s))
+        assert out["a_length"] == 12 and out["b_length"] == 8
+        assert out["a"].shape == (N_MELS, CROP) and out["b"].shape == (N_MELS, 8)
+        np.testing.assert_allclose(
+            denormalize(out["a"][1:, :12]), np.tile(np.arange(12) - 20.0, (7, 1)), atol=1e-3
+        )
+        np.testing.assert_allclose(out["a"][:, 12:], normalize_db(np.float32(-20)), atol=1e-6)
+        frames = np.round(denormalize(out["b"][1:])).astype(int) + 20
+        start = frames[0, 0]
+        np.testing.assert_array_equal(frames, np.tile(np.arange(start, start + 8), (N_MELS - 1, 1)))
+        starts.add(int(start))
+    assert starts == set(range(12 - 8 + 1))  # never into the stored padding (999) past the length
+
+
+def test_crop_names_must_give_distinct_batch_keys():
+    for crops in ([("a", 4), ("a", 5)], [("a", 4), ("a_length", 5)], [("index", 4)], []):
+        with pytest.raises(ValueError):
+            CropExample(crops)
+    with pytest.raises(ValueError, match="frames must be >= 1"):
+        CropExample([("a", 0)])
+    with pytest.raises(KeyError, match="unknown feature set"):  # at construction, not at the first record
+        CropExample([("a", 4)], features="nope")
+
+
+# The one-crop pipeline as it was before crops had names, written out from Grain's primitives and the plain
+# float32 formula: single-crop batches of `make_dataset` must equal it bit for bit (a recorded training-run
+# digest depends on those numbers).
+_OLD_SCALE = np.float32(2.0 / (50.6842 - -79.6482))
+_OLD_OFFSET = np.float32(-1.0 - 2.0 * -79.6482 / (50.6842 - -79.6482))
+
+
+class _OldTag:
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, index, record):
+        return index % self.n, record
+
+
+class _OldCrop(grain.transforms.RandomMap):
+    def __init__(self, t):
+        self.t = t
+
+    def random_map(self, element, rng):
+        index, record = element
+        ex = decode_example(record)
+        mel, length, t = ex["mel"], ex["length"], self.t
+        if length >= t:
+            start = int(rng.integers(0, length - t + 1))
+            x = mel[:, start : start + t].astype(np.float32)
+        else:
+            floor = np.float32(mel[:, :length].min()) if length else np.float32(-79.6482)
+            pad = np.full((mel.shape[0], t - length), floor, np.float32)
+            x = np.concatenate([mel[:, :length].astype(np.float32), pad], axis=1)
+        return {
+            "spec": x * _OLD_SCALE + _OLD_OFFSET,
+            "length": np.int32(min(length, t)),
+            "index": np.int32(index),
+        }
+
+
+@pytest.fixture(scope="module")
+def mixed_files(tmp_path_factory):
+    """Clips from empty to longer than the crop, random dB values (negative zeros, subnormals included)."""
+    rng = np.random.default_rng(4)
+    examples = []
+    for j in range(23):
+        length = [0, 3, CROP - 1, CROP, 40][j % 5]
+        mel = rng.normal(-40, 25, (N_MELS, max(length, 1) + j % 3)).astype(np.float16)
+        mel[0, 0] = [np.float16(-0.0), np.float16(3e-7), mel[0, 0]][j % 3]
+        examples.append({"mel": mel, "length": length, "id": f"m{j}"})
+    return write_records(str(tmp_path_factory.mktemp("mixed")), examples, num_shards=2)
+
+
+@pytest.mark.parametrize("seed", [0, 17])
+def test_single_crop_is_bit_identical_to_the_one_crop_pipeline(mixed_files, seed):
+    source = make_source(mixed_files)
+    shuffle_seed, crop_seed = np.random.SeedSequence(seed).generate_state(2)
+    reference = (
+        grain.MapDataset.source(source)
+        .map_with_index(_OldTag(len(source)))
+        .shuffle(seed=int(shuffle_seed))
+        .repeat(None)
+        .random_map(_OldCrop(CROP), seed=int(crop_seed))
+        .batch(5)
+    )
+    ours = make_dataset(mixed_files, seed=seed, crops=[("spec", CROP)], per_host_batch=5, keep_index=True)
+    for k in (0, 1, 4, 5, 9):  # an epoch is 23 clips: batches 4 and 5 straddle the first boundary
+        ref, got = reference[k], ours[k]
+        assert sorted(got) == ["index", "spec", "spec_length"]
+        assert got["spec"].dtype == np.float32 and got["spec"].tobytes() == ref["spec"].tobytes()
+        np.testing.assert_array_equal(got["spec_length"], ref["length"])
+        np.testing.assert_array_equal(got["index"], ref["index"])
+
+
+def test_make_dataset_two_crops_are_independent_windows_of_the_batched_clip(files):
+    """Through the batched path (`_CropRecord` plans + `AssembleBatch`): each row of both crops comes from
+    the record its index names, each crop is a window of the valid frames (or the whole clip, padded with its
+    floor, when the clip is shorter: lengths here are 20..59 against a 40-frame anchor), the windows move
+    independently, and the first crop is exactly what a one-crop pipeline gives."""
+    crops = [("anchor", 40), ("positive", 10)]
+    two = dataset(files, seed=4, crops=crops, per_host_batch=8)
+    one = dataset(files, seed=4, crops=crops[:1], per_host_batch=8)
+    src = make_source(files)
+    differ = padded = 0
+    for k in range(10):
+        batch = two[k]
+        assert sorted(batch) == ["anchor", "anchor_length", "index", "positive", "positive_length"]
+        assert batch["anchor"].shape == (8, N_MELS, 40) and batch["positive"].shape == (8, N_MELS, 10)
+        assert batch["anchor"].tobytes() == one[k]["anchor"].tobytes()
+        np.testing.assert_array_equal(batch["anchor_length"], one[k]["anchor_length"])
+        for row, index in enumerate(batch["index"]):
+            ex = decode_example(src[int(index)])
+            j, length = int(ex["id"][2:]), ex["length"]
+            assert batch["anchor_length"][row] == min(length, 40) and batch["positive_length"][row] == 10
+            starts = []
+            for name in ("anchor", "positive"):
+                valid = int(batch[f"{name}_length"][row])
+                x = batch[name][row]
+                np.testing.assert_allclose(denormalize(x[0, :valid]), j, atol=1e-3)  # row 0 names the clip
+                frames = np.round(denormalize(x[1:, :valid])).astype(int)
+                start = frames[0, 0]
+                np.testing.assert_array_equal(
+                    frames, np.tile(np.arange(start, start + valid), (N_MELS - 1, 1))
+                )
+                assert 0 <= start and start + valid <= length
+                if valid < x.shape[1]:  # the clip's floor: min(j, frame 0) over its valid frames
+                    padded += 1
+                    np.testing.assert_allclose(x[:, valid:], normalize_db(np.float32(min(j, 0))), atol=1e-6)
+                starts.append(start)
+            differ += starts[0] != starts[1]
+    assert padded > 0 and differ > 60  # 80 rows
+    with pytest.raises(ValueError, match="distinct"):
+        dataset(files, crops=[("a", 4), ("a", 5)])
 
 
 def test_subset_is_a_fixed_seeded_set_covered_by_an_epoch(files):
@@ -596,6 +749,12 @@ def test_subset_is_a_fixed_seeded_set_covered_by_an_epoch(files):
     assert sorted(parts) == a
     with pytest.raises(ValueError, match="subset=41 clips asked for, but the data has 40 records"):
         dataset(files, subset=41)
+    with pytest.raises(ValueError, match="subset=-1 must be >= 0"):
+        dataset(files, subset=-1)
+    # The whole source as a "subset" is the whole source, in its order.
+    assert_batches_equal(
+        [dataset(files, subset=NUM_EXAMPLES)[i] for i in range(3)], [dataset(files)[i] for i in range(3)]
+    )
     # subset=0 changes nothing.
     assert_batches_equal(
         [dataset(files, subset=0)[i] for i in range(3)], [dataset(files)[i] for i in range(3)]
@@ -609,17 +768,25 @@ def test_normalisation_comes_from_the_feature_set_bit_for_bit():
     NORM_MIN = pipeline.NORM_MIN
     assert scale == np.float32(2.0 / (NORM_MAX - NORM_MIN)) and scale.dtype == np.float32
     assert offset == np.float32(-1.0 - 2.0 * NORM_MIN / (NORM_MAX - NORM_MIN))
+    # ... and, bit for bit, the module constants the pipeline used before (written out above).
+    assert scale.tobytes() == _OLD_SCALE.tobytes() and offset.tobytes() == _OLD_OFFSET.tobytes()
     with pytest.raises(KeyError, match="unknown feature set"):
         pipeline.normalisation("kaldi_fbank999")
 
 
 def test_features_are_read_from_the_metadata_with_the_atst_default(tmp_path):
-    from atst_jax.data.records import read_features
-
     files = write_records(str(tmp_path), (fake_example(j) for j in range(4)), num_shards=2)
     assert read_features(files) == "atst_logmel64"  # prepared before the name was recorded
     (tmp_path / "metadata.json").write_text(json.dumps({"features": "atst_logmel64", "n_mels": 64}))
     assert read_features(str(tmp_path)) == "atst_logmel64"
+    # TFDS metadata written before the name was recorded: n_mels & co., no "features".
+    (tmp_path / "metadata.json").write_text(json.dumps({"n_mels": 64, "sample_rate": 16000}))
+    assert read_features(files) == "atst_logmel64"
     (tmp_path / "metadata.json").write_text(json.dumps({"features": "kaldi_fbank128"}))
     with pytest.raises(ValueError, match="feature set 'kaldi_fbank128', unknown here"):
         read_features(files)
+    (tmp_path / "metadata.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable dataset metadata"):
+        read_features(files)
+    with pytest.raises(ValueError, match="share a directory"):
+        read_features([])

@@ -14,7 +14,7 @@ import soundfile as sf
 from atst_jax import audio
 from atst_jax.data import prepare
 from atst_jax.data.pipeline import make_source
-from atst_jax.data.records import decode_example, list_record_files, multi_hot
+from atst_jax.data.records import decode_example, list_record_files, multi_hot, read_features
 
 SR = 16000
 
@@ -264,6 +264,10 @@ def test_audioset_multi_hot_labels(audioset, tmp_path):
     assert report["written"] == 4
     (missing,) = report["skipped"]
     assert missing["file"] == "YmissingXYZ" and "balanced.csv:6" in missing["reason"]
+    # The front end is recorded next to n_mels & co., and read back from the shard list the trainer holds.
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["features"] == "atst_logmel64" and meta["n_mels"] == 64
+    assert read_features(list_record_files(str(out))) == "atst_logmel64"
 
 
 def _strong_tsv(d):
@@ -398,8 +402,6 @@ def test_tfds_reads_the_same_examples_as_grain(tmp_path):
         info.metadata["classes"] == ["Alarm_bell_ringing", "Dog", "Speech"] and info.metadata["n_mels"] == 64
     )
     # The front end that made the records is recorded, and read back by the trainer's check.
-    from atst_jax.data.records import read_features
-
     assert info.metadata["features"] == "atst_logmel64" and read_features(str(out)) == "atst_logmel64"
 
 
@@ -428,6 +430,7 @@ def test_output_is_identical_for_any_worker_count(small_set, tmp_path):
         assert shard_bytes(tmp_path / f"w{w}") == reference
         for name in ("report.json", "labels.json", "dataset_info.json", "features.json"):
             assert (tmp_path / f"w{w}" / name).read_bytes() == (tmp_path / "w0" / name).read_bytes()
+    assert read_features(str(tmp_path / "w0")) == "atst_logmel64"  # folder inputs record it too
     # Shards hold the files in input order (sorted paths), contiguous.
     ids = [r["id"].split("@")[0] for r in records_of(str(tmp_path / "w0"))]
     assert ids == sorted(ids)
@@ -483,6 +486,7 @@ def test_jobs_build_disjoint_parts_of_one_dataset(small_set, tmp_path):
     assert sorted(first["shards"] + second["shards"]) == list_record_files(str(out))
     assert shard_bytes(out) == shard_bytes(single)
     assert json.loads((out / "report.json").read_text()) == json.loads((single / "report.json").read_text())
+    assert read_features(list_record_files(str(out))) == "atst_logmel64"  # in the last job's metadata
 
 
 def _crash_on_three(job):

@@ -1,10 +1,12 @@
 """Data benchmarks: the host input pipeline and dataset preparation, per CPU core.
 
-    python -m atst_jax.data.bench_data [--clips 512] [--batch 64] [--crop_frames 1001] \\
+    python -m atst_jax.data.bench_data [--clips 512] [--batch 64] [--crops spec:1001] \\
         [--prep_files 48] [--audio_format wav|flac] [--audio_sr 16000] [--repeats 3]
 
-(a) pipeline: clips/s of `make_dataset` (decode record → random crop → normalise → batch) over 10 s 64-mel
+(a) pipeline: clips/s of `make_dataset` (decode record → random crops → normalise → batch) over 10 s 64-mel
     records, read batch by batch with random access on one thread (`ds[k]`), so the figure is per core.
+    `--crops` names the crops per clip as a method asks for them: `spec:1001` is ATST-Frame's one 10 s
+    crop, `anchor:901,positive:601` ATST-Clip's two.
     Views and masks are computed on device in this project (atst_jax/data/views.py), so this is the whole
     host-side cost. Goal: >= 2,000 clips/s per core.
 (b) preparation: clips/s of `atst_jax.data.prepare` in-process (decode + resample + log-mel + encode + write
@@ -35,17 +37,30 @@ def _time(fn) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def bench_pipeline(workdir: str, clips: int, batch: int, crop_frames: int, repeats: int) -> dict:
+def parse_crops(text: str) -> list[tuple[str, int]]:
+    """`"anchor:901,positive:601"` → `[("anchor", 901), ("positive", 601)]`."""
+    crops = []
+    for part in text.split(","):
+        name, sep, frames = part.strip().partition(":")
+        if not sep or not name or not frames.isdigit():
+            raise argparse.ArgumentTypeError(f"--crops wants NAME:FRAMES[,NAME:FRAMES...], got {text!r}")
+        crops.append((name, int(frames)))
+    return crops
+
+
+def bench_pipeline(workdir: str, clips: int, batch: int, crops: list[tuple[str, int]], repeats: int) -> dict:
     from atst_jax.data.pipeline import make_dataset
     from atst_jax.data.records import write_records
 
     rng = np.random.default_rng(0)
-    # dB-like values with a floor, stored as float16 like prepared data; one full 10 s clip per record.
-    base = rng.normal(-30.0, 15.0, (64, crop_frames)).astype(np.float16)
+    # dB-like values with a floor, stored as float16 like prepared data; one full 10 s clip per record (or
+    # the longest crop, if longer), so every crop is a random window, not padding.
+    record_frames = max(1001, *(frames for _, frames in crops))
+    base = rng.normal(-30.0, 15.0, (64, record_frames)).astype(np.float16)
     examples = (
         {
             "mel": np.roll(base, i, axis=1),
-            "length": crop_frames,
+            "length": record_frames,
             "id": f"clip{i:05d}",
             "labels": np.array([i % 7], np.int32),
         }
@@ -53,7 +68,7 @@ def bench_pipeline(workdir: str, clips: int, batch: int, crop_frames: int, repea
     )
     out = os.path.join(workdir, "records")
     files = write_records(out, examples, num_shards=4)
-    ds = make_dataset(files, seed=0, crops=[("spec", crop_frames)], per_host_batch=batch)
+    ds = make_dataset(files, seed=0, crops=crops, per_host_batch=batch)
     batches = max(1, clips // batch)
     ds[0]  # warm-up: opens the files, pages them into the cache
 
@@ -72,10 +87,11 @@ def bench_pipeline(workdir: str, clips: int, batch: int, crop_frames: int, repea
         "pipeline_clips_per_s": statistics.median(rates),
         "pipeline_clips_per_cpu_s": statistics.median(cpu_rates),
         "batch": batch,
-        "crop_frames": crop_frames,
+        "crops": dict(crops),
     }
+    shapes = " + ".join(f"{name} {frames}" for name, frames in crops)
     print(
-        f"(a) pipeline, batch {batch} x 64 mels x {crop_frames} frames, 1 thread: "
+        f"(a) pipeline, batch {batch} x 64 mels x ({shapes}) frames, 1 thread: "
         f"{result['pipeline_clips_per_s']:.0f} clips/s wall, {result['pipeline_clips_per_cpu_s']:.0f} clips per "
         f"CPU-second (median of {repeats}; goal >= 2000 per core)",
         flush=True,
@@ -163,7 +179,12 @@ def main(argv=None) -> int:
     p.add_argument("--what", choices=("all", "pipeline", "prepare"), default="all")
     p.add_argument("--clips", type=int, default=2048, help="(a) records in the benchmark dataset")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--crop_frames", type=int, default=1001)
+    p.add_argument(
+        "--crops",
+        type=parse_crops,
+        default=[("spec", 1001)],
+        help="(a) NAME:FRAMES per clip, comma-separated",
+    )
     p.add_argument("--prep_files", type=int, default=48, help="(b) audio files")
     p.add_argument("--audio_format", choices=("wav", "flac"), default="wav")
     p.add_argument("--audio_sr", type=int, default=16000)
@@ -173,7 +194,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if args.what in ("all", "pipeline"):
-            bench_pipeline(tmp, args.clips, args.batch, args.crop_frames, args.repeats)
+            bench_pipeline(tmp, args.clips, args.batch, args.crops, args.repeats)
         if args.what in ("all", "prepare"):
             bench_prepare(tmp, args.prep_files, args.audio_format, args.audio_sr, args.repeats)
     return 0

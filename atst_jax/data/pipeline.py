@@ -94,10 +94,16 @@ class CropExample(grain.transforms.RandomMap):
         for name, frames in self.crops:
             if frames < 1:
                 raise ValueError(f"crop {name!r}: frames must be >= 1, got {frames}")
-        if len({name for name, _ in self.crops}) != len(self.crops):
-            raise ValueError(f"crop names must be distinct, got {[n for n, _ in self.crops]}")
+        names = [name for name, _ in self.crops]
+        # Each crop becomes two batch keys, `name` and `name_length`, next to "index": refuse names that
+        # would overwrite one another's keys instead of silently dropping a crop.
+        keys = [k for name in names for k in (name, f"{name}_length")] + ["index"]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"crop names must be distinct and give distinct batch keys, got {names}")
         self.keep_index = keep_index
         self.features = features
+        # Built once (it also checks `features` now, not at the first record inside a worker process).
+        self._assemble = AssembleBatch(self.crops, features)
 
     def crop(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, Any]:
         """The crops as plans: per crop the valid float16 frames (a view into the record), the dB pad value
@@ -119,7 +125,7 @@ class CropExample(grain.transforms.RandomMap):
         return out
 
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        batch = AssembleBatch(self.crops, self.features)([self.crop(element, rng)])
+        batch = self._assemble([self.crop(element, rng)])
         return {k: v[0] for k, v in batch.items()}
 
 
@@ -245,9 +251,13 @@ def make_dataset(
         raise ValueError("no records in files")
     shuffle_seed, crop_seed = _derive_seeds(seed)
     ds = grain.MapDataset.source(source).map_with_index(_TagIndex(n))
+    if subset < 0:
+        raise ValueError(f"subset={subset} must be >= 0 (0: all records)")
+    if subset > n:
+        raise ValueError(f"subset={subset} clips asked for, but the data has {n} records")
     if subset:
-        if not 0 < subset <= n:
-            raise ValueError(f"subset={subset} clips asked for, but the data has {n} records")
+        # Its own generator, seeded by subset_seed alone: the same set on every process and for every shuffle
+        # seed, so runs with different seeds still train on the same clips (as the official recipes do).
         keep = np.sort(np.random.default_rng(subset_seed).choice(n, size=subset, replace=False))
         ds = _Subset(ds, keep)
     if shuffle:

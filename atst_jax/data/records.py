@@ -2,7 +2,8 @@
 
 Everything that knows how an example is laid out on disk lives in this file: the input pipeline only calls
 `decode_example` and `list_record_files`, the preparation CLI (`atst_jax/data/prepare.py`) only
-`encode_example`, `shard_name` and `write_tfds_metadata`.
+`encode_example`, `shard_name` and `write_tfds_metadata`, and the trainer `read_features` (which front end
+made a dataset).
 
 Example (a plain dict):
 
@@ -472,11 +473,13 @@ def write_records(
 
 
 def read_features(files_or_dir) -> str:
-    """The feature-set name (``atst_jax.features``) a prepared dataset records in its TFDS ``metadata.json``
-    (a directory, or its list of shard files).
+    """The feature-set name (``atst_jax.features``) a prepared dataset records in its TFDS ``metadata.json``:
+    ``files_or_dir`` is the dataset's directory, or its list of shard files (as `list_record_files` gives).
 
-    Datasets prepared before the name was recorded have none: every one of them was made by the ATST log-mel
-    front end, so that is what is returned for them. An unknown recorded name is an error."""
+    Datasets prepared before the name was recorded (no ``metadata.json``, or one without a ``"features"``
+    entry; also bare shards from `write_records`) get ``atst_jax.features.DEFAULT_FEATURES``, the ATST log-mel:
+    every one of them was made by that front end, the only one this code had. An unknown recorded name, or a
+    metadata file that is not JSON, is an error rather than a guess."""
     import json
 
     from atst_jax import features
@@ -486,13 +489,18 @@ def read_features(files_or_dir) -> str:
     else:
         paths = {os.path.dirname(os.fspath(f)) for f in files_or_dir}
         if len(paths) != 1:
-            raise ValueError(f"shards of one dataset must share a directory, got {sorted(paths)[:3]}")
+            raise ValueError(
+                f"the shards of one dataset must share a directory, got {sorted(paths)[:3] or 'no files'}"
+            )
         (directory,) = paths
     name = features.DEFAULT_FEATURES
     path = os.path.join(directory, "metadata.json")
     if os.path.exists(path):
-        with open(path) as f:
-            name = json.load(f).get("features", name)
+        try:
+            with open(path) as f:
+                name = json.load(f).get("features", name)
+        except (ValueError, AttributeError) as e:  # not JSON, or JSON but not an object
+            raise ValueError(f"{path}: unreadable dataset metadata ({type(e).__name__}: {e})") from None
     if name not in features.FEATURE_SETS:
         raise ValueError(
             f"{path}: the data was prepared with feature set {name!r}, unknown here "
