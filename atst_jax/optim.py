@@ -85,7 +85,9 @@ def clip_gradients(grads, mode: str, max_norm: float):
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     if mode == "per_param":
         return jax.tree.map(
-            lambda g: g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g.reshape(-1)) + 1e-6)).astype(g.dtype),
+            lambda g: (
+                g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g.reshape(-1)) + 1e-6)).astype(g.dtype)
+            ),
             grads,
         )
     raise ValueError(f"grad_clip must be one of {GRAD_CLIPS}, got {mode!r}")
@@ -141,7 +143,7 @@ def weight_decay_schedule(optim_config, total: int):
     o = optim_config
     kind = o.get("wd_schedule", "cosine")
     if kind == "constant":
-        return lambda s: jnp.full((), o.wd_start, jnp.float32) + 0.0 * jnp.asarray(s, jnp.float32)
+        return lambda s: jnp.asarray(o.wd_start, jnp.float32)
     return lambda s: cosine(s, o.wd_start, o.wd_end, total)
 
 

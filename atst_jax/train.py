@@ -390,12 +390,11 @@ class Trainer:
     def synthetic_batch(self, seed: int = 0):
         """A host batch of the method's inputs: uniform random log-mels in [-1, 1), full lengths (bench)."""
         rng = np.random.default_rng(seed)
+        gb, n_mels = self.config.train.global_batch, self.enc_cfg.n_mels
         out = {}
-        for k, (shape, dtype) in self.input_shapes.items():
-            if np.dtype(dtype) == np.int32:  # a crop's valid frames: the whole crop
-                out[k] = np.full(shape, self.input_shapes[k[: -len("_length")]][0][-1], np.int32)
-            else:
-                out[k] = rng.uniform(-1, 1, shape).astype(np.float32)
+        for crop in self.method.inputs():
+            out[crop.name] = rng.uniform(-1, 1, (gb, n_mels, crop.frames)).astype(np.float32)
+            out[crop.length_key] = np.full((gb,), crop.frames, np.int32)
         return out
 
     def jit_train_step(self):

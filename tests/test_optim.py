@@ -90,3 +90,30 @@ def test_weight_decay_groups():
     assert not flat["encoder/patch_embed/bias"] and not flat["encoder/blocks/mlp/fc1/bias"]
     assert not flat["encoder/blocks/norm1/scale"]  # stacked [L, D] but 1-D per layer
     assert not flat["encoder/norm/scale"] and not flat["projector/bn/scale"]
+
+
+def test_gradient_clipping_matches_the_pytorch_recipes():
+    """global_norm = torch clip_grad_norm_ (one factor for the tree); per_param = DINO/ASiT clip_gradients (a
+    factor per parameter); both leave small gradients untouched."""
+    grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[0.3, 0.4]])}  # norms 5 and 0.5; total √25.25
+    total = np.sqrt(25.25)
+    g = optim.clip_gradients(grads, "global_norm", 1.0)
+    np.testing.assert_allclose(g["a"], np.array([3.0, 4.0]) / (total + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(g["b"], np.array([[0.3, 0.4]]) / (total + 1e-6), rtol=1e-6)
+    p = optim.clip_gradients(grads, "per_param", 1.0)
+    np.testing.assert_allclose(p["a"], np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(p["b"], [[0.3, 0.4]], rtol=1e-6)  # under the bound: unchanged
+    big = optim.clip_gradients(grads, "global_norm", 10.0)
+    np.testing.assert_allclose(big["a"], [3.0, 4.0], rtol=1e-6)
+    assert optim.clip_gradients(grads, "none", 1.0) is grads
+
+
+def test_weight_decay_schedules():
+    import ml_collections
+
+    o = ml_collections.ConfigDict({"wd_start": 0.05, "wd_end": 0.4, "wd_schedule": "constant"})
+    np.testing.assert_allclose([float(optim.weight_decay_schedule(o, 100)(s)) for s in (0, 50, 99)], 0.05)
+    o.wd_schedule = "cosine"
+    cos = optim.weight_decay_schedule(o, 100)
+    np.testing.assert_allclose(float(cos(0)), 0.05, rtol=1e-6)
+    assert float(cos(99)) > 0.39
