@@ -1,19 +1,30 @@
-"""Feature sets: which front end made a prepared dataset, and how its stored values are normalised.
+"""Feature sets: which front end made a prepared dataset, how to compute it, and how its stored values are
+normalised.
 
 A prepared dataset records the name of its feature set (``atst_jax.data.prepare`` writes it into the TFDS
-``metadata.json``); the pipeline takes the normalisation from the named set instead of module constants, and
-the trainer refuses, before compiling, a method or encoder that expects another feature set.
+``metadata.json``); the pipeline takes the normalisation and the padding value from the named set instead of
+module constants, and the trainer refuses, before compiling, a method or encoder that expects another feature
+set. Preparation, the embedded dataset and inference compute the stored values with
+``get(name).compute(wave, sample_rate)``: float32 ``[n_mels, frames]``, the layout of the records.
 
-- ``atst_logmel64``: the ATST front end (spec/methods.md §0): 16 kHz, STFT 1024 / hop 160, 64 HTK mels
-  60–7800 Hz, dB with an 80 dB floor per clip; stored as dB, normalised with the fixed AudioSet MinMax
-  ``(x + 79.6482) / (50.6842 + 79.6482) · 2 − 1``.
+- ``atst_logmel64``: the ATST front end (spec/methods.md §0; ``atst_jax.audio``): 16 kHz, STFT 1024 / hop 160
+  centred, 64 HTK mels 60–7800 Hz, dB with an 80 dB floor per clip; ``frames = samples // 160 + 1``. Stored as
+  dB, normalised with the fixed AudioSet MinMax ``(x + 79.6482) / (50.6842 + 79.6482) · 2 − 1``. Short crops are
+  padded with the clip's own minimum (its floor: the clip's silence level), empty clips with ``audio.NORM_MIN``.
+- ``kaldi_fbank128``: the ASiT / AST front end (``atst_jax.fbank``): 32 kHz, the whole wave's mean removed,
+  Kaldi fbank of 25 ms frames every 10 ms (snip edges: ``frames = 1 + (samples − 800) // 320``; a wave shorter
+  than one frame is zero-padded to one), 128 Kaldi mel bins 20 Hz–16 kHz, natural log floored at float32 eps.
+  Stored as the raw log fbank, normalised ``(x + 4.2677393) / (2 · 4.5689974)``. Padding (short crops and empty
+  clips alike) is ``ln(eps) ≈ −15.94``, what a zero waveform gives.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from atst_jax import audio
+import numpy as np
+
+from atst_jax import audio, fbank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +33,83 @@ class FeatureSet:
     n_mels: int
     sample_rate: int
     hop_length: int
-    # Stored value x (dB) → model input ``x · scale + offset``.
+    # Stored value x → model input ``x · scale + offset``.
     scale: float
     offset: float
     description: str = ""
+    # The front end that computes the stored values: a key of ``_EXTRACTORS`` (see ``compute``).
+    kind: str = "atst_logmel"
+    # Frame rule: 0 = centred frames, ``samples // hop + 1``; > 0 = Kaldi snip-edges frames of this window,
+    # ``1 + (samples − window_length) // hop`` (at least 1: shorter waves are padded to one window).
+    window_length: int = 0
+    # Stored-domain value of silence used for padding: empty clips always, short crops too unless
+    # ``pad_with_clip_min`` (then a short crop is padded with its clip's own minimum over its valid frames).
+    silence: float = audio.NORM_MIN
+    pad_with_clip_min: bool = True
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames of the stored features of a wave of ``num_samples`` samples at ``sample_rate``."""
+        if num_samples < 1:
+            raise ValueError("cannot compute features of an empty wave (0 samples)")
+        if self.window_length:
+            return 1 + max(0, num_samples - self.window_length) // self.hop_length
+        return num_samples // self.hop_length + 1
+
+    def compute(self, wave, sample_rate: int | None = None) -> np.ndarray:
+        """Stored values of a mono ``[samples]`` wave: float32 ``[n_mels, num_frames(samples)]``.
+
+        ``sample_rate``: the wave's rate; a different rate than the set's is resampled first (soxr HQ, as
+        ``audio.load_audio`` does). None: the wave is already at ``self.sample_rate``."""
+        wave = np.asarray(wave, np.float32)
+        if wave.ndim != 1:
+            raise ValueError(f"expected a mono [samples] wave, got shape {wave.shape}")
+        if sample_rate is not None and sample_rate != self.sample_rate:
+            wave = audio.resample(wave, sample_rate, self.sample_rate)
+        if wave.shape[0] < 1:
+            raise ValueError("cannot compute features of an empty wave (0 samples)")
+        return _EXTRACTORS[self.kind](wave, self)
+
+    def normalize(self, x):
+        """Model input from stored values, ``x · scale + offset`` (numpy or jax, dtype kept)."""
+        return x * self.scale + self.offset
+
+
+def _atst_logmel(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
+    # The float32 scipy path preparation has always used (records stay byte-identical); imported lazily
+    # because prepare imports this module.
+    from atst_jax.data import prepare
+
+    return prepare.log_mel_db_fast(wave)
+
+
+def _kaldi_fbank(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
+    # The whole wave's mean first (ASiT's preprocessing), then zero padding of a wave shorter than one
+    # window (Kaldi would give no frame, and a record cannot be empty).
+    wave = fbank.remove_waveform_mean(wave.astype(np.float64))
+    if wave.shape[0] < fs.window_length:
+        wave = np.pad(wave, (0, fs.window_length - wave.shape[0]))
+    x = fbank.fbank_np(wave, fs.sample_rate, fs.n_mels)  # [frames, n_mels]
+    return np.ascontiguousarray(x.T)
+
+
+_EXTRACTORS = {"atst_logmel": _atst_logmel, "kaldi_fbank": _kaldi_fbank}
+
+
+def _kaldi_set(name: str, sample_rate: int, n_mels: int, description: str) -> FeatureSet:
+    window, hop, _ = fbank.frame_geometry(sample_rate)
+    return FeatureSet(
+        name=name,
+        n_mels=n_mels,
+        sample_rate=sample_rate,
+        hop_length=hop,
+        scale=1.0 / (2.0 * fbank.NORM_STD),
+        offset=-fbank.NORM_MEAN / (2.0 * fbank.NORM_STD),
+        description=description,
+        kind="kaldi_fbank",
+        window_length=window,
+        silence=fbank.LOG_EPSILON,
+        pad_with_clip_min=False,
+    )
 
 
 FEATURE_SETS = {
@@ -37,6 +121,13 @@ FEATURE_SETS = {
         scale=2.0 / (audio.NORM_MAX - audio.NORM_MIN),
         offset=-1.0 - 2.0 * audio.NORM_MIN / (audio.NORM_MAX - audio.NORM_MIN),
         description="ATST log-mel: 16 kHz, n_fft 1024, hop 160, 64 HTK mels 60-7800 Hz, dB, 80 dB floor",
+    ),
+    "kaldi_fbank128": _kaldi_set(
+        "kaldi_fbank128",
+        fbank.SAMPLE_RATE,
+        fbank.N_MELS,
+        "Kaldi fbank (ASiT/AST): 32 kHz, wave mean removed, 25 ms / 10 ms frames, 128 mel bins 20 Hz-16 kHz, "
+        "natural log, (x + 4.2677393) / (2 * 4.5689974)",
     ),
 }
 

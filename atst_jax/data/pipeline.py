@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from atst_jax import features as feature_sets
-from atst_jax.audio import NORM_MIN, normalize_db  # noqa: F401 (normalize_db re-exported)
+from atst_jax.audio import NORM_MIN, normalize_db  # noqa: F401 (both re-exported)
 from atst_jax.data.records import FORMAT_VERSION, decode_example, list_record_files
 from atst_jax.features import DEFAULT_FEATURES
 
@@ -75,7 +75,9 @@ class CropExample(grain.transforms.RandomMap):
       over its valid frames (in dB, then normalised): after the top-db floor that minimum is the clip's
       silence level, so the padded tail looks like the clip going quiet rather than a hard step to an
       arbitrary constant. Padded frames are excluded by the length in the encoder anyway; the value matters
-      only for augmentations that mix across time or clips (mixup, resizing).
+      only for augmentations that mix across time or clips (mixup, resizing). That is ``atst_logmel64``; a
+      feature set without a per-clip floor (``FeatureSet.pad_with_clip_min`` false, e.g. ``kaldi_fbank128``)
+      pads with its ``silence`` value (what a zero waveform gives), as does every set for an empty clip.
 
     Output: ``{name: float32 [n_mels, frames], f"{name}_length": int32}`` per crop (+ ``"index": int32``, the
     record's position in the source, when ``keep_index``). Randomness comes only from the generator Grain
@@ -104,6 +106,8 @@ class CropExample(grain.transforms.RandomMap):
         self.features = features
         # Built once (it also checks `features` now, not at the first record inside a worker process).
         self._assemble = AssembleBatch(self.crops, features)
+        fs = feature_sets.get(features)
+        self._silence, self._pad_with_clip_min = np.float32(fs.silence), fs.pad_with_clip_min
 
     def crop(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, Any]:
         """The crops as plans: per crop the valid float16 frames (a view into the record), the dB pad value
@@ -117,8 +121,12 @@ class CropExample(grain.transforms.RandomMap):
                 start = int(rng.integers(0, length - t + 1))
                 out[name] = {"mel": mel[:, start : start + t], "pad": np.float32(0.0), "length": np.int32(t)}
             else:
-                # An empty clip has no floor of its own; the normalisation's minimum (−1) stands in for silence.
-                floor = np.float32(mel[:, :length].min()) if length > 0 else np.float32(NORM_MIN)
+                # The feature set's silence, or (atst_logmel64) the clip's own floor; an empty clip has no
+                # floor of its own, so silence (for atst_logmel64 the normalisation's minimum, −1) stands in.
+                if self._pad_with_clip_min and length > 0:
+                    floor = np.float32(mel[:, :length].min())
+                else:
+                    floor = self._silence
                 out[name] = {"mel": mel[:, :length], "pad": floor, "length": np.int32(length)}
         if self.keep_index:
             out["index"] = np.int32(index)
@@ -441,7 +449,12 @@ def _cpu_count() -> int:
 
 
 def ensure_embedded_dataset(
-    cache_dir: str, num_clips: int = 512, seed: int = 0, num_shards: int = 4, num_workers: int | None = None
+    cache_dir: str,
+    num_clips: int = 512,
+    seed: int = 0,
+    num_shards: int = 4,
+    num_workers: int | None = None,
+    features: str = DEFAULT_FEATURES,
 ) -> list[str]:
     """Builds (once) and returns the record shards of the embedded synthetic dataset.
 
@@ -459,9 +472,16 @@ def ensure_embedded_dataset(
 
     `num_workers`: decoding processes (None: in-process below 64 clips, else up to 8 CPUs). The records do not
     depend on it.
+
+    `features`: the feature set of the records (`atst_jax.features`). The default's are `records/` and
+    `embedded_dataset.json` (as before feature sets existed, so those caches stay valid); any other set has its
+    own `records_<features>/` and `embedded_dataset_<features>.json`, so caches of several sets live side by
+    side. `audio/` is shared: the WAVs depend only on (seed, clip index).
     """
-    marker_path = os.path.join(cache_dir, _MARKER)
-    records_dir = os.path.join(cache_dir, "records")
+    feature_sets.get(features)  # an unknown name fails here, not after the audio is written
+    suffix = "" if features == DEFAULT_FEATURES else f"_{features}"
+    marker_path = os.path.join(cache_dir, f"{os.path.splitext(_MARKER)[0]}{suffix}.json")
+    records_dir = os.path.join(cache_dir, f"records{suffix}")
     expected = {
         "kind": "atst_jax embedded synthetic dataset",
         "version": EMBEDDED_VERSION,
@@ -470,6 +490,8 @@ def ensure_embedded_dataset(
         "seed": seed,
         "num_shards": num_shards,
     }
+    if features != DEFAULT_FEATURES:
+        expected["features"] = features
 
     def finished() -> bool:
         try:
@@ -487,10 +509,10 @@ def ensure_embedded_dataset(
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if finished():  # another process built it while we waited
             return list_record_files(records_dir)
-        return _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers)
+        return _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers, features)
 
 
-def _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers):
+def _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers, features=DEFAULT_FEATURES):
     num_clips, seed, num_shards = expected["num_clips"], expected["seed"], expected["num_shards"]
     if os.path.exists(marker_path):
         os.remove(marker_path)
@@ -511,6 +533,7 @@ def _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers):
         plan,
         records_dir,
         name=EMBEDDED_NAME,
+        options=prepare.Options(features=features),
         shards=num_shards,
         workers=num_workers,
         progress=sys.stderr.isatty(),
