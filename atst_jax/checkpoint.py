@@ -10,7 +10,14 @@ One composite checkpoint per saved step under ``WORKDIR/checkpoints/<step>/``:
 Saves are asynchronous; Orbax writes each step into a temporary directory and renames it only once every
 item is complete, so a crash mid-save leaves no step that looks finished, and old steps are deleted only
 after a newer one has committed. A step whose files were damaged later (truncated, deleted) fails to
-restore: ``restore_latest`` then warns and falls back to the previous step.
+restore: ``restore_latest`` then warns, falls back to the previous step and moves the unreadable one aside to
+``WORKDIR/set_aside/`` (kept, never deleted), so a later save of that step number is never skipped.
+
+A workdir belongs to one run. Before restoring, each step's saved config and state structure are compared with
+the new run's: a checkpoint of another run (another model, method, crop, optimizer, data, seed, batch — any
+field outside ``RESUMABLE_FIELDS``, or any difference in the state's paths, shapes and dtypes) is refused with
+one line naming the differing fields (``IncompatibleCheckpointError``), never restored, never overwritten.
+An unreadable step (damaged or missing files) is told apart from an incompatible one.
 
 CLI::
 
@@ -20,12 +27,14 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import grain
@@ -34,7 +43,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from atst_jax import distributed
+from atst_jax.cli import ArgumentParser
 from atst_jax.optim import HFAdamWState
+from atst_jax.sharding import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +100,171 @@ def run_metadata(mesh=None) -> dict:
     }
 
 
-class CheckpointRestoreError(RuntimeError):
-    pass
+class CheckpointRestoreError(ValueError):
+    """A checkpoint step that cannot be read (missing, empty or damaged files); the message is one line."""
+
+
+class IncompatibleCheckpointError(ConfigError):
+    """The workdir's checkpoint belongs to another run (another config or state structure)."""
+
+
+# Config fields that may change when a run resumes: how long it runs, how often it logs and saves, where and on
+# what mesh it runs, compute dtype and memory knobs. Every other field (model shapes, the method and its crops,
+# optimizer, data, seed, batch) defines the run: a checkpoint saved under other values belongs to another run.
+RESUMABLE_FIELDS = (
+    "init_from",  # only read when a run starts
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.keep_every",
+    "train.nonfinite",
+    "train.max_skipped",
+    "train.inject_nan_at_step",
+    "train.grad_accum_steps",
+    "train.chip",
+    "train.fresh",
+    "mesh",
+    "sharding_rules",
+    "model.dtype",
+    "model.remat",
+    "model.scan_layers",
+    "data.cache_dir",
+    "data.records_dir",
+    "data.worker_count",
+)
+
+
+def _flatten_config(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``["model.width: 128 -> 256", ...]``: the run-defining fields (outside ``RESUMABLE_FIELDS``) that both
+    configs have and that differ. A field only one side has (added by newer code) is not compared."""
+    a, b = _flatten_config(saved), _flatten_config(current)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys()) if not free(k) and a[k] != b[k]]
+
+
+def tree_differences(saved_tree, abstract_tree) -> list[str]:
+    """Leaves whose path, shape or dtype differ between a checkpoint's state metadata and a state template."""
+
+    def leaves(tree):
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype).name) for p, x in flat}
+
+    theirs, ours = leaves(saved_tree), leaves(abstract_tree)
+    out = []
+    for k in sorted(theirs.keys() | ours.keys()):
+        if k not in ours:
+            out.append(f"{k} only in the checkpoint")
+        elif k not in theirs:
+            out.append(f"{k} missing from the checkpoint")
+        elif theirs[k] != ours[k]:
+            out.append(
+                f"{k} is {theirs[k][1]}{list(theirs[k][0])} there, {ours[k][1]}{list(ours[k][0])} here"
+            )
+    return out
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of the innermost cause (TensorStore's own message names the file and byte range)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _silence_closed_loop_callbacks() -> None:
+    """After a failed TensorStore read (a damaged step), Orbax closes its event loop while the reads of the
+    other arrays are still in flight. Their completion callbacks then raise ``RuntimeError('Event loop is
+    closed')`` in TensorStore's threads, and the abandoned read coroutines and tasks complain when collected;
+    Python prints all of it as dozens of stray tracebacks after our one-line message. This drops exactly
+    those (any other unraisable exception, task error or warning still gets through). Installed before every
+    read; idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_atst_quiet", False):
+        return
+
+    def hook(unraisable):
+        e, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed":
+            return
+        if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:  # an abandoned Orbax read
+            return
+        previous(unraisable)
+
+    hook._atst_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_an_abandoned_orbax_read)
+    warnings.filterwarnings("ignore", message=r"coroutine '_read_array\w*' was never awaited")
+
+
+def _not_an_abandoned_orbax_read(record: logging.LogRecord) -> bool:
+    """asyncio's "Task/Future exception was never retrieved" for a read Orbax abandoned: False (dropped)."""
+    if "exception was never retrieved" not in str(record.msg) or not record.exc_info:
+        return True
+    tb = record.exc_info[2]
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return False
+        tb = tb.tb_next
+    return True
+
+
+def _read_json(path):
+    """A JSON item of a step, or a ``CheckpointRestoreError`` naming the file (empty / not JSON)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CheckpointRestoreError(
+            f"{path.parent.name}/{path.name}: unreadable ({_first_line(e)})"
+        ) from None
+    if not text.strip():
+        raise CheckpointRestoreError(f"{path.parent.name}/{path.name}: empty file")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise CheckpointRestoreError(f"{path.parent.name}/{path.name}: not JSON ({_first_line(e)})") from None
+
+
+def check_step(step_dir, process_index: int | None = None, process_count: int | None = None) -> dict | None:
+    """What every restore path checks before reading arrays, shared by the trainer and ``checkpoint list``:
+    the commit metadata and the state's metadata exist and parse, and every JSON item (the Grain positions of
+    each process, the config, the run metadata) is non-empty JSON. With ``process_index``/``process_count``
+    the data position of that process must exist. Returns the saved config (or None); raises
+    ``CheckpointRestoreError``."""
+    if not (step_dir / "_CHECKPOINT_METADATA").exists():
+        raise CheckpointRestoreError("_CHECKPOINT_METADATA missing (an unfinished save?)")
+    _read_json(step_dir / "_CHECKPOINT_METADATA")
+    if not (step_dir / "state" / "_METADATA").exists():
+        raise CheckpointRestoreError("state/_METADATA missing")
+    _read_json(step_dir / "state" / "_METADATA")
+    data = step_dir / "data"
+    if data.is_dir():
+        for f in sorted(data.glob("process_*.json")):
+            _read_json(f)
+    for item in ("meta", "config"):
+        if (step_dir / item / "metadata").exists():
+            _read_json(step_dir / item / "metadata")
+    if process_count is not None and data.is_dir():
+        mine = data / f"process_{process_index}-of-{process_count}.json"
+        if not mine.exists():
+            names = sorted(f.name for f in data.glob("process_*.json"))
+            raise IncompatibleCheckpointError(
+                f"checkpoint {step_dir} holds data positions {names}, none for process {process_index} of "
+                f"{process_count}: resume it with the process count that wrote it"
+            )
+    config = step_dir / "config" / "metadata"
+    return _read_json(config) if config.exists() else None
 
 
 def run_dir(workdir):
@@ -110,6 +285,7 @@ class Checkpointer:
     def __init__(
         self, workdir: str | Path, *, save_every: int, keep: int, keep_period: int = 0, async_save=True
     ):
+        _silence_closed_loop_callbacks()
         self.directory = run_dir(workdir) / "checkpoints"
         self.save_every = max(1, save_every)
         options = ocp.CheckpointManagerOptions(
@@ -142,8 +318,10 @@ class Checkpointer:
     def save(self, step: int, state, data_iter=None, config=None, meta=None, *, force: bool = False) -> bool:
         if not (force or self.should_save(step)):
             return False
-        if step in self.manager.all_steps():
-            return False
+        if step in self.manager.all_steps() or (self.directory / str(step)).exists():
+            # Never skip a save: this run resumed from an older step, so what sits at this number is not its own
+            # (a damaged step, or another run's). It is kept, moved aside, and the new step written.
+            self.set_aside([(step, "replaced")])
         items = {"state": ocp.args.StandardSave(to_pure(state))}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -165,24 +343,88 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return from_pure(abstract_state, restored["state"])
 
-    def restore_latest(self, abstract_state, shardings, data_iter=None):
+    def compatibility(self, step: int, abstract_state, config: dict | None = None) -> list[str]:
+        """What keeps ``step`` from being this run's: the differing run-defining config fields (when both
+        configs are known) and the state leaves whose path, shape or dtype differ. Raises
+        ``CheckpointRestoreError`` when the step cannot be read that far."""
+        step_dir = self.directory / str(step)
+        saved = check_step(step_dir, jax.process_index(), jax.process_count())
+        try:
+            meta = self.manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - unreadable metadata: the step is damaged
+            raise CheckpointRestoreError(f"state metadata unreadable ({_first_line(e)})") from None
+        problems = config_differences(saved, config) if saved is not None and config is not None else []
+        leaves = tree_differences(meta, to_pure(abstract_state))
+        if leaves and not problems:  # the configs agree (or are unknown): name the leaves
+            problems = leaves[:4] + ([f"{len(leaves) - 4} more leaves"] if len(leaves) > 4 else [])
+        return problems
+
+    def restore_latest(self, abstract_state, shardings, data_iter=None, config: dict | None = None):
         """``(step, state)`` from the newest step that restores cleanly, or ``(None, None)`` if there is none.
 
-        A damaged newest step (truncated or missing files) is skipped with a warning; older steps are tried in
-        turn. The data iterator is restored together with the state it belongs to.
+        A damaged step (truncated, empty or missing files) is skipped with a warning and older steps are tried
+        in turn; the skipped ones are then moved aside (``set_aside``), so a later save at their number writes
+        a fresh step instead of finding it taken. The newest readable step must belong to this run: if its
+        saved config (``config``, the run's config as a plain dict) or its state structure differ, this raises
+        ``IncompatibleCheckpointError`` naming the fields and touches nothing. The data iterator is restored
+        together with the state it belongs to.
         """
+        unreadable = []
         for step in reversed(self.all_steps()):
             try:
-                return step, self.restore(step, abstract_state, shardings, data_iter)
+                problems = self.compatibility(step, abstract_state, config)
+                if problems:
+                    shown = "; ".join(problems[:6]) + (
+                        f"; {len(problems) - 6} more" if len(problems) > 6 else ""
+                    )
+                    raise IncompatibleCheckpointError(
+                        f"{self.directory.parent} holds another run: its checkpoint step {step} differs in {shown}. "
+                        "Resume it with its own config, start over with --config.train.fresh=true (the old run "
+                        "is moved to set_aside/, not deleted), or use another --workdir (with "
+                        f"--config.init_from={self.directory.parent} to start from its parameters)"
+                    )
+                state = self.restore(step, abstract_state, shardings, data_iter)
+            except CheckpointRestoreError as e:
+                msg = str(e)
+            except IncompatibleCheckpointError:
+                raise
             except Exception as e:  # noqa: BLE001 - any read/decode failure means this step is unusable
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                log.warning("checkpoint step %d is unreadable (%s); trying an older one", step, msg[:300])
-                print(
-                    f"warning: checkpoint step {step} is unreadable ({msg[:200]}); trying an older one",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                msg = _first_line(e)
+            else:
+                self.set_aside([(s, "unreadable") for s in unreadable])
+                return step, state
+            unreadable.append(step)
+            log.warning("checkpoint step %d is unreadable (%s); trying an older one", step, msg)
+            print(
+                f"warning: checkpoint step {step} is unreadable ({msg}); trying an older one", file=sys.stderr
+            )
+        self.set_aside([(s, "unreadable") for s in unreadable])
         return None, None
+
+    def set_aside(self, steps: list[tuple[int, str]]) -> None:
+        """Moves steps out of ``checkpoints/`` into ``WORKDIR/set_aside/<step>-<why>-<time>`` (kept, never
+        deleted), so that Orbax neither restores them, counts them towards ``keep``, nor finds their step
+        number taken. Process 0 moves; every process then rereads the directory."""
+        if not steps:
+            return
+        self.manager.wait_until_finished()  # no save of this manager may be in flight while steps move
+        if distributed.is_main():
+            aside = self.directory.parent / "set_aside"
+            aside.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for step, why in steps:
+                source = self.directory / str(step)
+                if not source.exists():
+                    continue
+                target, k = aside / f"{step}-{why}-{stamp}", 1
+                while target.exists():
+                    target, k = aside / f"{step}-{why}-{stamp}.{k}", k + 1
+                source.rename(target)
+                print(
+                    f"warning: checkpoint step {step} ({why}) moved to {target}", file=sys.stderr, flush=True
+                )
+        distributed.barrier("checkpoint_set_aside")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -201,6 +443,7 @@ class Checkpointer:
 
 # --- read-only access (export, digests, init_from) -------------------------------------------------------
 def _read_manager(workdir: str | Path) -> ocp.CheckpointManager:
+    _silence_closed_loop_callbacks()
     directory = run_dir(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
@@ -233,6 +476,12 @@ def read_checkpoint(workdir: str | Path, step: int | None = None):
         if (manager.directory / str(step) / "config").is_dir():  # runs save it; bare state saves may not
             items["config"] = ocp.args.JsonRestore()
         restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (FileNotFoundError, CheckpointRestoreError):
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated, empty or missing files: one line, not a traceback
+        raise CheckpointRestoreError(
+            f"checkpoint step {step} in {workdir} is unreadable ({_first_line(e)})"
+        ) from None
     finally:
         manager.close()
     state = jax.tree.map(lambda x: np.asarray(x), restored["state"])
@@ -253,7 +502,9 @@ def params_digest(state) -> str:
 
 def list_steps(workdir: str | Path) -> list[tuple[str, str]]:
     """``[(name, status)]`` for everything under ``checkpoints/``: good, incomplete (an unfinished temporary
-    directory or a step missing its items) or damaged (present but unreadable)."""
+    directory or a step missing its items), damaged (present but unreadable: the checks of ``check_step``,
+    which the trainer applies before restoring, then a full read of the state) or non-finite; then the steps
+    moved to ``set_aside/`` (``set aside``)."""
     directory = run_dir(workdir) / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir}")
@@ -270,6 +521,7 @@ def list_steps(workdir: str | Path) -> list[tuple[str, str]]:
             rows.append((p.name, "incomplete"))
             continue
         try:
+            check_step(p)
             step, _, state = read_checkpoint(workdir, int(p.name))
             bad = [
                 k
@@ -277,13 +529,19 @@ def list_steps(workdir: str | Path) -> list[tuple[str, str]]:
                 if not all(np.isfinite(x).all() for x in jax.tree.leaves(state[k]))
             ]
             rows.append((p.name, "good" if not bad else "non-finite"))
+        except CheckpointRestoreError as e:
+            reason = str(e).split(" is unreadable (", 1)[-1].rstrip(")")  # read_checkpoint's own wrapping
+            rows.append((p.name, f"damaged ({reason})"))
         except Exception as e:  # noqa: BLE001
-            rows.append((p.name, f"damaged ({type(e).__name__})"))
+            rows.append((p.name, f"damaged ({type(e).__name__}: {_first_line(e, 120)})"))
+    aside = run_dir(workdir) / "set_aside"
+    if aside.is_dir():
+        rows += [(f"set_aside/{p.name}", "set aside") for p in sorted(aside.iterdir(), key=lambda p: p.name)]
     return rows
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m atst_jax.checkpoint")
+    parser = ArgumentParser(prog="python -m atst_jax.checkpoint")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_list = sub.add_parser("list", help="list checkpoint steps with their state")
     p_list.add_argument("--workdir", required=True)
@@ -291,6 +549,8 @@ def main(argv=None) -> int:
     p_dig.add_argument("--workdir", required=True)
     p_dig.add_argument("--step", type=int, default=None)
     args = parser.parse_args(argv)
+    # Orbax logs absl warnings on every read-only open (read_only options, items not restored): noise here.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         if args.cmd == "list":
             for name, status in list_steps(args.workdir):
@@ -298,8 +558,8 @@ def main(argv=None) -> int:
         else:
             step, _, state = read_checkpoint(args.workdir, args.step)
             print(f"step {step} sha256 {params_digest(state)}")
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, CheckpointRestoreError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

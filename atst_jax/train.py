@@ -24,7 +24,16 @@ from ml_collections import config_flags
 
 from atst_jax import distributed, features, methods, optim
 from atst_jax import sharding as shd
-from atst_jax.checkpoint import Checkpointer, from_pure, read_checkpoint, run_dir, run_metadata, to_pure
+from atst_jax.checkpoint import (
+    Checkpointer,
+    CheckpointRestoreError,
+    IncompatibleCheckpointError,
+    from_pure,
+    read_checkpoint,
+    run_dir,
+    run_metadata,
+    to_pure,
+)
 from atst_jax.data import pipeline, records
 from atst_jax.flops import CHIPS, chip_from_device
 from atst_jax.models.encoder import FrameAST
@@ -44,12 +53,19 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     import importlib.util
 
     path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {spec}: no such config file {path!r}")
     module_spec = importlib.util.spec_from_file_location("_atst_config", path)
     if module_spec is None:
         raise ConfigError(f"cannot load config file {path!r}")
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        return module.get_config(variant) if variant else module.get_config()
+    except (ValueError, KeyError) as e:  # e.g. an unknown variant
+        raise ConfigError(f"--config {spec}: {str(e).strip(chr(39))}") from None
+    except Exception as e:  # noqa: BLE001 - a broken config file: its error, on one line
+        raise ConfigError(f"--config {spec}: {type(e).__name__}: {e}") from None
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> methods.Method:
@@ -60,7 +76,9 @@ def check_config(config, num_devices: int, process_count: int = 1) -> methods.Me
     names = shd.batch_axes(rules)
     dp = shd.data_parallel_size(sizes, rules)
     gb = config.train.global_batch
-    if gb <= 0 or gb % dp:
+    if gb <= 0:
+        raise ConfigError(f"train.global_batch={gb} must be positive")
+    if gb % dp:
         raise ConfigError(
             f"train.global_batch={gb} is not divisible by the data-parallel size {dp} "
             f"(mesh {sizes}, batch sharded over {names})"
@@ -88,6 +106,11 @@ def check_config(config, num_devices: int, process_count: int = 1) -> methods.Me
     # The token rule belongs to the encoder's patch stem; an abstract encoder answers it without allocating.
     encoder = nnx.eval_shape(lambda: FrameAST(method.enc_cfg, rngs=nnx.Rngs(0)))
     for crop in method.inputs():
+        if crop.frames < m.patch_w:
+            raise ConfigError(
+                f"the {crop.name!r} crop of {config.method} has {crop.frames} frames: crop lengths (the "
+                f"*_seconds fields of config.{config.method}) must be positive and at least one patch long"
+            )
         tokens = encoder.num_tokens(crop.frames)
         if tokens + 1 > m.num_pos:
             raise ConfigError(
@@ -139,16 +162,25 @@ def check_data(config, method: methods.Method, files) -> str:
 # ======================================================================================================
 # Data
 # ======================================================================================================
-def data_files(config) -> list[str]:
+def data_files(config, features_name: str | None = None) -> list[str]:
+    """The record shards of the run. The embedded dataset is built with ``features_name``, by default the
+    feature set of the method's crops (the contract: ``Method.inputs()``), so e.g. ASiT gets Kaldi fbanks."""
     d = config.data
     if d.source == "embedded":
+        if features_name is None:
+            wanted = sorted({crop.features for crop in methods.build(config).inputs()})
+            if len(wanted) != 1:
+                raise ConfigError(
+                    f"{config.method}: its crops want several feature sets {wanted}; one dataset has one"
+                )
+            (features_name,) = wanted
         cache = d.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "atst_jax", "embedded")
         # Process 0 builds; the others then find it finished (shared file system) or, on hosts with their
         # own disks, build the same bytes locally. Never two builders of one directory at once.
         if distributed.is_main():
-            pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0)
+            pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0, features=features_name)
         distributed.barrier("embedded_data")
-        return pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0)
+        return pipeline.ensure_embedded_dataset(cache, num_clips=d.num_clips, seed=0, features=features_name)
     if d.source == "records":
         if not d.records_dir:
             raise ConfigError("data.source=records needs data.records_dir")
@@ -425,9 +457,13 @@ class MetricsWriter:
     Object stores (a ``gs://`` workdir) cannot append, so for a remote workdir the JSONL lines go to a local
     copy (started from the remote file when resuming) that ``sync`` uploads whole at every checkpoint and at
     the end. TensorBoard writes ``gs://`` itself (with ``google-cloud-storage`` installed).
+
+    ``resume_step``: the step the run (re)starts from. Lines of later steps (logged after the last checkpoint
+    by a run that was then killed) are dropped and TensorBoard purges its later events, so after any restart
+    each step appears once.
     """
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, resume_step: int | None = None):
         self.enabled = distributed.is_main()
         self.jsonl = None
         self.tb = None
@@ -443,11 +479,14 @@ class MetricsWriter:
                 local.parent.mkdir(parents=True, exist_ok=True)
                 local.write_text(self.remote.read_text() if self.remote.exists() else "")
             self.local = local
+            if resume_step is not None and local.exists():
+                _truncate_jsonl(local, resume_step)
             self.jsonl = open(local, "a")  # noqa: SIM115 - closed in close()
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(str(workdir / "tensorboard"))
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
             except ImportError:  # optional: jsonl alone is enough
                 self.tb = None
 
@@ -474,6 +513,20 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the lines of steps <= ``last_step`` (and drops a torn last line), rewriting the file atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    os.replace(tmp, path)
+
+
 def fetch(tree):
     """Host copies of replicated scalars. ``jax.device_get`` refuses arrays that span other processes'
     devices; a replicated value is whole on any local device, so read this process's first shard."""
@@ -498,35 +551,62 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopSignal:
-    """SIGTERM (preemption notice, ``scancel``, Kubernetes) → finish the current step, save, exit 0.
+    """SIGTERM (preemption notice, ``scancel``, Kubernetes) and SIGINT (Ctrl-C) → finish the current step,
+    save, exit 0. A second Ctrl-C aborts at once (``KeyboardInterrupt``; the CLI exits 130).
 
     The handler only sets a flag; the loop acts on it at the next step boundary, so a signal that arrives
-    during compilation or a long evaluation is honoured right after it, at the first step boundary.
+    during start-up, compilation or a long evaluation is honoured right after it, at the first step boundary.
     """
 
     def __init__(self):
         self.requested = None
+        self.interrupts = 0
         self._previous = {}
 
     def __enter__(self):
         import signal
 
+        handlers = {signal.SIGTERM: self._handle, signal.SIGINT: self._handle}
         if jax.process_count() > 1:
             # Several processes must stop at the same step, or the ones still stepping hang in a collective.
             # JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM itself and
             # agrees on a common step, which the loop reads through ``ckpt.reached_preemption``; a Python
-            # handler here would replace it.
-            return self
-        for sig in (signal.SIGTERM,):
+            # handler here would replace it. Ctrl-C is passed to it as a SIGTERM to this process.
+            handlers = {signal.SIGINT: self._interrupt_to_sigterm}
+        for sig, handler in handlers.items():
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test harness thread): no handler
                 pass
         return self
 
+    def _count_interrupt(self, signum):
+        import signal
+
+        if signum != signal.SIGINT:
+            return
+        self.interrupts += 1
+        if self.interrupts > 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a third one interrupts the clean-up
+            raise KeyboardInterrupt
+        print(
+            "interrupted: finishing the current step, saving it and exiting (Ctrl-C again to abort without "
+            "saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _handle(self, signum, frame):
         del frame
+        self._count_interrupt(signum)
         self.requested = signum
+
+    def _interrupt_to_sigterm(self, signum, frame):
+        import signal
+
+        del frame
+        self._count_interrupt(signum)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def __exit__(self, *exc):
         import signal
@@ -550,7 +630,10 @@ def init_from_checkpoint(state, trainer, source: str):
         try:
             loaded = export_load.load_pretraining(src, heads=heads)
         except KeyError:
-            encoder = export_load.load_encoder_params(src, heads=heads)
+            try:
+                encoder = export_load.load_encoder_params(src, heads=heads)
+            except (KeyError, ValueError, OSError) as e:
+                raise ConfigError(f"init_from={source}: not a file of encoder weights ({e})") from None
             loaded = {
                 "params": {"encoder": encoder},
                 "teacher": {"encoder": encoder},
@@ -563,7 +646,10 @@ def init_from_checkpoint(state, trainer, source: str):
         step = None
         if src.name.isdigit() and src.parent.name == "checkpoints":
             step, src = int(src.name), src.parent.parent
-        from_step, _, loaded = read_checkpoint(src, step)
+        try:
+            from_step, _, loaded = read_checkpoint(src, step)
+        except (FileNotFoundError, CheckpointRestoreError) as e:
+            raise ConfigError(f"init_from={source}: {' '.join(str(e).split())}") from None
     pure = to_pure(state)
     shardings = to_pure(trainer.state_shardings)
     for part in ("params", "stats", "teacher", "teacher_stats"):
@@ -596,10 +682,59 @@ def _lookup(tree, path):
     return tree
 
 
+def _check_workdir(workdir) -> None:
+    """One line, before anything is built, for a workdir that is a file or cannot be created or written."""
+    if "://" in str(workdir):  # object stores: Orbax reports what it cannot write
+        return
+    existing = Path(workdir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--workdir {workdir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {existing} is not writable")
+
+
+def _make_workdir(workdir) -> None:
+    """Creates the workdir (after every config check passed, so a refused run leaves nothing behind) and
+    proves it writable."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if "://" not in str(workdir):
+            probe = workdir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror or e})") from None
+
+
+def _set_aside_run(workdir):
+    """``train.fresh``: moves the previous run's checkpoints, metrics and TensorBoard logs to
+    ``WORKDIR/set_aside/run-<time>/`` (kept, never deleted). Returns that directory."""
+    target = workdir / "set_aside" / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    k = 1
+    while target.exists():
+        target, k = target.with_name(f"{target.name}.{k}"), k + 1
+    if distributed.is_main():
+        target.mkdir(parents=True)
+        for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+            if (workdir / name).exists():
+                (workdir / name).rename(target / name)
+    distributed.barrier("set_aside_run")
+    return target
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs (or resumes) pretraining; returns ``{"step", "loss", "workdir", "preempted"}`` of the last step."""
+    """Runs (or resumes) pretraining; returns ``{"step", "loss", "workdir", "preempted"}`` of the last step.
+
+    SIGTERM or Ctrl-C from here on stops at the next step boundary with that step saved."""
+    with _StopSignal() as stop:
+        return _train(config, workdir, stop)
+
+
+def _train(config, workdir, stop) -> dict:
     workdir = run_dir(workdir)  # a local path, or gs://… for pods writing straight to a bucket
-    workdir.mkdir(parents=True, exist_ok=True)
+    _check_workdir(workdir)
     t = config.train
     if t.nonfinite not in ("halt", "skip"):
         raise ConfigError(f"train.nonfinite={t.nonfinite!r}: choose halt or skip")
@@ -607,20 +742,55 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---------------------------------------------------------------------------------- Set up mesh
     method = check_config(config, jax.device_count(), jax.process_count())
     mesh = shd.make_mesh(config.mesh)
-    files = data_files(config)
+    try:
+        files = data_files(config)
+    except (OSError, ValueError) as e:  # a missing or empty records_dir, an incomplete shard set: one line
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"data: {' '.join(str(e).split())}") from None
     feature_set = check_data(config, method, files)
 
     # ---------------------------------------------------------------------------------- Build state
     trainer = Trainer(config, mesh)
     data_iter = make_data_iterator(config, trainer.method, files, feature_set)
+    try:
+        _make_workdir(workdir)  # only now: a config refused above leaves no workdir behind
+    except ConfigError:
+        data_iter.close()
+        raise
     ckpt = Checkpointer(workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints, keep_period=t.keep_every)
-    latest, state = ckpt.restore_latest(trainer.abstract_state, trainer.state_shardings, data_iter)
+    # The workdir belongs to one run: a checkpoint of another config is refused (one line naming the fields)
+    # unless train.fresh asks to start over, which moves the old run aside.
+    run_config = json.loads(config.to_json_best_effort())
+    foreign = None
+    try:
+        latest, state = ckpt.restore_latest(
+            trainer.abstract_state, trainer.state_shardings, data_iter, run_config
+        )
+    except IncompatibleCheckpointError as e:
+        if not t.get("fresh", False):
+            ckpt.close()
+            data_iter.close()
+            raise
+        latest, state, foreign = None, None, e
     if state is not None:
         _log(f"resumed from {ckpt.directory / str(latest)}")
+        if t.get("fresh", False):
+            _log(
+                "train.fresh: the checkpoints here are this run's own, so it resumes (requeue-safe); move "
+                f"{ckpt.directory} away to start over"
+            )
     else:
         state = trainer.init(config.seed)
-        if config.init_from:
+        if config.init_from:  # before a fresh start moves the old run: init_from may point at it
             state = init_from_checkpoint(state, trainer, config.init_from)
+        if foreign is not None:
+            ckpt.close()
+            moved = _set_aside_run(workdir)
+            ckpt = Checkpointer(
+                workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints, keep_period=t.keep_every
+            )
+            _log(f"train.fresh: the previous run in {workdir} was moved to {moved}; starting from step 0")
     step = int(fetch(state["step"]))
     if step >= t.steps:
         ckpt.close()
@@ -634,7 +804,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"global batch {t.global_batch}, {len(files)} record files",
     )
     train_step = trainer.jit_train_step()
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=step)
     meta = run_metadata(mesh)
 
     # ---------------------------------------------------------------------------------- Loop
@@ -668,31 +838,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
 
     try:
-        with _StopSignal() as stop:
-            while step < t.steps:
-                waited = time.perf_counter()
-                host = next(data_iter)
-                batch = {
-                    k: pipeline.to_global_batch({k: host[k]}, s)[k]
-                    for k, s in trainer.batch_shardings.items()
-                }
-                progress.data_wait += time.perf_counter() - waited
-                state, metrics = train_step(state, batch)
-                step += 1
-                if pending is not None:
-                    check_finite(*pending)
-                    last = progress.maybe_log(*pending, writer, t.log_every) or last
-                pending = (step, metrics)
-                stopping = stop.requested is not None or ckpt.reached_preemption(step)
-                if stopping or ckpt.should_save(step) or step == t.steps:
-                    check_finite(step, metrics)  # never write a checkpoint of a non-finite step
-                    ckpt.save(step, state, data_iter, config, meta, force=True)
-                    writer.sync()
-                if stopping:
-                    preempted = True
-                    break
-            check_finite(*pending)
-            last = progress.maybe_log(*pending, writer, t.log_every, force=True)
+        while step < t.steps:
+            waited = time.perf_counter()
+            host = next(data_iter)
+            batch = {
+                k: pipeline.to_global_batch({k: host[k]}, s)[k] for k, s in trainer.batch_shardings.items()
+            }
+            progress.data_wait += time.perf_counter() - waited
+            state, metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                check_finite(*pending)
+                last = progress.maybe_log(*pending, writer, t.log_every) or last
+            pending = (step, metrics)
+            stopping = stop.requested is not None or ckpt.reached_preemption(step)
+            if stopping or ckpt.should_save(step) or step == t.steps:
+                check_finite(step, metrics)  # never write a checkpoint of a non-finite step
+                ckpt.save(step, state, data_iter, config, meta, force=True)
+                writer.sync()
+            if stopping:
+                preempted = True
+                break
+        check_finite(*pending)
+        last = progress.maybe_log(*pending, writer, t.log_every, force=True)
     finally:
         ckpt.close()  # waits for the last asynchronous save to commit
         writer.close()
@@ -777,11 +945,43 @@ def main(argv):
         distributed.initialize()
         train(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except KeyboardInterrupt:  # the second Ctrl-C (the first one saves and exits 0)
+        print("error: interrupted twice: stopped without saving the step in progress", file=sys.stderr)
+        sys.exit(130)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with one-line errors (exit 2) instead of its FATAL block, also for a config file
+    whose loading raises (``config_flags`` wraps that exception's traceback into the message)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        message = lines[-1] if lines and "Traceback" in str(e) else " ".join(lines)
+        if "--config must have a value" in message:
+            message = "--config is required, e.g. --config configs/atst_frame.py:tiny"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli(argv: list[str]) -> None:
+    """``python -m atst_jax.train``: config-file, variant and override errors are checked before absl parses
+    the flags, so each is one line with exit status 2."""
+    try:
+        spec = config_spec_from_argv(argv[1:])
+        if spec is not None:
+            load_config(spec)  # a missing file or an unknown variant: one line
+        check_overrides(argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    flags.mark_flags_as_required(["config"])
+    app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 def config_spec_from_argv(argv: list[str]) -> str | None:
@@ -818,10 +1018,4 @@ def check_overrides(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        check_overrides(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli(sys.argv)

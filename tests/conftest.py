@@ -43,3 +43,27 @@ def run_train(args, devices=1, timeout=600):
     return subprocess.run(
         train_cmd(*args), capture_output=True, text=True, env=cli_env(devices), cwd=ROOT, timeout=timeout
     )
+
+
+def tiny_config(cache: str, **train):
+    """ATST-Frame ``tiny`` cut to the bone for tests that need a real run: one block, 1 s crops, batch 8."""
+    from atst_jax.train import load_config
+
+    config = load_config(CONFIG + ":tiny")
+    config.model.depth = 1
+    config.atst_frame.crop_seconds = 1.0
+    config.optim.warmup_steps = 1
+    config.data.cache_dir, config.data.num_clips = cache, 64
+    config.train.update({**dict(steps=3, global_batch=8, ckpt_every=3, log_every=1), **train})
+    return config
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, embedded_cache):
+    """A finished 3-step run of ``tiny_config`` (checkpoint 3, metrics, Grain position), shared read-only by
+    the reliability and CLI-error tests: copy it before changing it."""
+    from atst_jax.train import train
+
+    workdir = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(tiny_config(embedded_cache), str(workdir))
+    return workdir

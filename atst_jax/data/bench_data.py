@@ -173,9 +173,9 @@ def bench_prepare(workdir: str, files: int, audio_format: str, sample_rate: int,
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m atst_jax.data.bench_data", description=__doc__.split("\n\n")[0]
-    )
+    from atst_jax.cli import ArgumentParser, fail
+
+    p = ArgumentParser(prog="python -m atst_jax.data.bench_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", choices=("all", "pipeline", "prepare"), default="all")
     p.add_argument("--clips", type=int, default=2048, help="(a) records in the benchmark dataset")
     p.add_argument("--batch", type=int, default=64)
@@ -191,6 +191,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", help="scratch directory (default: a temporary one, removed afterwards)")
     args = p.parse_args(argv)
+    if min(args.clips, args.batch, args.prep_files, args.repeats, args.audio_sr) < 1:
+        return fail("--clips, --batch, --prep_files, --repeats and --audio_sr must be positive")
+    if args.workdir is not None and not os.path.isdir(args.workdir):
+        return fail(f"--workdir {args.workdir}: no such directory")
+    if args.workdir is not None and not os.access(args.workdir, os.W_OK):
+        return fail(f"--workdir {args.workdir} is not writable")
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         if args.what in ("all", "pipeline"):

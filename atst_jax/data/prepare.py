@@ -18,14 +18,19 @@ Inputs
   folder    Every audio file under AUDIO (hidden files skipped), in sorted path order; with
             `--labels_from_subdirs` the first sub-folder is the class (files at the top are reported).
 
-Each file is decoded with `atst_jax.audio.load_audio` (mono, 16 kHz, soxr), split into clips of at most
-`--clip_seconds` (10 s; `--long crop` keeps only the first clip; a trailing piece shorter than
-`--min_tail_seconds` is dropped, so a 10.02 s AudioSet file gives one clip), and each clip becomes one record
-(format: `atst_jax/data/records.py`): float16 dB log-mel [64, frames] with its own 80 dB floor, frames, id
-(YTID / file path without extension; `id@start_seconds` for the pieces of a split file), class indices, and
-for strong labels the events (onset, offset, class) relative to the clip. Short files are kept at their
-length. A file that cannot be used (empty, not audio, truncated, NaN/Inf, a directory, a broken link, a
-crashing decoder) is skipped and reported; it never stops the run.
+Front end (`--features`, a name in `atst_jax.features`): `atst_logmel64` (default; ATST, 16 kHz, described
+below) or `kaldi_fbank128` (ASiT/AST Kaldi fbank: 32 kHz, float16 raw log fbank [128, frames], frames =
+1 + (samples − 800) // 320); the name goes into metadata.json ("features") and into the shard fingerprints.
+
+Each file is decoded with `atst_jax.audio.load_audio` (mono, resampled with soxr to the front end's rate),
+split into clips of at most `--clip_seconds` (10 s; `--long crop` keeps only the first clip; a trailing piece
+shorter than `--min_tail_seconds` is dropped, so a 10.02 s AudioSet file gives one clip), and each clip
+becomes one record (format: `atst_jax/data/records.py`): float16 dB log-mel [64, frames] with its own 80 dB
+floor (with kaldi_fbank128: the raw log fbank [128, frames]), frames, id (YTID / file path without extension;
+`id@start_seconds` for the pieces of a split file), class indices, and for strong labels the events (onset,
+offset, class; seconds) relative to the clip. Short files are kept at their length (one shorter than a 25 ms
+Kaldi frame gives that one frame, zero-padded). A file that cannot be used (empty, not audio, truncated,
+NaN/Inf, a directory, a broken link, a crashing decoder) is skipped and reported; it never stops the run.
 
 Output OUT
   {name}-{split}.array_record-XXXXX-of-NNNNN   shards; shard j holds files [j*n/N, (j+1)*n/N) in input order
@@ -41,6 +46,11 @@ Speed, determinism, restarts
   so the shards are byte-identical for any worker count. Every shard is written under a temporary name,
   renamed when complete, then marked done; a rerun skips shards whose marker matches (same files, labels and
   options) and rebuilds the rest, so an interrupted run is resumed by running the same command again.
+  Each shard is built under a lock (`_progress/<shard>.lock`): two runs into one OUT split the shards between
+  them (whichever finishes last writes the metadata), and a temporary shard whose lock is free is the orphan of
+  a killed run and is removed. Malformed CSV/TSV rows are reported all at once; an AudioSet segment with a
+  label missing from --labels is skipped and reported (`--unknown_labels error` stops instead). Record ids
+  are unique per input: files that would share one (x.wav, x.flac) keep their extension in it.
 
 Many machines (`--num_shards K --shard_index i`)
   Run the same command on K machines sharing OUT (a shared file system), with `--shard_index` 0..K-1: job i
@@ -74,6 +84,7 @@ import scipy.fft
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from atst_jax import audio
+from atst_jax import features as feature_sets
 from atst_jax.data import records
 from atst_jax.features import DEFAULT_FEATURES
 
@@ -100,8 +111,13 @@ class Options:
     clip_seconds: float = 10.0
     min_tail_seconds: float = 1.0  # the last piece of a split file is dropped if shorter than this
     compression: str = "none"  # ArrayRecord chunk compression: "none" or "zstd"
+    features: str = DEFAULT_FEATURES  # the front end (atst_jax.features): sample rate, frames, values
 
     def __post_init__(self):
+        if self.features not in feature_sets.FEATURE_SETS:
+            raise PrepareError(
+                f"--features must be one of {sorted(feature_sets.FEATURE_SETS)}, got {self.features!r}"
+            )
         if self.long not in ("split", "crop"):
             raise PrepareError(f"--long must be split or crop, got {self.long!r}")
         if not self.clip_seconds > 0 or self.min_tail_seconds < 0:
@@ -203,34 +219,42 @@ def read_class_labels(path: str) -> tuple[list[str], list[str]]:
 
 
 def read_audioset_segments(path: str) -> list[tuple[str, float, float, list[str], int]]:
-    """AudioSet segment CSV → [(YTID, start, end, [mids], line number)], in file order."""
-    out = []
+    """AudioSet segment CSV → [(YTID, start, end, [mids], line number)], in file order. Every malformed line
+    is reported, in one error."""
+    out, bad = [], []
     with open(path, newline="", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             try:
-                # skipinitialspace: the real files put a space after each comma, before the quoted labels.
-                (fields,) = list(csv.reader([line], skipinitialspace=True, strict=True))
-            except (csv.Error, ValueError) as e:
-                raise PrepareError(f"{path}:{lineno}: unparsable CSV line ({e})") from None
-            if len(fields) != 4:
-                raise PrepareError(
-                    f'{path}:{lineno}: expected 4 fields (YTID, start_seconds, end_seconds, "labels"), '
-                    f"got {len(fields)}"
-                )
-            ytid = fields[0].strip()
-            if not ytid:
-                raise PrepareError(f"{path}:{lineno}: empty YTID")
-            try:
-                start, end = float(fields[1]), float(fields[2])
-            except ValueError:
-                raise PrepareError(
-                    f"{path}:{lineno}: start/end {fields[1]!r}/{fields[2]!r} are not numbers"
-                ) from None
-            mids = [m.strip() for m in fields[3].split(",") if m.strip()]
-            out.append((ytid, start, end, mids, lineno))
+                out.append(_segment_row(path, lineno, line))
+            except PrepareError as e:
+                bad.append(str(e))
+    _raise_all(bad, f"malformed line(s) in {path}")
     return out
+
+
+def _segment_row(path: str, lineno: int, line: str) -> tuple[str, float, float, list[str], int]:
+    try:
+        # skipinitialspace: the real files put a space after each comma, before the quoted labels.
+        (fields,) = list(csv.reader([line], skipinitialspace=True, strict=True))
+    except (csv.Error, ValueError) as e:
+        raise PrepareError(f"{path}:{lineno}: unparsable CSV line ({e})") from None
+    if len(fields) != 4:
+        raise PrepareError(
+            f'{path}:{lineno}: expected 4 fields (YTID, start_seconds, end_seconds, "labels"), got {len(fields)}'
+        )
+    ytid = fields[0].strip()
+    if not ytid:
+        raise PrepareError(f"{path}:{lineno}: empty YTID")
+    try:
+        start, end = float(fields[1]), float(fields[2])
+    except ValueError:
+        raise PrepareError(
+            f"{path}:{lineno}: start/end {fields[1]!r}/{fields[2]!r} are not numbers"
+        ) from None
+    mids = [m.strip() for m in fields[3].split(",") if m.strip()]
+    return ytid, start, end, mids, lineno
 
 
 _SEGMENT_SUFFIX = re.compile(r"^(.+)_(-?\d+(?:\.\d*)?)_(-?\d+(?:\.\d*)?)$")
@@ -265,16 +289,25 @@ def _find_segment(index, ytid: str, start: float) -> str | None:
     return None
 
 
-def plan_audioset(csv_paths: Sequence[str], labels_csv: str, audio_dir: str) -> Plan:
+def plan_audioset(
+    csv_paths: Sequence[str], labels_csv: str, audio_dir: str, *, unknown_labels: str = "skip"
+) -> Plan:
+    """``unknown_labels``: a segment with a label missing from ``labels_csv`` is skipped and reported per clip
+    (``"skip"``), or every such segment is listed in one error (``"error"``)."""
     mids, names = read_class_labels(labels_csv)
     mid_index = {m: i for i, m in enumerate(mids)}
     index = _index_by_stem(_audio_files(audio_dir))
-    items, skipped, seen = [], [], {}
+    items, skipped, seen, bad = [], [], {}, []
     for path in csv_paths:
         for ytid, start, _end, seg_mids, lineno in read_audioset_segments(path):
             unknown = [m for m in seg_mids if m not in mid_index]
             if unknown:
-                raise PrepareError(f"{path}:{lineno}: label(s) {unknown} not in {labels_csv}")
+                reason = f"{path}:{lineno}: label(s) {unknown} not in {labels_csv}"
+                if unknown_labels == "error":
+                    bad.append(reason)
+                else:
+                    skipped.append({"file": ytid, "reason": reason})
+                continue
             where = f"{path}:{lineno}"
             audio_file = _find_segment(index, ytid, start)
             if audio_file is None:
@@ -288,7 +321,23 @@ def plan_audioset(csv_paths: Sequence[str], labels_csv: str, audio_dir: str) -> 
             seen[audio_file] = where
             labels = tuple(sorted({mid_index[m] for m in seg_mids}))
             items.append(Item(audio_file, ytid, labels))
-    return Plan("audioset", audio_dir, items, names, mids, skipped=skipped)
+    _raise_all(bad, "segment(s) with unknown labels (--unknown_labels skip drops them instead)")
+    return Plan("audioset", audio_dir, _unique_ids(items), names, mids, skipped=skipped)
+
+
+def _unique_ids(items: list[Item]) -> list[Item]:
+    """One id per input: files whose ids would collide (``x.wav`` and ``x.flac``; one YTID with two audio
+    files) are named by their whole relative path, extension included."""
+    counts = collections.Counter(it.id for it in items)
+    return [dataclasses.replace(it, id=it.file) if counts[it.id] > 1 else it for it in items]
+
+
+def _raise_all(problems: list[str], what: str, shown: int = 10) -> None:
+    """One ``PrepareError`` listing every bad input row (the first ``shown`` of them), so a malformed file is
+    fixed in one pass instead of one row per run."""
+    if problems:
+        more = f"; ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise PrepareError(f"{len(problems)} {what}: " + "; ".join(problems[:shown]) + more)
 
 
 def _read_classes_file(path: str) -> list[str]:
@@ -326,35 +375,37 @@ def read_dcase_tsv(path: str) -> tuple[bool, list[tuple[str, Any, int]]]:
             f"filename<TAB>onset<TAB>offset<TAB>event_label (strong); got {cols}"
         )
     col = {c: i for i, c in enumerate(cols)}
-    rows = []
+    rows, bad = [], []
     for lineno, line in numbered[1:]:
-        fields = [x.strip() for x in line.split("\t")]
-        if len(fields) != len(cols):
-            raise PrepareError(
-                f"{path}:{lineno}: expected {len(cols)} tab-separated fields, got {len(fields)}"
-            )
-        filename = fields[col["filename"]]
-        if not filename:
-            raise PrepareError(f"{path}:{lineno}: empty filename")
-        if not strong:
-            rows.append(
-                (filename, [x.strip() for x in fields[col["event_labels"]].split(",") if x.strip()], lineno)
-            )
-            continue
-        on_s, off_s, label = fields[col["onset"]], fields[col["offset"]], fields[col["event_label"]]
-        if not (on_s or off_s or label):
-            rows.append((filename, None, lineno))
-            continue
         try:
-            onset, offset = float(on_s), float(off_s)
-        except ValueError:
-            raise PrepareError(f"{path}:{lineno}: onset/offset {on_s!r}/{off_s!r} are not numbers") from None
-        if not (np.isfinite(onset) and np.isfinite(offset) and 0.0 <= onset <= offset):
-            raise PrepareError(f"{path}:{lineno}: need 0 <= onset <= offset, got {onset} / {offset}")
-        if not label:
-            raise PrepareError(f"{path}:{lineno}: empty event_label")
-        rows.append((filename, (onset, offset, label), lineno))
+            rows.append(_dcase_row(path, lineno, line, cols, col, strong))
+        except PrepareError as e:
+            bad.append(str(e))
+    _raise_all(bad, f"malformed row(s) in {path}")
     return strong, rows
+
+
+def _dcase_row(path: str, lineno: int, line: str, cols: list[str], col: dict[str, int], strong: bool):
+    fields = [x.strip() for x in line.split("\t")]
+    if len(fields) != len(cols):
+        raise PrepareError(f"{path}:{lineno}: expected {len(cols)} tab-separated fields, got {len(fields)}")
+    filename = fields[col["filename"]]
+    if not filename:
+        raise PrepareError(f"{path}:{lineno}: empty filename")
+    if not strong:
+        return filename, [x.strip() for x in fields[col["event_labels"]].split(",") if x.strip()], lineno
+    on_s, off_s, label = fields[col["onset"]], fields[col["offset"]], fields[col["event_label"]]
+    if not (on_s or off_s or label):
+        return filename, None, lineno
+    try:
+        onset, offset = float(on_s), float(off_s)
+    except ValueError:
+        raise PrepareError(f"{path}:{lineno}: onset/offset {on_s!r}/{off_s!r} are not numbers") from None
+    if not (np.isfinite(onset) and np.isfinite(offset) and 0.0 <= onset <= offset):
+        raise PrepareError(f"{path}:{lineno}: need 0 <= onset <= offset, got {onset} / {offset}")
+    if not label:
+        raise PrepareError(f"{path}:{lineno}: empty event_label")
+    return filename, (onset, offset, label), lineno
 
 
 def plan_dcase(tsv: str, audio_dir: str, classes: Sequence[str] | None = None) -> Plan:
@@ -370,9 +421,12 @@ def plan_dcase(tsv: str, audio_dir: str, classes: Sequence[str] | None = None) -
     classes = list(classes)
     class_index = {c: i for i, c in enumerate(classes)}
 
+    bad = []
+
     def lookup(label, lineno):
         if label not in class_index:
-            raise PrepareError(f"{tsv}:{lineno}: label {label!r} is not in the class list")
+            bad.append(f"{tsv}:{lineno}: label {label!r} is not in the class list")
+            return -1
         return class_index[label]
 
     per_file: dict[str, list] = {}  # insertion order = first appearance in the TSV
@@ -382,6 +436,7 @@ def plan_dcase(tsv: str, audio_dir: str, classes: Sequence[str] | None = None) -
             acc.append((value[0], value[1], lookup(value[2], lineno)))
         elif not strong:
             acc += [lookup(v, lineno) for v in value]
+    _raise_all(bad, "row(s) with labels outside the class list")
     items = []
     for filename, acc in per_file.items():
         clip_id = os.path.splitext(filename)[0]
@@ -389,7 +444,7 @@ def plan_dcase(tsv: str, audio_dir: str, classes: Sequence[str] | None = None) -
             items.append(Item(filename, clip_id, tuple(sorted({e[2] for e in acc})), tuple(acc)))
         else:
             items.append(Item(filename, clip_id, tuple(sorted(set(acc)))))
-    return Plan("dcase", audio_dir, items, classes, list(classes), strong=strong)
+    return Plan("dcase", audio_dir, _unique_ids(items), classes, list(classes), strong=strong)
 
 
 def plan_folder(audio_dir: str, labels_from_subdirs: bool = False) -> Plan:
@@ -406,7 +461,7 @@ def plan_folder(audio_dir: str, labels_from_subdirs: bool = False) -> Plan:
             items.append(Item(f, os.path.splitext(f)[0], (class_index[f.split("/", 1)[0]],)))
     else:
         classes, items = [], [Item(f, os.path.splitext(f)[0]) for f in files]
-    return Plan("folder", audio_dir, items, classes, list(classes), skipped=skipped)
+    return Plan("folder", audio_dir, _unique_ids(items), classes, list(classes), skipped=skipped)
 
 
 # ======================================================================================================
@@ -485,20 +540,22 @@ def process_item(item: Item, audio_dir: str, options: Options) -> tuple[list[byt
     if os.path.islink(path) and not os.path.exists(path):
         return [], f"broken symbolic link (to {os.readlink(path)})"
     try:
-        wave = audio.load_audio(path)
-        ranges = clip_ranges(len(wave), options)
+        fs = feature_sets.get(options.features)
+        sr = fs.sample_rate  # decoded and resampled to the feature set's rate; pieces and events in seconds
+        wave = audio.load_audio(path, sr)
+        ranges = clip_ranges(len(wave), options, sr)
         out = []
         for start, stop in ranges:
-            mel = log_mel_db_fast(wave[start:stop])
+            mel = fs.compute(wave[start:stop])  # atst_logmel64: log_mel_db_fast
             ex: dict[str, Any] = {
                 "mel": mel.astype(np.float16),
                 "length": mel.shape[1],
-                "id": item.id if len(ranges) == 1 else f"{item.id}@{start / audio.SAMPLE_RATE:g}",
+                "id": item.id if len(ranges) == 1 else f"{item.id}@{start / sr:g}",
                 "labels": np.asarray(item.labels, np.int32),
             }
             if item.events is not None:
                 whole = (start, stop) == (0, len(wave))
-                events = _events_in(item.events, start / audio.SAMPLE_RATE, stop / audio.SAMPLE_RATE, whole)
+                events = _events_in(item.events, start / sr, stop / sr, whole)
                 ex["events"] = events
                 # A piece's labels are the classes of its own events; the whole file keeps all of them.
                 if not whole:
@@ -616,11 +673,16 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 def _fingerprint(plan: Plan, options: Options, name: str, split: str, items: Sequence[Item]) -> str:
     """Identifies what a shard holds: its files and labels, the options and the code versions. A finished
     shard is reused only if the rerun would write the same thing."""
+    opts = dataclasses.asdict(options)
+    if opts["features"] == DEFAULT_FEATURES:
+        # Left out for the default, so shards prepared before feature sets were an option are still reused;
+        # any other feature set changes every fingerprint.
+        del opts["features"]
     blob = json.dumps(
         {
             "format": records.FORMAT_VERSION,
             "prepare": PREPARE_VERSION,
-            "options": dataclasses.asdict(options),
+            "options": opts,
             "name": name,
             "split": split,
             "strong": plan.strong,
@@ -717,7 +779,6 @@ def build(
         # The dataset is about to change: no TFDS reader may open the old metadata over new shards.
         os.remove(info_path)
 
-    jobs = ((it, plan.audio_dir, options) for j in todo for it in plan.items[bounds[j] : bounds[j + 1]])
     total_files = sum(bounds[j + 1] - bounds[j] for j in todo)
     skipped_now = 0
     bar = None
@@ -725,47 +786,91 @@ def build(
         from tqdm import tqdm
 
         bar = tqdm(total=total_files, unit="file", desc=f"prepare {name}-{split}", dynamic_ncols=True)
-    results = _ordered_map(jobs, min(workers, total_files))
-    try:
+
+    # Each shard is built under its lock (_progress/<shard>.lock): a second prepare into the same OUT takes
+    # the shards nobody holds instead of building them twice, and a temporary shard whose lock is free was
+    # left by a killed run (removed when its shard is claimed).
+    locks = _ShardLocks(out_dir, paths)
+    for j in reused:
+        locks.sweep(j)
+    built, busy = [], []  # written by this run / held by another prepare process
+    queued = collections.deque()  # (shard, item, last item of its shard?) per job, in submission order
+
+    def start(j):
+        tmp = os.path.join(out_dir, f".{os.path.basename(paths[j])}.tmp-{os.getpid()}")
+        return tmp, ArrayRecordWriter(tmp, records.WRITER_OPTIONS[options.compression])
+
+    def finish(j, tmp, writer, count, skipped):
+        if not writer.ok():
+            raise OSError(f"ArrayRecordWriter failed on {tmp}")
+        writer.close()
+        os.replace(tmp, paths[j])
+        # The marker comes last: a shard without one (crash right after the rename) is simply rebuilt.
+        _atomic_write_json(
+            markers[j],
+            {
+                "fingerprint": prints[j],
+                "records": count,
+                "bytes": os.path.getsize(paths[j]),
+                "skipped": skipped,
+            },
+        )
+        locks.release(j)
+        built.append(j)
+
+    def jobs():  # claims shards as the workers need more files, so concurrent runs split the shards
         for j in todo:
-            tmp = os.path.join(out_dir, f".{os.path.basename(paths[j])}.tmp-{os.getpid()}")
-            writer = ArrayRecordWriter(tmp, records.WRITER_OPTIONS[options.compression])
-            count, skipped = 0, []
-            try:
-                for item in plan.items[bounds[j] : bounds[j + 1]]:
-                    recs, reason = next(results)
-                    for r in recs:
-                        writer.write(r)
-                    count += len(recs)
-                    if reason is not None:
-                        skipped.append({"file": item.file, "reason": reason})
-                        skipped_now += 1
-                    if bar is not None:
-                        bar.update(1)
-                        if reason is not None:
-                            bar.set_postfix(skipped=skipped_now, refresh=False)
-                if not writer.ok():
-                    raise OSError(f"ArrayRecordWriter failed on {tmp}")
-                writer.close()
-            except BaseException:
-                writer.close()
-                os.remove(tmp)
-                raise
-            os.replace(tmp, paths[j])
-            # The marker comes last: a shard without one (crash right after the rename) is simply rebuilt.
-            _atomic_write_json(
-                markers[j],
-                {
-                    "fingerprint": prints[j],
-                    "records": count,
-                    "bytes": os.path.getsize(paths[j]),
-                    "skipped": skipped,
-                },
-            )
+            items = plan.items[bounds[j] : bounds[j + 1]]
+            if not locks.claim(j):
+                busy.append(j)
+                if bar is not None:
+                    bar.total -= len(items)
+                    bar.refresh()
+                continue
+            if _marker_ok(_read_marker(markers[j]), prints[j], paths[j]):  # finished by another run meanwhile
+                locks.release(j)
+                reused.append(j)
+                continue
+            if not items:  # more shards than files
+                finish(j, *start(j), 0, [])
+                continue
+            for k, it in enumerate(items):
+                queued.append((j, it, k == len(items) - 1))
+                yield it, plan.audio_dir, options
+
+    results = _ordered_map(jobs(), min(workers, total_files))
+    tmp = writer = None
+    try:
+        for recs, reason in results:
+            j, item, last = queued.popleft()
+            if writer is None:
+                (tmp, writer), count, skipped = start(j), 0, []
+            for r in recs:
+                writer.write(r)
+            count += len(recs)
+            if reason is not None:
+                skipped.append({"file": item.file, "reason": reason})
+                skipped_now += 1
+            if bar is not None:
+                bar.update(1)
+                if reason is not None:
+                    bar.set_postfix(skipped=skipped_now, refresh=False)
+            if last:
+                finish(j, tmp, writer, count, skipped)
+                tmp = writer = None
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            os.remove(tmp)
+        raise
     finally:
         results.close()
+        locks.close()
         if bar is not None:
             bar.close()
+    built.sort()
+    reused.sort()
+    todo = built
 
     summary = _finalize(plan, out_dir, name, split, options, paths, markers, prints, version)
     if summary is None:
@@ -778,6 +883,7 @@ def build(
             "shards": [paths[j] for j in mine],
             "built": todo,
             "reused": reused,
+            "busy": busy,
             "shards_done": done,
             "num_shards": num_shards,
         }
@@ -785,10 +891,53 @@ def build(
         shards=[paths[j] for j in mine],
         built=todo,
         reused=reused,
+        busy=busy,
         shards_done=num_shards,
         num_shards=num_shards,
     )
     return summary
+
+
+class _ShardLocks:
+    """One advisory lock per output shard (``_progress/<shard>.lock``, ``flock``; released by the kernel when
+    the process dies). Whoever holds a shard's lock builds it; its temporary files from anyone else are
+    orphans of a killed run."""
+
+    def __init__(self, out_dir: str, paths: Sequence[str]):
+        self.out_dir, self.paths, self.held = out_dir, paths, {}
+
+    def claim(self, j: int) -> bool:
+        import fcntl
+
+        base = os.path.basename(self.paths[j])
+        fd = os.open(os.path.join(self.out_dir, _PROGRESS_DIR, base + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by another prepare process
+            os.close(fd)
+            return False
+        self.held[j] = fd
+        # We hold the lock, so no live process is writing this shard: its temporary files are orphans.
+        for folder, prefix in (
+            (self.out_dir, f".{base}.tmp-"),
+            (os.path.join(self.out_dir, _PROGRESS_DIR), f".{base}.json.tmp-"),
+        ):
+            for filename in os.listdir(folder):
+                if filename.startswith(prefix):
+                    os.remove(os.path.join(folder, filename))
+        return True
+
+    def release(self, j: int) -> None:
+        os.close(self.held.pop(j))
+
+    def sweep(self, j: int) -> None:
+        """Removes a finished shard's orphaned temporary files, if nobody holds its lock."""
+        if self.claim(j):
+            self.release(j)
+
+    def close(self) -> None:
+        for j in list(self.held):
+            self.release(j)
 
 
 def _finalize(plan, out_dir, name, split, options, paths, markers, prints, version) -> dict | None:
@@ -826,6 +975,7 @@ def _finalize(plan, out_dir, name, split, options, paths, markers, prints, versi
             "strong": plan.strong,
         },
     )
+    fs = feature_sets.get(options.features)
     records.write_tfds_metadata(
         out_dir,
         name=name,
@@ -834,17 +984,17 @@ def _finalize(plan, out_dir, name, split, options, paths, markers, prints, versi
         with_events=plan.strong,
         version=version,
         description=(
-            f"Log-mel spectrograms (float16 dB, {audio.N_MELS} mels, {audio.SAMPLE_RATE} Hz, hop "
-            f"{audio.HOP_LENGTH}) prepared by atst_jax.data.prepare from a {plan.kind} collection. "
+            f"{fs.name} spectrograms (float16, {fs.n_mels} mels, {fs.sample_rate} Hz, hop {fs.hop_length}; "
+            f"{fs.description}) prepared by atst_jax.data.prepare from a {plan.kind} collection. "
             "labels = class indices into labels.json."
         ),
         metadata={
             # Which front end made the records (atst_jax.features): the trainer refuses a method or encoder
             # that expects other features, and the pipeline takes the normalisation from it.
-            "features": DEFAULT_FEATURES,
-            "n_mels": audio.N_MELS,
-            "sample_rate": audio.SAMPLE_RATE,
-            "hop_length": audio.HOP_LENGTH,
+            "features": fs.name,
+            "n_mels": fs.n_mels,
+            "sample_rate": fs.sample_rate,
+            "hop_length": fs.hop_length,
             "options": dataclasses.asdict(options),
             "classes": plan.classes,
         },
@@ -868,7 +1018,9 @@ def _default_name(out_dir: str, kind: str) -> tuple[str, str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from atst_jax.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="python -m atst_jax.data.prepare",
         description="Prepare log-mel ArrayRecord datasets (TFDS-readable) from audio files.",
         epilog="See the module docstring (atst_jax/data/prepare.py) for formats and cluster use.",
@@ -894,6 +1046,12 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--clip_seconds", type=float, default=10.0, help="longest clip (default 10)")
     common.add_argument("--min_tail_seconds", type=float, default=1.0, help="drop shorter last pieces")
     common.add_argument("--compression", choices=sorted(records.WRITER_OPTIONS), default="none")
+    common.add_argument(
+        "--features",
+        choices=sorted(feature_sets.FEATURE_SETS),
+        default=DEFAULT_FEATURES,
+        help=f"front end of the records (atst_jax.features; default {DEFAULT_FEATURES})",
+    )
     common.add_argument("--num_shards", type=int, default=1, help="K: number of jobs sharing the work")
     common.add_argument("--shard_index", type=int, default=0, help="i: this job's index in [0, K)")
     common.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -901,6 +1059,12 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audioset", parents=[common], help="AudioSet segment CSVs + class_labels_indices.csv")
     a.add_argument("--csv", action="append", required=True, help="segments CSV (repeatable)")
     a.add_argument("--labels", required=True, help="class_labels_indices.csv")
+    a.add_argument(
+        "--unknown_labels",
+        choices=("skip", "error"),
+        default="skip",
+        help="a segment with a label missing from --labels: skip the clip and report it (default), or stop",
+    )
     d = sub.add_parser("dcase", parents=[common], help="DCASE weak or strong label TSV")
     d.add_argument("--tsv", required=True)
     d.add_argument("--classes", help="class list: one name per line, or a labels.json")
@@ -912,9 +1076,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        options = Options(args.long, args.clip_seconds, args.min_tail_seconds, args.compression)
+        options = Options(
+            args.long, args.clip_seconds, args.min_tail_seconds, args.compression, args.features
+        )
         if args.kind == "audioset":
-            plan = plan_audioset(args.csv, args.labels, args.audio_dir)
+            plan = plan_audioset(args.csv, args.labels, args.audio_dir, unknown_labels=args.unknown_labels)
         elif args.kind == "dcase":
             classes = _read_classes_file(args.classes) if args.classes else None
             plan = plan_dcase(args.tsv, args.audio_dir, classes)
@@ -937,7 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (PrepareError, OSError) as e:
         print("prepare: error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
-        return 1
+        return 2
     if result["complete"]:
         print(
             f"prepare: {result['written']} clips in {result['num_shards']} shard(s) at {args.out} "
@@ -949,6 +1115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"prepare: job {args.shard_index}/{args.num_shards} done ({result['written']} clips); "
             f"{result['shards_done']}/{result['num_shards']} shards done overall: the job that finishes the last "
             "one writes the metadata"
+            + (
+                f" ({len(result['busy'])} shard(s) are being built by another prepare into {args.out})"
+                if result.get("busy")
+                else ""
+            )
         )
     return 0
 

@@ -347,6 +347,8 @@ def list_record_files(directory: str, split: str | None = None) -> list[str]:
     are present and `split` does not pick one: reading a partial dataset silently would bias training, so it
     is an error, not an empty or short list.
     """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory")
     found: dict[tuple[str, str], dict[int, set[int]]] = {}
     for filename in os.listdir(directory):
         parsed = parse_shard_name(filename)
