@@ -5,9 +5,11 @@
 
 writes, per audio file, ``OUT_DIR/<relative path>.npy``: frame level ``float32 [T, n·D]`` plus
 ``<name>.timestamps.npy`` (``float64 [T]``, ms), or clip level ``float32 [n·D]`` (ATST-Frame: the mean over
-the clip's tokens) / ``float32 [2·n·D]`` (ATST-Clip: ``[CLS ‖ mean]``). ``--layers n`` concatenates the last
-n blocks (each through the final norm; default: all blocks, 12 for small/base). ``--weights FILE`` embeds
-with any export/official checkpoint instead of a run.
+the clip's tokens) / ``float32 [2·n·D]`` (ATST-Clip: ``[CLS ‖ mean]``). A 2-D patch encoder (ASiT's ViT; run
+or official-layout file) reads audio at 32 kHz through the Kaldi fbank and gives one frame per 16-frame column
+of patches (160 ms; the mean of its frequency patches) and ``[CLS ‖ mean of patch tokens]`` clips.
+``--layers n`` concatenates the last n blocks (each through the final norm; default: all blocks, 12 for
+small/base). ``--weights FILE`` embeds with any export/official checkpoint instead of a run.
 
 The conventions (whole-file block-wise log-mel, chunk grid, timestamps at token centres, the Clip scene
 embedding) are defined in ``atst_jax.inference`` and shared with the PyTorch export
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,17 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from atst_jax import audio
+from atst_jax import audio, inference
 from atst_jax.inference import (
-    block_features,
     chunk_bounds,
-    default_chunk_frames,
     encoder_from_params,
-    log_mel,
-    run_chunk_frames,
     run_encoder_config,
     scene_from_chunks,
-    timestamps_ms,
 )
 from atst_jax.models.encoder import FrameAST
 
@@ -81,6 +79,11 @@ class Embedder:
 
     ``embedding_size`` (= ``timestamp_embedding_size``) is ``n·D``; ``scene_embedding_size`` is ``n·D`` for
     ATST-Frame and ``2·n·D`` for ATST-Clip (``[CLS ‖ mean]``).
+
+    A 2-D patch encoder (``stem="patch2d"``, ASiT's ViT) works the same way on its own grid
+    (``atst_jax.inference``): ``features`` (default ``kaldi_fbank128``; ``sample_rate`` 32 kHz) is the front
+    end, a time step is a column of 16 frames whose embedding is the mean of its frequency patches, chunks
+    are the positions' length (592 frames) and the scene embedding is ``[CLS ‖ mean of patch tokens]``.
     """
 
     def __init__(
@@ -88,28 +91,30 @@ class Embedder:
         encoder: FrameAST,
         n_blocks: int | None = None,
         max_chunks: int = 8,
-        pad_frames: int = 100,
+        pad_frames: int | None = None,
         precision: str = "highest",
         chunk_frames: int | None = None,
+        features: str | None = None,
     ):
         cfg = encoder.cfg
         depth = cfg.depth
         self.n_blocks = depth if n_blocks is None else int(n_blocks)
         if not 1 <= self.n_blocks <= depth:
             raise ValueError(f"layers={self.n_blocks} must be between 1 and the encoder depth {depth}")
-        if pad_frames % cfg.patch_w:
-            raise ValueError(f"pad_frames={pad_frames} must be a multiple of the patch width {cfg.patch_w}")
-        self.patch_w = cfg.patch_w
+        # Frames per time step: 4 for the frame stem, a column of 16 × 16 patches for a 2-D patch encoder.
+        self.patch_w = inference.time_patch(cfg)
+        pad_frames = 25 * self.patch_w if pad_frames is None else int(pad_frames)
+        if pad_frames % self.patch_w:
+            raise ValueError(f"pad_frames={pad_frames} must be a multiple of the patch width {self.patch_w}")
         self.use_cls = cfg.use_cls
-        self.chunk_frames = (
-            default_chunk_frames(cfg.use_cls, patch_w=cfg.patch_w)
-            if chunk_frames is None
-            else int(chunk_frames)
-        )
-        if self.chunk_frames % cfg.patch_w or not 0 < self.chunk_frames // cfg.patch_w < cfg.num_pos:
+        self.front = inference.front_end(features or inference.default_features(cfg))
+        self.features, self.sample_rate = self.front.features, self.front.sample_rate
+        self.chunk_frames = inference.encoder_chunk_frames(cfg) if chunk_frames is None else int(chunk_frames)
+        slots = cfg.num_pos if cfg.pos_embed == "learned" else float("inf")
+        if self.chunk_frames % self.patch_w or not 0 < encoder.num_tokens(self.chunk_frames) < slots:
             raise ValueError(
                 f"chunk_frames={self.chunk_frames} must be a positive multiple of the patch width "
-                f"{cfg.patch_w} giving fewer tokens than the {cfg.num_pos} positional slots"
+                f"{self.patch_w} giving fewer tokens than the {cfg.num_pos} positional slots"
             )
         self.embedding_size = self.timestamp_embedding_size = self.n_blocks * cfg.width
         self.scene_embedding_size = self.embedding_size * (2 if cfg.use_cls else 1)
@@ -119,7 +124,7 @@ class Embedder:
 
         @jax.jit
         def features(state, spec, length):
-            return block_features(nnx.merge(graphdef, state), spec, length, n)
+            return inference.timestep_features(nnx.merge(graphdef, state), spec, length, n)
 
         self._state = state
         self._features = features
@@ -127,33 +132,56 @@ class Embedder:
 
     def _encode(self, spec):
         """``(tokens float32 [frames // 4, n·D], per-chunk CLS [C, n·D] or None, tokens per chunk [C])``."""
-        spec = np.asarray(spec, np.float32)
-        frames = spec.shape[-1]
+        return self._encode_many([spec])[0]
+
+    def _encode_many(self, specs):
+        """:meth:`_encode` of several clips: their chunks, in order, share the encoder calls (``max_chunks`` per
+        call), so a collection of short clips (one chunk each) runs in batches. One clip alone gives exactly
+        the calls (shapes included) it always did."""
+        specs = [np.asarray(spec, np.float32) for spec in specs]
         pw = self.patch_w
         prefix = 1 if self.use_cls else 0
-        out = np.zeros((frames // pw, self.embedding_size), np.float32)
-        bounds = chunk_bounds(frames, self.chunk_frames, pw)
-        cls = np.zeros((len(bounds), self.embedding_size), np.float32) if self.use_cls else None
-        counts = np.array([(e - s) // pw for s, e in bounds])
-        for j in range(0, len(bounds), self.max_chunks):
-            group = bounds[j : j + self.max_chunks]
-            longest = -(-max(e - s for s, e in group) // self.pad_frames) * self.pad_frames
+        results, jobs = [], []  # jobs: (clip, chunk index, start, stop)
+        for i, spec in enumerate(specs):
+            frames = spec.shape[-1]
+            bounds = chunk_bounds(frames, self.chunk_frames, pw)
+            out = np.zeros((frames // pw, self.embedding_size), np.float32)
+            cls = np.zeros((len(bounds), self.embedding_size), np.float32) if self.use_cls else None
+            results.append((out, cls, np.array([(e - s) // pw for s, e in bounds])))
+            jobs += [(i, c, s, e) for c, (s, e) in enumerate(bounds)]
+        for j in range(0, len(jobs), self.max_chunks):
+            group = jobs[j : j + self.max_chunks]
+            longest = -(-max(e - s for _, _, s, e in group) // self.pad_frames) * self.pad_frames
             longest = min(longest, self.chunk_frames)
             count = 1 << (len(group) - 1).bit_length()  # next power of two (zero-length rows are padding)
-            x = np.zeros((count, spec.shape[0], longest), np.float32)
+            x = np.zeros((count, specs[group[0][0]].shape[0], longest), np.float32)
             length = np.zeros((count,), np.int32)
-            for k, (s, e) in enumerate(group):
-                x[k, :, : e - s] = spec[:, s:e]
+            for k, (i, _, s, e) in enumerate(group):
+                x[k, :, : e - s] = specs[i][:, s:e]
                 length[k] = e - s
             self.max_frames_seen = max(self.max_frames_seen, longest)
             with jax.default_matmul_precision(self.precision):  # part of the jit cache key
                 feats = np.asarray(self._features(self._state, jnp.asarray(x), jnp.asarray(length)))
-            for k, (s, e) in enumerate(group):
+            for k, (i, c, s, e) in enumerate(group):
+                out, cls, _ = results[i]
                 n = (e - s) // pw
                 out[s // pw : s // pw + n] = feats[k, prefix : prefix + n]
                 if cls is not None:
-                    cls[j + k] = feats[k, 0]
-        return out, cls, counts
+                    cls[c] = feats[k, 0]
+        return results
+
+    def spec_features(self, specs) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several clips at once (chunks batched across clips): per normalised ``spec [F, frames]``, its
+        ``(timestamp embeddings float32 [frames // patch, n·D], scene embedding [scene_embedding_size])``;
+        what ``atst_jax.evaluate`` extracts from prepared datasets. A clip shorter than one time step has no
+        timestamps and a NaN scene embedding."""
+        out = []
+        for tokens, cls, counts in self._encode_many(specs):
+            if not len(tokens):
+                out.append((tokens, np.full((self.scene_embedding_size,), np.nan, np.float32)))
+            else:
+                out.append((tokens, scene_from_chunks(tokens, cls, counts)))
+        return out
 
     def spec_embeddings(self, spec) -> np.ndarray:
         """``spec [F, frames]`` (normalised log-mel of a whole clip) → ``float32 [frames // 4, n·D]``."""
@@ -161,14 +189,16 @@ class Embedder:
 
     def _log_mel(self, wave):
         wave = np.asarray(wave)
-        if audio.num_frames(wave.shape[-1]) // self.patch_w == 0:
-            raise ValueError(f"audio of {wave.shape[-1]} samples is shorter than one 40 ms token")
-        return log_mel(wave)
+        if self.front.num_frames(wave.shape[-1]) // self.patch_w == 0:
+            ms = self.patch_w * self.front.hop_ms
+            raise ValueError(f"audio of {wave.shape[-1]} samples is shorter than one {ms:g} ms token")
+        return self.front(wave)
 
     def frame_embeddings(self, wave) -> tuple[np.ndarray, np.ndarray]:
-        """Mono 16 kHz ``[samples]`` → ``(float32 [T, n·D], timestamps_ms float64 [T])`` (CLS excluded)."""
+        """Mono ``[samples]`` at ``sample_rate`` (16 kHz; 32 kHz for ``kaldi_fbank128``) →
+        ``(float32 [T, n·D], timestamps_ms float64 [T])`` (CLS excluded; T time steps)."""
         emb = self.spec_embeddings(self._log_mel(wave))
-        return emb, timestamps_ms(emb.shape[0])
+        return emb, self.front.timestamps_ms(emb.shape[0], self.patch_w)
 
     def clip_embedding(self, wave) -> np.ndarray:
         """``float32 [scene_embedding_size]``: the mean of the frame embeddings over the clip's tokens, and for
@@ -181,18 +211,42 @@ class Embedder:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def list_audio(path: Path) -> list[tuple[Path, Path]]:
-    """``[(file, output stem relative to OUT)]``: a file as given, or a directory's audio files recursively."""
+def list_audio(path: Path, keep_extension: bool = False) -> list[tuple[Path, Path]]:
+    """``[(file, output stem relative to OUT)]``: a file as given, or a directory's audio files recursively.
+    The stem is the relative path without its extension, or with it (``keep_extension``)."""
     if path.is_file():
-        return [(path, Path(path.stem))]
+        return [(path, Path(path.name if keep_extension else path.stem))]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-        return [(p, p.relative_to(path).with_suffix("")) for p in files]
+        rel = [p.relative_to(path) for p in files]
+        return [(p, r if keep_extension else r.with_suffix("")) for p, r in zip(files, rel, strict=True)]
     raise FileNotFoundError(f"--audio {path}: no such file or directory")
 
 
+def output_files(stem: Path, level: str) -> list[Path]:
+    """The files one input writes under OUT."""
+    names = [stem.name + ".npy"] + ([stem.name + ".timestamps.npy"] if level == "frame" else [])
+    return [stem.with_name(n) for n in names]
+
+
+def check_unique_outputs(files: list[tuple[Path, Path]], level: str) -> None:
+    """Refuses (before anything is written) inputs whose outputs would overwrite each other's: ``x.wav`` and
+    ``x.flac`` in one folder, or ``x.timestamps.wav`` next to ``x.wav`` at frame level."""
+    owner: dict[Path, Path] = {}
+    for path, stem in files:
+        for out in output_files(stem, level):
+            if out in owner:
+                raise ValueError(
+                    f"{owner[out]} and {path} would both write {out}: pass --keep_extension to name the "
+                    "outputs by the whole file name (x.wav.npy), or embed them separately"
+                )
+            owner[out] = path
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atst_jax.embed", description=__doc__.split("\n\n")[0])
+    from atst_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m atst_jax.embed", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="training run directory (its checkpoints/)")
     src.add_argument("--weights", help="an exported/official checkpoint (.safetensors, .ckpt, .pt) instead")
@@ -202,6 +256,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="concatenate the last N blocks (default: all)")
     p.add_argument("--level", default="frame", help="frame (default) or clip")
     p.add_argument("--encoder", default="teacher", help="teacher (default) or student")
+    p.add_argument(
+        "--keep_extension",
+        action="store_true",
+        help="name outputs by the whole file name (x.wav.npy), so x.wav and x.flac do not collide",
+    )
     return p
 
 
@@ -215,32 +274,35 @@ def main(argv=None) -> int:
             raise ValueError(f"--level {args.level!r}: choose frame or clip")
         if args.encoder not in ("teacher", "student"):
             raise ValueError(f"--encoder {args.encoder!r}: choose teacher or student")
-        files = list_audio(Path(args.audio))
+        files = list_audio(Path(args.audio), args.keep_extension)
         if not files:
             raise FileNotFoundError(
                 f"--audio {args.audio}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})"
             )
+        check_unique_outputs(files, args.level)
+        _check_out_dir(Path(args.out))
         if args.workdir is not None:
             encoder, step, config = read_run_encoder(args.workdir, args.step, args.encoder)
-            chunk_frames = run_chunk_frames(config, encoder.cfg.use_cls, encoder.cfg.patch_w)
+            chunk_frames = inference.encoder_chunk_frames(encoder.cfg, config)
+            features = inference.run_features(config, encoder.cfg)
             source = f"{args.workdir} step {step} ({args.encoder})"
         else:
-            from atst_jax.export import convert
-            from atst_jax.export.load import read_encoder
+            from atst_jax.export.load import read_encoder_file
 
-            sd, heads, chunk_frames = read_encoder(args.weights, encoder=args.encoder)
-            encoder = encoder_from_params(convert.torch_to_encoder(sd, heads))
+            weights = read_encoder_file(args.weights, encoder=args.encoder)
+            encoder = weights.jax_encoder()  # ATST FrameAST or official ViT layout
+            chunk_frames, features = weights.chunk_frames, weights.features
             source = f"{args.weights} ({args.encoder})"
-        embedder = Embedder(encoder, args.layers, chunk_frames=chunk_frames)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        embedder = Embedder(encoder, args.layers, chunk_frames=chunk_frames, features=features)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
     out_dir = Path(args.out)
     failed = 0
     for path, stem in files:
         try:
-            wave = audio.load_audio(path)
+            wave = audio.load_audio(path, embedder.sample_rate)
             target = out_dir / stem
             target.parent.mkdir(parents=True, exist_ok=True)
             if args.level == "frame":
@@ -262,6 +324,19 @@ def main(argv=None) -> int:
         flush=True,
     )
     return 1 if failed else 0
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory this process can create and write (one line, before any work)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"--out {out} is not writable ({e.strerror or e})") from None
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ Conventions (tests/test_export.py checks the JAX and PyTorch paths against each 
   one. (The official code averages per-chunk values unweighted and drops a trailing chunk of at most half
   a chunk; both give the same result for audio of one chunk — the common case of ≤ 6 s clips — and for
   audio made of full chunks.)
+* 2-D patch ViTs (``stem="patch2d"``, ASiT): Kaldi fbank at 32 kHz, one time step per 16-frame column of
+  patches (the mean of its frequency patches), chunks of the positions' length (592 frames), scene
+  ``[CLS ‖ mean of patch tokens]`` — see the section "Front ends, time steps and chunks" below.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def config_from_params(enc_params, heads: int | None = None, **overrides) -> Enc
         patch_w=4,
         num_pos=enc_params["pos_embed"].shape[1],
         use_cls=_has_cls(enc_params),
+        qkv_bias=enc_params["blocks"]["attn"]["qkv"].get("bias") is not None,
     )
     fields.update(overrides)
     return _for_inference(EncoderConfig(**fields))
@@ -242,3 +246,152 @@ def block_features(encoder: FrameAST, spec, length, n: int):
     _, layers = encoder(spec, length, collect_layers=True)
     depth = encoder.cfg.depth
     return jnp.concatenate([encoder.norm(layers[i]) for i in range(depth - n, depth)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Front ends, time steps and chunks for any stem (ATST frame tokens and 2-D patch ViTs)
+# ----------------------------------------------------------------------------------------------------------
+#
+# A 2-D patch ViT (``stem="patch2d"``: ASiT) sees a Kaldi fbank (32 kHz, 128 bins, 25 ms windows every
+# 10 ms) cut into 16 × 16 patches, tokens time-major. Its conventions, shared by ``atst_jax.embed`` and
+# ``atst_jax.export.torch_vit``:
+#
+# * Front end on the whole clip: the feature set ``kaldi_fbank128`` (``atst_jax.features``: the wave's mean
+#   removed, Kaldi fbank ``atst_jax.fbank.fbank_np``), normalised ``(x + 4.2677393) / (2 · 4.5689974)``.
+# * A time step is a column of patches: ``p_t`` = 16 frames (160 ms) × all ``n_mels / p_f`` = 8 frequency
+#   patches. Its timestamp embedding is the **mean over the column's 8 patch tokens** of each block's
+#   final-normed output (the last n blocks concatenated: ``n·D``), reported at the column's centre, the mean
+#   of its 16 frame centres: ``160·c + 87.5`` ms (Kaldi frame k covers [10k, 10k + 25) ms, centre 10k + 12.5).
+# * Chunks of ``chunk_frames`` = the learned positions' length (``(num_pos − 1) / 8 · 16`` = 592 frames for
+#   297 slots, the 5.92 s pretraining crop), on a global grid from frame 0; frames past the last whole column
+#   are dropped. A shorter last chunk is zero-padded to whole columns and its padding **masked** (−10000 on
+#   padded keys) — the official ViT cannot do that: it accepts exactly 592 frames (its ``pos_embed`` is
+#   added whole), and ASiT's data code zero-pads the *un-normalised* fbank to 592 frames (model input
+#   4.2677393 / 9.1379948 ≈ 0.467 there) and attends to the padding. For a full 592-frame chunk both agree.
+# * Scene embedding: ``[CLS ‖ mean of patch tokens]`` per block (``2·n·D``, CLS part first, as ATST-Clip),
+#   across chunks the CLS weighted by each chunk's columns (:func:`scene_from_chunks`).
+
+VIT_CHUNK_FRAMES = 592  # a 2-D patch encoder with fixed sin-cos positions: the ASiT crop
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontEnd:
+    """A feature set (``atst_jax.features``) as inference computes it from a whole clip:
+    ``__call__(wave) -> float32 [F, frames]`` (the normalised model input) and when its frames are centred,
+    ``first_centre_ms + hop_ms · k`` (ATST: the STFT centre, ``center=True``; Kaldi: the 25 ms window's
+    midpoint)."""
+
+    features: str
+    hop_ms: float
+    first_centre_ms: float
+
+    @property
+    def feature_set(self):
+        from atst_jax import features
+
+        return features.get(self.features)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.feature_set.sample_rate
+
+    def num_frames(self, samples: int) -> int:
+        return self.feature_set.num_frames(samples)
+
+    def __call__(self, wave) -> np.ndarray:
+        if self.features == "atst_logmel64":
+            return log_mel(wave)  # block-wise float64 (the PyTorch LogMel's twin)
+        fs = self.feature_set
+        return np.asarray(fs.normalize(fs.compute(wave)), np.float32)
+
+    def timestamps_ms(self, steps: int, patch_t: int) -> np.ndarray:
+        """Centres of time steps of ``patch_t`` frames: the mean of their frame centres."""
+        first = self.first_centre_ms + self.hop_ms * (patch_t - 1) / 2
+        return first + self.hop_ms * patch_t * np.arange(steps, dtype=np.float64)
+
+
+FRONT_ENDS = {
+    "atst_logmel64": FrontEnd("atst_logmel64", 10.0, 0.0),
+    "kaldi_fbank128": FrontEnd("kaldi_fbank128", 10.0, 12.5),
+}
+
+
+def front_end(features: str) -> FrontEnd:
+    if features not in FRONT_ENDS:
+        raise ValueError(f"no inference front end for feature set {features!r}; known: {sorted(FRONT_ENDS)}")
+    return FRONT_ENDS[features]
+
+
+def default_features(cfg: EncoderConfig) -> str:
+    """The feature set an encoder is assumed to take when nothing records it: ATST's log-mel for the frame
+    stem, the Kaldi fbank for 2-D patches (what the official ViT layout's models were trained on)."""
+    return "kaldi_fbank128" if cfg.stem == "patch2d" else "atst_logmel64"
+
+
+def time_patch(cfg: EncoderConfig) -> int:
+    """Frames per time step of tokens: ``patch_w`` (frame stem) or ``patch_size[0]`` (2-D patches)."""
+    return cfg.patch_size[0] if cfg.stem == "patch2d" else cfg.patch_w
+
+
+def _run_crop(config):
+    """``(frames, features)`` of the longest crop the run's method asks for (``Method.inputs()``, the
+    contract), or None when the config names no method the registry can build."""
+    if not config or not config.get("method"):
+        return None
+    import ml_collections
+
+    from atst_jax.methods import get_class
+
+    try:
+        method = get_class(config["method"])(ml_collections.ConfigDict(config))
+        crop = max(method.inputs(), key=lambda c: c.frames)
+    except (ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
+        return None
+    return crop.frames, crop.features
+
+
+def run_features(config, cfg: EncoderConfig) -> str:
+    """The feature set of a run's encoder: the method's crops' (the contract), else :func:`default_features`."""
+    crop = _run_crop(config)
+    return crop[1] if crop else default_features(cfg)
+
+
+def vit_chunk_frames(cfg: EncoderConfig, trained_frames: int | None = None) -> int:
+    """Chunk length of a 2-D patch encoder: learned positions → their length in frames
+    (``(num_pos − 1) // n_freq_patches · p_t``), at most ``trained_frames`` when given; fixed positions →
+    ``trained_frames`` (default :data:`VIT_CHUNK_FRAMES`). Whole time patches."""
+    p_t, p_f = cfg.patch_size
+    if cfg.pos_embed == "learned":
+        n_f = cfg.n_mels // p_f
+        frames = (cfg.num_pos - 1) // n_f * p_t  # slot 0: the CLS (or unused)
+        if trained_frames:
+            frames = min(frames, trained_frames)
+    else:
+        frames = trained_frames or VIT_CHUNK_FRAMES
+    frames = frames // p_t * p_t
+    if frames < p_t:
+        raise ValueError(f"chunks of {frames} frames hold no whole {p_t}-frame patch")
+    return frames
+
+
+def encoder_chunk_frames(cfg: EncoderConfig, config=None) -> int:
+    """The chunk length of an encoder (``config``: the run's saved config, if any): :func:`run_chunk_frames`
+    for the frame stem, :func:`vit_chunk_frames` (capped by the method's longest crop) for 2-D patches."""
+    if cfg.stem != "patch2d":
+        return run_chunk_frames(config, cfg.use_cls, cfg.patch_w)
+    crop = _run_crop(config)
+    return vit_chunk_frames(cfg, crop[0] if crop else None)
+
+
+def timestep_features(encoder: FrameAST, spec, length, n: int):
+    """:func:`block_features` with the tokens of each time step averaged: ``[B, prefix + T_steps, n·D]``
+    (prefix = the CLS row, kept). The frame stem has one token per step (unchanged); a 2-D patch encoder
+    averages the ``n_mels / p_f`` frequency patches of each column (time-major tokens)."""
+    feats = block_features(encoder, spec, length, n)
+    if encoder.cfg.stem != "patch2d":
+        return feats
+    prefix = encoder.n_prefix
+    b, n_tok, c = feats.shape
+    n_f = encoder.cfg.n_mels // encoder.cfg.patch_size[1]
+    cols = feats[:, prefix:].reshape(b, (n_tok - prefix) // n_f, n_f, c).mean(axis=2)
+    return jnp.concatenate([feats[:, :prefix], cols], axis=1)

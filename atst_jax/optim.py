@@ -59,7 +59,7 @@ def decay_mask(params: nnx.State):
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-# --- AdamW, transformers flavour -----------------------------------------------------------------------
+# --- AdamW, transformers and torch flavours ------------------------------------------------------------
 class HFAdamWState(NamedTuple):
     count: jax.Array
     mu: optax.Updates
@@ -93,14 +93,34 @@ def clip_gradients(grads, mode: str, max_norm: float):
     raise ValueError(f"grad_clip must be one of {GRAD_CLIPS}, got {mode!r}")
 
 
-def hf_adamw(
-    lr_fn, wd_fn, *, b1=0.9, b2=0.999, eps=1e-6, mask=None, grad_clip="none", clip_norm=0.0
-) -> optax.GradientTransformation:
-    """AdamW as ``transformers.AdamW(correct_bias=True)``; ``lr_fn``/``wd_fn`` map the step index to a value.
+ADAMW_FLAVOURS = ("transformers", "torch")
 
-    ``mask`` is a pytree of bools (same structure as params) selecting the weight-decayed group; gradients are
-    clipped first (``clip_gradients``) when ``grad_clip`` is not ``none``.
+
+def hf_adamw(
+    lr_fn,
+    wd_fn,
+    *,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-6,
+    mask=None,
+    grad_clip="none",
+    clip_norm=0.0,
+    flavour="transformers",
+) -> optax.GradientTransformation:
+    """AdamW as ``transformers.AdamW(correct_bias=True)`` (``flavour="transformers"``, the ATST recipes) or as
+    ``torch.optim.AdamW`` (``flavour="torch"``, the DINO/ASiT recipes); ``lr_fn``/``wd_fn`` map the step index
+    to a value.
+
+    The two differ in where eps and the decay sit: transformers adds eps to ``sqrt(v)`` before the bias
+    correction is folded into the step size and decays the *updated* parameter; torch adds eps to the
+    bias-corrected ``sqrt(v̂)`` and decays the parameter *before* the Adam step (``p ← p·(1 − lr·wd)``, then
+    ``p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)``). ``mask`` is a pytree of bools (same structure
+    as params) selecting the weight-decayed group; gradients are clipped first (``clip_gradients``) when
+    ``grad_clip`` is not ``none``. The state layout is the same for both flavours.
     """
+    if flavour not in ADAMW_FLAVOURS:
+        raise ValueError(f"AdamW flavour must be one of {ADAMW_FLAVOURS}, got {flavour!r}")
 
     def init(params):
         zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
@@ -115,9 +135,15 @@ def hf_adamw(
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(jnp.float32)), state.nu, grads)
         tf = t.astype(jnp.float32)
+        decay = mask if mask is not None else jax.tree.map(lambda _: True, params)
+        if flavour == "torch":
+            bc1, bc2_sqrt = 1 - b1**tf, jnp.sqrt(1 - b2**tf)
+            adam = jax.tree.map(lambda m, v: -(lr / bc1) * m / (jnp.sqrt(v) / bc2_sqrt + eps), mu, nu)
+            # p_new = p·(1 − lr·wd) + u  ⇔  update = u − lr·wd·p
+            updates = jax.tree.map(lambda u, p, d: (u - lr * wd * p) if d else u, adam, params, decay)
+            return updates, HFAdamWState(t, mu, nu)
         step_size = lr * jnp.sqrt(1 - b2**tf) / (1 - b1**tf)
         adam = jax.tree.map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
-        decay = mask if mask is not None else jax.tree.map(lambda _: True, params)
 
         def with_decay(u, p, d):
             # p_new = (p + u) * (1 - lr·wd)  ⇔  update = u − lr·wd·(p + u)
@@ -159,6 +185,7 @@ def make_optimizer(optim_config, lr_fn, wd_fn, mask) -> optax.GradientTransforma
         mask=mask,
         grad_clip=o.get("grad_clip", "none"),
         clip_norm=float(o.get("clip_norm", 0.0)),
+        flavour=o.get("adamw", "transformers"),
     )
 
 
@@ -172,6 +199,9 @@ def check_config(optim_config) -> None:
         raise ConfigError(f"optim.grad_clip={clip!r}: choose one of {', '.join(GRAD_CLIPS)}")
     if clip != "none" and not float(o.get("clip_norm", 0.0)) > 0:
         raise ConfigError(f"optim.grad_clip={clip} needs optim.clip_norm > 0")
+    flavour = o.get("adamw", "transformers")
+    if flavour not in ADAMW_FLAVOURS:
+        raise ConfigError(f"optim.adamw={flavour!r}: choose one of {', '.join(ADAMW_FLAVOURS)}")
     wd = o.get("wd_schedule", "cosine")
     if wd not in WD_SCHEDULES:
         raise ConfigError(f"optim.wd_schedule={wd!r}: choose one of {', '.join(WD_SCHEDULES)}")

@@ -50,6 +50,7 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype ("bfloat16" on accelerators); params stay float32
             scan_layers=True,
             remat="none",  # none | full | save_dots
+            attention="xla",  # xla | dot_product_attention | cudnn (GPU, bf16): same parameters for all
         )
     )
     # The method's section: every field of its config dataclass, at the dataclass defaults.
@@ -65,6 +66,7 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             wd_start=0.04,
             wd_end=0.4,
             wd_schedule="cosine",  # cosine (wd_start → wd_end) | constant (wd_start)
+            adamw="transformers",  # transformers (ATST) | torch (torch.optim.AdamW: DINO, ASiT)
             grad_clip="none",  # none | global_norm | per_param (before AdamW)
             clip_norm=0.0,
             ema=0.99,  # teacher momentum at step 0 (the method's schedule takes it from there)
@@ -86,6 +88,9 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             # batches on few devices.
             grad_accum_steps=1,
             chip="",  # for perf/mfu: v4 | v5e | v5p | v6e | h100 | h200; "" = detect from the device kind
+            # Start over in a workdir that holds another run's checkpoints (moved to WORKDIR/set_aside/, not
+            # deleted) instead of refusing it. A workdir holding this same run's checkpoints still resumes.
+            fresh=False,
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -118,6 +123,10 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
         # FSDP shards the heads too (otherwise ~3M replicated head weights dominate at fsdp=256).
         ["proj_hidden", ["fsdp", "tensor"]],
         ["proj_out", None],
+        # DINO prototype layers (8192 / 1024 outputs): sharded like the head hidden units.
+        ["prototypes", ["fsdp", "tensor"]],
+        # Pixels of a patch (the reconstruction head's output, 16·16 = 256): over fsdp, so FSDP shards it too.
+        ["pixels", "fsdp"],
         # Activations: examples over (data, fsdp); heads and MLP units over tensor; features unsharded.
         ["act_batch", ["data", "fsdp"]],
         ["act_length", None],

@@ -32,13 +32,21 @@ def config_path(name: str) -> str:
     return str(ROOT / "configs" / f"{name}.py")
 
 
+def crop_fields(config, name, seconds=2.0, frames=192):
+    """The method's crop-length fields (``*_seconds`` / ``*_frames``) cut to the short lengths tests use."""
+    short = {}
+    for field, value in config[name].items():
+        if field.endswith("seconds"):
+            short[field] = min(float(value), seconds)
+        elif field.endswith("frames"):
+            short[field] = min(int(value), frames)
+    return short
+
+
 def tiny(name, **train):
     """The method's tiny config with short crops: every crop ≤ 2 s, so compiles stay short."""
     config = load_config(config_path(name) + ":tiny")
-    section = config[name]
-    for field in list(section.keys()):
-        if field.endswith("seconds"):
-            section[field] = min(float(section[field]), 2.0)
+    config[name].update(crop_fields(config, name))
     config.train.update(train)
     return config
 
@@ -123,11 +131,8 @@ def test_analytic_flops_agree_with_xla_cost_analysis(name):
 @pytest.mark.parametrize("name", [n for n in METHODS if n != "atst_frame"])  # ATST-Frame: tests/test_plan.py
 def test_planner_shards_the_state_over_256_devices(name, tmp_path):
     out = tmp_path / "plan.json"
-    crops = [
-        f"--config.{name}.{f}=1.0"
-        for f in load_config(config_path(name) + ":base")[name]
-        if f.endswith("seconds")
-    ]
+    base = load_config(config_path(name) + ":base")
+    crops = [f"--config.{name}.{f}={v}" for f, v in crop_fields(base, name, 1.0, 96).items()]
     proc = subprocess.run(
         [sys.executable, "-m", "atst_jax.plan", "--config", config_path(name) + ":base", "--mesh",
          "data=1,fsdp=256", "--json", str(out), "--config.train.global_batch=256", *crops],
@@ -145,7 +150,7 @@ def test_bench_step_runs(name, capsys):
     from atst_jax import bench
 
     args = ["step", "--config", config_path(name) + ":tiny", "--batch", "8", "--steps", "1", "--warmup", "0"]
-    args += [f"--set={name}.{f}=1.0" for f in tiny(name)[name] if f.endswith("seconds")]
+    args += [f"--set={name}.{f}={v}" for f, v in crop_fields(tiny(name), name, 1.0, 96).items()]
     assert bench.main(args) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert "s/step" in line and "clips/s" in line and "TFLOP/s" in line
@@ -231,16 +236,23 @@ def test_method_state_resumes_exactly_and_survives_a_skipped_step(
 # ----------------------------------------------------------------------------------------------------------
 # ATST-Clip end to end
 # ----------------------------------------------------------------------------------------------------------
-def test_atst_clip_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, embedded_cache):
+def _train_cli_20_steps(name, workdir, cache):
+    """``python -m atst_jax.train --config configs/<name>.py:tiny ... --config.train.steps=20``: exit 0 with a
+    step-20 checkpoint; returns the captured stdout."""
     proc = subprocess.run(
-        [sys.executable, "-m", "atst_jax.train", "--config", config_path("atst_clip") + ":tiny",
-         "--workdir", str(tmp_path), "--config.train.steps=20", f"--config.data.cache_dir={embedded_cache}",
+        [sys.executable, "-m", "atst_jax.train", "--config", config_path(name) + ":tiny",
+         "--workdir", str(workdir), "--config.train.steps=20", f"--config.data.cache_dir={cache}",
          "--config.data.num_clips=64"],
         capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "20").is_dir()
-    assert "std_cls_stu" in proc.stdout and "atst_clip tiny" in proc.stdout
+    assert (Path(workdir) / "checkpoints" / "20").is_dir()
+    return proc.stdout
+
+
+def test_atst_clip_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, embedded_cache):
+    stdout = _train_cli_20_steps("atst_clip", tmp_path, embedded_cache)
+    assert "std_cls_stu" in stdout and "atst_clip tiny" in stdout
     _, config, state = read_checkpoint(tmp_path)
     assert config["method"] == "atst_clip" and "cls_token" in state["teacher"]["encoder"]
 
@@ -274,3 +286,55 @@ def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path
     assert "resumed from" in capsys.readouterr().out  # not a fresh (equally deterministic) restart
     step, _, resumed = read_checkpoint(tmp_path)
     assert step == 6 and params_digest(resumed) == params_digest(uninterrupted)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ASiT end to end (on the embedded data's Kaldi fbank records, built on first use)
+# ----------------------------------------------------------------------------------------------------------
+def test_asit_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, embedded_cache):
+    stdout = _train_cli_20_steps("asit", tmp_path, embedded_cache)
+    assert "tea_entropy" in stdout and "asit tiny" in stdout
+    _, config, state = read_checkpoint(tmp_path)
+    assert config["method"] == "asit" and state["method"]["centre_cls"].shape == (512,)
+    assert np.abs(state["method"]["centre_data"]).sum() > 0  # the centres moved
+    assert "qkv" in state["teacher"]["encoder"]["blocks"]["attn"] and "rec_head" not in state["teacher"]
+
+    # The trained teacher exports in the official ViT layout and runs the same in our PyTorch ViT.
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from atst_jax.export import __main__ as export_cli
+    from atst_jax.export.torch_vit import VisionTransformer
+    from atst_jax.inference import encoder_from_params, run_encoder_config
+
+    out = tmp_path / "asit.safetensors"
+    assert export_cli.main(["--workdir", str(tmp_path), "--format", "safetensors", "--out", str(out)]) == 0
+    vit = VisionTransformer.from_state_dict(load_file(str(out)), strict=True).eval()
+    enc = state["teacher"]["encoder"]
+    jax_enc = encoder_from_params(enc, run_encoder_config(config, enc))
+    x = np.random.default_rng(0).normal(size=(2, 128, 256)).astype(np.float32)  # [B, mel, time]
+    want = np.asarray(jax_enc(x, np.full((2,), 256, np.int32)))
+    with torch.no_grad():
+        got = vit(torch.from_numpy(x.transpose(0, 2, 1).copy())[:, None]).numpy()  # official [B, 1, T, F]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_asit_learns_on_embedded_fbank_without_collapse(tmp_path, embedded_cache):
+    """200 tiny steps (batch 16, 192-frame crops) lower the total loss after its warm-up bump (the DINO terms
+    first rise while the teacher's sharp initial distribution spreads out) and L_rec from the start; the
+    teacher's CLS distribution stays far from one-hot and from uniform."""
+    config = tiny("asit", steps=200, log_every=10, ckpt_every=200)
+    config.data.cache_dir, config.data.num_clips = embedded_cache, 64
+    assert train(config, str(tmp_path))["step"] == 200
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    window = lambda rs, k: float(np.mean([r[k] for r in rs]))
+    early, late = rows[1:6], rows[-5:]  # steps 10–50 and 160–200
+    assert window(late, "loss") < window(early, "loss") - 0.3, (window(early, "loss"), window(late, "loss"))
+    assert window(late, "loss_rec") < 0.6 * rows[0]["loss_rec"], (
+        rows[0]["loss_rec"],
+        window(late, "loss_rec"),
+    )
+    ln_k = np.log(config.asit.cls_prototypes)
+    for r in rows[1:]:
+        assert 0.5 < r["tea_entropy"] < 0.97 * ln_k, r  # neither one-hot (0) nor uniform (ln K)
+        assert r["tea_mean_entropy"] > 1.0, r  # not every clip on the same prototype

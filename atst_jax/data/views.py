@@ -13,6 +13,8 @@ pure function of (seed, step) — so a resumed run repeats it exactly — and le
   ``h = clip(int(U(lo, hi)·F), 1, F)`` mel bins at a random offset and resize back to F bins with PyTorch's
   bicubic (A = −0.75, ``align_corners=True``, border-clamped taps). Expressed as one ``[F, F]`` matrix per
   example, so the warp is a single batched matmul.
+- ``gmml_corrupt`` (ASiT): per crop, random rectangles (``block_mask``, a ``lax.while_loop`` until the drawn
+  share of pixels is covered) set to zero, or, with probability 0.5, filled from another clip's clean crop.
 """
 
 from __future__ import annotations
@@ -163,3 +165,67 @@ def resize_crop(x, h, i, w, j, canvas_t: int):
     cols = freq_warp_matrix(w, j, t, canvas_t)[:, :, start : start + t]  # [B, T(out), T(in)]
     y = jnp.einsum("bij,bjt->bit", rows, x.astype(jnp.float32))
     return jnp.einsum("bft,bst->bfs", y, cols).astype(x.dtype)
+
+
+# --- GMML corruption (ASiT) -----------------------------------------------------------------------------
+def block_mask(key, n_f: int, n_t: int, target, *, max_block: float = 0.3, max_blocks: int = 4096):
+    """One example's GMML block mask, bool ``[n_f, n_t]`` (mel, time): random rectangles until at least
+    ``target · n_f · n_t`` pixels are covered (the official ``GMML_drop_rand_patches`` with align 1).
+
+    Each block: top-left corner ``(r, c)`` uniform in ``[0, side − 2]`` per axis, sides ``U{1, …, ⌊0.3·side⌋ −
+    1}`` per axis, clipped at the edge; blocks may overlap. ``max_blocks`` only bounds the loop (the expected
+    count for 70 % of a 592 × 128 crop is ≈ 60).
+    """
+    max_t, max_f = max(int(n_t * max_block), 2), max(int(n_f * max_block), 2)
+    t_idx, f_idx = jnp.arange(n_t), jnp.arange(n_f)
+    goal = target * (n_f * n_t)
+
+    def cond(carry):
+        i, _, covered = carry
+        return (covered < goal) & (i < max_blocks)
+
+    def body(carry):
+        i, mask, _ = carry
+        k_r, k_c, k_h, k_w = jax.random.split(jax.random.fold_in(key, i), 4)
+        r = jax.random.randint(k_r, (), 0, max(n_t - 1, 1))
+        c = jax.random.randint(k_c, (), 0, max(n_f - 1, 1))
+        h = jnp.minimum(jax.random.randint(k_h, (), 1, max_t), n_t - r)
+        w = jnp.minimum(jax.random.randint(k_w, (), 1, max_f), n_f - c)
+        rows = (f_idx >= c) & (f_idx < c + w)
+        cols = (t_idx >= r) & (t_idx < r + h)
+        mask = mask | (rows[:, None] & cols[None, :])
+        return i + 1, mask, jnp.sum(mask, dtype=jnp.int32)
+
+    init = (jnp.zeros((), jnp.int32), jnp.zeros((n_f, n_t), bool), jnp.zeros((), jnp.int32))
+    return jax.lax.while_loop(cond, body, init)[1]
+
+
+def gmml_corrupt(
+    key,
+    x,
+    *,
+    area=(0.5, 0.7),
+    paste_prob: float = 0.5,
+    paste_area=(0.3, 0.3),
+    max_block: float = 0.3,
+    fill: float = 0.0,
+):
+    """ASiT's group-masked corruption of clean crops ``x [B, F, T]`` (model-normalised values).
+
+    Per example: with probability ``1 − paste_prob`` a block mask covering a fraction ``U(area)`` of the pixels
+    is set to ``fill`` (0, the official ``drop_type='zeros'``); otherwise that is discarded and a block mask
+    covering ``U(paste_area)`` (official: ``U(min(0.5, 0.3), 0.3)`` = 0.3) is filled with the same pixels of
+    the clean crop of a random example of the batch (possibly itself, as the official collate draws it).
+    Returns the corrupted crops and the bool mask of the replaced pixels, ``[B, F, T]`` each.
+    """
+    b, n_f, n_t = x.shape
+    k_area, k_paste_area, k_paste, k_partner, k_blocks = jax.random.split(key, 5)
+    drop = jax.random.uniform(k_area, (b,), jnp.float32, area[0], area[1])
+    paste = jax.random.uniform(k_paste_area, (b,), jnp.float32, paste_area[0], paste_area[1])
+    use_paste = jax.random.bernoulli(k_paste, paste_prob, (b,))
+    target = jnp.where(use_paste, paste, drop)
+    keys = jax.random.split(k_blocks, b)
+    mask = jax.vmap(lambda k, a: block_mask(k, n_f, n_t, a, max_block=max_block))(keys, target)
+    partner = jax.random.randint(k_partner, (b,), 0, b)
+    source = jnp.where(use_paste[:, None, None], x[partner], jnp.asarray(fill, x.dtype))
+    return jnp.where(mask, source, x), mask

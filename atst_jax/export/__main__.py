@@ -18,6 +18,13 @@
   method without an official Lightning module is refused. ``--encoder`` does not apply (both networks are
   written).
 
+A 2-D patch encoder (``model.stem="patch2d"``, ASiT's ViT) has one layout, ``safetensors``: the official
+``vision_transformer.py`` keys (``cls_token``, ``pos_embed``, ``patch_embed.proj.*`` as a Conv2d weight
+``[D, 1, 16, 16]``, ``blocks.{i}.*`` with ``attn.qkv.bias``, ``norm.*``; 12·depth + 6 tensors), loadable
+``strict=True`` into that ``VisionTransformer(in_chans=1, audio_size=[592, 128])`` and into
+``atst_jax.export.torch_vit.VisionTransformer``; metadata ``format=asit_encoder``, ``features``
+(``kaldi_fbank128``), ``chunk_frames`` (592), ``patch_size``, ``n_mels``. The FrameAST formats are refused.
+
 Every file holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` opens it.
 Errors (missing run or step, unknown format) are reported on one line with exit status 2.
 """
@@ -35,6 +42,9 @@ from atst_jax import inference
 from atst_jax.export import convert
 
 FORMATS = ("safetensors", "atst_sed", "lightning")
+# 2-D patch encoders (model.stem="patch2d") have one layout: the official ViT's (ASiT's vision_transformer.py).
+VIT_FORMATS = ("safetensors",)
+VIT_FORMAT = "asit_encoder"  # the safetensors "format" metadata of that layout
 # The official code targets Lightning 1.x; load_from_checkpoint only needs the entry to exist (it decides
 # which checkpoint migrations to apply, none of which touch the keys written here).
 LIGHTNING_VERSION = "1.9.5"
@@ -76,6 +86,47 @@ def _lightning_hparams(config: dict, width: int, depth: int, heads: int) -> tupl
     return result
 
 
+def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: str) -> list[str]:
+    """A 2-D patch encoder (``model.stem="patch2d"``) as a safetensors file in the official ViT layout
+    (``convert.vit_to_torch``: ``patch_embed.proj`` Conv2d, ``cls_token``, ``pos_embed``, qkv bias, ``norm``)."""
+    from safetensors.numpy import save_file
+
+    from atst_jax.models.encoder import EncoderConfig
+
+    if fmt not in VIT_FORMATS:
+        raise ExportError(
+            f"format {fmt!r} is a layout of ATST's FrameAST; a 2-D patch encoder (model.stem='patch2d') "
+            f"exports as {' or '.join(VIT_FORMATS)} (the official ViT layout)"
+        )
+    cfg = EncoderConfig.from_config(config["model"])
+    enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
+    try:
+        sd = convert.as_contiguous(convert.vit_to_torch(enc, cfg.patch_size))
+    except ValueError as e:
+        raise ExportError(
+            f"model.stem='patch2d' with pos_embed={cfg.pos_embed!r}, use_cls={cfg.use_cls}: {e}"
+        ) from e
+    qkv = enc["blocks"]["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]
+    meta = {
+        "format": VIT_FORMAT,
+        "width": str(qkv.shape[1]),
+        "depth": str(qkv.shape[0]),
+        "heads": str(qkv.shape[3]),
+        "step": str(step),
+        "encoder": encoder,
+        "patch_size": ",".join(str(p) for p in cfg.patch_size),
+        "n_mels": str(cfg.n_mels),
+        # What inference needs and the weights do not tell: the front end (the method's feature set) and
+        # the chunk length (the positions' length, at most the longest pretraining crop).
+        "features": inference.run_features(config, cfg),
+        "chunk_frames": str(inference.encoder_chunk_frames(cfg, config)),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
+    out.chmod(0o644)
+    return []
+
+
 def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "teacher") -> list[str]:
     """Writes ``out`` in ``fmt`` from a run's checkpoint; returns the warnings (for the caller to print)."""
     from atst_jax.checkpoint import read_checkpoint
@@ -91,11 +142,15 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
     except FileNotFoundError as e:
         raise ExportError(str(e)) from e
     stem = ((config or {}).get("model") or {}).get("stem", "frame")
+    if stem == "patch2d":
+        return _export_vit(config, state, step, fmt, Path(out), encoder)
     if stem != "frame":
         raise ExportError(f"model.stem={stem!r}: only frame-stem (ATST FrameAST) encoders have these layouts")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
+    if convert.has_qkv_bias(enc):
+        raise ExportError("this frame-stem encoder has a qkv bias, which the ATST FrameAST layouts lack")
     qkv = enc["blocks"]["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]
     depth, width, heads = qkv.shape[0], qkv.shape[1], qkv.shape[3]
     warnings = []
@@ -148,7 +203,9 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m atst_jax.export", description=__doc__.split("\n\n")[0])
+    from atst_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m atst_jax.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="training run directory (with checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--encoder", default="teacher", help="teacher (default) or student")
@@ -162,10 +219,18 @@ def main(argv=None) -> int:
     # Orbax logs several absl warnings on every read-only open (read_only options, items not restored):
     # noise for a command-line user.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from atst_jax.checkpoint import CheckpointRestoreError
+
     try:
         warnings = export(args.workdir, args.format, args.out, step=args.step, encoder=args.encoder)
-    except ExportError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ExportError, CheckpointRestoreError) as e:  # a damaged step: one line too
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # safetensors / torch live in the optional extra
+        print(f"error: --format {args.format} needs {e.name or e}: pip install -e .[torch]", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out in a missing or read-only place
+        print(f"error: cannot write --out {args.out} ({e.strerror or e})", file=sys.stderr)
         return 2
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -13,6 +13,11 @@ JAX side (stacked blocks, leading axis L)             PyTorch side (one entry pe
   blocks/norm{1,2}/{scale,bias} [L, D]                  blocks.i.norm{1,2}.{weight,bias}
   norm/{scale,bias}                                     norm_frame.* (ATST-Frame) / norm.* (ATST-Clip)
 
+2-D patch ViT (``stem="patch2d"``; ASiT's ``vision_transformer.py`` names, :func:`vit_to_torch`):
+  patch_embed/kernel [p_t·p_f, D]                       patch_embed.proj.weight [D, 1, p_t, p_f] (Conv2d)
+  blocks/attn/qkv/bias [L, 3, H, hd]                    blocks.i.attn.qkv.bias [3·H·hd]
+  cls_token, pos_embed, norm                            cls_token, pos_embed, norm.*  (no mask_embed)
+
 Flattening ``[D, 3, H, hd]`` to ``[D, 3·H·hd]`` in C order puts q/k/v outermost, then heads, then the head
 dimension, which is exactly the official row order after the transpose (head h of q = rows h·hd … h·hd+hd−1).
 The same holds for the proj input ``(H, hd) → H·hd``: PyTorch concatenates head outputs head-major.
@@ -79,6 +84,66 @@ def is_clip(enc_params) -> bool:
     return enc_params.get("cls_token") is not None
 
 
+def has_qkv_bias(enc_params) -> bool:
+    """A qkv bias (``blocks/attn/qkv/bias``): the official ViT layout has one, ATST's FrameAST none."""
+    return enc_params["blocks"]["attn"]["qkv"].get("bias") is not None
+
+
+def _blocks_to_torch(blocks, order) -> dict:
+    """Stacked JAX blocks → ``{"blocks.{i}.<name>": …}`` for the names of ``order`` (official order)."""
+    qkv = blocks["attn"]["qkv"]  # kernel [L, D, 3, H, hd], bias [L, 3, H, hd]
+    depth, d = qkv["kernel"].shape[0], qkv["kernel"].shape[1]
+    proj = blocks["attn"]["proj"]["kernel"]  # [L, H, hd, D]
+    vectors = dict(_BLOCK_VECTORS)
+    linears = dict(_BLOCK_LINEARS)
+    out = {}
+    for i in range(depth):
+        for name in order:
+            if name == "attn.qkv.weight":
+                value = _t(qkv["kernel"][i].reshape(d, -1))
+            elif name == "attn.qkv.bias":
+                value = qkv["bias"][i].reshape(-1)  # (3, H, hd) in C order = rows [q; k; v], head-major
+            elif name == "attn.proj.weight":
+                value = _t(proj[i].reshape(-1, d))
+            elif name in linears:
+                value = _t(_get(blocks, linears[name])[i])
+            else:
+                value = _get(blocks, vectors[name])[i]
+            out[f"blocks.{i}.{name}"] = value
+    return out
+
+
+def _blocks_from_torch(sd, depth: int, h: int, hd: int, *, qkv_bias: bool) -> dict:
+    """Inverse of :func:`_blocks_to_torch`: ``blocks.{i}.*`` NumPy arrays → stacked JAX blocks."""
+    d = h * hd
+
+    def stack(fn):
+        return np.stack([fn(i) for i in range(depth)])
+
+    blocks = {}
+    for name, path in _BLOCK_VECTORS:
+        _set(blocks, path, stack(lambda i, n=name: sd[f"blocks.{i}.{n}"]))
+    for name, path in _BLOCK_LINEARS:
+        _set(blocks, path, stack(lambda i, n=name: _t(sd[f"blocks.{i}.{n}"])))
+    _set(
+        blocks,
+        ("attn", "qkv", "kernel"),
+        stack(lambda i: _t(sd[f"blocks.{i}.attn.qkv.weight"]).reshape(d, 3, h, hd)),
+    )
+    if qkv_bias:
+        _set(
+            blocks,
+            ("attn", "qkv", "bias"),
+            stack(lambda i: sd[f"blocks.{i}.attn.qkv.bias"].reshape(3, h, hd)),
+        )
+    _set(
+        blocks,
+        ("attn", "proj", "kernel"),
+        stack(lambda i: _t(sd[f"blocks.{i}.attn.proj.weight"]).reshape(h, hd, d)),
+    )
+    return blocks
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------------------
@@ -93,9 +158,8 @@ def encoder_to_torch(enc_params) -> dict:
     """
     p = enc_params
     blocks = p["blocks"]
-    qkv = blocks["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]
-    depth, d = qkv.shape[0], qkv.shape[1]
-    proj = blocks["attn"]["proj"]["kernel"]  # [L, H, hd, D]
+    if has_qkv_bias(p):
+        raise ValueError("this encoder has a qkv bias, which the ATST FrameAST layout lacks")
     clip = is_clip(p)
 
     out = {}
@@ -105,19 +169,7 @@ def encoder_to_torch(enc_params) -> dict:
     out["pos_embed"] = p["pos_embed"]
     out["patch_embed.patch_embed.weight"] = _t(p["patch_embed"]["kernel"])
     out["patch_embed.patch_embed.bias"] = p["patch_embed"]["bias"]
-    vectors = dict(_BLOCK_VECTORS)
-    linears = dict(_BLOCK_LINEARS)
-    for i in range(depth):
-        for name in _BLOCK_ORDER:
-            if name == "attn.qkv.weight":
-                value = _t(qkv[i].reshape(d, -1))
-            elif name == "attn.proj.weight":
-                value = _t(proj[i].reshape(-1, d))
-            elif name in linears:
-                value = _t(_get(blocks, linears[name])[i])
-            else:
-                value = _get(blocks, vectors[name])[i]
-            out[f"blocks.{i}.{name}"] = value
+    out.update(_blocks_to_torch(blocks, _BLOCK_ORDER))
     norm = "norm" if clip else "norm_frame"
     out[f"{norm}.weight"] = p["norm"]["scale"]
     out[f"{norm}.bias"] = p["norm"]["bias"]
@@ -139,7 +191,10 @@ def torch_to_encoder(sd, heads: int | None = None) -> dict:
 
     The number of heads cannot be read from the weights (qkv is ``[3D, D]`` for any head count); by default
     it is ``D // 64`` as in every official model. Raises ``KeyError`` naming missing or unexpected keys.
+    An official ViT state_dict (:func:`is_vit_state_dict`) goes to :func:`torch_to_vit`.
     """
+    if is_vit_state_dict(sd):
+        return torch_to_vit(sd, heads)
     sd = {k: np.asarray(v) for k, v in sd.items()}
     depth = encoder_depth(sd)
     clip = "cls_token" in sd
@@ -152,9 +207,6 @@ def torch_to_encoder(sd, heads: int | None = None) -> dict:
     h = infer_heads(d, heads)
     hd = d // h
 
-    def stack(fn):
-        return np.stack([fn(i) for i in range(depth)])
-
     out = {
         "mask_embed": sd["mask_embed"],
         "pos_embed": sd["pos_embed"],
@@ -166,22 +218,7 @@ def torch_to_encoder(sd, heads: int | None = None) -> dict:
     }
     if clip:
         out["cls_token"] = sd["cls_token"]
-    blocks = {}
-    for name, path in _BLOCK_VECTORS:
-        _set(blocks, path, stack(lambda i, n=name: sd[f"blocks.{i}.{n}"]))
-    for name, path in _BLOCK_LINEARS:
-        _set(blocks, path, stack(lambda i, n=name: _t(sd[f"blocks.{i}.{n}"])))
-    _set(
-        blocks,
-        ("attn", "qkv", "kernel"),
-        stack(lambda i: _t(sd[f"blocks.{i}.attn.qkv.weight"]).reshape(d, 3, h, hd)),
-    )
-    _set(
-        blocks,
-        ("attn", "proj", "kernel"),
-        stack(lambda i: _t(sd[f"blocks.{i}.attn.proj.weight"]).reshape(h, hd, d)),
-    )
-    out["blocks"] = blocks
+    out["blocks"] = _blocks_from_torch(sd, depth, h, hd, qkv_bias=False)
     return as_contiguous(out)
 
 
@@ -196,6 +233,95 @@ def encoder_keys(depth: int = 12, *, clip: bool = False) -> list[str]:
     keys += [f"blocks.{i}.{n}" for i in range(depth) for n in _BLOCK_ORDER]
     norm = "norm" if clip else "norm_frame"
     return keys + [f"{norm}.weight", f"{norm}.bias"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2-D patch ViT (ASiT, and AST-style fine-tuning code): the layout of ASiT's vision_transformer.py
+# ----------------------------------------------------------------------------------------------------------
+
+# A block of the official ViT: the ATST block plus the qkv bias (Linear(D, 3D, bias=True)).
+_VIT_BLOCK_ORDER = _BLOCK_ORDER[:3] + ("attn.qkv.bias",) + _BLOCK_ORDER[3:]
+
+
+def is_vit_state_dict(sd) -> bool:
+    """The official ViT layout (``patch_embed.proj`` is a Conv2d) rather than ATST's FrameAST
+    (``patch_embed.patch_embed`` is a Linear)."""
+    return "patch_embed.proj.weight" in sd
+
+
+def vit_keys(depth: int = 12) -> list[str]:
+    """The official ViT key names in ``state_dict`` order (parameters of the module itself first, then its
+    children in registration order): 12 per block + 6 = 150 at depth 12. The classifier ``head`` is an
+    ``nn.Identity`` (``num_classes=0``) and holds nothing."""
+    keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    keys += [f"blocks.{i}.{n}" for i in range(depth) for n in _VIT_BLOCK_ORDER]
+    return keys + ["norm.weight", "norm.bias"]
+
+
+def vit_to_torch(enc_params, patch_size=(16, 16)) -> dict:
+    """JAX 2-D patch encoder (``stem="patch2d"``, learned ``pos_embed``, CLS, qkv bias) → the official ViT
+    ``state_dict`` (flat dict, :func:`vit_keys` order).
+
+    The patch projection becomes ``patch_embed.proj.weight [D, 1, p_t, p_f]``: our kernel row ``dt·p_f + df``
+    (the stem flattens each patch time-major) multiplies input pixel (time ``dt``, mel ``df``), which is the
+    conv weight's ``[:, 0, dt, df]`` over an input ``[B, 1, T, n_mels]``. Both token orders are time-major
+    (the conv output ``[B, D, T/p_t, n_mels/p_f]`` flattened), so ``pos_embed`` is copied as is.
+    ``mask_embed`` is left out: the official ViT has none (a mask token is a training-time device).
+    """
+    p = enc_params
+    if p.get("cls_token") is None or p.get("pos_embed") is None:
+        raise ValueError("the official ViT layout needs a cls_token and learned positions (pos_embed)")
+    if not has_qkv_bias(p):
+        raise ValueError("the official ViT layout has a qkv bias; this encoder has none")
+    p_t, p_f = (int(x) for x in patch_size)
+    kernel = p["patch_embed"]["kernel"]  # [p_t·p_f, D]
+    if kernel.shape[0] != p_t * p_f:
+        raise ValueError(f"patch kernel {tuple(kernel.shape)} does not fit patch_size {(p_t, p_f)}")
+    out = {
+        "cls_token": p["cls_token"],
+        "pos_embed": p["pos_embed"],
+        "patch_embed.proj.weight": _t(kernel).reshape(kernel.shape[1], 1, p_t, p_f),
+        "patch_embed.proj.bias": p["patch_embed"]["bias"],
+    }
+    out.update(_blocks_to_torch(p["blocks"], _VIT_BLOCK_ORDER))
+    out["norm.weight"] = p["norm"]["scale"]
+    out["norm.bias"] = p["norm"]["bias"]
+    return out
+
+
+def torch_to_vit(sd, heads: int | None = None) -> dict:
+    """Official ViT ``state_dict`` (bare keys, arrays) → JAX encoder params for
+    ``EncoderConfig(stem="patch2d", patch_size=(p_t, p_f), use_cls=True, qkv_bias=True, num_pos=…)``.
+
+    ``mask_embed`` (a parameter of our encoder that the official ViT lacks) is returned as zeros; inference
+    never uses it. Heads default to ``D // 64``. A classifier ``head.*`` (fine-tuned checkpoints) is ignored.
+    Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` for more than one input channel.
+    """
+    sd = {k: np.asarray(v) for k, v in sd.items() if not k.startswith("head.")}
+    depth = encoder_depth(sd)
+    expected = set(vit_keys(depth))
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise KeyError(f"not an official ViT state_dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    weight = sd["patch_embed.proj.weight"]  # [D, C, p_t, p_f]
+    d, chans, p_t, p_f = weight.shape
+    if chans != 1:
+        raise ValueError(f"patch_embed.proj has {chans} input channels; a spectrogram encoder has 1")
+    h = infer_heads(d, heads)
+    out = {
+        "cls_token": sd["cls_token"],
+        "pos_embed": sd["pos_embed"],
+        "mask_embed": np.zeros((1, 1, d), sd["cls_token"].dtype),
+        "patch_embed": {"kernel": _t(weight.reshape(d, p_t * p_f)), "bias": sd["patch_embed.proj.bias"]},
+        "norm": {"scale": sd["norm.weight"], "bias": sd["norm.bias"]},
+        "blocks": _blocks_from_torch(sd, depth, h, d // h, qkv_bias=True),
+    }
+    return as_contiguous(out)
+
+
+def vit_patch_size(sd) -> tuple[int, int]:
+    """``(p_t, p_f)`` of an official ViT ``state_dict`` (the conv kernel's spatial shape)."""
+    return tuple(int(x) for x in np.shape(sd["patch_embed.proj.weight"])[2:])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""HEAR API (https://hearbenchmark.com) for an exported ATST-Frame or ATST-Clip encoder, in PyTorch.
+"""HEAR API (https://hearbenchmark.com) for exported ATST-Frame, ATST-Clip and 2-D patch ViT encoders.
 
     from atst_jax.export import hear
     model = hear.load_model("encoder.safetensors")          # python -m atst_jax.export --format safetensors
@@ -20,6 +20,10 @@ Choices (the conventions are defined in ``atst_jax.inference``, shared with the 
   feature — the final-normed CLS of each of the n blocks, then the token mean of each
   (``scene_embedding_size = 2·timestamp_embedding_size``). For audio longer than one chunk the CLS part is
   the per-chunk CLS averaged with weights = the chunk's tokens.
+* 2-D patch ViTs (the official ASiT layout, ``atst_jax.export.torch_vit``): audio at **32 kHz**, Kaldi fbank
+  front end; one timestamp embedding per 16-frame column of patches (160 ms, at ``160·c + 87.5`` ms), the mean
+  of the column's 8 frequency-patch tokens of each of the last n blocks; scene = ``[CLS ‖ mean of patch
+  tokens]`` (``2·n·D``); chunks of 592 frames (the positions' length), a short last chunk masked.
 * Long audio: the log-mel is computed over the whole clip (block-wise STFT), the encoder then sees chunks
   (≤ 1000 frames for ATST-Frame; the pretraining crop, 600 frames for a 6 s model, for ATST-Clip), at most
   ``max_chunks`` at a time, so memory stays bounded for minutes of audio.
@@ -43,17 +47,28 @@ def load_model(
     ``atst_jax.export.load`` reads: ATST-SED or Lightning checkpoints — the teacher's encoder).
 
     ``chunk_frames`` defaults to what the file records (our exports), else the encoder kind's default.
-    Attributes: ``sample_rate`` (16000), ``scene_embedding_size``, ``timestamp_embedding_size``.
+    Attributes: ``sample_rate`` (16000; 32000 for a ViT), ``scene_embedding_size``,
+    ``timestamp_embedding_size``.
+    A file in the official ViT layout (a 2-D patch export, or an official ASiT checkpoint) gives a
+    ``torch_vit.ViTEmbedder`` instead.
     """
-    from atst_jax.export.load import read_encoder
+    from atst_jax.export.load import read_encoder_file
 
     if not model_file_path:
         raise ValueError("load_model needs the path of an exported encoder (python -m atst_jax.export)")
-    sd, heads, file_chunk_frames = read_encoder(model_file_path, "teacher", heads)
-    encoder = FrameAST.from_state_dict(sd, heads=heads, strict=True)
-    chunk_frames = file_chunk_frames if chunk_frames is None else chunk_frames
-    model = ATSTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames).eval()
-    model.sample_rate = SAMPLE_RATE
+    f = read_encoder_file(model_file_path, "teacher", heads)
+    chunk_frames = f.chunk_frames if chunk_frames is None else chunk_frames
+    if f.vit:  # the official ViT layout (a 2-D patch export, or an official ASiT checkpoint)
+        from atst_jax.export.torch_vit import VisionTransformer, ViTEmbedder
+
+        n_mels = int(f.metadata.get("n_mels", 128))
+        encoder = VisionTransformer.from_state_dict(f.sd, heads=f.heads, n_mels=n_mels, strict=True)
+        model = ViTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
+    else:
+        encoder = FrameAST.from_state_dict(f.sd, heads=f.heads, strict=True)
+        model = ATSTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
+        model.sample_rate = SAMPLE_RATE
+    model.eval()
     model.requires_grad_(False)
     return model
 

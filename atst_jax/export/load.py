@@ -2,8 +2,10 @@
 
 Accepted files, detected by content (not by name):
 
-* a safetensors file of the bare 138 (139 for ATST-Clip) encoder keys — read with ``safetensors.numpy``,
-  no torch needed;
+* a safetensors file of the bare 138 (139 for ATST-Clip) encoder keys, or of the official ViT keys
+  (``patch_embed.proj``, a 2-D patch export) — read with ``safetensors.numpy``, no torch needed;
+* an official ASiT checkpoint (``{"student": …, "teacher": …, "args": Namespace, …}``; encoders under
+  ``teacher.backbone.`` / ``student.module.backbone.``);
 * a ``torch.save`` file: an ATST-SED style ``{"state_dict": {"model.teacher.encoder.<key>": …}}``, a
   Lightning pretraining checkpoint (ours or the official released ones: ``model.student.*`` /
   ``model.teacher.*``), or a plain state_dict (bare, ``encoder.*``, ``teacher.encoder.*`` keys).
@@ -20,6 +22,8 @@ model's state to start fine-tuning from official weights.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
 import struct
 from pathlib import Path
@@ -53,14 +57,16 @@ def _to_numpy(value):
     return value
 
 
-def torch_load(path):
-    """``torch.load`` restricted to tensors and plain values (``weights_only=True``), on the CPU."""
+def torch_load(path, allow: tuple = ()):
+    """``torch.load`` restricted to tensors and plain values (``weights_only=True``), on the CPU; ``allow``:
+    classes additionally accepted (``torch.serialization.safe_globals``)."""
     try:
         import torch
     except ImportError as e:
         raise ImportError(f"{path}: reading torch files needs torch (pip install -e .[torch])") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # weights_only refuses files that would need arbitrary classes. torch's message is a screenful;
         # keep its one informative sentence (which global was refused) and say how to proceed.
@@ -70,6 +76,17 @@ def torch_load(path):
             f"{path}: not loadable with weights_only=True ({reason}); if you trust the file, allow-list the "
             "class with `with torch.serialization.safe_globals([...]):` around this call"
         ) from e
+
+
+def _is_official_vit_checkpoint(obj) -> bool:
+    """``{"student": state_dict, "teacher": state_dict, "args": Namespace, …}`` with a ViT backbone, the
+    Namespace (if any) only under ``args``."""
+    if not isinstance(obj, dict) or not all(isinstance(obj.get(k), dict) for k in ENCODERS):
+        return False
+    others = [v for k, v in obj.items() if k != "args"]
+    return any(k.endswith("backbone.patch_embed.proj.weight") for k in obj["teacher"]) and not any(
+        isinstance(v, argparse.Namespace) for v in others
+    )
 
 
 def read_file(path) -> tuple[dict, dict]:
@@ -85,11 +102,24 @@ def read_file(path) -> tuple[dict, dict]:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), {"metadata": metadata}
-    obj = torch_load(path)
+    try:
+        obj = torch_load(path)
+    except ValueError as refused:
+        # Official ASiT (DINO-style) checkpoints keep the run's argparse ``args`` beside the state_dicts. A
+        # Namespace only holds attributes, so it is accepted there — and only in that layout.
+        obj = torch_load(path, allow=(argparse.Namespace,)) if "argparse.Namespace" in str(refused) else None
+        if not _is_official_vit_checkpoint(obj):
+            raise refused from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors or a checkpoint dict, got {type(obj).__name__}")
+    nets = [k for k in ENCODERS if isinstance(obj.get(k), dict)]
     if isinstance(obj.get("state_dict"), dict):
         sd, extras = obj["state_dict"], {k: v for k, v in obj.items() if k != "state_dict"}
+    elif nets:  # official ASiT (DINO-style): {"student": sd, "teacher": sd, "args": Namespace, ...}
+        sd = {f"{net}.{k}": v for net in nets for k, v in obj[net].items()}
+        extras = {
+            k: (vars(v) if isinstance(v, argparse.Namespace) else v) for k, v in obj.items() if k not in nets
+        }
     else:
         sd, extras = obj, {}
     sd = {k: _to_numpy(v) for k, v in sd.items()}
@@ -103,7 +133,15 @@ def encoder_prefix(sd, encoder: str = "teacher") -> str:
     """The key prefix of the requested encoder in a flat state_dict (``""`` for bare keys)."""
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be teacher or student, got {encoder!r}")
-    candidates = [f"model.{encoder}.encoder.", f"{encoder}.encoder.", "encoder.", "model.encoder.", ""]
+    candidates = [
+        f"model.{encoder}.encoder.",
+        f"{encoder}.encoder.",
+        f"{encoder}.backbone.",  # official ASiT .pth: teacher.backbone.*, student.module.backbone.*
+        f"{encoder}.module.backbone.",
+        "encoder.",
+        "model.encoder.",
+        "",
+    ]
     for prefix in candidates:
         if f"{prefix}pos_embed" in sd:
             return prefix
@@ -138,9 +176,80 @@ def read_encoder(path, encoder: str = "teacher", heads: int | None = None) -> tu
     encoder return that one. ``heads``: as given, else the file's metadata (our safetensors exports record
     it), else None (the consumer then takes ``width // 64``, as in every official model).
     """
+    f = read_encoder_file(path, encoder, heads)
+    return f.sd, f.heads, f.chunk_frames
+
+
+@dataclasses.dataclass
+class EncoderFile:
+    """An encoder read from a file (:func:`read_encoder_file`): bare-key ``sd`` (NumPy arrays) in the ATST
+    FrameAST layout or the official ViT layout (``vit``), and what inference needs beside the weights."""
+
+    sd: dict
+    heads: int | None
+    chunk_frames: int
+    features: str  # an atst_jax.features name: the front end the encoder takes
+    vit: bool
+    metadata: dict
+
+    def params(self) -> dict:
+        """JAX encoder params (nested dict, blocks stacked)."""
+        return convert.torch_to_encoder(self.sd, self.heads)
+
+    def config(self, params=None):
+        """The inference ``EncoderConfig`` (a 2-D patch encoder for the ViT layout)."""
+        params = self.params() if params is None else params
+        if not self.vit:
+            return inference.config_from_params(params, self.heads)
+        return inference.config_from_params(
+            params,
+            self.heads,
+            stem="patch2d",
+            patch_size=convert.vit_patch_size(self.sd),
+            n_mels=int(self.metadata.get("n_mels", VIT_N_MELS)),
+        )
+
+    def jax_encoder(self):
+        """A ready JAX ``FrameAST`` holding these weights (float32, inference config)."""
+        params = self.params()
+        return inference.encoder_from_params(params, self.config(params))
+
+
+VIT_N_MELS = 128  # the official ViT layout's mel bins when a file does not record them (ASiT: 128)
+
+
+def _vit_chunk_frames(sd, extras) -> int:
+    """A ViT file's chunk length: our exports record it; official ASiT checkpoints their ``args.num_frames``;
+    otherwise the positions' length (``(num_pos − 1) / n_freq_patches · p_t``)."""
+    meta = extras.get("metadata", {})
+    if "chunk_frames" in meta:
+        return int(meta["chunk_frames"])
+    p_t, p_f = convert.vit_patch_size(sd)
+    n_f = int(meta.get("n_mels", VIT_N_MELS)) // p_f
+    frames = (np.shape(sd["pos_embed"])[1] - 1) // n_f * p_t
+    args = extras.get("args")
+    trained = args.get("num_frames") if isinstance(args, dict) else None
+    return min(frames, int(trained) // p_t * p_t) if trained else frames
+
+
+def read_encoder_file(path, encoder: str = "teacher", heads: int | None = None) -> EncoderFile:
+    """:func:`read_encoder` with the layout and the front end: our safetensors exports record the feature set
+    (``features``); otherwise the ViT layout takes ``kaldi_fbank128`` (ASiT's) and the ATST layouts
+    ``atst_logmel64``. Also reads official ASiT checkpoints (``{"teacher": …, "student": …}`` with
+    ``backbone.`` / ``module.backbone.`` prefixes)."""
     sd, extras = read_file(path)
     sd = convert.sub_dict(sd, encoder_prefix(sd, encoder))
-    return sd, _heads(extras, heads), _chunk_frames(extras, "cls_token" in sd)
+    meta = extras.get("metadata", {})
+    vit = convert.is_vit_state_dict(sd)
+    if vit:
+        # A backbone's own extras (classifier head, the ASiT FullPipeline's identities) are not the encoder.
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc."))}
+        chunk = _vit_chunk_frames(sd, extras)
+        default = "kaldi_fbank128"
+    else:
+        chunk = _chunk_frames(extras, "cls_token" in sd)
+        default = "atst_logmel64"
+    return EncoderFile(sd, _heads(extras, heads), chunk, meta.get("features", default), vit, dict(meta))
 
 
 def load_encoder_params(path, encoder: str = "teacher", heads: int | None = None) -> dict:
