@@ -1,0 +1,1020 @@
+"""Frozen-encoder probes: a linear head on the features of a pretrained encoder, next to two baselines.
+
+    python -m atst_jax.evaluate (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
+        --train DATA --test DATA [--val DATA] --out RESULTS.json \\
+        [--task auto|clip|sed] [--layers N] [--baselines random_init,logmel|none] [--lrs 1e-3,3e-3,1e-2] \\
+        [--epochs E] [--batch B] [--median_s 0.28] [--val_fraction 0.2] [--seed 0]
+
+DATA are datasets made by ``python -m atst_jax.data.prepare`` (records + ``labels.json``), in the feature set
+the encoder takes (refused otherwise). The task comes from the labels (``--task auto``):
+
+* strong labels (events with onset/offset) in every split → **SED**: one prediction per time step of the
+  encoder (a 40 ms token for the ATST frame stem, a 160 ms column of 16 × 16 patches for a 2-D patch ViT:
+  the token grid is the encoder's own), targets on that grid (a step is active when the event covers at
+  least half of it: onset and offset rounded to the nearest step boundary).
+* weak labels → **clip classification**: single-label when every clip has exactly one class (softmax),
+  multi-label otherwise (sigmoid). ``--task clip`` also treats strong data this way.
+
+Features (spec §0): the outputs of the last ``--layers`` blocks (default: all), each through the final norm,
+concatenated, computed chunk by chunk by :class:`atst_jax.embed.Embedder` from the stored spectrograms. Clip
+tasks take the clip's scene embedding: the mean over its valid tokens (ATST-Frame), ``[CLS ‖ mean]`` for
+encoders with a CLS token (ATST-Clip, ASiT) — the same vector ``embed --level clip`` writes. SED takes the
+per-step embeddings.
+
+Encoders, each with its own linear probe trained the same way:
+
+* ``checkpoint`` — the run's teacher (or ``--encoder student``) or the ``--weights`` file;
+* ``random_init`` — the same ``EncoderConfig`` freshly initialised (``nnx.Rngs(params=--seed)``), same features;
+* ``logmel`` — pooled statistics of the normalised spectrogram: mean and standard deviation over the clip's
+  valid frames (clips, ``2·F`` dims), or over each time step's frames (SED, ``2·F`` per step).
+
+Probe: BatchNorm without affine (batch statistics while training, running statistics, momentum 0.9, at test)
+then Linear, trained with Adam (cosine decay, no weight decay) on the softmax cross-entropy (single-label) or
+the binary cross-entropy (multi-label, SED), jitted, the batch sharded over all devices (``data`` axis of
+``atst_jax.sharding.make_mesh``; features replicated). For every learning rate of ``--lrs`` the probe trains
+``--epochs`` epochs and is evaluated on the validation split every ``--eval_every`` epochs; the state with the
+best validation score over all learning rates and evaluations is kept (accuracy for single-label, mAP for
+multi-label, frame-level mAP for SED). Without ``--val``, ``--val_fraction`` of the training clips are held
+out: those whose SHA-1 of the id is smallest (deterministic, independent of the record order). Everything is
+seeded (``--seed``): the same command gives the same numbers.
+
+Metrics on the test split:
+
+* clips: accuracy (single-label: argmax; multi-label: every label right at threshold 0.5) and mAP (macro
+  average precision over the classes with a positive test clip), per-class AP;
+* SED, on the posteriors after a median filter of ``--median_s`` seconds (rounded to an odd number of steps,
+  at least 1): frame-level macro F1 at 0.5 (per step, classes with positives), PSDS1 (dtc = gtc = 0.7,
+  α_ct = 0) and PSDS2 (dtc = gtc = 0.1, cttc = 0.3, α_ct = 0.5), both with α_st = 1 and e_max = 100 false
+  positives per hour as in DCASE, from the posterior curves with ``sed_scores_eval``
+  (``intersection_based.psds``), and the collar-based event F1 (``collar_based.fscore``: threshold 0.5,
+  200 ms onset collar, offset collar max(200 ms, 20 % of the event), macro over classes), per-class frame and
+  event F1. Ground-truth events are the records' own (seconds), cut at the end of the last step.
+
+``RESULTS.json``: the task, class names, split sizes, the options, and per encoder its metrics, per-class
+numbers, feature size and the selected learning rate / epoch / validation score; the table of metrics (pretrained
+next to the baselines) is also printed. Bad inputs (missing paths, a dataset without labels, another feature
+set than the encoder's, train/test vocabularies that differ) stop before any work with one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from atst_jax import features as feature_sets
+from atst_jax import inference
+from atst_jax.data import records
+
+BASELINES = ("random_init", "logmel")
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # running = m · running + (1 − m) · batch (PyTorch's momentum 0.1)
+THRESHOLD = 0.5
+# The PSDS scenarios of DCASE task 4 (2021-2023); alpha_st = 1 and max_efpr = 100 / hour in both.
+PSDS1 = dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=None, alpha_ct=0.0, alpha_st=1.0)
+PSDS2 = dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=0.5, alpha_st=1.0)
+MAX_EFPR = 100.0
+COLLAR = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
+
+
+class EvalError(ValueError):
+    """A user error (bad path, bad data, bad option): the CLI prints it as one line and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LabelledSet:
+    """One prepared dataset, all in memory: stored spectrograms (valid frames only, float16), labels, events."""
+
+    path: str
+    ids: list[str]
+    mels: list[np.ndarray]  # float16 [F, length]: stored values (not normalised)
+    labels: list[np.ndarray]  # int class indices per clip
+    events: list[np.ndarray] | None  # float32 [e, 3] (onset s, offset s, class) per clip; None if weak
+    classes: list[str]
+    features: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, keep: np.ndarray, path: str) -> LabelledSet:
+        idx = np.flatnonzero(keep)
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        return LabelledSet(
+            path,
+            pick(self.ids),
+            pick(self.mels),
+            pick(self.labels),
+            pick(self.events),
+            self.classes,
+            self.features,
+        )
+
+
+def read_labelled(path: str, what: str) -> LabelledSet:
+    """A prepared dataset directory → :class:`LabelledSet` (``what``: the option naming it, for errors)."""
+    if not os.path.isdir(path):
+        raise EvalError(f"{what} {path}: no such directory")
+    try:
+        files = records.list_record_files(path)
+        features = records.read_features(path)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{what} {path}: not a prepared dataset ({e})") from None
+    labels_path = os.path.join(path, "labels.json")
+    try:
+        with open(labels_path) as f:
+            meta = json.load(f)
+        classes = [str(c) for c in meta["classes"]]
+    except FileNotFoundError:
+        raise EvalError(
+            f"{what} {path}: no labels.json (prepare it from labelled data: AudioSet CSVs, a DCASE TSV, or "
+            "folder --labels_from_subdirs)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalError(f"{what} {labels_path}: unreadable ({type(e).__name__}: {e})") from None
+    if not classes:
+        raise EvalError(f"{what} {path}: the dataset has no labels (labels.json lists no classes)")
+    from atst_jax.data import pipeline
+
+    source = pipeline.make_source(files)
+    ids, mels, labels, events = [], [], [], []
+    strong = bool(meta.get("strong"))
+    for i in range(len(source)):
+        try:
+            ex = records.decode_example(source[i])
+        except ValueError as e:
+            raise EvalError(f"{what} {path}: record {i}: {e}") from None
+        ids.append(ex["id"])
+        mels.append(np.array(ex["mel"][:, : ex["length"]], np.float16))  # a copy: the view pins the buffer
+        labels.append(np.asarray(ex["labels"], np.int64))
+        events.append(np.asarray(ex.get("events", np.zeros((0, 3), np.float32)), np.float32))
+        if "events" not in ex:
+            strong = False
+    if not ids:
+        raise EvalError(f"{what} {path}: the dataset holds no clips")
+    if len(set(ids)) != len(ids):
+        raise EvalError(f"{what} {path}: clip ids are not unique")
+    bad = [c for lab in labels for c in lab if not 0 <= c < len(classes)]
+    if bad:
+        raise EvalError(
+            f"{what} {path}: class index {bad[0]} outside the {len(classes)} classes of labels.json"
+        )
+    if not any(len(lab) for lab in labels) and not any(len(ev) for ev in events):
+        raise EvalError(f"{what} {path}: the dataset has no labels (no clip has a class)")
+    return LabelledSet(path, ids, mels, labels, events if strong else None, classes, features)
+
+
+def id_hash(clip_id: str) -> int:
+    return int.from_bytes(hashlib.sha1(clip_id.encode("utf-8")).digest()[:8], "big")
+
+
+def hold_out(train: LabelledSet, fraction: float) -> tuple[LabelledSet, LabelledSet]:
+    """``(train, val)``: the ``fraction`` of clips with the smallest id hash (at least one) as validation."""
+    if len(train) < 2:
+        raise EvalError(f"--train {train.path}: {len(train)} clip(s): too few to hold out a validation split")
+    n_val = min(len(train) - 1, max(1, round(fraction * len(train))))
+    order = np.argsort([id_hash(i) for i in train.ids], kind="stable")
+    val = np.zeros(len(train), bool)
+    val[order[:n_val]] = True
+    where = f"{train.path} (held out {n_val} of {len(train)} clips)"
+    return train.subset(~val, train.path), train.subset(val, where)
+
+
+def task_of(sets: list[LabelledSet], task: str) -> str:
+    """The probe task (``clip_single``, ``clip_multi`` or ``sed``) for ``--task auto|clip|sed``."""
+    strong = all(s.events is not None for s in sets)
+    if task == "sed" or (task == "auto" and strong):
+        if not strong:
+            weak = [s.path for s in sets if s.events is None]
+            raise EvalError(f"--task sed needs strong labels (events), but {weak[0]} has weak labels only")
+        return "sed"
+    single = all(len(lab) == 1 for s in sets for lab in s.labels)
+    return "clip_single" if single else "clip_multi"
+
+
+def check_sets(sets: dict[str, LabelledSet], features: str, n_mels: int) -> None:
+    """Same vocabulary everywhere, and the encoder's feature set."""
+    train = sets["--train"]
+    for what, s in sets.items():
+        if s.classes != train.classes:
+            raise EvalError(
+                f"{what} {s.path} has other classes than --train {train.path} "
+                f"({len(s.classes)} vs {len(train.classes)}: prepare both with the same --classes)"
+            )
+        if s.features != features:
+            fs = feature_sets.get(s.features)
+            raise EvalError(
+                f"{what} {s.path} was prepared with feature set {s.features!r} ({fs.description}), but the "
+                f"encoder takes {features!r}: prepare it with --features {features}"
+            )
+    if feature_sets.get(features).n_mels != n_mels:
+        raise EvalError(f"the encoder has {n_mels} mel bins but feature set {features!r} has another count")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Features:
+    """Per clip: the clip vector (``[C]``) or the per-step vectors (``[T, C]``)."""
+
+    clips: list[np.ndarray]
+    dims: int
+
+
+def _normalised(mel: np.ndarray, fs) -> np.ndarray:
+    return np.asarray(fs.normalize(mel.astype(np.float32)), np.float32)
+
+
+def encoder_features(embedder, data: LabelledSet, level: str, batch_chunks: int, bar=None) -> Features:
+    """Clip (``level="clip"``: scene embeddings) or per-step (``"frame"``) features of every clip."""
+    fs = feature_sets.get(data.features)
+    out: list[np.ndarray] = []
+    group: list[np.ndarray] = []
+    chunks = 0
+
+    def flush():
+        for tokens, scene in embedder.spec_features(group):
+            out.append(scene if level == "clip" else tokens)
+        if bar is not None:
+            bar.update(len(group))
+        group.clear()
+
+    for mel in data.mels:
+        n = len(inference.chunk_bounds(mel.shape[1], embedder.chunk_frames, embedder.patch_w))
+        if group and chunks + n > batch_chunks:
+            flush()
+            chunks = 0
+        group.append(_normalised(mel, fs))
+        chunks += n
+    if group:
+        flush()
+    dims = embedder.scene_embedding_size if level == "clip" else embedder.embedding_size
+    return Features(out, dims)
+
+
+def logmel_features(data: LabelledSet, level: str, patch: int, bar=None) -> Features:
+    """Mean and standard deviation of the normalised spectrogram over the clip's frames (``clip``: ``[2F]``)
+    or over each time step's ``patch`` frames (``frame``: ``[frames // patch, 2F]``)."""
+    fs = feature_sets.get(data.features)
+    out = []
+    for mel in data.mels:
+        x = _normalised(mel, fs)  # [F, T]
+        if level == "clip":
+            out.append(np.concatenate([x.mean(axis=1), x.std(axis=1)]))
+        else:
+            steps = x.shape[1] // patch
+            blocks = x[:, : steps * patch].reshape(x.shape[0], steps, patch)
+            out.append(np.concatenate([blocks.mean(axis=2), blocks.std(axis=2)], axis=0).T.copy())
+        if bar is not None:
+            bar.update(1)
+    return Features(out, 2 * fs.n_mels)
+
+
+def frame_targets(events: np.ndarray, steps: int, step_s: float, num_classes: int) -> np.ndarray:
+    """float32 ``[steps, K]``: step j (``[j·step_s, (j+1)·step_s)``) is active for an event's class when the
+    event covers at least half of it (onset and offset rounded to the nearest step boundary)."""
+    y = np.zeros((steps, num_classes), np.float32)
+    for onset, offset, c in np.asarray(events, np.float64).reshape(-1, 3):
+        a = max(0, int(np.floor(onset / step_s + 0.5)))
+        b = min(steps, int(np.floor(offset / step_s + 0.5)))
+        if b > a:
+            y[a:b, int(c)] = 1.0
+    return y
+
+
+def clip_targets(data: LabelledSet) -> np.ndarray:
+    k = len(data.classes)
+    y = np.zeros((len(data), k), np.float32)
+    for i, lab in enumerate(data.labels):
+        y[i, lab] = 1.0
+    return y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear probe (BatchNorm without affine + Linear), in JAX
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Probe:
+    """A trained probe: ``predict(x)`` → class posteriors (softmax or sigmoid)."""
+
+    kernel: np.ndarray  # [C, K]
+    bias: np.ndarray  # [K]
+    mean: np.ndarray  # BatchNorm running statistics [C]
+    var: np.ndarray
+    softmax: bool
+    selection: dict
+
+    def _params(self):
+        return {"kernel": self.kernel, "bias": self.bias}, {"mean": self.mean, "var": self.var}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if len(x) == 0:
+            return np.zeros((0, self.kernel.shape[1]), np.float32)
+        return np.asarray(_predict(*self._params(), jnp.asarray(x, jnp.float32), self.softmax))
+
+
+def _normalize(x, mean, var):
+    return (x - mean) * jax.lax.rsqrt(var + BN_EPS)
+
+
+@functools.partial(jax.jit, static_argnames=("softmax",))
+def _predict(p, bn, x, softmax: bool):
+    z = _normalize(x, bn["mean"], bn["var"]) @ p["kernel"] + p["bias"]
+    return jax.nn.softmax(z, axis=-1) if softmax else jax.nn.sigmoid(z)
+
+
+def _loss(p, x, y, softmax: bool):
+    """Loss on a batch with batch statistics (BatchNorm in training mode); also returns them."""
+    mean = x.mean(axis=0)
+    var = x.var(axis=0)
+    z = _normalize(x, mean, var) @ p["kernel"] + p["bias"]
+    if softmax:
+        loss = optax.softmax_cross_entropy(z, y).mean()
+    else:
+        loss = optax.sigmoid_binary_cross_entropy(z, y).mean()
+    return loss, (mean, var)
+
+
+def _make_epoch(n: int, batch: int, steps_total: int, softmax: bool, mesh):
+    """One jitted epoch: a seeded permutation of the n examples (wrapped to whole batches), Adam steps with
+    a cosine-decayed learning rate, BatchNorm running statistics; the batch is sharded over the mesh."""
+    steps = -(-n // batch)
+    adam = optax.scale_by_adam()
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+    def epoch(state, x, y, key, lr):
+        perm = jax.random.permutation(key, n)
+        idx = jnp.tile(perm, -(-steps * batch // n))[: steps * batch].reshape(steps, batch)
+
+        def step(state, ids):
+            p, bn, opt, t = state
+            xb = jax.lax.with_sharding_constraint(x[ids], batch_sharding)
+            yb = jax.lax.with_sharding_constraint(y[ids], batch_sharding)
+            (loss, (mean, var)), grads = jax.value_and_grad(_loss, has_aux=True)(p, xb, yb, softmax)
+            updates, opt = adam.update(grads, opt, p)
+            scale = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(t, steps_total) / steps_total))
+            p = jax.tree.map(lambda w, u: w - scale * u, p, updates)
+            unbiased = var * batch / max(batch - 1, 1)
+            bn = {
+                "mean": BN_MOMENTUM * bn["mean"] + (1 - BN_MOMENTUM) * mean,
+                "var": BN_MOMENTUM * bn["var"] + (1 - BN_MOMENTUM) * unbiased,
+            }
+            return (p, bn, opt, t + 1), loss
+
+        state, losses = jax.lax.scan(step, state, idx)
+        return state, losses.mean()
+
+    return jax.jit(epoch), adam
+
+
+def train_probe(
+    x: np.ndarray,
+    y: np.ndarray,
+    validate,
+    *,
+    softmax: bool,
+    lrs=(1e-3, 3e-3, 1e-2),
+    epochs: int = 100,
+    batch: int = 256,
+    eval_every: int | None = None,
+    seed: int = 0,
+    mesh=None,
+    bar=None,
+) -> Probe:
+    """Trains one probe per learning rate on ``x [N, C]`` / ``y [N, K]`` (one-hot for ``softmax``, else
+    multi-hot) and returns the state with the best ``validate(probe) -> float`` (higher is better) over all
+    learning rates and evaluations (every ``eval_every`` epochs and at the end; ties keep the earlier)."""
+    from atst_jax import sharding
+
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.float32)
+    n, c = x.shape
+    k = y.shape[1]
+    if n == 0:
+        raise EvalError("no training examples")
+    mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    ndev = mesh.devices.size
+    batch = -(-min(batch, n) // ndev) * ndev  # whole batches on every device (wrapped examples fill it)
+    eval_every = eval_every or max(1, epochs // 10)
+    steps_total = epochs * -(-n // batch)
+    epoch_fn, adam = _make_epoch(n, batch, steps_total, softmax, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    xd, yd = jax.device_put(x, replicated), jax.device_put(y, replicated)
+    # Running statistics start at the training set's own (the first batches then need not drag them from 0/1).
+    mean0, var0 = x.mean(axis=0), x.var(axis=0)
+    best, history = None, []
+    for lr in lrs:
+        p = {"kernel": jnp.zeros((c, k), jnp.float32), "bias": jnp.zeros((k,), jnp.float32)}
+        bn = {"mean": jnp.asarray(mean0), "var": jnp.asarray(var0)}
+        state = jax.device_put((p, bn, adam.init(p), jnp.zeros((), jnp.int32)), replicated)
+        key = jax.random.key(seed)
+        for e in range(1, epochs + 1):
+            state, loss = epoch_fn(state, xd, yd, jax.random.fold_in(key, e), jnp.float32(lr))
+            if bar is not None:
+                bar.update(1)
+            if e % eval_every == 0 or e == epochs:
+                p_, bn_ = jax.device_get(state[:2])
+                probe = Probe(p_["kernel"], p_["bias"], bn_["mean"], bn_["var"], softmax, {})
+                score = float(validate(probe))
+                history.append({"lr": lr, "epoch": e, "train_loss": float(loss), "val": score})
+                if best is None or score > best[0] + 1e-12:
+                    best = (score, probe, lr, e)
+    score, probe, lr, e = best
+    probe.selection = {"lr": lr, "epoch": e, "val": score, "history": history}
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the precision-recall curve as the mean of the precisions at each positive (ties in the
+    scores ranked together, as scikit-learn's ``average_precision_score``); NaN without positives."""
+    y = np.asarray(y, bool)
+    pos = int(y.sum())
+    if pos == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(s, np.float64), kind="stable")
+    s_sorted, y_sorted = np.asarray(s)[order], y[order]
+    # The last index of every run of equal scores: a threshold admits a whole tie group at once.
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
+    tp = np.cumsum(y_sorted)[last]
+    precision = tp / (last + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / pos
+    return float((precision * recall_gain).sum())
+
+
+def mean_ap(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(mAP over classes with positives, per-class AP [K] with NaN where a class has none)``."""
+    ap = np.array([average_precision(y[:, j], s[:, j]) for j in range(y.shape[1])])
+    return (float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")), ap
+
+
+def clip_metrics(y: np.ndarray, p: np.ndarray, task: str, classes: list[str]) -> tuple[dict, dict]:
+    """``(metrics, per-class)`` for clip classification."""
+    m, ap = mean_ap(y, p)
+    if task == "clip_single":
+        accuracy = float((p.argmax(1) == y.argmax(1)).mean())
+        truth = y.argmax(1)
+        per_acc = [
+            float((p.argmax(1)[truth == j] == j).mean()) if (truth == j).any() else None
+            for j in range(len(classes))
+        ]
+    else:
+        accuracy = float(((p >= THRESHOLD) == (y > 0.5)).all(axis=1).mean())
+        per_acc = [float(((p[:, j] >= THRESHOLD) == (y[:, j] > 0.5)).mean()) for j in range(len(classes))]
+    per = {
+        c: {"ap": _num(ap[j]), "accuracy": per_acc[j], "test_positives": int(y[:, j].sum())}
+        for j, c in enumerate(classes)
+    }
+    return {"accuracy": accuracy, "mAP": m}, per
+
+
+def median_steps(seconds: float, step_s: float) -> int:
+    """The median filter's length in time steps: ``seconds`` rounded to an odd count, at least 1."""
+    return int(round(seconds / step_s)) // 2 * 2 + 1 if seconds > 0 else 1
+
+
+def median_filter(p: np.ndarray, size: int) -> np.ndarray:
+    """Median over ``size`` steps (odd) per class, edges padded with the nearest value."""
+    if size <= 1 or len(p) == 0:
+        return p
+    import scipy.ndimage
+
+    return scipy.ndimage.median_filter(p, size=(size, 1), mode="nearest")
+
+
+def frame_f1(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(macro F1 over classes with positives, per-class F1 [K], NaN without positives)`` at 0.5."""
+    pred = p >= THRESHOLD
+    truth = y > 0.5
+    tp = (pred & truth).sum(0)
+    fp = (pred & ~truth).sum(0)
+    fn = (~pred & truth).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(truth.any(0), 2 * tp / (2 * tp + fp + fn), np.nan)
+    return (float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")), f1
+
+
+def _sed_scores_eval():
+    try:
+        with warnings.catch_warnings():  # dcase_util (under sed_eval) imports the deprecated pkg_resources
+            warnings.simplefilter("ignore")
+            import sed_scores_eval
+    except ImportError as e:
+        raise EvalError(
+            f"PSDS needs sed_scores_eval ({e}): pip install -r requirements.txt (sed_scores_eval==0.0.4, "
+            "pandas<3, setuptools<82)"
+        ) from None
+    return sed_scores_eval
+
+
+def event_metrics(
+    scores: dict, ground_truth: dict, durations: dict, step_s: float, classes: list[str]
+) -> dict:
+    """PSDS1, PSDS2 and collar-based event F1 (``sed_scores_eval``) from per-clip posteriors ``[T, K]`` on a
+    grid of ``step_s`` seconds, ground truth ``{id: [(onset, offset, class name), ...]}`` and durations (s).
+
+    Over the classes with at least one test event (``sed_scores_eval`` refuses a class without any: its
+    true-positive rate is undefined); the others are reported as None."""
+    sse = _sed_scores_eval()
+    from sed_scores_eval.base_modules.scores import create_score_dataframe
+
+    gt = {cid: [(float(a), float(b), str(c)) for a, b, c in ground_truth[cid]] for cid in scores}
+    seen = {c for evs in gt.values() for _, _, c in evs}
+    present = [j for j, c in enumerate(classes) if c in seen]
+    none = dict(psds1=None, psds2=None, event_f1=None, event_f1_per_class={c: None for c in classes})
+    if not present:  # no event in the test set: PSDS is undefined
+        return none
+    names = [classes[j] for j in present]
+    frames = {
+        cid: create_score_dataframe(
+            np.asarray(s, np.float64)[:, present], np.arange(len(s) + 1) * step_s, names
+        )
+        for cid, s in scores.items()
+    }
+    dur = {cid: float(durations[cid]) for cid in frames}
+    out = {}
+    for name, settings in (("psds1", PSDS1), ("psds2", PSDS2)):
+        value, *_ = sse.intersection_based.psds(
+            scores=frames,
+            ground_truth=gt,
+            audio_durations=dur,
+            max_efpr=MAX_EFPR,
+            unit_of_time="hour",
+            **settings,
+        )
+        out[name] = float(value)
+    f, *_ = sse.collar_based.fscore(scores=frames, ground_truth=gt, threshold=THRESHOLD, **COLLAR)
+    out["event_f1"] = float(f["macro_average"])
+    out["event_f1_per_class"] = {c: (_num(f[c]) if c in seen else None) for c in classes}
+    return out
+
+
+def merge_events(events) -> list[tuple[float, float, str]]:
+    """Events of one clip with those of a class that overlap or touch merged into one (``sed_scores_eval``
+    refuses overlapping ground truth of a class; the union is what a frame-level view of the clip shows);
+    empty events (offset <= onset) dropped. Sorted by class, then onset."""
+    out = []
+    for cls in sorted({c for _, _, c in events}):
+        spans = sorted((a, b) for a, b, c in events if c == cls and b > a)
+        for a, b in spans:
+            if out and out[-1][2] == cls and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b), cls)
+            else:
+                out.append((a, b, cls))
+    return out
+
+
+def sed_metrics(
+    data: LabelledSet, posteriors: list[np.ndarray], step_s: float, median: int
+) -> tuple[dict, dict]:
+    """``(metrics, per-class)`` of SED posteriors (one ``[T, K]`` per clip of ``data``)."""
+    k = len(data.classes)
+    filtered = [median_filter(p, median) for p in posteriors]
+    ys = [frame_targets(ev, len(p), step_s, k) for ev, p in zip(data.events, filtered, strict=True)]
+    y_all = np.concatenate(ys) if ys else np.zeros((0, k))
+    p_all = np.concatenate(filtered) if filtered else np.zeros((0, k))
+    f1, f1_per = frame_f1(y_all, p_all)
+    m, ap = mean_ap(y_all, p_all)
+    scores, gt, durations = {}, {}, {}
+    for cid, ev, p in zip(data.ids, data.events, filtered, strict=True):
+        if not len(p):
+            continue
+        end = len(p) * step_s
+        scores[cid] = p
+        gt[cid] = merge_events(
+            [(max(0.0, float(a)), min(end, float(b)), data.classes[int(c)]) for a, b, c in ev]
+        )
+        durations[cid] = end
+    ev_metrics = event_metrics(scores, gt, durations, step_s, data.classes)
+    per_event = ev_metrics.pop("event_f1_per_class")
+    metrics = {"frame_macro_f1": f1, "psds1": ev_metrics["psds1"], "psds2": ev_metrics["psds2"]}
+    metrics.update(event_f1=ev_metrics["event_f1"], frame_mAP=m)
+    per = {
+        c: {"frame_f1": _num(f1_per[j]), "event_f1": per_event[c], "frame_ap": _num(ap[j])}
+        for j, c in enumerate(data.classes)
+    }
+    return metrics, per
+
+
+def _num(v):
+    """JSON-friendly: NaN/None → None, NumPy scalars → float."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One encoder: features → probe → metrics
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Options:
+    task: str = "auto"
+    layers: int | None = None
+    lrs: tuple = (1e-3, 3e-3, 1e-2)
+    epochs: int | None = None  # default: 100 for clips, 20 for SED
+    batch: int | None = None  # default: 256 clips / 4096 time steps
+    eval_every: int | None = None
+    median_s: float = 0.28
+    val_fraction: float = 0.2
+    seed: int = 0
+    batch_chunks: int = 32
+    progress: bool = True
+
+
+def _stack(feats: Features, targets: list[np.ndarray] | np.ndarray, level: str):
+    if level == "clip":
+        return np.stack(feats.clips).astype(np.float32), np.asarray(targets, np.float32)
+    x = (
+        np.concatenate(feats.clips).astype(np.float32)
+        if feats.clips
+        else np.zeros((0, feats.dims), np.float32)
+    )
+    return x, np.concatenate(targets)
+
+
+def probe_encoder(
+    name: str, extract, splits: dict, task: str, step_s: float, opts: Options, mesh, bar_factory
+):
+    """Features of every split (``extract(data, level, bar) -> Features``), a probe selected on validation, and
+    the test metrics of one encoder."""
+    level = "frame" if task == "sed" else "clip"
+    feats = {}
+    total = sum(len(d) for d in splits.values())
+    with bar_factory(total, f"{name}: features", "clip") as bar:
+        for split, data in splits.items():
+            feats[split] = extract(data, level, bar)
+    k = len(splits["train"].classes)
+
+    def targets(split):
+        data = splits[split]
+        if level == "clip":
+            return clip_targets(data)
+        return [
+            frame_targets(ev, len(f), step_s, k)
+            for ev, f in zip(data.events, feats[split].clips, strict=True)
+        ]
+
+    x_train, y_train = _stack(feats["train"], targets("train"), level)
+    x_val, y_val = _stack(feats["val"], targets("val"), level)
+    x_val = np.nan_to_num(x_val)
+    if level == "clip":
+        bad = ~np.isfinite(x_train).all(axis=1)
+        if bad.any():  # clips shorter than one time step have no embedding
+            x_train, y_train = x_train[~bad], y_train[~bad]
+    softmax = task == "clip_single"
+
+    def validate(probe):
+        p = probe.predict(x_val)
+        if task == "clip_single":
+            return float((p.argmax(1) == y_val.argmax(1)).mean())
+        m = mean_ap(y_val, p)[0]
+        return -1.0 if math.isnan(m) else m
+
+    with bar_factory(opts.epochs * len(opts.lrs), f"{name}: probe", "epoch") as bar:
+        probe = train_probe(
+            x_train,
+            y_train,
+            validate,
+            softmax=softmax,
+            lrs=opts.lrs,
+            epochs=opts.epochs,
+            batch=opts.batch,
+            eval_every=opts.eval_every,
+            seed=opts.seed,
+            mesh=mesh,
+            bar=bar,
+        )
+    test = splits["test"]
+    if level == "clip":
+        x_test = np.stack(feats["test"].clips).astype(np.float32)
+        x_test = np.nan_to_num(x_test)
+        metrics, per = clip_metrics(clip_targets(test), probe.predict(x_test), task, test.classes)
+    else:
+        posteriors = [probe.predict(f) for f in feats["test"].clips]
+        metrics, per = sed_metrics(test, posteriors, step_s, median_steps(opts.median_s, step_s))
+    sel = dict(probe.selection)
+    return {
+        "metrics": metrics,
+        "per_class": per,
+        "feature_dims": int(x_train.shape[1]),
+        "train_examples": int(x_train.shape[0]),
+        "selection": sel,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bar_factory(enabled: bool):
+    import contextlib
+
+    @contextlib.contextmanager
+    def make(total, desc, unit):
+        if not enabled:
+            yield None
+            return
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+    return make
+
+
+def load_encoder(workdir=None, step=None, weights=None, encoder="teacher"):
+    """``(FrameAST, chunk_frames, features, source dict)`` from a run or an export/official file."""
+    if workdir is not None:
+        from atst_jax.embed import read_run_encoder
+
+        enc, step, config = read_run_encoder(workdir, step, encoder)
+        chunk = inference.encoder_chunk_frames(enc.cfg, config)
+        feats = inference.run_features(config, enc.cfg)
+        return enc, chunk, feats, {"workdir": str(workdir), "step": int(step), "encoder": encoder}
+    from atst_jax.export.load import read_encoder_file
+
+    f = read_encoder_file(weights, encoder=encoder)
+    return f.jax_encoder(), f.chunk_frames, f.features, {"weights": str(weights), "encoder": encoder}
+
+
+def random_encoder(cfg, seed: int):
+    """The same architecture at a fixed random initialisation (inference config: float32, no drop-path)."""
+    from flax import nnx
+
+    from atst_jax.models.encoder import FrameAST
+
+    # Under jit: eagerly, each of the initialisers' ops would compile on its own (seconds on a CPU).
+    return nnx.jit(lambda: FrameAST(cfg, rngs=nnx.Rngs(params=seed)))()
+
+
+def evaluate(
+    encoder,
+    chunk_frames: int,
+    features: str,
+    train: LabelledSet,
+    test: LabelledSet,
+    val: LabelledSet | None = None,
+    opts: Options | None = None,
+    baselines=BASELINES,
+    source: dict | None = None,
+    log=print,
+) -> dict:
+    """The whole evaluation (see the module docstring) → the RESULTS dict."""
+    from atst_jax import sharding
+    from atst_jax.embed import Embedder
+
+    opts = opts or Options()
+    given = {"--train": train, "--test": test} | ({"--val": val} if val is not None else {})
+    check_sets(given, features, encoder.cfg.n_mels)
+    task = task_of(list(given.values()), opts.task)
+    sed = task == "sed"
+    opts = dataclasses.replace(
+        opts,
+        epochs=opts.epochs or (20 if sed else 100),
+        batch=opts.batch or (4096 if sed else 256),
+        eval_every=opts.eval_every or max(1, (opts.epochs or (20 if sed else 100)) // 10),
+    )
+    if val is None:
+        train, val = hold_out(train, opts.val_fraction)
+    splits = {"train": train, "val": val, "test": test}
+    fs = feature_sets.get(features)
+    patch = inference.time_patch(encoder.cfg)
+    step_s = patch * fs.hop_length / fs.sample_rate
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    bars = _bar_factory(opts.progress)
+
+    def embedder_of(enc):
+        return Embedder(
+            enc, opts.layers, max_chunks=opts.batch_chunks, chunk_frames=chunk_frames, features=features
+        )
+
+    emb = embedder_of(encoder)
+    _check_memory(splits, task, emb.embedding_size if task == "sed" else emb.scene_embedding_size, patch)
+    extractors = {"checkpoint": lambda d, lvl, bar: encoder_features(emb, d, lvl, opts.batch_chunks, bar)}
+    if "random_init" in baselines:
+        rnd = embedder_of(random_encoder(encoder.cfg, opts.seed))
+        extractors["random_init"] = lambda d, lvl, bar: encoder_features(rnd, d, lvl, opts.batch_chunks, bar)
+    if "logmel" in baselines:
+        extractors["logmel"] = lambda d, lvl, bar: logmel_features(d, lvl, patch, bar)
+    log(
+        f"task {task}: {len(train.classes)} classes; train {len(train)} / val {len(val)} / test {len(test)} clips"
+        + (f"; time steps of {step_s * 1000:g} ms" if task == "sed" else "")
+        + f"; encoders {', '.join(extractors)}"
+    )
+    results = {}
+    for name, extract in extractors.items():
+        t0 = time.perf_counter()
+        results[name] = probe_encoder(name, extract, splits, task, step_s, opts, mesh, bars)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 2)
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in results[name]["metrics"].items())
+        log(f"{name}: {shown} ({results[name]['seconds']:.1f} s)")
+    cfg = encoder.cfg
+    return {
+        "task": task,
+        "classes": list(train.classes),
+        "source": source or {},
+        "data": {
+            "features": features,
+            "train": {"path": train.path, "clips": len(train)},
+            "val": {"path": val.path, "clips": len(val)},
+            "test": {"path": test.path, "clips": len(test)},
+        },
+        "config": {
+            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
+            "layers": emb.n_blocks,
+            "time_step_s": step_s if task == "sed" else None,
+            "median_steps": median_steps(opts.median_s, step_s) if task == "sed" else None,
+            "chunk_frames": chunk_frames,
+            "encoder": {"width": cfg.width, "depth": cfg.depth, "stem": cfg.stem, "use_cls": cfg.use_cls},
+            "psds1": {**PSDS1, "max_efpr": MAX_EFPR},
+            "psds2": {**PSDS2, "max_efpr": MAX_EFPR},
+            "collar": COLLAR,
+        },
+        "encoders": results,
+    }
+
+
+def _check_memory(splits, task, dims, patch):
+    """Refuses, before extracting anything, features that would not fit in host memory (SED keeps every
+    time step of every clip)."""
+    import psutil
+
+    steps = sum((m.shape[1] // patch if task == "sed" else 1) for d in splits.values() for m in d.mels)
+    need = steps * dims * 4 * 2  # float32, plus the stacked copy
+    have = psutil.virtual_memory().available
+    if need > 0.8 * have:
+        raise EvalError(
+            f"the features need ≈ {need / 2**30:.1f} GiB ({steps} vectors × {dims} dims) but "
+            f"{have / 2**30:.1f} GiB are free: use fewer blocks (--layers 1)"
+        )
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def table(results: dict) -> str:
+    """The metrics table: one row per metric, one column per encoder."""
+    names = list(results["encoders"])
+    metrics = list(next(iter(results["encoders"].values()))["metrics"])
+    w = max(len(m) for m in metrics + ["metric"]) + 2
+    cols = [max(12, len(n) + 2) for n in names]
+    lines = ["metric".ljust(w) + "".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
+    for m in metrics:
+        row = m.ljust(w)
+        for n, c in zip(names, cols, strict=True):
+            row += _fmt(results["encoders"][n]["metrics"].get(m)).rjust(c)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parser():
+    from atst_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m atst_jax.evaluate", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="training run directory (its checkpoints/)")
+    src.add_argument("--weights", help="an exported/official checkpoint (.safetensors, .ckpt, .pt) instead")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--encoder", default="teacher", choices=("teacher", "student"), help="default: teacher")
+    p.add_argument("--train", required=True, help="prepared dataset the probes train on")
+    p.add_argument("--test", required=True, help="prepared dataset the metrics come from")
+    p.add_argument("--val", default=None, help="prepared validation set (default: held out from --train)")
+    p.add_argument("--out", required=True, help="RESULTS.json to write")
+    p.add_argument("--task", default="auto", choices=("auto", "clip", "sed"), help="default: from the labels")
+    p.add_argument("--layers", type=int, default=None, help="concatenate the last N blocks (default: all)")
+    p.add_argument("--baselines", default="random_init,logmel", help="comma-separated, or none")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning rates to sweep (comma-separated)")
+    p.add_argument("--epochs", type=int, default=None, help="per learning rate (default: 100 clips, 20 SED)")
+    p.add_argument("--batch", type=int, default=None, help="probe batch (default: 256 clips, 4096 steps)")
+    p.add_argument(
+        "--eval_every", type=int, default=None, help="validate every N epochs (default: epochs/10)"
+    )
+    p.add_argument("--median_s", type=float, default=0.28, help="SED median filter in seconds (0: none)")
+    p.add_argument("--val_fraction", type=float, default=0.2, help="held out from --train without --val")
+    p.add_argument("--seed", type=int, default=0, help="random init baseline, shuffling")
+    p.add_argument("--batch_chunks", type=int, default=32, help="encoder chunks per call")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _options(args) -> tuple[Options, tuple]:
+    try:
+        lrs = tuple(float(v) for v in args.lrs.split(",") if v.strip())
+    except ValueError:
+        raise EvalError(f"--lrs {args.lrs!r}: comma-separated numbers, e.g. 1e-3,1e-2") from None
+    if not lrs or any(lr <= 0 for lr in lrs):
+        raise EvalError(f"--lrs {args.lrs!r}: give positive learning rates")
+    names = tuple(b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none")
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise EvalError(f"--baselines: unknown {unknown[0]!r} (choose from {', '.join(BASELINES)}, or none)")
+    for flag in ("epochs", "batch", "eval_every", "batch_chunks", "layers"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise EvalError(f"--{flag} must be positive, got {v}")
+    if not 0 < args.val_fraction < 1:
+        raise EvalError(f"--val_fraction must be between 0 and 1, got {args.val_fraction}")
+    if args.median_s < 0:
+        raise EvalError(f"--median_s must be >= 0, got {args.median_s}")
+    opts = Options(
+        task=args.task,
+        layers=args.layers,
+        lrs=lrs,
+        epochs=args.epochs,
+        batch=args.batch,
+        eval_every=args.eval_every,
+        median_s=args.median_s,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        batch_chunks=args.batch_chunks,
+        progress=not args.no_progress,
+    )
+    return opts, names
+
+
+def _check_out(out: Path) -> None:
+    if out.is_dir():
+        raise EvalError(f"--out {out} is a directory: name the RESULTS.json file")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise EvalError(f"--out {out}: no such directory {parent}")
+    if not os.access(parent, os.W_OK):
+        raise EvalError(f"--out {out}: {parent} is not writable")
+
+
+def main(argv=None) -> int:
+    from atst_jax.cli import fail
+
+    args = _parser().parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-open warnings
+    try:
+        opts, baselines = _options(args)
+        out = Path(args.out)
+        _check_out(out)
+        for flag in ("train", "test", "val"):
+            path = getattr(args, flag)
+            if path is not None and not os.path.isdir(path):
+                raise EvalError(f"--{flag} {path}: no such directory")
+        if args.workdir is not None and not os.path.isdir(args.workdir):
+            raise EvalError(f"--workdir {args.workdir}: no such directory")
+        if args.weights is not None and not os.path.isfile(args.weights):
+            raise EvalError(f"--weights {args.weights}: no such file")
+        encoder, chunk, features, source = load_encoder(args.workdir, args.step, args.weights, args.encoder)
+        if opts.layers is not None and opts.layers > encoder.cfg.depth:
+            raise EvalError(f"--layers {opts.layers}: the encoder has {encoder.cfg.depth} blocks")
+        train = read_labelled(args.train, "--train")
+        test = read_labelled(args.test, "--test")
+        val = read_labelled(args.val, "--val") if args.val else None
+        results = evaluate(encoder, chunk, features, train, test, val, opts, baselines, source)
+    except (OSError, ValueError, KeyError) as e:  # EvalError is a ValueError
+        return fail(e)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(table(results))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""Frozen-encoder probes (``atst_jax.evaluate``): the probe on a separable toy task, PSDS of perfect and of
+empty predictions, and the CLI end to end on weak and strong DCASE-format data prepared from the embedded
+generator (64 clips: the first 40 train, the other 24 test), with a one-block ATST-Frame checkpoint written
+directly (no training: the numbers are not the point, the three encoders and the metrics are)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from atst_jax import evaluate as ev
+
+N_TRAIN = 40
+FAST = ["--epochs", "4", "--lrs", "1e-2", "--eval_every", "2", "--no_progress"]
+
+
+def test_probe_separable_toy_task():
+    """Gaussian clusters 6σ apart: the softmax probe is (near) perfect on held-out points, and the sigmoid
+    probe ranks every class perfectly (mAP 1) on a two-label version."""
+    rng = np.random.default_rng(0)
+    k, c = 5, 24
+    centres = rng.normal(size=(k, c)) * 3.0
+
+    def draw(n):
+        y = rng.integers(0, k, n)
+        return (centres[y] + rng.normal(size=(n, c))).astype(np.float32), np.eye(k, dtype=np.float32)[y]
+
+    (x, y), (xv, yv), (xt, yt) = draw(300), draw(60), draw(200)
+
+    def val_acc(probe):
+        return float((probe.predict(xv).argmax(1) == yv.argmax(1)).mean())
+
+    probe = ev.train_probe(x, y, val_acc, softmax=True, lrs=(1e-3, 1e-2), epochs=10, batch=64)
+    metrics, per = ev.clip_metrics(yt, probe.predict(xt), "clip_single", [str(j) for j in range(k)])
+    assert metrics["accuracy"] >= 0.99 and metrics["mAP"] >= 0.99, metrics
+    assert probe.selection["lr"] in (1e-3, 1e-2) and len(probe.selection["history"]) == 2 * 10
+    # Deterministic: the same seed gives the same probe.
+    again = ev.train_probe(x, y, val_acc, softmax=True, lrs=(1e-3, 1e-2), epochs=10, batch=64)
+    np.testing.assert_array_equal(again.kernel, probe.kernel)
+
+    # Multi-label: each point carries its cluster's class and the next one's.
+    y2, yt2 = np.clip(y + np.roll(y, 1, axis=1), 0, 1), np.clip(yt + np.roll(yt, 1, axis=1), 0, 1)
+    yv2 = np.clip(yv + np.roll(yv, 1, axis=1), 0, 1)
+    probe = ev.train_probe(
+        x, y2, lambda p: ev.mean_ap(yv2, p.predict(xv))[0], softmax=False, lrs=(1e-2,), epochs=10
+    )
+    metrics, _ = ev.clip_metrics(yt2, probe.predict(xt), "clip_multi", [str(j) for j in range(k)])
+    assert metrics["mAP"] >= 0.99 and metrics["accuracy"] >= 0.95, metrics
+
+
+def test_average_precision_matches_the_definition():
+    """Ties ranked together (a threshold admits a whole tie group), as scikit-learn's AP."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    y = rng.random(200) < 0.3
+    s = np.round(rng.random(200), 1)  # many ties
+    assert ev.average_precision(y, s) == pytest.approx(sklearn_metrics.average_precision_score(y, s))
+
+
+def _events(rng, clips, classes, seconds=10.0):
+    out = {}
+    for i in range(clips):
+        evs = []
+        for _ in range(rng.integers(1, 4)):
+            onset = rng.uniform(0, seconds - 1.0)
+            evs.append((onset, min(seconds, onset + rng.uniform(0.3, 3.0)), int(rng.integers(0, classes))))
+        out[f"clip{i}"] = np.array(evs, np.float32)
+    return out
+
+
+def test_psds_of_perfect_predictions_is_one_and_of_empty_predictions_zero():
+    """Posteriors that are the ground truth on the 40 ms grid score PSDS1 = PSDS2 = 1, event F1 = frame F1 = 1
+    (overlapping events of a class merged, as sed_scores_eval wants); all-zero posteriors score 0."""
+    pytest.importorskip("sed_scores_eval")
+    rng = np.random.default_rng(0)
+    classes = [f"c{j}" for j in range(4)]
+    events = _events(rng, 8, len(classes))
+    data = ev.LabelledSet(
+        "toy", list(events), [None] * 8, [np.unique(e[:, 2]).astype(int) for e in events.values()],
+        list(events.values()), classes, "atst_logmel64",
+    )  # fmt: skip
+    step = 0.04
+    perfect = [ev.frame_targets(e, 250, step, len(classes)) for e in events.values()]
+    metrics, per = ev.sed_metrics(data, perfect, step, median=1)
+    assert all(v == pytest.approx(1.0) for v in metrics.values()), metrics
+    # The default median filter (7 steps) joins events of a class less than 3 steps apart (clip 3 has a
+    # 53 ms gap): the event F1 drops, PSDS barely moves.
+    metrics, per = ev.sed_metrics(data, perfect, step, median=7)
+    assert metrics["psds1"] > 0.98 and metrics["psds2"] > 0.98, metrics
+    empty = [np.zeros_like(p) for p in perfect]
+    metrics, per = ev.sed_metrics(data, empty, step, median=7)
+    assert metrics["psds1"] == 0.0 and metrics["psds2"] == 0.0 and metrics["event_f1"] == 0.0, metrics
+    assert metrics["frame_macro_f1"] == 0.0 and all(v["frame_f1"] == 0.0 for v in per.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _prepare(cache, rows, out, strong):
+    """A DCASE TSV (strong or weak) for the clips in ``rows`` → a prepared dataset in ``out``."""
+    from atst_jax.data import prepare, synthetic
+
+    tsv = out + ".tsv"
+    with open(tsv, "w") as f:
+        if strong:
+            f.write("filename\tonset\toffset\tevent_label\n")
+            for name, evs in rows:
+                f.writelines(f"{name}\t{a}\t{b}\t{c}\n" for a, b, c in evs)
+        else:
+            f.write("filename\tevent_labels\n")
+            f.writelines(f"{name}\t{','.join(sorted({c for _, _, c in evs}))}\n" for name, evs in rows)
+    plan = prepare.plan_dcase(tsv, os.path.join(cache, "audio"), classes=list(synthetic.CLASSES))
+    prepare.build(plan, out, workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, embedded_cache):
+    """``{"strong_train", "strong_test", "weak_train", "weak_test"}``: prepared dataset directories."""
+    from atst_jax.data import synthetic
+
+    rows = sorted(synthetic.read_strong_tsv(os.path.join(embedded_cache, "strong_labels.tsv")).items())
+    root = tmp_path_factory.mktemp("eval_data")
+    out = {}
+    for kind in ("strong", "weak"):
+        out[f"{kind}_train"] = _prepare(
+            embedded_cache, rows[:N_TRAIN], str(root / f"{kind}_train"), kind == "strong"
+        )
+        out[f"{kind}_test"] = _prepare(
+            embedded_cache, rows[N_TRAIN:], str(root / f"{kind}_test"), kind == "strong"
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-block ATST-Frame ``tiny`` checkpoint (step 5), written without training: the initialisation
+    (which is exactly the ``random_init`` baseline at seed 0) with perturbed teacher parameters."""
+    import jax
+    from flax import nnx
+
+    from atst_jax.checkpoint import Checkpointer
+    from atst_jax.methods import build
+    from atst_jax.train import load_config
+
+    config = load_config("configs/atst_frame.py:tiny")
+    config.model.width, config.model.depth, config.model.heads = 64, 1, 1
+    student, teacher, _ = build(config).init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    state = {
+        "step": np.asarray(5, np.int32),
+        "params": nnx.to_pure_dict(nnx.state(student, nnx.Param)),
+        "teacher": jax.tree.map(
+            lambda x: np.asarray(x) + 0.05 * rng.standard_normal(np.shape(x)).astype(np.float32),
+            nnx.to_pure_dict(nnx.state(teacher, nnx.Param)),
+        ),
+        "opt": {"count": np.asarray(5, np.int32)},
+        "rng": np.zeros((2,), np.uint32),
+    }
+    workdir = tmp_path_factory.mktemp("eval_run")
+    ckpt = Checkpointer(workdir, save_every=1, keep=1, async_save=False)
+    ckpt.save(5, state, config=config, force=True)
+    ckpt.close()
+    return workdir
+
+
+def _cli(run, train, test, out, *extra):
+    return ev.main(
+        ["--workdir", str(run), "--train", train, "--test", test, "--out", str(out), *FAST, *extra]
+    )
+
+
+def test_cli_sed_end_to_end(run, data, tmp_path, capsys):
+    """Strong labels → SED on the 40 ms grid: RESULTS.json holds frame F1, PSDS1/2 and event F1 (all in
+    [0, 1]) for the checkpoint and both baselines, and the table is printed."""
+    out = tmp_path / "RESULTS.json"
+    assert _cli(run, data["strong_train"], data["strong_test"], out) == 0
+    res = json.loads(out.read_text())
+    assert res["task"] == "sed" and len(res["classes"]) == 10 and res["config"]["time_step_s"] == 0.04
+    assert list(res["encoders"]) == ["checkpoint", "random_init", "logmel"]
+    assert res["source"] == {"workdir": str(run), "step": 5, "encoder": "teacher"}
+    assert res["data"]["test"]["clips"] == 64 - N_TRAIN and res["data"]["val"]["clips"] == 8
+    for name, r in res["encoders"].items():
+        m = r["metrics"]
+        assert set(m) == {"frame_macro_f1", "psds1", "psds2", "event_f1", "frame_mAP"}, name
+        assert all(0.0 <= v <= 1.0 for v in m.values()), (name, m)
+        assert set(r["per_class"]) == set(res["classes"])
+    assert (
+        res["encoders"]["checkpoint"]["feature_dims"] == 64
+        and res["encoders"]["logmel"]["feature_dims"] == 128
+    )
+    # The pooled log-mel sees the events (energy in their bands): well above chance (≈ 0.05 here: the positive fraction).
+    assert res["encoders"]["logmel"]["metrics"]["frame_mAP"] > 0.15
+    assert res["encoders"]["checkpoint"]["metrics"] != res["encoders"]["random_init"]["metrics"]
+    printed = capsys.readouterr().out
+    assert "psds1" in printed and "random_init" in printed and f"wrote {out}" in printed
+
+
+def test_cli_weak_end_to_end(run, data, tmp_path):
+    """Weak multi-label data → clip classification (accuracy, mAP), and a given --val split."""
+    out = tmp_path / "RESULTS.json"
+    assert _cli(run, data["weak_train"], data["weak_test"], out, "--val", data["weak_test"]) == 0
+    res = json.loads(out.read_text())
+    assert res["task"] == "clip_multi" and list(res["encoders"]) == ["checkpoint", "random_init", "logmel"]
+    for r in res["encoders"].values():
+        assert set(r["metrics"]) == {"accuracy", "mAP"} and 0.0 <= r["metrics"]["mAP"] <= 1.0
+    assert res["data"]["val"]["clips"] == 64 - N_TRAIN
+    # Strong data evaluated at clip level on request.
+    assert (
+        _cli(run, data["strong_train"], data["strong_test"], out, "--task", "clip", "--baselines", "none")
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["task"] == "clip_multi" and list(res["encoders"]) == ["checkpoint"]
+
+
+def test_embedder_batches_clips_like_one_at_a_time(run):
+    """``Embedder.spec_features`` (chunks of several clips in one call) equals embedding each clip alone."""
+    from atst_jax.embed import Embedder, read_run_encoder
+
+    encoder, _, _ = read_run_encoder(run)
+    emb = Embedder(encoder, max_chunks=4)
+    rng = np.random.default_rng(0)
+    specs = [rng.normal(size=(64, t)).astype(np.float32) for t in (1001, 2, 2400, 37)]
+    batched = emb.spec_features(specs)
+    for spec, (tokens, scene) in zip(specs, batched, strict=True):
+        alone = emb.spec_embeddings(spec)
+        np.testing.assert_allclose(tokens, alone, atol=1e-5)
+        if len(alone):
+            np.testing.assert_allclose(scene, alone.mean(axis=0), atol=1e-5)
+        else:
+            assert np.isnan(scene).all()
+
+
+def test_cli_refuses_bad_inputs_with_one_line(run, data, tmp_path, capsys):
+    def refused(*argv, expect):
+        assert ev.main([*argv, *FAST]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expect in err, err
+
+    out = str(tmp_path / "R.json")
+    base = ["--workdir", str(run), "--out", out]
+    refused(*base, "--train", str(tmp_path / "nope"), "--test", data["weak_test"], expect="no such directory")
+    refused("--workdir", str(tmp_path / "norun"), "--train", data["weak_train"], "--test", data["weak_test"],
+            "--out", out, expect="no such directory")  # fmt: skip
+    # Another front end than the encoder's.
+    kaldi = shutil.copytree(data["weak_test"], tmp_path / "kaldi")
+    meta = json.loads((kaldi / "metadata.json").read_text())
+    (kaldi / "metadata.json").write_text(json.dumps({**meta, "features": "kaldi_fbank128"}))
+    refused(*base, "--train", data["weak_train"], "--test", str(kaldi), expect="--features atst_logmel64")
+    # No labels.
+    unlabelled = shutil.copytree(data["weak_test"], tmp_path / "unlabelled")
+    (unlabelled / "labels.json").write_text(json.dumps({"num_classes": 0, "classes": [], "strong": False}))
+    refused(*base, "--train", str(unlabelled), "--test", data["weak_test"], expect="has no labels")
+    refused(
+        *base, "--train", data["weak_train"], "--test", data["weak_test"], "--task", "sed", expect="strong"
+    )
+    refused(
+        *base,
+        "--train",
+        data["weak_train"],
+        "--test",
+        data["weak_test"],
+        "--baselines",
+        "x",
+        expect="unknown",
+    )
+    assert not os.path.exists(out)
