@@ -3,6 +3,7 @@
     python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5] [--chip h100]
         [--set model.dtype=bfloat16 ...]
     python -m atst_jax.bench data [...]      (input pipeline and preparation throughput)
+    python -m atst_jax.bench gpu [--dry-run] [--official PATH] [...]   (accelerator suite, bench_gpu.py)
 
 ``step`` times the full jitted train step of the config's method (teacher and student over all its views,
 heads, optimizer, EMA) on random log-mels of the method's crop lengths, after compilation and warm-up, and
@@ -12,7 +13,6 @@ Nothing is read from disk, so the figure is the compute cost alone.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -20,23 +20,45 @@ import time
 import jax
 
 
-def bench_step(args) -> dict:
-    from atst_jax import sharding as shd
-    from atst_jax.train import Trainer, check_config, load_config
+def make_config(config_spec: str, batch: int, sets=()):
+    """The config at ``batch`` clips with ``KEY=VALUE`` overrides, checked for all devices (also used by
+    ``atst_jax.bench_gpu`` and its planner rows)."""
+    from atst_jax.sharding import ConfigError
+    from atst_jax.train import check_config, load_config
 
-    config = load_config(args.config)
-    config.train.global_batch = args.batch
+    config = load_config(config_spec)
+    config.train.global_batch = batch
     config.train.steps = max(config.train.steps, 1000)
-    for override in args.set or []:
-        key, _, value = override.partition("=")
+    for override in sets or []:
+        key, sep, value = override.partition("=")
         node = config
         *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value.lower() == "true"
+        try:
+            for p in parents:
+                node = node[p]
+            current = node[leaf]
+            node[leaf] = type(current)(value) if not isinstance(current, bool) else value.lower() == "true"
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            if not sep:
+                raise ConfigError(
+                    f"--set {override!r}: want KEY=VALUE, e.g. model.scan_layers=false"
+                ) from None
+            raise ConfigError(f"--set {override!r}: {type(e).__name__}: {e}") from None
     check_config(config, jax.device_count())
-    mesh = shd.make_mesh(config.mesh)
-    trainer = Trainer(config, mesh)
+    return config
+
+
+def make_trainer(config_spec: str, batch: int, sets=()):
+    """``(config, trainer)`` for timing: ``make_config`` on a mesh of all devices."""
+    from atst_jax import sharding as shd
+    from atst_jax.train import Trainer
+
+    config = make_config(config_spec, batch, sets)
+    return config, Trainer(config, shd.make_mesh(config.mesh))
+
+
+def bench_step(args) -> dict:
+    config, trainer = make_trainer(args.config, args.batch, args.set)
     state = trainer.init(config.seed)
     step_fn = trainer.jit_train_step()
     # The method's own inputs (crop names and lengths), random log-mels, full lengths.
@@ -88,7 +110,9 @@ def bench_step(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m atst_jax.bench")
+    from atst_jax.cli import ArgumentParser, fail
+
+    parser = ArgumentParser(prog="python -m atst_jax.bench")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("step", help="time the full train step")
     p.add_argument("--config", required=True)
@@ -102,14 +126,30 @@ def main(argv=None):
         help="input pipeline and preparation throughput (see atst_jax/data/bench_data.py)",
         add_help=False,
     )
+    sub.add_parser(
+        "gpu",
+        help="accelerator suite: bf16 step variants, official PyTorch step (bench_gpu.py)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.what == "data":
         from atst_jax.data import bench_data
 
         return bench_data.main(rest)
+    if args.what == "gpu":
+        from atst_jax import bench_gpu
+
+        return bench_gpu.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    bench_step(args)
+    from atst_jax.sharding import ConfigError
+
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        return fail("--batch and --steps must be positive, --warmup >= 0")
+    try:
+        bench_step(args)
+    except ConfigError as e:
+        return fail(e)
     return 0
 
 

@@ -160,6 +160,20 @@ def compile_step(config):
     return trainer, compiled, {"lower_s": t1 - t0, "compile_s": t2 - t1}, batch_bytes, frames
 
 
+def xla_memory(compiled) -> tuple[dict, int | None]:
+    """XLA's buffer sizes (bytes per device) of a compiled step and the peak they imply (None without a
+    memory analysis). Arguments (state + batch) stay live for the whole step; the donated state's outputs
+    alias them, so only the unaliased outputs (metrics) come on top of the temporaries."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}, None
+    xla = {
+        f: int(getattr(mem, f"{f}_size_in_bytes", 0) or 0)
+        for f in ("argument", "output", "alias", "temp", "generated_code")
+    }
+    return xla, xla["argument"] + xla["temp"] + max(xla["output"] - xla["alias"], 0)
+
+
 def plan(config, config_spec: str, num_devices: int, chip: str | None, mfu: float) -> dict:
     from atst_jax import sharding as shd
     from atst_jax.flops import CHIPS
@@ -168,15 +182,8 @@ def plan(config, config_spec: str, num_devices: int, chip: str | None, mfu: floa
     per_device, total, replicated = state_bytes(trainer.abstract_state, trainer.state_shardings)
     per_device["batch"] = batch_bytes
 
-    mem = compiled.memory_analysis()
-    xla = {}
-    if mem is not None:
-        for field in ("argument", "output", "alias", "temp", "generated_code"):
-            xla[field] = int(getattr(mem, f"{field}_size_in_bytes", 0) or 0)
-        # Arguments (state + batch) stay live for the whole step; the donated state's outputs alias them, so
-        # only the unaliased outputs (metrics) come on top of the temporaries.
-        peak = xla["argument"] + xla["temp"] + max(xla["output"] - xla["alias"], 0)
-    else:  # a backend without memory analysis: the state and the batch are all we know
+    xla, peak = xla_memory(compiled)
+    if peak is None:  # a backend without memory analysis: the state and the batch are all we know
         peak = per_device["state"] + batch_bytes
     per_device["peak"] = peak
 

@@ -26,7 +26,8 @@ LAUNCH = ROOT / "launch"
 LOCAL = LAUNCH / "local_multiprocess.sh"
 SLURM = LAUNCH / "slurm.sbatch"
 TPU = LAUNCH / "tpu_pod.sh"
-SCRIPTS = [LOCAL, SLURM, TPU]
+GPU_SUITE = LAUNCH / "gpu_suite.sh"  # the accelerator suite's wrapper (its dry run: tests/test_bench_gpu.py)
+SCRIPTS = [LOCAL, SLURM, TPU, GPU_SUITE]
 
 
 def _env(**extra) -> dict:

@@ -8,6 +8,17 @@ matmuls run in ``x.dtype`` while the softmax runs in float32.
 Attention keeps heads-major layouts (``[B, H, N, hd]``) straight out of the projections: on XLA:CPU the
 batched matmuls run ~2.5× faster that way than with heads in the middle (``[B, N, H, hd]``), and the
 kernels are laid out ``[D, (3,) H, hd]`` so tensor parallelism splits whole heads.
+
+Self-attention has three implementations (``EncoderConfig.attention``), the same function of the inputs:
+``xla`` (default) the einsums above with the additive −10000 key bias; ``dot_product_attention`` through
+``jax.nn.dot_product_attention`` (``implementation=None``: XLA today, whatever JAX picks later) with the
+key padding as a boolean mask, in its ``[B, N, H, hd]`` layout; ``cudnn`` the same call with
+``implementation="cudnn"`` (cuDNN's fused flash attention) and the padding as per-sequence key lengths,
+used where it can run (a CUDA backend, bf16/fp16 compute) and otherwise the ``dot_product_attention`` path,
+so a run configured for it still embeds and exports on a CPU in float32. Masked keys get exactly zero
+weight in all three; they differ only for a sequence with no valid key at all, which the encoder never
+builds (every crop has at least one token). ``cudnn`` takes the valid keys to be a prefix of each
+sequence, as ``FrameAST.valid_mask`` makes them.
 """
 
 from __future__ import annotations
@@ -22,6 +33,9 @@ from atst_jax.sharding import constrain
 PAD_LOGIT = -10000.0  # additive key mask of the official code (not -inf: fully padded rows stay finite)
 
 _HEADS_MAJOR = ("act_batch", "act_heads", "act_length", None)
+_LENGTH_MAJOR = ("act_batch", "act_length", "act_heads", None)  # jax.nn.dot_product_attention's BTNH
+
+ATTENTION_IMPLS = ("xla", "dot_product_attention", "cudnn")
 
 
 def key_bias(valid):
@@ -37,6 +51,24 @@ def _attend(q, k, v, bias, scale):
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
+def cudnn_usable(dtype) -> bool:
+    """Whether ``attention="cudnn"`` runs cuDNN here: a CUDA backend and half-precision compute."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def _attend_fused(q, k, v, bias, scale, impl):
+    """``jax.nn.dot_product_attention`` on length-major ``q, k, v [B, N, H, hd]``; ``bias [B, K]`` is the
+    additive key bias (0 = a real key), turned into a mask (or, for cuDNN, key lengths)."""
+    valid = bias == 0.0
+    if impl == "cudnn" and cudnn_usable(q.dtype):
+        # cuDNN's padding mask: the first ``length`` keys of each sequence are real (at least one).
+        lengths = jnp.maximum(valid.sum(-1, dtype=jnp.int32), 1)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
+        )
+    return jax.nn.dot_product_attention(q, k, v, mask=valid[:, None, None, :], scale=scale)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with one fused qkv projection (bias optional: ATST none, ASiT on)."""
 
@@ -50,8 +82,16 @@ class Attention(nnx.Module):
         self.proj = Linear((heads, hd), dim, axes=("heads", "kv", "embed"), use_bias=True, rngs=rngs)
         self.scale = hd**-0.5
 
-    def __call__(self, x, key_bias):
+    def __call__(self, x, key_bias, attention: str = "xla"):
         w = self.qkv.kernel[...].astype(x.dtype)
+        if attention != "xla":
+            qkv = jnp.einsum("bnd,dthk->tbnhk", x, w)
+            if self.qkv.bias is not None:
+                qkv = qkv + self.qkv.bias[...].astype(x.dtype)[:, None, None, :, :]
+            qkv = constrain(qkv, (None,) + _LENGTH_MAJOR)
+            out = _attend_fused(qkv[0], qkv[1], qkv[2], key_bias, self.scale, attention)
+            proj = self.proj.kernel[...].astype(out.dtype)
+            return jnp.einsum("bnhk,hkd->bnd", out, proj) + self.proj.bias[...].astype(out.dtype)
         qkv = jnp.einsum("bnd,dthk->tbhnk", x, w)
         if self.qkv.bias is not None:
             qkv = qkv + self.qkv.bias[...].astype(x.dtype)[:, None, :, None, :]
@@ -124,8 +164,8 @@ class Block(nnx.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_dim, rngs=rngs)
 
-    def __call__(self, x, key_bias, rate, key, train: bool):
-        y = self.attn(self.norm1(x), key_bias)
+    def __call__(self, x, key_bias, rate, key, train: bool, attention: str = "xla"):
+        y = self.attn(self.norm1(x), key_bias, attention)
         if train:
             k1, k2 = jax.random.split(key)
             y = drop_path(y, rate, k1)

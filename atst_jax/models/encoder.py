@@ -32,7 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from atst_jax.models.attention import PAD_LOGIT, Attention, Block, Mlp, drop_path, key_bias  # noqa: F401
+from atst_jax.models.attention import (  # noqa: F401
+    ATTENTION_IMPLS,
+    PAD_LOGIT,
+    Attention,
+    Block,
+    Mlp,
+    drop_path,
+    key_bias,
+)
 from atst_jax.models.layers import LayerNorm
 from atst_jax.models.stems import POS_EMBEDS, STEMS, make_stem
 from atst_jax.sharding import constrain
@@ -58,6 +66,9 @@ class EncoderConfig:
     patch_size: tuple[int, int] = (16, 16)  # patch2d: (time, mel)
     pos_embed: str = "learned"  # learned | sincos2d (patch2d only)
     qkv_bias: bool = False  # ASiT's ViT has a qkv bias; ATST has none
+    # Self-attention implementation (models/attention.py): xla | dot_product_attention | cudnn. A compute
+    # choice only: the parameters and checkpoints are the same for all three.
+    attention: str = "xla"
 
     def __post_init__(self):
         # Configs arrive as ConfigDicts / JSON, where tuples become lists; the config must stay hashable
@@ -77,6 +88,10 @@ class EncoderConfig:
             )
         if self.width % self.heads:
             raise ValueError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"model.attention must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention!r}"
+            )
 
     @classmethod
     def from_config(cls, model_config) -> EncoderConfig:
@@ -180,7 +195,7 @@ class FrameAST(nnx.Module):
 
         def body(h, layer):
             params, rate, k = layer
-            h = constrain(nnx.merge(graphdef, params)(h, bias, rate, k, train), RESIDUAL)
+            h = constrain(nnx.merge(graphdef, params)(h, bias, rate, k, train, cfg.attention), RESIDUAL)
             return h, (h if collect_layers else None)
 
         if cfg.remat != "none":
