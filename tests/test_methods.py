@@ -286,6 +286,11 @@ def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path
     assert "resumed from" in capsys.readouterr().out  # not a fresh (equally deterministic) restart
     step, _, resumed = read_checkpoint(tmp_path)
     assert step == 6 and params_digest(resumed) == params_digest(uninterrupted)
+    # The method state (ASiT's DINO centres) resumes exactly too; the digest covers only the parameters.
+    flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
+    assert [p for p, _ in flat(resumed["method"])] == [p for p, _ in flat(uninterrupted["method"])]
+    for (path, got), (_, want) in zip(flat(resumed["method"]), flat(uninterrupted["method"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
