@@ -67,3 +67,22 @@ def tiny_run(tmp_path_factory, embedded_cache):
     workdir = tmp_path_factory.mktemp("tiny_run") / "run"
     train(tiny_config(embedded_cache), str(workdir))
     return workdir
+
+
+def prepare_dcase(cache, rows, out, strong):
+    """A DCASE TSV (strong or weak) for the embedded clips in ``rows`` (``[(filename, events)]``) → a prepared
+    dataset in ``out`` (the probe and fine-tuning tests' labelled data)."""
+    from atst_jax.data import prepare, synthetic
+
+    tsv = out + ".tsv"
+    with open(tsv, "w") as f:
+        if strong:
+            f.write("filename\tonset\toffset\tevent_label\n")
+            for name, evs in rows:
+                f.writelines(f"{name}\t{a}\t{b}\t{c}\n" for a, b, c in evs)
+        else:
+            f.write("filename\tevent_labels\n")
+            f.writelines(f"{name}\t{','.join(sorted({c for _, _, c in evs}))}\n" for name, evs in rows)
+    plan = prepare.plan_dcase(tsv, os.path.join(cache, "audio"), classes=list(synthetic.CLASSES))
+    prepare.build(plan, out, workers=0, progress=False)
+    return out

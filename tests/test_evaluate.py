@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import prepare_dcase
 
 from atst_jax import evaluate as ev
 
@@ -102,24 +103,6 @@ def test_psds_of_perfect_predictions_is_one_and_of_empty_predictions_zero():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _prepare(cache, rows, out, strong):
-    """A DCASE TSV (strong or weak) for the clips in ``rows`` → a prepared dataset in ``out``."""
-    from atst_jax.data import prepare, synthetic
-
-    tsv = out + ".tsv"
-    with open(tsv, "w") as f:
-        if strong:
-            f.write("filename\tonset\toffset\tevent_label\n")
-            for name, evs in rows:
-                f.writelines(f"{name}\t{a}\t{b}\t{c}\n" for a, b, c in evs)
-        else:
-            f.write("filename\tevent_labels\n")
-            f.writelines(f"{name}\t{','.join(sorted({c for _, _, c in evs}))}\n" for name, evs in rows)
-    plan = prepare.plan_dcase(tsv, os.path.join(cache, "audio"), classes=list(synthetic.CLASSES))
-    prepare.build(plan, out, workers=0, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, embedded_cache):
     """``{"strong_train", "strong_test", "weak_train", "weak_test"}``: prepared dataset directories."""
@@ -129,10 +112,10 @@ def data(tmp_path_factory, embedded_cache):
     root = tmp_path_factory.mktemp("eval_data")
     out = {}
     for kind in ("strong", "weak"):
-        out[f"{kind}_train"] = _prepare(
+        out[f"{kind}_train"] = prepare_dcase(
             embedded_cache, rows[:N_TRAIN], str(root / f"{kind}_train"), kind == "strong"
         )
-        out[f"{kind}_test"] = _prepare(
+        out[f"{kind}_test"] = prepare_dcase(
             embedded_cache, rows[N_TRAIN:], str(root / f"{kind}_test"), kind == "strong"
         )
     return out

@@ -1,0 +1,778 @@
+"""Full fine-tuning of a pretrained encoder on a labelled task, and ATST-C2F (clip → frame distillation).
+
+    python -m atst_jax.finetune (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
+        --train DATA --test DATA [--val DATA] --out DIR \\
+        [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
+        [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.01] [--layer_decay 0.75] \\
+        [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
+
+DATA are prepared datasets as for ``atst_jax.evaluate`` (records + ``labels.json``; strong labels → SED on the
+encoder's time grid, weak → clip classification, single- or multi-label).
+
+**The model** (spec §3): the encoder (every parameter trained) and a head ``BatchNorm (no affine) → Linear``
+on the **last block's** final-normed tokens: clip tasks take ``[CLS ‖ mean of the valid tokens]`` when the
+encoder has a CLS token (ATST-Clip, ASiT) and the mean of the valid tokens otherwise (ATST-Frame); SED takes
+every time step (a 40 ms token, or the mean of a 16-frame column of 2-D patches). Drop-path ``--drop_path``
+while training (the encoder's pretraining rate by default).
+
+**The optimisation** (the official ``FineTuningPLModule``): SGD, momentum 0.9, no weight decay; learning rate
+linear warm-up from 0 over ``--warmup_epochs`` then cosine to 1e-6, per step; gradients clipped to a global
+norm of ``--clip_norm`` (3.0) before the per-layer scaling; **layer-wise LR decay** ``d = --layer_decay``
+with the official indexing for depth L: scales ``d^(L−i)`` for ``i = 0..L``; the stem (patch projection,
+positions, mask token, CLS) gets ``d^L`` (index 0), block ``b`` (0-based) ``d^(L−b)`` — so the stem and block
+0 share a factor — the final norm ``d`` (index L−1), the head 1 (index L). Loss: softmax cross-entropy for
+single-label tasks, binary cross-entropy for multi-label and SED (mean over valid steps). ``--mixup ALPHA``:
+each example mixed with another of the batch, ``λ ~ Beta(α, α)``, on the normalised spectrogram, targets
+mixed alike (off by default; the official code's ``mixup_training`` switch).
+
+**ATST-C2F**: ``λ·L_distill + (1 − λ)·L_task`` with a frozen teacher — a model fine-tuned on the same task by
+this command (``--teacher FT_DIR``; its ``model/``) — run in eval mode on the same (mixed, cropped) input:
+``L_distill`` = BCE(student logits, sigmoid(teacher logits)) for multi-label tasks, the soft-target
+cross-entropy with softmax(teacher logits) for single-label tasks, and for SED the per-step BCE on the
+teacher's per-step sigmoid outputs (the frame-level variant). λ = ``--distill_lambda`` (0.5, the spec's value
+outside AS-2M). ``--c2f_clip RUN`` runs the whole recipe: fine-tune that ATST-Clip run into ``DIR/clip/``,
+then the given (ATST-Frame) encoder without distillation (``DIR/frame/``, unless ``--no_undistilled``) and
+with it (``DIR/frame_distilled/``), and reports the three side by side.
+
+**Crops and evaluation**: training examples are random crops of ``--crop_s`` seconds (default: the encoder's
+chunk, e.g. the 10 s positional table of ATST; shorter clips are padded and masked), the start on the token
+grid so SED targets stay aligned. Evaluation runs each whole clip as consecutive chunks: clip logits are the
+chunks' logits averaged with their valid-token counts as weights (for a mean-of-tokens feature this is the
+logit of the clip-wide mean, the head being affine); SED logits are concatenated. The model is evaluated on
+the validation split (``--val``, else ``--val_fraction`` of ``--train`` held out by id hash) after every
+epoch; the best epoch's parameters (accuracy / mAP / frame mAP, as the probe) are kept, tested and saved.
+
+Output ``DIR``: ``RESULTS.json`` (task, classes, options, per model its test metrics, per-class numbers,
+selected epoch and the validation history), ``model/`` (``model.json`` + ``params.msgpack``: the fine-tuned
+encoder and head, loadable by :func:`load_finetuned` and usable as ``--teacher``). Bad inputs stop with one
+line, exit 2, before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from atst_jax import evaluate as ev
+from atst_jax import features as feature_sets
+from atst_jax import inference
+from atst_jax.models.encoder import EncoderConfig, FrameAST
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # running = m · running + (1 − m) · batch (PyTorch's momentum 0.1)
+FINAL_LR = 1e-6
+MODEL_FORMAT = "atst_jax finetuned v1"
+
+
+class FinetuneError(ev.EvalError):
+    """A user error: one line, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    task: str = "auto"
+    epochs: int = 10
+    batch: int = 16
+    lr: float = 0.01
+    layer_decay: float = 0.75
+    momentum: float = 0.9
+    clip_norm: float = 3.0
+    warmup_epochs: float = 1.0
+    mixup: float = 0.0  # Beta(α, α); 0 = off
+    crop_s: float | None = None  # None: the encoder's chunk
+    drop_path: float | None = None  # None: the pretraining rate
+    distill_lambda: float = 0.5
+    val_fraction: float = 0.2
+    median_s: float = 0.28
+    seed: int = 0
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: encoder + BatchNorm (no affine) + Linear
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_dims(cfg: EncoderConfig, level: str) -> int:
+    return 2 * cfg.width if (level == "clip" and cfg.use_cls) else cfg.width
+
+
+class FinetuneModel(nnx.Module):
+    """``logits, valid = model(spec, length)``: clip logits ``[B, K]`` (valid ``[B]`` = valid tokens) or
+    per-step logits ``[B, S, K]`` (valid ``[B, S]`` bool)."""
+
+    def __init__(self, encoder: FrameAST, num_classes: int, level: str, *, rngs: nnx.Rngs):
+        self.encoder = encoder
+        self.level = level
+        dims = head_dims(encoder.cfg, level)
+        self.bn = nnx.BatchNorm(
+            dims, use_scale=False, use_bias=False, momentum=BN_MOMENTUM, epsilon=BN_EPS, rngs=rngs
+        )
+        self.linear = nnx.Linear(dims, num_classes, rngs=rngs)
+
+    def time_steps(self, frames: int) -> int:
+        return frames // inference.time_patch(self.encoder.cfg)
+
+    def __call__(self, spec, length, *, train: bool = False, key=None):
+        enc = self.encoder
+        tokens = enc(spec, length, train=train, key=key)  # [B, prefix + N, D], final-normed last block
+        prefix = enc.n_prefix
+        patches = tokens[:, prefix:]
+        n_valid = enc.token_lengths(length)  # [B] valid patch tokens
+        if enc.cfg.stem == "patch2d":
+            n_f = enc.cfg.n_mels // enc.cfg.patch_size[1]
+            b, n, d = patches.shape
+            steps = patches.reshape(b, n // n_f, n_f, d).mean(axis=2)
+            step_valid = n_valid // n_f
+        else:
+            steps, step_valid = patches, n_valid
+        valid = jnp.arange(steps.shape[1])[None, :] < step_valid[:, None]  # [B, S]
+        use_running = not train
+        if self.level == "clip":
+            w = valid.astype(steps.dtype)[..., None]
+            mean = (steps * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+            feats = jnp.concatenate([tokens[:, 0], mean], axis=-1) if prefix else mean
+            logits = self.linear(self.bn(feats, use_running_average=use_running))
+            return logits, step_valid
+        b, s, d = steps.shape
+        flat = steps.reshape(b * s, d)
+        normed = self.bn(flat, use_running_average=use_running, mask=valid.reshape(b * s, 1))
+        return self.linear(normed).reshape(b, s, -1), valid
+
+
+def layer_scales(params: dict, depth: int, decay: float) -> dict:
+    """Per-parameter LR factors (a tree like ``params``; stacked block parameters get ``[L, 1, …]``), with
+    the official indexing: stem ``d^L``, block b ``d^(L−b)``, final norm ``d``, head 1."""
+
+    def name(entry) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    def of(path, x):
+        if name(path[0]) != "encoder":
+            return jnp.ones((), jnp.float32)  # the head
+        part = name(path[1])
+        if part == "blocks":
+            f = decay ** (depth - np.arange(depth, dtype=np.float64))
+            return jnp.asarray(f, jnp.float32).reshape((depth,) + (1,) * (np.ndim(x) - 1))
+        if part == "norm":
+            return jnp.asarray(decay, jnp.float32)
+        return jnp.asarray(decay**depth, jnp.float32)  # stem: patch projection, positions, mask, CLS
+
+    return jax.tree_util.tree_map_with_path(of, params)
+
+
+def scale_by_tree(factors) -> optax.GradientTransformation:
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(params, depth: int, opts: FinetuneOptions, total_steps: int, warmup_steps: int):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, opts.lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=FINAL_LR
+    )
+    parts = [scale_by_tree(layer_scales(params, depth, opts.layer_decay))]
+    if opts.clip_norm > 0:
+        parts.insert(0, optax.clip_by_global_norm(opts.clip_norm))
+    parts.append(optax.sgd(schedule, momentum=opts.momentum if opts.momentum > 0 else None))
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses (C2F)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def task_loss(logits, targets, softmax: bool, valid=None):
+    """Softmax CE with (soft) targets, or mean BCE (over valid steps × classes for SED)."""
+    if softmax:
+        return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
+    bce = optax.sigmoid_binary_cross_entropy(logits, targets)
+    if valid is None:
+        return bce.mean()
+    w = valid.astype(bce.dtype)[..., None]
+    return (bce * w).sum() / jnp.maximum(w.sum() * bce.shape[-1], 1.0)
+
+
+def distill_loss(logits, teacher_logits, softmax: bool, valid=None):
+    """ATST-C2F's distillation term: soft-target CE on softmax(teacher) (single-label) or BCE on
+    sigmoid(teacher) (multi-label, per step for SED). The teacher is a constant."""
+    t = jax.lax.stop_gradient(teacher_logits)
+    target = jax.nn.softmax(t, axis=-1) if softmax else jax.nn.sigmoid(t)
+    return task_loss(logits, target, softmax, valid)
+
+
+def c2f_loss(logits, targets, teacher_logits, lam: float, softmax: bool, valid=None):
+    """``λ·L_distill + (1 − λ)·L_task``."""
+    return lam * distill_loss(logits, teacher_logits, softmax, valid) + (1.0 - lam) * task_loss(
+        logits, targets, softmax, valid
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A split in memory, normalised, with targets on the encoder's time grid."""
+
+    data: ev.LabelledSet
+    specs: list[np.ndarray]  # float32 [F, T]
+    targets: list[np.ndarray]  # clip: [K]; sed: [steps, K]
+
+
+def task_data(data: ev.LabelledSet, level: str, step_s: float, patch: int) -> TaskData:
+    fs = feature_sets.get(data.features)
+    specs = [np.asarray(fs.normalize(m.astype(np.float32)), np.float32) for m in data.mels]
+    if level == "clip":
+        y = ev.clip_targets(data)
+        targets = list(y)
+    else:
+        k = len(data.classes)
+        targets = [
+            ev.frame_targets(e, s.shape[1] // patch, step_s, k)
+            for e, s in zip(data.events, specs, strict=True)
+        ]
+    return TaskData(data, specs, targets)
+
+
+def crop_batch(td: TaskData, idx, frames: int, patch: int, level: str, rng: np.random.Generator):
+    """``spec [B, F, frames]``, ``length [B]``, targets (``[B, K]`` or ``[B, frames/patch, K]``)."""
+    f = td.specs[0].shape[0]
+    spec = np.zeros((len(idx), f, frames), np.float32)
+    length = np.zeros((len(idx),), np.int32)
+    k = len(td.data.classes)
+    steps = frames // patch
+    y = np.zeros((len(idx), k) if level == "clip" else (len(idx), steps, k), np.float32)
+    for row, i in enumerate(idx):
+        s = td.specs[i]
+        t = s.shape[1]
+        start = 0
+        if t > frames:
+            start = int(rng.integers(0, (t - frames) // patch + 1)) * patch
+        piece = s[:, start : start + frames]
+        spec[row, :, : piece.shape[1]] = piece
+        length[row] = piece.shape[1]
+        if level == "clip":
+            y[row] = td.targets[i]
+        else:
+            tgt = td.targets[i][start // patch : start // patch + steps]
+            y[row, : len(tgt)] = tgt
+    return spec, length, y
+
+
+def chunks_of(spec: np.ndarray, frames: int, patch: int):
+    """Consecutive chunks of ``frames`` (the last padded): ``[(chunk [F, frames], valid frames)]``."""
+    t = spec.shape[1] // patch * patch
+    out = []
+    for a in range(0, max(t, 1), frames):
+        piece = spec[:, a : min(a + frames, t)]
+        pad = np.zeros((spec.shape[0], frames), np.float32)
+        pad[:, : piece.shape[1]] = piece
+        out.append((pad, piece.shape[1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pure(state):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+
+
+class Finetuner:
+    """One fine-tuning run (optionally distilled from a frozen teacher ``FinetuneModel``)."""
+
+    def __init__(self, model: FinetuneModel, task: str, frames: int, opts: FinetuneOptions, teacher=None):
+        self.model, self.task, self.frames, self.opts, self.teacher = model, task, frames, opts, teacher
+        self.level = model.level
+        self.softmax = task == "clip_single"
+        self.patch = inference.time_patch(model.encoder.cfg)
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        if teacher is not None:
+            self.t_graphdef, t_state = nnx.split(teacher)
+            self.t_state = t_state
+
+    def _build(self, total_steps: int, warmup_steps: int):
+        tx, self.schedule = make_optimizer(
+            self.params,
+            self.model.encoder.cfg.depth,
+            self.opts,
+            total_steps,
+            warmup_steps,
+        )
+        gd, softmax, lam = self.graphdef, self.softmax, self.opts.distill_lambda
+        teacher = self.teacher is not None
+        t_gd = self.t_graphdef if teacher else None
+        mixup = self.opts.mixup
+
+        def loss_fn(params, rest, t_state, spec, length, y, key):
+            k_mix, k_drop = jax.random.split(key)
+            if mixup > 0:
+                lam_mix = jax.random.beta(k_mix, mixup, mixup, (spec.shape[0],))
+                perm = jax.random.permutation(jax.random.fold_in(k_mix, 1), spec.shape[0])
+                ls = lam_mix[:, None, None]
+                spec = ls * spec + (1 - ls) * spec[perm]
+                length = jnp.maximum(length, length[perm])
+                ly = lam_mix.reshape((-1,) + (1,) * (y.ndim - 1))
+                y = ly * y + (1 - ly) * y[perm]
+            m = nnx.merge(gd, params, rest, copy=True)
+            logits, valid = m(spec, length, train=True, key=k_drop)
+            v = None if m.level == "clip" else valid
+            if teacher:
+                tm = nnx.merge(t_gd, t_state, copy=True)
+                t_logits, _ = tm(spec, length, train=False)
+                loss = c2f_loss(logits, y, t_logits, lam, softmax, v)
+            else:
+                loss = task_loss(logits, y, softmax, v)
+            return loss, nnx.state(m, nnx.BatchStat)
+
+        def step(params, rest, opt_state, t_state, spec, length, y, key):
+            (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, rest, t_state, spec, length, y, key
+            )
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, new_rest, opt_state, loss, optax.tree.norm(grads)
+
+        def predict(params, rest, spec, length):
+            m = nnx.merge(gd, params, rest, copy=True)
+            return m(spec, length, train=False)
+
+        self.tx = tx
+        self._step = jax.jit(step, donate_argnums=(0, 1, 2))
+        self._predict = jax.jit(predict)
+
+    def predict(self, td: TaskData, params=None, rest=None, batch: int | None = None) -> list[np.ndarray]:
+        """Posteriors per clip: ``[K]`` (clip) or ``[steps, K]`` (SED)."""
+        params = self.params if params is None else params
+        rest = self.rest if rest is None else rest
+        batch = batch or self.opts.batch
+        pieces, owner = [], []
+        for i, s in enumerate(td.specs):
+            for chunk, n in chunks_of(s, self.frames, self.patch):
+                pieces.append((chunk, n))
+                owner.append(i)
+        logits_all, valid_all = [], []
+        for a in range(0, len(pieces), batch):
+            group = pieces[a : a + batch]
+            spec = np.zeros((batch, *group[0][0].shape), np.float32)
+            length = np.zeros((batch,), np.int32)
+            for r, (c, n) in enumerate(group):
+                spec[r], length[r] = c, n
+            logits, valid = self._predict(params, rest, jnp.asarray(spec), jnp.asarray(length))
+            logits_all.append(np.asarray(logits)[: len(group)])
+            valid_all.append(np.asarray(valid)[: len(group)])
+        logits = np.concatenate(logits_all) if logits_all else np.zeros((0,))
+        valid = np.concatenate(valid_all) if valid_all else np.zeros((0,))
+        out: list[list] = [[] for _ in td.specs]
+        for j, i in enumerate(owner):
+            out[i].append((logits[j], valid[j]))
+        posteriors = []
+        for i, parts in enumerate(out):
+            if self.level == "clip":
+                w = np.array([float(v) for _, v in parts])
+                z = (np.stack([lg for lg, _ in parts]) * w[:, None]).sum(0) / max(w.sum(), 1.0)
+                posteriors.append(_activate(z, self.softmax))
+            else:
+                z = np.concatenate([lg[v] for lg, v in parts])
+                steps = td.specs[i].shape[1] // self.patch
+                posteriors.append(_activate(z[:steps], False))
+        return posteriors
+
+    def score(self, td: TaskData, posteriors) -> tuple[dict, dict]:
+        if self.level == "clip":
+            return ev.clip_metrics(np.stack(td.targets), np.stack(posteriors), self.task, td.data.classes)
+        step_s = self.patch * feature_sets.get(td.data.features).hop_length
+        step_s /= feature_sets.get(td.data.features).sample_rate
+        return ev.sed_metrics(td.data, posteriors, step_s, ev.median_steps(self.opts.median_s, step_s))
+
+    def selection_score(self, td: TaskData, posteriors) -> float:
+        if self.task == "clip_single":
+            y = np.stack(td.targets)
+            return float((np.stack(posteriors).argmax(1) == y.argmax(1)).mean())
+        if self.level == "clip":
+            m = ev.mean_ap(np.stack(td.targets), np.stack(posteriors))[0]
+        else:
+            m = ev.mean_ap(np.concatenate(td.targets), np.concatenate(posteriors))[0]
+        return -1.0 if math.isnan(m) else m
+
+    def fit(self, train: TaskData, val: TaskData, log=print, bar=None) -> dict:
+        opts = self.opts
+        n = len(train.specs)
+        batch = min(opts.batch, n)
+        per_epoch = max(1, n // batch)
+        total = per_epoch * opts.epochs
+        self._build(total, int(round(opts.warmup_epochs * per_epoch)))
+        opt_state = self.tx.init(self.params)
+        params, rest = self.params, self.rest
+        t_state = self.t_state if self.teacher is not None else None
+        rng = np.random.default_rng(opts.seed)
+        key = jax.random.key(opts.seed)
+        best = (-math.inf, -1, None, None)
+        history = []
+        step = 0
+        for epoch in range(opts.epochs):
+            order = rng.permutation(n)
+            losses = []
+            for b in range(per_epoch):
+                idx = order[b * batch : (b + 1) * batch]
+                spec, length, y = crop_batch(train, idx, self.frames, self.patch, self.level, rng)
+                params, rest, opt_state, loss, gnorm = self._step(
+                    params,
+                    rest,
+                    opt_state,
+                    t_state,
+                    jnp.asarray(spec),
+                    jnp.asarray(length),
+                    jnp.asarray(y),
+                    jax.random.fold_in(key, step),
+                )
+                losses.append(loss)
+                step += 1
+            loss = float(np.mean([float(x) for x in losses]))
+            if not math.isfinite(loss):
+                raise FinetuneError(f"epoch {epoch + 1}: the loss is {loss}; lower --lr (now {opts.lr:g})")
+            host = (_pure(params), _pure(rest))
+            val_score = self.selection_score(val, self.predict(val, params, rest))
+            history.append({"epoch": epoch + 1, "loss": loss, "val": val_score})
+            if val_score > best[0]:
+                best = (val_score, epoch + 1, *host)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_score:.4f}")
+        _, best_epoch, p_best, r_best = best
+        nnx.replace_by_pure_dict(self.params, p_best)
+        nnx.replace_by_pure_dict(self.rest, r_best)
+        nnx.update(self.model, self.params, self.rest)
+        return {"epoch": best_epoch, "val_score": best[0], "history": history}
+
+
+def _activate(z: np.ndarray, softmax: bool) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    if softmax:
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading a fine-tuned model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_finetuned(model: FinetuneModel, out: Path, meta: dict) -> None:
+    from flax import serialization
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = _pure(nnx.state(model))
+    tmp = out / ".params.msgpack.tmp"
+    tmp.write_bytes(serialization.msgpack_serialize(state))
+    os.replace(tmp, out / "params.msgpack")
+    cfg = dataclasses.asdict(model.encoder.cfg)
+    doc = {"format": MODEL_FORMAT, "encoder": cfg, "level": model.level, **meta}
+    (out / "model.json").write_text(json.dumps(doc, indent=1))
+
+
+def load_finetuned(path) -> tuple[FinetuneModel, dict]:
+    """``(model, meta)`` from a fine-tune output directory (``DIR`` or ``DIR/model``)."""
+    from flax import serialization
+
+    path = Path(path)
+    if (path / "model").is_dir():
+        path = path / "model"
+    try:
+        meta = json.loads((path / "model.json").read_text())
+        raw = (path / "params.msgpack").read_bytes()
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"--teacher {path}: not a fine-tuned model directory ({e})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise FinetuneError(f"--teacher {path}: unknown format {meta.get('format')!r}")
+    cfg = EncoderConfig(**{**meta["encoder"], "drop_path": 0.0})
+    k = len(meta["classes"])
+    abstract = nnx.eval_shape(
+        lambda: FinetuneModel(FrameAST(cfg, rngs=nnx.Rngs(0)), k, meta["level"], rngs=nnx.Rngs(0))
+    )
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, serialization.msgpack_restore(raw)))
+    return nnx.merge(graphdef, state), meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One fine-tuning job
+# ----------------------------------------------------------------------------------------------------------
+
+
+def finetune(
+    encoder: FrameAST,
+    chunk_frames: int,
+    features: str,
+    train: ev.LabelledSet,
+    test: ev.LabelledSet,
+    val: ev.LabelledSet | None,
+    opts: FinetuneOptions,
+    out: Path,
+    teacher: tuple[FinetuneModel, dict] | None = None,
+    source: dict | None = None,
+    name: str = "finetuned",
+    log=print,
+) -> dict:
+    """Fine-tunes ``encoder`` (modified in place), saves ``out/model`` and returns its results entry."""
+    given = {"--train": train, "--test": test} | ({"--val": val} if val is not None else {})
+    ev.check_sets(given, features, encoder.cfg.n_mels)
+    task = ev.task_of(list(given.values()), opts.task)
+    level = "frame" if task == "sed" else "clip"
+    if val is None:
+        train, val = ev.hold_out(train, opts.val_fraction)
+    patch = inference.time_patch(encoder.cfg)
+    fs = feature_sets.get(features)
+    step_s = patch * fs.hop_length / fs.sample_rate
+    if teacher is not None:
+        t_model, t_meta = teacher
+        if t_meta["classes"] != list(train.classes) or t_meta["task"] != task:
+            raise FinetuneError(
+                f"--teacher was fine-tuned on another task ({t_meta['task']}, {len(t_meta['classes'])} "
+                f"classes) than this one ({task}, {len(train.classes)} classes)"
+            )
+        if t_meta["features"] != features:
+            raise FinetuneError(
+                f"--teacher takes feature set {t_meta['features']!r}, the student {features!r}: "
+                "distillation runs both on the same input"
+            )
+        if level == "frame" and abs(t_meta["time_step_s"] - step_s) > 1e-9:
+            raise FinetuneError(
+                f"frame-level distillation needs one time grid: the teacher's steps are "
+                f"{t_meta['time_step_s'] * 1000:g} ms, the student's {step_s * 1000:g} ms"
+            )
+    frames = chunk_frames
+    if opts.crop_s:
+        frames = max(patch, int(round(opts.crop_s * fs.sample_rate / fs.hop_length)) // patch * patch)
+        frames = min(frames, chunk_frames // patch * patch)
+    longest = max(m.shape[1] for m in train.mels) // patch * patch
+    frames = max(patch, min(frames, longest)) // patch * patch
+    if opts.drop_path is not None:
+        encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=opts.drop_path)
+    model = FinetuneModel(encoder, len(train.classes), level, rngs=nnx.Rngs(params=opts.seed))
+    tuner = Finetuner(model, task, frames, opts, teacher=teacher[0] if teacher is not None else None)
+    splits = {
+        s: task_data(d, level, step_s, patch) for s, d in (("train", train), ("val", val), ("test", test))
+    }
+    log(
+        f"{name}: {task}, {len(train.classes)} classes; train {len(train)} / val {len(val)} / test "
+        f"{len(test)} clips; crops of {frames} frames; {opts.epochs} epochs of {max(1, len(train) // min(opts.batch, len(train)))} steps"
+        + (f"; distilled (λ = {opts.distill_lambda:g})" if teacher is not None else "")
+    )
+    t0 = time.perf_counter()
+    with ev._bar_factory(opts.progress)(opts.epochs, f"{name}: fine-tune", "epoch") as bar:
+        selection = tuner.fit(splits["train"], splits["val"], log=log, bar=bar)
+    metrics, per = tuner.score(splits["test"], tuner.predict(splits["test"]))
+    seconds = round(time.perf_counter() - t0, 2)
+    meta = {
+        "task": task,
+        "classes": list(train.classes),
+        "features": features,
+        "chunk_frames": frames,
+        "time_step_s": step_s,
+        "source": source or {},
+    }
+    encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=0.0)
+    save_finetuned(model, out / "model", meta)
+    shown = ", ".join(f"{k} {ev._fmt(v)}" for k, v in metrics.items())
+    log(f"{name}: {shown} (best epoch {selection['epoch']}, {seconds:.1f} s)")
+    return {
+        "task": task,
+        "metrics": metrics,
+        "per_class": per,
+        "selection": selection,
+        "distilled": teacher is not None,
+        "seconds": seconds,
+        "model": str(out / "model"),
+        "source": source or {},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parser():
+    from atst_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m atst_jax.finetune", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a pretraining run directory")
+    src.add_argument("--weights", help="an exported or official encoder file")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--val", default=None)
+    p.add_argument("--out", required=True, help="output directory (RESULTS.json, model/)")
+    dist = p.add_mutually_exclusive_group()
+    dist.add_argument("--teacher", default=None, help="a fine-tuned model directory to distil from")
+    dist.add_argument("--c2f_clip", default=None, help="an ATST-Clip run (or file): the whole C2F recipe")
+    p.add_argument("--distill_lambda", type=float, default=0.5)
+    p.add_argument("--no_undistilled", action="store_true", help="with a teacher: skip the λ = 0 run")
+    defaults = FinetuneOptions()
+    p.add_argument("--task", choices=("auto", "clip", "sed"), default="auto")
+    for name in ("epochs", "batch"):
+        p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    for name in ("lr", "layer_decay", "momentum", "clip_norm", "warmup_epochs", "mixup", "val_fraction"):
+        p.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
+    p.add_argument("--median_s", type=float, default=defaults.median_s)
+    p.add_argument("--crop_s", type=float, default=None)
+    p.add_argument("--drop_path", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def _options(args) -> FinetuneOptions:
+    checks = [
+        (args.epochs >= 1, "--epochs must be >= 1"),
+        (args.batch >= 1, "--batch must be >= 1"),
+        (args.lr > 0, "--lr must be > 0"),
+        (0 < args.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
+        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
+        (args.clip_norm >= 0, "--clip_norm must be >= 0 (0 = no clipping)"),
+        (args.warmup_epochs >= 0, "--warmup_epochs must be >= 0"),
+        (args.mixup >= 0, "--mixup must be >= 0 (0 = off)"),
+        (0 <= args.distill_lambda <= 1, "--distill_lambda must be in [0, 1]"),
+        (0 < args.val_fraction < 1, "--val_fraction must be in (0, 1)"),
+        (args.crop_s is None or args.crop_s > 0, "--crop_s must be > 0"),
+        (args.drop_path is None or 0 <= args.drop_path < 1, "--drop_path must be in [0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise FinetuneError(msg)
+    return FinetuneOptions(
+        task=args.task,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        momentum=args.momentum,
+        clip_norm=args.clip_norm,
+        warmup_epochs=args.warmup_epochs,
+        mixup=args.mixup,
+        crop_s=args.crop_s,
+        drop_path=args.drop_path,
+        distill_lambda=args.distill_lambda,
+        val_fraction=args.val_fraction,
+        median_s=args.median_s,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+
+
+def _load(workdir, weights, step, encoder, what):
+    try:
+        return ev.load_encoder(workdir=workdir, step=step, weights=weights, encoder=encoder)
+    except FileNotFoundError as e:
+        raise FinetuneError(f"{what}: {e}") from None
+    except ValueError as e:
+        raise FinetuneError(f"{what}: {e}") from None
+
+
+def run(args, log=print) -> dict:
+    opts = _options(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out}: exists and is not a directory")
+    sets = {
+        "train": ev.read_labelled(args.train, "--train"),
+        "test": ev.read_labelled(args.test, "--test"),
+        "val": ev.read_labelled(args.val, "--val") if args.val else None,
+    }
+    what = f"--workdir {args.workdir}" if args.workdir else f"--weights {args.weights}"
+    student_src = (args.workdir, args.weights, args.step, args.encoder)
+    results: dict = {"options": dataclasses.asdict(opts), "models": {}}
+
+    def job(src, name, teacher=None, o=opts):
+        enc, chunk, feats, source = _load(*src, what if src is student_src else f"--c2f_clip {src[0]}")
+        return finetune(
+            enc,
+            chunk,
+            feats,
+            sets["train"],
+            sets["test"],
+            sets["val"],
+            o,
+            out / name,
+            teacher,
+            source,
+            name,
+            log,
+        )
+
+    teacher = None
+    if args.teacher:
+        teacher = load_finetuned(args.teacher)
+    if args.c2f_clip:
+        clip_src = (args.c2f_clip, None, None, "teacher")
+        if os.path.isfile(args.c2f_clip):
+            clip_src = (None, args.c2f_clip, None, "teacher")
+        results["models"]["clip"] = job(clip_src, "clip")
+        teacher = load_finetuned(out / "clip")
+    if teacher is not None:
+        if not args.no_undistilled:
+            results["models"]["frame"] = job(student_src, "frame")
+        results["models"]["frame_distilled"] = job(student_src, "frame_distilled", teacher)
+    else:
+        results["models"]["finetuned"] = job(student_src, "finetuned")
+    first = next(iter(results["models"].values()))
+    results.update(task=first["task"], classes=list(sets["train"].classes))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".RESULTS.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=ev._num))
+    os.replace(tmp, out / "RESULTS.json")
+    log(table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    models = results["models"]
+    keys = list(next(iter(models.values()))["metrics"])
+    rows = [["model", *keys]] + [[n, *(ev._fmt(m["metrics"][k]) for k in keys)] for n, m in models.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def main(argv=None) -> int:
+    from atst_jax.cli import fail
+
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (FinetuneError, ev.EvalError) as e:
+        return fail(str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
