@@ -3,7 +3,7 @@
     python -m atst_jax.evaluate (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
         --train DATA --test DATA [--val DATA] --out RESULTS.json \\
         [--task auto|clip|sed] [--layers N] [--baselines random_init,logmel|none] [--lrs 1e-3,3e-3,1e-2] \\
-        [--epochs E] [--batch B] [--median_s 0.28] [--val_fraction 0.2] [--seed 0]
+        [--epochs E] [--batch B] [--median_s 0.28] [--val_fraction 0.2] [--seed 0] [--no_plots]
 
 DATA are datasets made by ``python -m atst_jax.data.prepare`` (records + ``labels.json``), in the feature set
 the encoder takes (refused otherwise). The task comes from the labels (``--task auto``):
@@ -49,6 +49,11 @@ Metrics on the test split:
   (``intersection_based.psds``), and the collar-based event F1 (``collar_based.fscore``: threshold 0.5,
   200 ms onset collar, offset collar max(200 ms, 20 % of the event), macro over classes), per-class frame and
   event F1. Ground-truth events are the records' own (seconds), cut at the end of the last step.
+
+Pictures (unless ``--no_plots``), next to ``RESULTS.json`` as ``RESULTS_per_class.png`` (per class, the
+score of every encoder side by side: AP for clips, frame-level AP for SED) and, for SED, ``RESULTS_sed.png``
+(the three test clips with the most events: the ground truth as a piano roll above each encoder's
+posteriors, on one 0 → 1 colour scale).
 
 ``RESULTS.json``: the task, class names, split sizes, the options, and per encoder its metrics, per-class
 numbers, feature size and the selected learning rate / epoch / validation score; the table of metrics (pretrained
@@ -715,6 +720,7 @@ def probe_encoder(
             bar=bar,
         )
     test = splits["test"]
+    posteriors = None
     if level == "clip":
         x_test = np.stack(feats["test"].clips).astype(np.float32)
         x_test = np.nan_to_num(x_test)
@@ -724,6 +730,7 @@ def probe_encoder(
         metrics, per = sed_metrics(test, posteriors, step_s, median_steps(opts.median_s, step_s))
     sel = dict(probe.selection)
     return {
+        "test_posteriors": posteriors if level == "frame" else None,
         "metrics": metrics,
         "per_class": per,
         "feature_dims": int(x_train.shape[1]),
@@ -792,8 +799,11 @@ def evaluate(
     baselines=BASELINES,
     source: dict | None = None,
     log=print,
+    plots: str | Path | None = None,
 ) -> dict:
-    """The whole evaluation (see the module docstring) → the RESULTS dict."""
+    """The whole evaluation (see the module docstring) → the RESULTS dict. With ``plots`` (a path prefix),
+    the PNGs ``<plots>_per_class.png`` and, for SED, ``<plots>_sed.png`` are written (listed under
+    ``"plots"``)."""
     from atst_jax import sharding
     from atst_jax.embed import Embedder
 
@@ -835,15 +845,16 @@ def evaluate(
         + (f"; time steps of {step_s * 1000:g} ms" if task == "sed" else "")
         + f"; encoders {', '.join(extractors)}"
     )
-    results = {}
+    results, test_posteriors = {}, {}
     for name, extract in extractors.items():
         t0 = time.perf_counter()
         results[name] = probe_encoder(name, extract, splits, task, step_s, opts, mesh, bars)
+        test_posteriors[name] = results[name].pop("test_posteriors")
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
         shown = ", ".join(f"{k} {_fmt(v)}" for k, v in results[name]["metrics"].items())
         log(f"{name}: {shown} ({results[name]['seconds']:.1f} s)")
     cfg = encoder.cfg
-    return {
+    out = {
         "task": task,
         "classes": list(train.classes),
         "source": source or {},
@@ -866,6 +877,33 @@ def evaluate(
         },
         "encoders": results,
     }
+    if plots is not None:
+        out["plots"] = write_plots(out, test, test_posteriors, step_s, plots)
+    return out
+
+
+PLOT_CLIPS = 3  # test clips drawn in the SED picture
+
+
+def write_plots(results: dict, test: LabelledSet, posteriors: dict, step_s: float, prefix) -> list[str]:
+    """``<prefix>_per_class.png`` (every encoder's per-class score) and, for SED, ``<prefix>_sed.png``: the
+    posteriors of every encoder against the ground truth on the first test clips with the most events."""
+    from atst_jax import plots
+
+    prefix = str(prefix)
+    written = [str(plots.per_class_png(prefix + "_per_class.png", results))]
+    if results["task"] == "sed" and test.events is not None:
+        busiest = sorted(range(len(test)), key=lambda i: (-len(test.events[i]), test.ids[i]))[:PLOT_CLIPS]
+        clips = [
+            {
+                "id": test.ids[i],
+                "events": [tuple(e) for e in test.events[i]],
+                "posteriors": {n: p[i] for n, p in posteriors.items() if p is not None},
+            }
+            for i in sorted(busiest)
+        ]
+        written.append(str(plots.sed_posteriors_png(prefix + "_sed.png", clips, test.classes, step_s)))
+    return written
 
 
 def _check_memory(splits, task, dims, patch):
@@ -934,6 +972,7 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="random init baseline, shuffling")
     p.add_argument("--batch_chunks", type=int, default=32, help="encoder chunks per call")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--no_plots", action="store_true", help="no PNGs next to RESULTS.json")
     return p
 
 
@@ -1005,14 +1044,15 @@ def main(argv=None) -> int:
         train = read_labelled(args.train, "--train")
         test = read_labelled(args.test, "--test")
         val = read_labelled(args.val, "--val") if args.val else None
-        results = evaluate(encoder, chunk, features, train, test, val, opts, baselines, source)
+        plots = None if args.no_plots else out.with_suffix("")
+        results = evaluate(encoder, chunk, features, train, test, val, opts, baselines, source, plots=plots)
     except (OSError, ValueError, KeyError) as e:  # EvalError is a ValueError
         return fail(e)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(results, indent=1) + "\n")
     os.replace(tmp, out)
     print(table(results))
-    print(f"wrote {out}")
+    print(f"wrote {out}" + "".join(f", {p}" for p in results.get("plots", [])))
     return 0
 
 

@@ -183,6 +183,29 @@ def test_cli_sed_end_to_end(run, data, tmp_path, capsys):
     assert res["encoders"]["checkpoint"]["metrics"] != res["encoders"]["random_init"]["metrics"]
     printed = capsys.readouterr().out
     assert "psds1" in printed and "random_init" in printed and f"wrote {out}" in printed
+    # The pictures: per-class bars and the posteriors of three clips, real images with content.
+    assert res["plots"] == [str(tmp_path / "RESULTS_per_class.png"), str(tmp_path / "RESULTS_sed.png")]
+    for path in res["plots"]:
+        _assert_real_png(path, min_size=(300, 200))
+    sed = _read_png(res["plots"][1])
+    assert sed.shape[0] > 2 * sed.shape[1] / 3  # 3 clips × (truth + 3 encoders) panels stacked
+
+
+def _read_png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+def _assert_real_png(path, min_size):
+    img = _read_png(path)
+    h, w, _ = img.shape
+    assert w >= min_size[0] and h >= min_size[1], (path, img.shape)
+    # Not blank: many distinct colours and a good share of non-white pixels.
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50, path
+    assert (img.min(axis=2) < 200).mean() > 0.05, path
 
 
 def test_cli_weak_end_to_end(run, data, tmp_path):
@@ -201,6 +224,8 @@ def test_cli_weak_end_to_end(run, data, tmp_path):
     )
     res = json.loads(out.read_text())
     assert res["task"] == "clip_multi" and list(res["encoders"]) == ["checkpoint"]
+    assert res["plots"] == [str(tmp_path / "RESULTS_per_class.png")]  # no SED picture for clip tasks
+    _assert_real_png(res["plots"][0], min_size=(300, 200))
 
 
 def test_embedder_batches_clips_like_one_at_a_time(run):

@@ -1,0 +1,145 @@
+"""Pictures a person looks at instead of the numbers: SED posteriors against the ground truth, per-class
+results of every encoder side by side, and a spectrogram with what a method hides or corrupts in it.
+
+Rendering uses matplotlib's Agg backend (no display needed); every function writes one PNG atomically and
+returns its path. ``spectrogram_image`` returns an RGB array for TensorBoard instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+# One colour per encoder, the same in every picture.
+ENCODER_COLOURS = {"checkpoint": "#1f77b4", "random_init": "#ff7f0e", "logmel": "#2ca02c"}
+_FALLBACK = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _colour(name: str, i: int) -> str:
+    return ENCODER_COLOURS.get(name, _FALLBACK[i % len(_FALLBACK)])
+
+
+def sed_posteriors_png(
+    path,
+    clips: list[dict],
+    classes: list[str],
+    step_s: float,
+) -> Path:
+    """One row per clip: the ground-truth events (a piano roll over the classes) above the posteriors of each
+    encoder (``clips[i] = {"id", "events": [(onset, offset, class index)], "posteriors": {encoder: [T, K]}}``)
+    on the same time axis (0 → 1 on one colour scale for all)."""
+    plt = _pyplot()
+    names = list(clips[0]["posteriors"]) if clips else []
+    rows = len(clips) * (1 + len(names))
+    k = len(classes)
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 0.22 * k * rows + 1.0), squeeze=False, sharex=True)
+    r = 0
+    for clip in clips:
+        steps = max((len(p) for p in clip["posteriors"].values()), default=0)
+        truth = np.zeros((k, steps))
+        for onset, offset, c in clip["events"]:
+            a, b = int(round(onset / step_s)), int(round(offset / step_s))
+            truth[int(c), max(a, 0) : min(b, steps)] = 1.0
+        panels = [("ground truth", truth)] + [(n, np.asarray(p).T) for n, p in clip["posteriors"].items()]
+        for title, img in panels:
+            ax = axes[r, 0]
+            ax.imshow(
+                img,
+                aspect="auto",
+                origin="lower",
+                vmin=0.0,
+                vmax=1.0,
+                cmap="Greys" if title == "ground truth" else "viridis",
+                extent=(0, steps * step_s, -0.5, k - 0.5),
+                interpolation="nearest",
+            )
+            ax.set_yticks(range(k))
+            ax.set_yticklabels(classes, fontsize=6)
+            ax.set_title(f"{clip['id']}: {title}", fontsize=8, loc="left")
+            r += 1
+    axes[-1, 0].set_xlabel("time (s)")
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def per_class_png(path, results: dict) -> Path:
+    """Grouped bars: per class, the score of every encoder (clip tasks: AP; SED: frame-level AP), with each
+    encoder's mean in the legend."""
+    plt = _pyplot()
+    encoders = results["encoders"]
+    classes = results["classes"]
+    key = "frame_ap" if results["task"] == "sed" else "ap"
+    names = list(encoders)
+    width = 0.8 / max(len(names), 1)
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(classes) + 2), 3.6))
+    for i, name in enumerate(names):
+        per = encoders[name]["per_class"]
+        vals = np.array([np.nan if per[c].get(key) is None else per[c][key] for c in classes], float)
+        mean = np.nanmean(vals) if np.isfinite(vals).any() else float("nan")
+        ax.bar(
+            x + (i - (len(names) - 1) / 2) * width,
+            np.nan_to_num(vals),
+            width,
+            color=_colour(name, i),
+            label=f"{name} (mean {mean:.3f})",
+        )
+    ax.set_xticks(x)
+    ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("frame-level AP" if key == "frame_ap" else "AP")
+    ax.set_title(f"per-class results ({results['task']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def spectrogram_image(
+    panels: list[tuple[str, np.ndarray, np.ndarray | None]], width_px: int = 600
+) -> np.ndarray:
+    """RGB ``uint8 [H, W, 3]``: the panels stacked top to bottom, each a spectrogram ``[F, T]`` (low
+    frequencies at the bottom, grey scale from its own min to max) with an optional overlay ``[F, T]`` in
+    [0, 1] (masked / corrupted pixels) tinted red. For TensorBoard's ``add_image(..., dataformats="HWC")``."""
+    rows = []
+    for _, spec, overlay in panels:
+        s = np.asarray(spec, np.float32)
+        lo, hi = float(np.min(s)), float(np.max(s))
+        g = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+        rgb = np.repeat(g[::-1, :, None], 3, axis=2)
+        if overlay is not None:
+            o = np.clip(np.asarray(overlay, np.float32), 0, 1)[::-1, :, None]
+            tint = np.array([1.0, 0.15, 0.15], np.float32)
+            rgb = rgb * (1 - 0.55 * o) + 0.55 * o * tint
+        # Nearest-neighbour resize of the time axis to a common width, so panels of other lengths stack.
+        t = rgb.shape[1]
+        cols = np.minimum((np.arange(width_px) * t) // width_px, t - 1)
+        rgb = rgb[:, cols]
+        reps = max(1, 128 // rgb.shape[0])
+        rows.append(np.repeat(rgb, reps, axis=0))
+        rows.append(np.ones((3, width_px, 3), np.float32))  # a white separator
+    img = np.concatenate(rows[:-1], axis=0) if rows else np.zeros((1, width_px, 3), np.float32)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
