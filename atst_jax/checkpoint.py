@@ -124,6 +124,7 @@ RESUMABLE_FIELDS = (
     "train.grad_accum_steps",
     "train.chip",
     "train.fresh",
+    "train.image_every",
     "mesh",
     "sharding_rules",
     "model.dtype",
@@ -132,6 +133,7 @@ RESUMABLE_FIELDS = (
     "data.cache_dir",
     "data.records_dir",
     "data.worker_count",
+    "probe",  # the frozen-encoder probe reads the state, never changes it
 )
 
 

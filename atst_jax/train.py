@@ -7,6 +7,7 @@ Read top to bottom: "Config checks" → "Set up mesh" → "Data" → "Build stat
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -401,6 +402,25 @@ class Trainer:
         new_state = dict(kept, step=step + 1, rng=state["rng"])
         return new_state, metrics
 
+    def jit_pictures(self):
+        """``(titles, fn)``: ``fn(rng, step, batch)`` → the method's pictures of the first clip for the step
+        ``step`` (0-based) that ran on ``batch`` with the run's ``rng``: the same key the step derived, so the
+        same views and masks. With gradient accumulation: microbatch 0 (rows ``0::k``) and its key."""
+        titles: list[str] = []
+
+        def fn(rng, step, batch):
+            key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+            if self.accum > 1:
+                batch = {name: x[0 :: self.accum] for name, x in batch.items()}
+                key = jax.random.fold_in(key, 0)
+            with shd.activation_sharding(self.mesh, self.rules):
+                pics = self.method.pictures(batch, key, step)
+            titles[:] = [t for t, _, _ in pics]
+            return [(spec, overlay) for _, spec, overlay in pics]
+
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return titles, jax.jit(fn, out_shardings=replicated)
+
     def _step_with_activation_sharding(self, state, batch):
         with shd.activation_sharding(self.mesh, self.rules):  # active while jit traces the step
             return self.train_step(state, batch)
@@ -498,6 +518,14 @@ class MetricsWriter:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, panels, step: int):
+        """A TensorBoard image of spectrogram panels ``[(title, spec, overlay)]`` (``plots.spectrogram_image``)."""
+        if self.enabled and self.tb is not None:
+            from atst_jax import plots
+
+            self.tb.add_image(tag, plots.spectrogram_image(panels), step, dataformats="HWC")
+            self.tb.add_text(f"{tag}/panels", " | ".join(title for title, _, _ in panels), step)
 
     def sync(self):
         """Uploads the JSONL for a remote workdir (no-op for a local one)."""
@@ -806,6 +834,15 @@ def _train(config, workdir, stop) -> dict:
     train_step = trainer.jit_train_step()
     writer = MetricsWriter(workdir, resume_step=step)
     meta = run_metadata(mesh)
+    image_every = int(t.get("image_every", 0))
+    pictures = trainer.jit_pictures() if image_every > 0 else None
+    probe = None
+    if config.get("probe") and config.probe.train:
+        from atst_jax import pretrain_probe
+
+        if distributed.is_main():
+            pretrain_probe.truncate(workdir, step)
+        probe = pretrain_probe.PretrainProbe(config, workdir, run_config, feature_set, log=_log)
 
     # ---------------------------------------------------------------------------------- Loop
     chip = t.get("chip", "") or chip_from_device(jax.devices()[0])
@@ -847,6 +884,10 @@ def _train(config, workdir, stop) -> dict:
             progress.data_wait += time.perf_counter() - waited
             state, metrics = train_step(state, batch)
             step += 1
+            if pictures is not None and step % image_every == 0:
+                titles, draw = pictures
+                panels = fetch(draw(state["rng"], step - 1, batch))
+                writer.image("views", list(zip(titles, *zip(*panels, strict=True), strict=True)), step)
             if pending is not None:
                 check_finite(*pending)
                 last = progress.maybe_log(*pending, writer, t.log_every) or last
@@ -859,8 +900,14 @@ def _train(config, workdir, stop) -> dict:
             if stopping:
                 preempted = True
                 break
-        check_finite(*pending)
-        last = progress.maybe_log(*pending, writer, t.log_every, force=True)
+            if probe is not None and probe.due(step, last=step == t.steps):
+                check_finite(*pending)
+                last = progress.maybe_log(*pending, writer, t.log_every, force=step == t.steps) or last
+                pending = None
+                progress.pause(functools.partial(probe.maybe_run, state, step, writer, last=step == t.steps))
+        if pending is not None:
+            check_finite(*pending)
+            last = progress.maybe_log(*pending, writer, t.log_every, force=True)
     finally:
         ckpt.close()  # waits for the last asynchronous save to commit
         writer.close()
@@ -902,6 +949,15 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+    def pause(self, fn):
+        """Runs ``fn()`` (e.g. a probe) off the clock: the step-time window does not count it."""
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            if self.last_time is not None:
+                self.last_time += time.perf_counter() - started
 
     def maybe_log(self, step, metrics, writer, log_every, force=False):
         if not (force or step % log_every == 0 or step == self.start_step + 1):

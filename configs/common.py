@@ -13,6 +13,9 @@ MODELS = {
     "small": (384, 12, 6),
     "base": (768, 12, 12),
     "large": (1024, 24, 16),
+    # Beyond the recipes, for scaling studies (python -m atst_jax.sweep / atst_jax.scaling): 64-wide heads.
+    "xl": (1280, 24, 20),
+    "xxl": (1280, 32, 20),
 }
 # Projection/prediction heads of tiny (the recipes' 4096 → 256 is far too big for a CPU test model).
 TINY_HEADS = {"proj_hidden": 512, "proj_dim": 128}
@@ -91,6 +94,9 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             # Start over in a workdir that holds another run's checkpoints (moved to WORKDIR/set_aside/, not
             # deleted) instead of refusing it. A workdir holding this same run's checkpoints still resumes.
             fresh=False,
+            # TensorBoard image of the first clip's views and masks as the step drew them, every N steps
+            # (0 = never).
+            image_every=100,
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -106,6 +112,24 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             sample_rate=16000,
             hop_length=160,
             worker_count=0,  # Grain worker processes (0 = in the main process)
+        )
+    )
+    # The frozen-encoder probe during / after pretraining (atst_jax/pretrain_probe.py): off unless probe.train
+    # names prepared labelled data, or "embedded" (the held-out embedded probe split).
+    c.probe = ml_collections.ConfigDict(
+        dict(
+            train="",  # a prepared labelled dataset, or "embedded"
+            test="",  # with a dataset in train: the one to test on
+            every=0,  # quick probe every N steps (0 = never): TensorBoard probe/*, WORKDIR/probe.jsonl
+            final=True,  # after the last step: the full probe with baselines, WORKDIR/probe/RESULTS.json + PNGs
+            task="auto",
+            layers=0,  # concatenate the last N blocks (0 = all)
+            lrs=[1e-3, 3e-3, 1e-2],
+            epochs=20,
+            quick_lrs=[1e-2],
+            quick_epochs=5,
+            baselines=["random_init", "logmel"],
+            seed=0,
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -157,20 +157,41 @@ class Asit(Method):
         frac = jnp.minimum(jnp.asarray(step, jnp.float32) / max(w - 1, 1), 1.0)
         return c.teacher_temp_start + (c.teacher_temp - c.teacher_temp_start) * frac
 
-    def loss(self, student, teacher, method_state, batch, key, step):
-        cfg, enc = self.cfg, student.encoder
-        b = batch[CROPS[0]].shape[0]
-        k_corrupt, k_stu = jax.random.split(key)
-        clean = jnp.concatenate([batch[n] for n in CROPS], axis=0)  # [2B, F, T]: crop 1 then crop 2
-        length = jnp.concatenate([batch[f"{n}_length"] for n in CROPS], axis=0)
-        corrupted, mask = views.gmml_corrupt(
-            k_corrupt,
+    def corrupt(self, key, clean):
+        cfg = self.cfg
+        return views.gmml_corrupt(
+            key,
             clean,
             area=cfg.corrupt_area,
             paste_prob=cfg.paste_prob,
             paste_area=cfg.paste_area,
             max_block=cfg.max_block,
         )
+
+    def pictures(self, batch, key, step):
+        """The first clip's two crops: clean (the teacher's) and GMML-corrupted (the student's), the
+        corrupted pixels marked."""
+        del step
+        b = batch[CROPS[0]].shape[0]
+        clean = jnp.concatenate([batch[n] for n in CROPS], axis=0)
+        corrupted, mask = self.corrupt(jax.random.split(key)[0], clean)
+        out = []
+        for j, name in enumerate(CROPS):
+            row = j * b
+            m = mask[row].astype(jnp.float32)
+            out += [
+                (f"{name} (teacher: clean)", clean[row], None),
+                (f"{name} (student: GMML)", corrupted[row], m),
+            ]
+        return out
+
+    def loss(self, student, teacher, method_state, batch, key, step):
+        cfg, enc = self.cfg, student.encoder
+        b = batch[CROPS[0]].shape[0]
+        k_corrupt, k_stu = jax.random.split(key)
+        clean = jnp.concatenate([batch[n] for n in CROPS], axis=0)  # [2B, F, T]: crop 1 then crop 2
+        length = jnp.concatenate([batch[f"{n}_length"] for n in CROPS], axis=0)
+        corrupted, mask = self.corrupt(k_corrupt, clean)
         n_prefix = enc.n_prefix
         tau_t = self.teacher_temp(step)
 

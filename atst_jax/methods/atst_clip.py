@@ -81,6 +81,15 @@ class AtstClip(Method):
             out[name] = views.random_resize_crop(k_crop, x, cfg.freq_scale, cfg.time_scale, cfg.virtual_time)
         return out
 
+    def pictures(self, batch, key, step):
+        """The first clip's two crops before and after their augmentation, as the step drew them."""
+        del step
+        crops = self.make_views(jax.random.split(key, 3)[0], batch)
+        out = []
+        for name in CROPS:
+            out += [(f"{name} crop", batch[name][0], None), (f"{name}, augmented", crops[name][0], None)]
+        return out
+
     @staticmethod
     def encode_cls(encoder, crops, lengths, *, train, key):
         """CLS outputs ``[2B, D]`` = [anchor; positive]. Crops of equal length share one encoder call."""

@@ -33,6 +33,7 @@ from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
 from atst_jax.models.byol import byol_pair, init_byol, normalized_std, use_student_bn_stats
 from atst_jax.models.encoder import FrameAST
+from atst_jax.models.stems import make_stem
 from atst_jax.sharding import ConfigError
 
 
@@ -144,6 +145,22 @@ class AtstFrame(Method):
             "mask_frac": jnp.sum(mask2) / jnp.maximum(jnp.sum(enc.token_lengths(lengths)), 1),
         }
         return total, metrics, method_state
+
+    def pictures(self, batch, key, step):
+        """Both views of the first clip as the step drew them, the shared span mask over each (the student
+        sees the masked tokens replaced by ``mask_embed``; the teacher sees the unmasked view)."""
+        del step
+        k_in = jax.random.split(key, 3)[0]
+        stem = make_stem(self.enc_cfg)
+        x, lengths, mask2, _, _ = prepare_inputs(k_in, batch, self.cfg, stem)
+        b, frames = batch["spec"].shape[0], batch["spec"].shape[2]
+        per_frame = jnp.zeros((frames,), jnp.float32)
+        tokens = jnp.repeat(mask2[0].astype(jnp.float32), self.enc_cfg.patch_w)
+        per_frame = per_frame.at[: tokens.shape[0]].set(tokens)
+        overlay = jnp.broadcast_to(per_frame[None, :], x.shape[1:])
+        v1 = "augmented" if self.cfg.aug_view1 else "clean"
+        v2 = "augmented" if self.cfg.aug_view2 else "clean"
+        return [(f"view 1 ({v1}), span mask", x[0], overlay), (f"view 2 ({v2}), span mask", x[b], overlay)]
 
     # --- cost, checks, export ----------------------------------------------------------------------
     def step_flops(self, global_batch: int) -> float:

@@ -20,6 +20,8 @@ A method is a subclass of :class:`Method` in one file of ``atst_jax/methods/``, 
   ``ema_momentum(step)`` (cosine from ``optim.ema`` to 1 over the run by default).
 - Optimizer knobs beyond the shared AdamW come from ``config.optim`` (``grad_clip`` none / global_norm /
   per_param with ``clip_norm``, betas, ``wd_schedule``); a method's config file states the ones that differ.
+- ``pictures(batch, key, step)`` (optional): the first clip's views and masks as the step drew them, for
+  TensorBoard (``train.image_every``); the default shows the crops.
 - ``step_flops(global_batch)``: analytic matmul FLOPs of one train step from the shared encoder/head helpers
   in ``atst_jax.flops`` (so ``perf/mfu`` and the planner work for every method); ``monitors``: the metric
   names of its collapse monitors, shown on the progress line; ``check()``: method-level one-line errors.
@@ -123,6 +125,15 @@ class Method:
     def ema_momentum(self, step):
         """Teacher momentum at ``step``: cosine from ``optim.ema`` to 1.0 over ``train.steps``."""
         return optim.ema_momentum(step, self.config.optim.ema, self.config.train.steps)
+
+    # --- pictures -------------------------------------------------------------------------------------
+    def pictures(self, batch, key, step) -> list[tuple[str, Any, Any]]:
+        """What the step with this ``batch``, ``key`` and ``step`` fed the networks, for the first clip:
+        ``[(title, spec [F, T], overlay [F, T] in [0, 1] or None)]`` (overlay: the masked / corrupted
+        pixels). Traced under ``jit`` with the step's own key, so the views are exactly the step's. The
+        default shows each crop as it arrives; methods show their views and masks."""
+        del key, step
+        return [(crop.name, batch[crop.name][0], None) for crop in self.inputs()]
 
     # --- cost, monitors, checks -----------------------------------------------------------------------
     def step_flops(self, global_batch: int) -> float:
