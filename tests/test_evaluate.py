@@ -227,6 +227,21 @@ def test_cli_weak_end_to_end(run, data, tmp_path):
     assert res["plots"] == [str(tmp_path / "RESULTS_per_class.png")]  # no SED picture for clip tasks
     _assert_real_png(res["plots"][0], min_size=(300, 200))
 
+    # The same teacher as an exported file (--weights) gives the same numbers as the run itself.
+    pytest.importorskip("safetensors")
+    from atst_jax.export import __main__ as export_cli
+
+    weights = tmp_path / "teacher.safetensors"
+    assert export_cli.main(["--workdir", str(run), "--format", "safetensors", "--out", str(weights)]) == 0
+    out_w = tmp_path / "RESULTS_weights.json"
+    argv = ["--weights", str(weights), "--train", data["strong_train"], "--test", data["strong_test"]]
+    argv += ["--out", str(out_w), *FAST, "--task", "clip", "--baselines", "none", "--no_plots"]
+    assert ev.main(argv) == 0
+    res_w = json.loads(out_w.read_text())
+    assert res_w["source"] == {"weights": str(weights), "encoder": "teacher"} and "plots" not in res_w
+    for k, v in res["encoders"]["checkpoint"]["metrics"].items():
+        assert res_w["encoders"]["checkpoint"]["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
 
 def test_embedder_batches_clips_like_one_at_a_time(run):
     """``Embedder.spec_features`` (chunks of several clips in one call) equals embedding each clip alone."""
