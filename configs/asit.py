@@ -25,6 +25,8 @@ _RUNS = {
     "small": (128, 5e-4, 10 * _EPOCH, 100 * _EPOCH, 30 * _EPOCH),
     "base": (128, 5e-4, 10 * _EPOCH, 100 * _EPOCH, 30 * _EPOCH),
     "large": (128, 5e-4, 10 * _EPOCH, 100 * _EPOCH, 30 * _EPOCH),
+    "xl": (128, 5e-4, 10 * _EPOCH, 100 * _EPOCH, 30 * _EPOCH),
+    "xxl": (128, 5e-4, 10 * _EPOCH, 100 * _EPOCH, 30 * _EPOCH),
 }
 # The recipe's heads are far too big for a CPU test model.
 _TINY_HEADS = dict(

@@ -1,0 +1,183 @@
+"""python -m atst_jax.scaling: the power-law fit (known exponents recovered, interval coverage, refusals), the
+frontier, and the CLI's table / CSV / fits / PNGs on a sweep whose runs follow a known power law (real plan and
+model sizes, fabricated metrics and checkpoint markers: no training here; tests/test_sweep.py trains).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from atst_jax import scaling, sweep
+
+CONFIG = "configs/atst_frame.py:tiny"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Fits
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("a, b", [(5.0, -0.05), (40.0, -0.3), (0.01, 0.5)])
+def test_fit_recovers_known_exponents_from_noisy_points(a, b):
+    rng = np.random.default_rng(0)
+    x = np.logspace(15, 20, 12)
+    y = a * x**b * np.exp(rng.normal(0, 0.02, x.size))  # 2 % multiplicative noise
+    fit = scaling.fit_power_law(x, y)
+    # Tolerance: the exponent within 0.01 (the noise gives a standard error of ≈ 0.002 over 5 decades) and
+    # inside its own 95 % interval; the prefactor within 10 %.
+    assert abs(fit.b - b) < 0.01
+    assert fit.b_ci[0] < b < fit.b_ci[1]
+    assert abs(fit.a / a - 1) < 0.1
+    assert fit.a_ci[0] < a < fit.a_ci[1]
+    assert fit.n == 12 and fit.r2 > 0.95
+    low, high = fit.band(x)
+    assert np.all(low < fit(x)) and np.all(fit(x) < high)
+
+
+def test_fit_intervals_cover_the_true_exponent_at_their_level():
+    rng = np.random.default_rng(1)
+    x = np.logspace(0, 3, 6)
+    hits = 0
+    for _ in range(400):
+        y = 2.0 * x**-0.2 * np.exp(rng.normal(0, 0.1, x.size))
+        lo, hi = scaling.fit_power_law(x, y, level=0.9).b_ci
+        hits += lo < -0.2 < hi
+    assert 0.86 < hits / 400 < 0.94  # 90 % intervals with 4 residual degrees of freedom (t, not normal)
+
+
+def test_fit_refuses_fewer_points_than_parameters():
+    for n in (0, 1):
+        with pytest.raises(scaling.FitError) as e:
+            scaling.fit_power_law(np.ones(n) * 10, np.ones(n))
+        assert str(e.value) == f"cannot fit a power law (2 parameters) to {n} point{'s' * (n != 1)}"
+    with pytest.raises(scaling.FitError, match="positive"):
+        scaling.fit_power_law([1, 2, 3], [1, 0, 2])
+    with pytest.raises(scaling.FitError, match="same x"):
+        scaling.fit_power_law([2, 2, 2], [1, 2, 3])
+    exact = scaling.fit_power_law([10, 1000], [1.0, 0.5])  # as many points as parameters: exact, no interval
+    assert exact.b == pytest.approx(math.log10(0.5) / 2) and math.isnan(exact.b_ci[0])
+
+
+def test_frontier_and_best_per_x():
+    pts = [(1, 5.0), (2, 6.0), (2, 4.0), (4, 4.5), (8, 3.0), (8, 3.5)]
+    assert scaling.frontier(pts) == [0, 2, 4]
+    assert scaling.best_per_x(pts) == [0, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The CLI on a sweep with known scaling
+# ------------------------------------------------------------------------------------------------------
+TRUE_B = -0.12
+
+
+@pytest.fixture(scope="module")
+def fake_sweep(tmp_path_factory):
+    """A real plan (3 widths × 2 step counts of tiny), each run "done" with a loss curve on
+    ``L = 30 · C^-0.12`` of its cumulative compute and a cached probe result."""
+    root = tmp_path_factory.mktemp("scaling") / "sweep"
+    plan = sweep.make_plan(
+        str(root), CONFIG, "model.width=32,64,128; train.steps=100,300", {"model.depth": "2"}
+    )
+    sweep.write_plan(plan)
+    flops = {}  # per width: the step FLOPs do not depend on train.steps
+    for run in plan.runs:
+        width = run.overrides["model.width"]
+        if width not in flops:
+            flops[width] = scaling.model_facts(sweep.run_config(plan.config, {**plan.fixed, **run.overrides}))
+        facts = flops[width]
+        wd = root / run.name
+        lines = []
+        for step in range(5, run.steps + 1, 5):
+            # Early in a run the loss is above the envelope (warm-up); at the end it reaches the power law.
+            c = facts["step_flops"] * step
+            over = 1 + 0.5 * (1 - step / run.steps) ** 2
+            lines.append(json.dumps({"step": step, "loss": 30 * c**TRUE_B * over}))
+        (wd / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (wd / "checkpoints" / str(run.steps)).mkdir(parents=True)
+        (wd / "checkpoints" / str(run.steps) / "_CHECKPOINT_METADATA").touch()
+        probe = {
+            "task": "clip_multi",
+            "encoders": {"checkpoint": {"metrics": {"mAP": 1 - 0.9 * (run.index + 1) ** -0.3}}},
+        }
+        (wd / "probe.json").write_text(json.dumps({**probe, "_step": run.steps}))
+    return root
+
+
+def _png_is_a_real_plot(path):
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] >= 400 and img.shape[1] >= 600, img.shape
+    rgb = img[..., :3].reshape(-1, 3)
+    colours = np.unique((rgb * 255).astype(np.uint8), axis=0)
+    assert len(colours) > 100  # lines, markers, text, a shaded band: not a blank or single-colour image
+    assert (rgb.mean(axis=1) < 0.5).mean() > 0.005  # some dark ink (axes, labels, curves)
+
+
+def test_scaling_cli_writes_table_csv_fits_and_plots(fake_sweep, capsys):
+    out = fake_sweep / "scaling"
+    assert scaling.main([str(fake_sweep), "--probe-train", "unused", "--probe-test", "unused"]) == 0
+    printed = capsys.readouterr().out
+    assert "loss_vs_compute (frontier:" in printed and "wrote " in printed
+    rows = list(csv.DictReader(open(out / "scaling.csv")))
+    assert [r["run"] for r in rows] == [r.name for r in sweep.load_plan(fake_sweep).runs]
+    by = {r["run"]: r for r in rows}
+    small, big = by["width32-steps300"], by["width128-steps300"]
+    assert int(small["params"]) < int(big["params"])
+    assert int(small["clips"]) == 300 * 16 and float(small["flops"]) == pytest.approx(
+        300 * float(small["step_flops"]), rel=1e-5
+    )
+    assert small["grid.model.width"] == "32" and small["state"] == "done"
+    # Final loss = the mean over the last 10 % of the steps: within the warm-up factor of the power law.
+    c = float(small["flops"])
+    assert 30 * c**TRUE_B < float(small["final_loss"]) < 30 * c**TRUE_B * 1.01
+    assert float(small["probe_score"]) == pytest.approx(1 - 0.9 * 2**-0.3, rel=1e-5)
+
+    fits = json.loads((out / "fits.json").read_text())
+    # The final points all lie (up to the tail mean) on L = 30 C^-0.12: the frontier fit recovers it.
+    assert fits["loss_vs_compute"]["fit"]["b"] == pytest.approx(TRUE_B, abs=0.005)
+    assert set(fits) >= {"loss_vs_params", "loss_vs_clips", "probe_error_vs_compute", "refused"}
+    for name in ("loss_vs_compute.png", "loss_vs_params.png", "loss_vs_clips.png", "probe_vs_compute.png"):
+        _png_is_a_real_plot(out / name)
+
+
+def test_scaling_cli_refuses_a_fit_in_one_line_and_bad_input(tmp_path, fake_sweep, capsys):
+    # Only one run finished: every fit is refused with one line each; the table and files are still written.
+    root = tmp_path / "one"
+    plan = sweep.make_plan(str(root), CONFIG, "seed=0", {"model.depth": "2", "train.steps": "10"})
+    sweep.write_plan(plan)
+    wd = root / "seed0"
+    (wd / "metrics.jsonl").write_text('{"step": 10, "loss": 1.5}\n')
+    (wd / "checkpoints" / "10").mkdir(parents=True)
+    (wd / "checkpoints" / "10" / "_CHECKPOINT_METADATA").touch()
+    assert scaling.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    refused = [line for line in out.splitlines() if "fit refused" in line]
+    assert refused == [
+        f"  fit refused: {name}: cannot fit a power law (2 parameters) to 1 point"
+        for name in ("loss_vs_compute", "loss_vs_params", "loss_vs_clips")
+    ]
+    assert (root / "scaling" / "scaling.csv").exists()
+    assert scaling.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no sweep.json" in err
+    assert scaling.main([str(fake_sweep), "--window", "0"]) == 2
+
+
+@pytest.mark.parametrize("method", ["atst_frame", "atst_clip", "asit"])
+def test_method_configs_accept_the_whole_size_ladder(method):
+    import importlib.util
+
+    from atst_jax.train import load_config
+
+    spec = importlib.util.spec_from_file_location("_ladder_common", sweep.REPO / "configs" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    assert list(common.MODELS)[-2:] == ["xl", "xxl"] and common.MODELS["xxl"][:2] == (1280, 32)
+    for variant, (width, depth, heads) in common.MODELS.items():
+        c = load_config(f"{sweep.REPO}/configs/{method}.py:{variant}")
+        assert (c.model.width, c.model.depth, c.model.heads) == (width, depth, heads)
+        assert width % heads == 0
