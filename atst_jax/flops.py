@@ -34,7 +34,34 @@ def encoder_forward(enc, n_tokens: int, sequences: int, *, n_embed: int | None =
     d, f = enc.width, int(enc.width * enc.mlp_ratio)
     n = (n_tokens if n_embed is None else n_embed) + (1 if enc.use_cls else 0)
     block = 2 * n * 3 * d * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * f
-    return float(sequences * (2 * n_tokens * patch_dim(enc) * d + enc.depth * block))
+    return stem_forward(enc, n_tokens, sequences) + float(sequences * enc.depth * block)
+
+
+def stem_forward(enc, n_tokens: int, sequences: int) -> float:
+    """The patch stem alone on ``sequences`` crops of ``n_tokens`` patch tokens: the patch projection, plus
+    the AaPE branch where the encoder has one (``models/aape.py``)."""
+    out = float(sequences * 2 * n_tokens * patch_dim(enc) * enc.width)
+    if getattr(enc, "aape", None) is not None:
+        from atst_jax.models.aape import aape_flops
+
+        out += aape_flops(enc, n_tokens, sequences)
+    return out
+
+
+def trunk_forward(enc, n: int, sequences: int) -> float:
+    """The blocks alone on ``sequences`` sequences of ``n`` tokens (CLS included: ``n`` is what they see)."""
+    d, f = enc.width, int(enc.width * enc.mlp_ratio)
+    block = 2 * n * 3 * d * d + 4 * n * n * d + 2 * n * d * d + 4 * n * d * f
+    return float(sequences * enc.depth * block)
+
+
+def cross_block_forward(queries: int, keys: int, dim: int, kv_dim: int, mlp_ratio: float, sequences: int):
+    """A pre-norm cross-attention block (``models/attention.CrossBlock``): q projection, fused k/v projection
+    from ``kv_dim``, logits and weighted values, output projection, MLP."""
+    f = int(dim * mlp_ratio)
+    per = 2 * queries * dim * dim + 2 * keys * kv_dim * 2 * dim + 4 * queries * keys * dim
+    per += 2 * queries * dim * dim + 4 * queries * dim * f
+    return float(sequences * per)
 
 
 def token_gather(sequences: int, k: int, n: int, d: int) -> float:

@@ -229,3 +229,39 @@ def gmml_corrupt(
     partner = jax.random.randint(k_partner, (b,), 0, b)
     source = jnp.where(use_paste[:, None, None], x[partner], jnp.asarray(fill, x.dtype))
     return jnp.where(mask, source, x), mask
+
+
+# --- inverse block masks (data2vec 2.0 / EAT multi-mask; AaSP) ------------------------------------------
+def inverse_block_mask(key, batch: int, grid: tuple[int, int], visible: int, *, block=(5, 5), valid=None):
+    """``batch`` masks over a time-major ``grid = (n_t, n_f)`` token grid that keep **exactly** ``visible``
+    tokens, grown as blocks of visible tokens (the masked set is their complement: "inverse" block masking).
+
+    Per mask: ``2·⌈visible / (b_t·b_f)⌉ + 1`` blocks of ``block`` (clipped to the grid) at uniform random
+    corners, in a random priority order; the visible tokens are the ``visible`` best by (priority of the
+    first block covering them, then a random tie-break), so whole blocks are kept first, the last one in
+    part, and uncovered tokens only fill up what overlapping blocks left short. ``valid [batch, N]`` (bool)
+    marks real tokens: padding is picked last (never while enough real tokens remain).
+
+    Returns ``(visible_idx [batch, visible], masked_idx [batch, N − visible])`` int32, each sorted ascending
+    — static shapes: the student encodes ``visible`` tokens per copy and the predictor answers ``N − visible``.
+    """
+    n_t, n_f = grid
+    n = n_t * n_f
+    if not 0 < visible < n:
+        raise ValueError(f"inverse block masking needs 0 < visible < {n} tokens, got {visible}")
+    b_t, b_f = min(int(block[0]), n_t), min(int(block[1]), n_f)
+    n_blocks = 2 * -(-visible // (b_t * b_f)) + 1
+    k_t, k_f, k_tie = jax.random.split(key, 3)
+    t0 = jax.random.randint(k_t, (batch, n_blocks, 1), 0, n_t - b_t + 1)
+    f0 = jax.random.randint(k_f, (batch, n_blocks, 1), 0, n_f - b_f + 1)
+    tok_t, tok_f = jnp.arange(n)[None, None, :] // n_f, jnp.arange(n)[None, None, :] % n_f
+    covered = (tok_t >= t0) & (tok_t < t0 + b_t) & (tok_f >= f0) & (tok_f < f0 + b_f)  # [batch, blocks, N]
+    priority = (n_blocks - jnp.arange(n_blocks, dtype=jnp.float32))[None, :, None]  # block 0 first
+    level = jnp.max(jnp.where(covered, priority, 0.0), axis=1)  # [batch, N]: 0 = uncovered
+    tie = 0.5 * jax.random.uniform(k_tie, (batch, n))  # distinct (a.s.): the two top_k are complements
+    score = level + tie
+    if valid is not None:
+        score = jnp.where(valid, score, tie - 1.0)
+    vis = jax.lax.top_k(score, visible)[1]
+    hid = jax.lax.top_k(-score, n - visible)[1]
+    return jnp.sort(vis, axis=1).astype(jnp.int32), jnp.sort(hid, axis=1).astype(jnp.int32)

@@ -100,6 +100,10 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
         )
     cfg = EncoderConfig.from_config(config["model"])
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
+    chunk = inference.encoder_chunk_frames(cfg, config)
+    if cfg.pos_embed == "sincos2d" and cfg.use_cls:  # fixed positions, written out as the ViT's pos_embed
+        n_f = cfg.n_mels // cfg.patch_size[1]
+        enc = dict(enc, pos_embed=convert.sincos_pos_embed(chunk // cfg.patch_size[0], n_f, cfg.width))
     try:
         sd = convert.as_contiguous(convert.vit_to_torch(enc, cfg.patch_size))
     except ValueError as e:
@@ -119,12 +123,27 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
         # What inference needs and the weights do not tell: the front end (the method's feature set) and
         # the chunk length (the positions' length, at most the longest pretraining crop).
         "features": inference.run_features(config, cfg),
-        "chunk_frames": str(inference.encoder_chunk_frames(cfg, config)),
+        "chunk_frames": str(chunk),
     }
+    _add_aape(sd, meta, enc, cfg, VIT_FORMAT)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
     out.chmod(0o644)
     return []
+
+
+def _add_aape(sd: dict, meta: dict, enc, cfg, base_format: str) -> None:
+    """An encoder with the AaPE branch: its ``aape.*`` keys (``convert.aape_to_torch``), its configuration as
+    JSON under the metadata key ``aape``, and ``format`` = ``<base>+aape`` (the base layout's loaders would
+    refuse the extra keys; ``torch_aape`` loads both)."""
+    if enc.get("aape") is None:
+        return
+    import dataclasses
+    import json
+
+    sd.update(convert.as_contiguous(convert.aape_to_torch(enc["aape"])))
+    meta["aape"] = json.dumps(dataclasses.asdict(cfg.aape))
+    meta["format"] = f"{base_format}+aape"
 
 
 def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "teacher") -> list[str]:
@@ -154,6 +173,11 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
     qkv = enc["blocks"]["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]
     depth, width, heads = qkv.shape[0], qkv.shape[1], qkv.shape[3]
     warnings = []
+    if enc.get("aape") is not None and fmt != "safetensors":
+        raise ExportError(
+            f"format {fmt!r}: the official loaders take FrameAST's keys only (strict), and this encoder has an "
+            "AaPE branch (model.aape): export safetensors (atst_jax.export.torch_aape loads it)"
+        )
 
     if fmt == "safetensors":
         from safetensors.numpy import save_file
@@ -170,6 +194,10 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
             # which the weights alone do not tell.
             "chunk_frames": str(inference.run_chunk_frames(config, convert.is_clip(enc))),
         }
+        if enc.get("aape") is not None:
+            from atst_jax.models.encoder import EncoderConfig
+
+            _add_aape(sd, meta, enc, EncoderConfig.from_config(config["model"]), meta["format"])
         save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
         out.chmod(0o644)  # the writer creates the file owner-only; an export is meant to be shared
     elif fmt == "atst_sed":

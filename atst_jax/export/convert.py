@@ -412,3 +412,75 @@ def as_contiguous(tree):
 
 def count(sd) -> int:
     return sum(int(np.prod(v.shape)) for v in sd.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AaPE branch (models/aape.py): ``aape.*`` keys beside either encoder layout (torch module: torch_aape.py)
+# ----------------------------------------------------------------------------------------------------------
+#
+# | key | shape | JAX |
+# |---|---|---|
+# | ``aape.lambda_fc1.weight`` / ``.bias`` | [hidden, stat_bins] / [hidden] | ``lambda_fc1`` (transposed) |
+# | ``aape.lambda_fc2.weight`` / ``.bias`` | [2K, hidden] / [2K] | ``lambda_fc2`` [hidden, K, 2]: row ``2k + j``, j = 0 α, 1 ω |
+# | ``aape.band_bias`` | [S, K, 2] | ``band_bias`` |
+# | ``aape.gain_b`` / ``aape.gain_c`` | [S, K] | ``gain_b`` / ``gain_c`` (B and C of the SBLU) |
+# | ``aape.norm.weight`` / ``.bias`` | [F] | ``norm`` (only with ``feature_norm``) |
+# | ``aape.fuse.weight`` / ``.bias`` | [D, F] / [D] | ``fuse`` (transposed) |
+#
+# S subbands, K kernels per subband, F = the features of one token. The configuration (``AapeConfig``) is
+# not in the weights: exports record it as JSON in the safetensors metadata entry ``aape``.
+
+
+def aape_to_torch(p) -> dict:
+    """JAX AaPE params → ``{"aape.<key>": array}`` (the table above)."""
+    fc2 = p["lambda_fc2"]["kernel"]  # [hidden, K, 2]
+    out = {
+        "aape.lambda_fc1.weight": _t(p["lambda_fc1"]["kernel"]),
+        "aape.lambda_fc1.bias": p["lambda_fc1"]["bias"],
+        "aape.lambda_fc2.weight": _t(fc2.reshape(fc2.shape[0], -1)),
+        "aape.lambda_fc2.bias": p["lambda_fc2"]["bias"].reshape(-1),
+        "aape.band_bias": p["band_bias"],
+        "aape.gain_b": p["gain_b"],
+        "aape.gain_c": p["gain_c"],
+        "aape.fuse.weight": _t(p["fuse"]["kernel"]),
+        "aape.fuse.bias": p["fuse"]["bias"],
+    }
+    if p.get("norm") is not None:
+        out["aape.norm.weight"] = p["norm"]["scale"]
+        out["aape.norm.bias"] = p["norm"]["bias"]
+    return out
+
+
+def torch_to_aape(sd) -> dict:
+    """Inverse of :func:`aape_to_torch` (``sd`` with or without the ``aape.`` prefix)."""
+    sd = {k.removeprefix("aape."): np.asarray(v) for k, v in sd.items()}
+    k = sd["band_bias"].shape[1]
+    out = {
+        "lambda_fc1": {"kernel": _t(sd["lambda_fc1.weight"]), "bias": sd["lambda_fc1.bias"]},
+        "lambda_fc2": {
+            "kernel": _t(sd["lambda_fc2.weight"]).reshape(-1, k, 2),
+            "bias": sd["lambda_fc2.bias"].reshape(k, 2),
+        },
+        "band_bias": sd["band_bias"],
+        "gain_b": sd["gain_b"],
+        "gain_c": sd["gain_c"],
+        "fuse": {"kernel": _t(sd["fuse.weight"]), "bias": sd["fuse.bias"]},
+    }
+    if "norm.weight" in sd:
+        out["norm"] = {"scale": sd["norm.weight"], "bias": sd["norm.bias"]}
+    return as_contiguous(out)
+
+
+def split_aape(sd) -> tuple[dict, dict]:
+    """``(encoder keys, aape keys)`` of a flat state_dict."""
+    rest = {k: v for k, v in sd.items() if not k.startswith("aape.")}
+    return rest, {k: v for k, v in sd.items() if k.startswith("aape.")}
+
+
+def sincos_pos_embed(n_time: int, n_freq: int, width: int) -> np.ndarray:
+    """A 2-D stem's fixed sin-cos positions as a ViT ``pos_embed [1, 1 + N, D]``: slot 0 (the CLS token,
+    which has no position under sin-cos) zero, then the patch grid's positions (``stems.sincos_2d``)."""
+    from atst_jax.models.stems import sincos_2d
+
+    table = sincos_2d(n_time, n_freq, width)
+    return np.concatenate([np.zeros((1, width), np.float32), table], axis=0)[None]

@@ -62,10 +62,20 @@ def load_model(
         from atst_jax.export.torch_vit import VisionTransformer, ViTEmbedder
 
         n_mels = int(f.metadata.get("n_mels", 128))
-        encoder = VisionTransformer.from_state_dict(f.sd, heads=f.heads, n_mels=n_mels, strict=True)
+        if f.aape is not None:  # an AaSP export: the ViT + the AaPE branch
+            from atst_jax.export.torch_aape import AaPEViT
+
+            encoder = AaPEViT.from_state_dict(f.sd, f.aape, heads=f.heads, n_mels=n_mels, strict=True)
+        else:
+            encoder = VisionTransformer.from_state_dict(f.sd, heads=f.heads, n_mels=n_mels, strict=True)
         model = ViTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
     else:
-        encoder = FrameAST.from_state_dict(f.sd, heads=f.heads, strict=True)
+        if f.aape is not None:  # FrameAST + the AaPE branch (configs/atst_frame_aape.py)
+            from atst_jax.export.torch_aape import AaPEFrameAST
+
+            encoder = AaPEFrameAST.from_state_dict(f.sd, f.aape, heads=f.heads, strict=True)
+        else:
+            encoder = FrameAST.from_state_dict(f.sd, heads=f.heads, strict=True)
         model = ATSTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
         model.sample_rate = SAMPLE_RATE
     model.eval()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 import struct
 from pathlib import Path
@@ -192,21 +193,36 @@ class EncoderFile:
     vit: bool
     metadata: dict
 
+    @property
+    def aape(self) -> dict | None:
+        """The AaPE configuration of an encoder with ``aape.*`` keys (recorded as JSON in our exports)."""
+        if not any(k.startswith("aape.") for k in self.sd):
+            return None
+        if "aape" not in self.metadata:
+            raise ValueError("the file has aape.* weights but no 'aape' metadata (its configuration)")
+        return json.loads(self.metadata["aape"])
+
     def params(self) -> dict:
         """JAX encoder params (nested dict, blocks stacked)."""
-        return convert.torch_to_encoder(self.sd, self.heads)
+        sd, aape = convert.split_aape(self.sd)
+        params = convert.torch_to_encoder(sd, self.heads)
+        if aape:
+            params["aape"] = convert.torch_to_aape(aape)
+        return params
 
     def config(self, params=None):
         """The inference ``EncoderConfig`` (a 2-D patch encoder for the ViT layout)."""
         params = self.params() if params is None else params
+        extra = {"aape": self.aape} if self.aape is not None else {}
         if not self.vit:
-            return inference.config_from_params(params, self.heads)
+            return inference.config_from_params(params, self.heads, **extra)
         return inference.config_from_params(
             params,
             self.heads,
             stem="patch2d",
             patch_size=convert.vit_patch_size(self.sd),
             n_mels=int(self.metadata.get("n_mels", VIT_N_MELS)),
+            **extra,
         )
 
     def jax_encoder(self):

@@ -155,6 +155,8 @@ class FrameAST(nn.Module):
         if spec.dim() == 4:  # [B, 1, F, T] as the official transforms produce
             spec = spec.squeeze(1)
         x = self.patch_embed(spec)
+        if getattr(self, "aape", None) is not None:  # AaPE exports (torch_aape.AaPEFrameAST)
+            x = x + self.aape_tokens(spec)
         n = x.shape[1]
         if n + 1 > self.pos_embed.shape[1]:
             raise ValueError(f"{n} tokens exceed the {self.pos_embed.shape[1] - 1} positional slots")

@@ -182,7 +182,10 @@ class VisionTransformer(nn.Module):
             x = x[:, None]
         if x.shape[-1] != self.n_mels:
             raise ValueError(f"input has {x.shape[-1]} mel bins; this encoder takes {self.n_mels}")
-        x = self.patch_embed(x)
+        tokens = self.patch_embed(x)
+        if getattr(self, "aape", None) is not None:  # AaPE exports (torch_aape.AaPEViT)
+            tokens = tokens + self.aape_tokens(x)
+        x = tokens
         n = x.shape[1]
         if n + 1 > self.pos_embed.shape[1]:
             raise ValueError(f"{n} tokens exceed the {self.pos_embed.shape[1] - 1} positional slots")

@@ -10,6 +10,7 @@ from atst_jax.methods.base import Crop, Method  # noqa: F401 (the contract's pub
 from atst_jax.sharding import ConfigError
 
 _METHODS = {
+    "aasp": "atst_jax.methods.aasp:Aasp",
     "asit": "atst_jax.methods.asit:Asit",
     "atst_frame": "atst_jax.methods.atst_frame:AtstFrame",
     "atst_clip": "atst_jax.methods.atst_clip:AtstClip",

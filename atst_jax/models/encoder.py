@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from atst_jax.models.aape import AapeConfig, make_aape
 from atst_jax.models.attention import (  # noqa: F401
     ATTENTION_IMPLS,
     PAD_LOGIT,
@@ -69,8 +70,13 @@ class EncoderConfig:
     # Self-attention implementation (models/attention.py): xla | dot_product_attention | cudnn. A compute
     # choice only: the parameters and checkpoints are the same for all three.
     attention: str = "xla"
+    # AaPE (models/aape.py): None = off; an ``AapeConfig`` (or a mapping of its fields, ``model.aape``) adds
+    # the aliasing-aware branch to the stem above. Its parameters live under ``aape``; without it the
+    # parameter tree is unchanged.
+    aape: AapeConfig | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "aape", AapeConfig.coerce(self.aape))
         # Configs arrive as ConfigDicts / JSON, where tuples become lists; the config must stay hashable
         # (it is static metadata of the module).
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
@@ -132,6 +138,8 @@ class FrameAST(nnx.Module):
             out_axes=0,
         )(keys)
         self.norm = LayerNorm(cfg.width)  # "norm_frame" (Frame) / "norm" (Clip) in the PyTorch export
+        if cfg.aape is not None:  # drawn last: the other parameters equal those of the plain encoder
+            self.aape = make_aape(cfg, rngs)
 
     # --- stem: tokens -----------------------------------------------------------------------------------
     @property

@@ -113,6 +113,9 @@ class _Stem:
         """
         dtype = jnp.dtype(self.cfg.dtype)
         x = enc.patch_embed(self.patchify(spec.astype(dtype)))
+        aape = getattr(enc, "aape", None)
+        if aape is not None:  # AaPE adds its alias-band features to the patch projection (models/aape.py)
+            x = x + aape(spec).astype(dtype)
         pos = self.token_positions(enc, x.shape[1], dtype)
         if mask is not None:
             x = jnp.where(mask[..., None], enc.mask_embed[...].astype(dtype), x)

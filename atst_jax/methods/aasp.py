@@ -1,0 +1,304 @@
+"""AaSP: aliasing-aware teacher-student pretraining (Yamamoto & Okusa, arXiv 2512.03637, IEEE TASLP;
+spec/methods.md §5). No public code exists: this is a reconstruction, and every reconstructed choice is a
+field of ``AaspConfig`` (or of ``model.aape``, see ``models/aape.py``).
+
+From the paper (its abstract and kernel formula): (a) the aliasing-aware patch embedding AaPE, which adds
+features from the modulation band a strided patch stem aliases (the SBLU kernel, with decay and frequency
+estimated from the input) to the standard patch tokens; (b) teacher-student masked modelling; (c) a
+cross-attention predictor; (d) a multi-mask contrastive regulariser; AudioSet pretraining.
+
+Reconstructed, with data2vec 2.0 / EAT as the anchor (the closest public recipes of (b)–(d)):
+
+- Input: one crop per clip of the 128-bin Kaldi fbank (feature set ``kaldi_fbank128``, the fbank this project
+  prepares; EAT uses the same fbank at 16 kHz), ``crop_frames`` = 1024 as EAT; the encoder is the 2-D
+  16×16 patch ViT (time-major tokens, 64 × 8 = 512 for 1024 frames), fixed 2-D sin-cos positions and a CLS
+  token (EAT), qkv bias, with the AaPE branch on the stem (``model.aape``).
+- Teacher = EMA of the student encoder; it encodes each **clean clip once** (no drop-path) and its targets
+  are the mean of the top ``top_k_layers`` block outputs, each instance-normalised over the clip's tokens,
+  then LayerNorm (data2vec 2.0). The utterance target is their mean over the clip's tokens (EAT).
+- Student: the clip is embedded once (patch projection + AaPE + positions); ``num_masks`` = M copies each keep
+  a fixed ``visible`` count of tokens chosen by inverse block masking (``views.inverse_block_mask``, blocks
+  of ``mask_block`` tokens, ``mask_ratio`` = 80 % masked) and **drop** the rest; the trunk runs on
+  ``[B·M, n_prefix + visible]`` tokens (CLS + visible), never on the masked ones. So the costly encoder work
+  is one teacher pass on ``B × N`` plus the student's ``B·M × visible``.
+- Predictor (``models/masked_prediction.CrossPredictor``): queries = the positional embeddings of the masked
+  positions, ``Linear(D → pred_dim)``, then ``pred_depth`` × [cross-attention to the visible student tokens
+  (CLS included) → MLP], ``pred_heads`` heads; queries never attend to each other; LayerNorm →
+  ``Linear(pred_dim → D)``. data2vec 2.0's decoder is a CNN over the full sequence with mask tokens; a
+  cross-attention decoder is what the AaSP abstract names.
+- Loss = ``regression`` (MSE per dimension at the masked positions, or ``2 − 2·cos`` with ``loss="cosine"``)
+  + ``utterance_weight`` × MSE(student CLS of every copy, utterance target) + ``contrast_weight`` ×
+  InfoNCE over the B·M masked views (``models/masked_prediction.multi_view_info_nce``: positives = the other
+  copies of the same clip, negatives = every copy of the other clips of the global batch), each view's
+  embedding the L2-normalised mean of its predictor outputs (``contrast_embed="pred"``) or its CLS output
+  (``"cls"``); temperature ``contrast_temp``.
+- Teacher momentum: linear from ``optim.ema`` (0.9998) to ``ema_end`` (0.99999) over ``ema_anneal_steps``
+  (100k), then constant (EAT). Optimiser (configs/aasp.py): AdamW β (0.9, 0.95), constant weight decay
+  0.05, peak LR 5e-4 with warm-up and cosine decay, global gradient-norm clipping at 4 (EAT).
+- Padding: tokens past a clip's valid frames are never visible while enough real tokens remain, are left out
+  of the teacher's instance-norm statistics, the regression and the utterance target.
+
+Monitors: ``std_tea`` (std over the batch's tokens of the L2-normalised teacher outputs, the official ATST
+``compute_var``: → 0 when the teacher collapses to one vector; ≈ 1/√D when healthy), ``std_pred`` (the same
+for the predictor outputs), ``nce_acc`` (how often a view's nearest other view is a copy of its own clip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from atst_jax import flops
+from atst_jax.data import views
+from atst_jax.methods.base import Crop, Method
+from atst_jax.models.byol import cosine, normalized_std
+from atst_jax.models.encoder import FrameAST
+from atst_jax.models.masked_prediction import CrossPredictor, l2_normalize, layer_targets, multi_view_info_nce
+from atst_jax.sharding import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class AaspConfig:
+    crop_frames: int = 1024
+    features: str = "kaldi_fbank128"
+    # masks: M copies per clip, a fixed visible count (static shapes)
+    num_masks: int = 16
+    mask_ratio: float = 0.8
+    mask_block: tuple[int, int] = (5, 5)  # (time, freq) tokens of one visible block
+    # targets
+    top_k_layers: int = 12  # clipped to the encoder depth
+    instance_norm_targets: bool = True
+    final_norm_targets: bool = True
+    # predictor
+    pred_dim: int = 512  # divides 256 (FSDP over a pod slice shards the predictor too)
+    pred_depth: int = 2
+    pred_heads: int = 8
+    pred_mlp_ratio: float = 4.0
+    loss: str = "mse"  # mse | cosine
+    utterance_weight: float = 1.0  # needs a CLS token (model.use_cls)
+    # multi-mask contrastive regulariser
+    contrast_weight: float = 0.1
+    contrast_temp: float = 0.1
+    contrast_embed: str = "pred"  # pred (mean predictor output) | cls (student CLS)
+    # teacher momentum: linear optim.ema → ema_end over ema_anneal_steps
+    ema_end: float = 0.99999
+    ema_anneal_steps: int = 100_000
+
+
+class Student(nnx.Module):
+    def __init__(self, enc, cfg: AaspConfig, *, rngs: nnx.Rngs):
+        self.encoder = FrameAST(enc, rngs=rngs)
+        self.predictor = CrossPredictor(
+            enc.width, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.pred_mlp_ratio, rngs=rngs
+        )
+
+
+class Teacher(nnx.Module):
+    def __init__(self, enc, cfg: AaspConfig, *, rngs: nnx.Rngs):
+        del cfg
+        self.encoder = FrameAST(enc, rngs=rngs)
+
+
+def masked_mean(x, weights):
+    """Mean of ``x [R, K, E]`` over the rows with weight 1 along ``K`` → ``[R, E]``."""
+    w = weights.astype(jnp.float32)[..., None]
+    return jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
+class Aasp(Method):
+    name = "aasp"
+    Config = AaspConfig
+    ema_covers = ("encoder",)
+    monitors = ("std_tea", "std_pred")
+
+    # --- shapes -------------------------------------------------------------------------------------------
+    def grid(self) -> tuple[int, int]:
+        p_t, p_f = self.enc_cfg.patch_size
+        return self.cfg.crop_frames // p_t, self.enc_cfg.n_mels // p_f
+
+    def num_tokens(self) -> int:
+        n_t, n_f = self.grid()
+        return n_t * n_f
+
+    def num_visible(self) -> int:
+        """Tokens each masked copy keeps (the student's sequence length without the CLS token)."""
+        n = self.num_tokens()
+        return min(max(1, int(round(n * (1.0 - self.cfg.mask_ratio)))), n - 1)
+
+    def inputs(self):
+        return (Crop("spec", self.cfg.crop_frames, self.cfg.features),)
+
+    def init(self, rng):
+        student = Student(self.enc_cfg, self.cfg, rngs=nnx.Rngs(params=rng))
+        teacher = Teacher(self.enc_cfg, self.cfg, rngs=nnx.Rngs(params=jax.random.fold_in(rng, 1)))
+        nnx.update(teacher.encoder, nnx.state(student.encoder))  # the teacher starts as the student
+        return student, teacher, {}
+
+    def ema_momentum(self, step):
+        base, end, n = self.config.optim.ema, self.cfg.ema_end, max(int(self.cfg.ema_anneal_steps), 1)
+        frac = jnp.minimum(jnp.asarray(step, jnp.float32) / n, 1.0)
+        return base + (end - base) * frac
+
+    # --- the two networks ------------------------------------------------------------------------------
+    def masks(self, key, token_valid):
+        """Visible / masked token indices of the M copies: ``[B, M, V]`` and ``[B, M, N − V]``."""
+        b, n = token_valid.shape
+        m = self.cfg.num_masks
+        valid = jnp.repeat(token_valid, m, axis=0)
+        vis, hid = views.inverse_block_mask(
+            key, b * m, self.grid(), self.num_visible(), block=self.cfg.mask_block, valid=valid
+        )
+        return vis.reshape(b, m, -1), hid.reshape(b, m, -1)
+
+    def teacher_targets(self, teacher, spec, length):
+        """The teacher's single pass over the clean clips: targets ``[B, N, D]`` (patch tokens), the
+        utterance target ``[B, D]``, its final tokens (for the monitor) and the token validity ``[B, N]``."""
+        enc = teacher.encoder
+        out, layers = enc(spec, length, train=False, collect_layers=True)
+        p = enc.n_prefix
+        valid = enc.valid_mask(length, out.shape[1])[:, p:]
+        k = min(self.cfg.top_k_layers, enc.cfg.depth)
+        y = layer_targets(
+            layers[:, :, p:],
+            k,
+            valid,
+            instance_norm_layers=self.cfg.instance_norm_targets,
+            final_norm=self.cfg.final_norm_targets,
+        )
+        utt = masked_mean(y, valid)
+        return y, utt, jax.lax.stop_gradient(out[:, p:]), valid
+
+    def student_forward(self, student, spec, vis, token_valid, *, key):
+        """Embeds each clip once, keeps the visible tokens of its M copies and runs the trunk on them:
+        ``[B·M, n_prefix + V, D]`` and their validity."""
+        enc = student.encoder
+        b, m, v = vis.shape
+        x = enc.embed(spec)  # [B, n_prefix + N, D]
+        p = enc.n_prefix
+        kept = views.take_tokens(x[:, p:], vis.reshape(b, m * v)).reshape(b * m, v, -1)
+        kept_valid = jnp.take_along_axis(token_valid, vis.reshape(b, m * v), axis=1).reshape(b * m, v)
+        if p:
+            prefix = jnp.repeat(x[:, :p], m, axis=0)
+            kept = jnp.concatenate([prefix, kept], axis=1)
+            kept_valid = jnp.concatenate([jnp.ones((b * m, p), bool), kept_valid], axis=1)
+        return enc.trunk(kept, kept_valid, train=True, key=key), kept_valid
+
+    # --- loss ----------------------------------------------------------------------------------------
+    def loss(self, student, teacher, method_state, batch, key, step):
+        del step
+        cfg = self.cfg
+        spec, length = batch["spec"], batch["spec_length"]
+        b, m = spec.shape[0], cfg.num_masks
+        k_mask, k_stu = jax.random.split(key)
+        enc = student.encoder
+        n = enc.num_tokens(spec.shape[-1])
+
+        y, utt, t_out, token_valid = self.teacher_targets(teacher, spec, length)
+        vis, hid = self.masks(k_mask, token_valid)
+        s_out, s_valid = self.student_forward(student, spec, vis, token_valid, key=k_stu)
+
+        q = hid.shape[-1]
+        pos = jnp.broadcast_to(enc.token_positions(n, jnp.dtype(enc.cfg.dtype))[0], (n, enc.cfg.width))
+        queries = jnp.take(pos, hid.reshape(b * m, q), axis=0)  # [B·M, Q, D]
+        pred = student.predictor(queries, s_out, s_valid).astype(jnp.float32)
+        target = jnp.take_along_axis(y, hid.reshape(b, m * q)[..., None], axis=1).reshape(b * m, q, -1)
+        weight = jnp.take_along_axis(token_valid, hid.reshape(b, m * q), axis=1).reshape(b * m, q)
+        w = weight.astype(jnp.float32)
+        denom = jnp.maximum(jnp.sum(w), 1.0)
+        if cfg.loss == "cosine":
+            loss_reg = 2.0 - 2.0 * jnp.sum(cosine(pred, target) * w) / denom
+        else:
+            loss_reg = jnp.sum(jnp.mean(jnp.square(pred - target), axis=-1) * w) / denom
+
+        total = loss_reg
+        metrics = {"loss_reg": loss_reg}
+        p = enc.n_prefix
+        if p and cfg.utterance_weight > 0:
+            cls = s_out[:, 0].astype(jnp.float32)
+            loss_utt = jnp.mean(jnp.square(cls - jnp.repeat(utt, m, axis=0)))
+            total = total + cfg.utterance_weight * loss_utt
+            metrics["loss_utt"] = loss_utt
+        if cfg.contrast_weight > 0:
+            emb = s_out[:, 0] if cfg.contrast_embed == "cls" else masked_mean(pred, weight)
+            loss_nce = multi_view_info_nce(emb, m, cfg.contrast_temp)
+            total = total + cfg.contrast_weight * loss_nce
+            z = l2_normalize(emb)
+            sim = jnp.where(jnp.eye(b * m, dtype=bool), -jnp.inf, z @ z.T)
+            nearest = jnp.argmax(sim, axis=1)
+            metrics["loss_nce"] = loss_nce
+            metrics["nce_acc"] = jnp.mean((nearest // m == jnp.arange(b * m) // m).astype(jnp.float32))
+        metrics.update(
+            loss=total,
+            std_tea=normalized_std(t_out, token_valid),
+            std_pred=normalized_std(pred, weight),
+            visible=jnp.asarray(vis.shape[-1], jnp.float32),
+        )
+        return total, metrics, method_state
+
+    # --- cost, checks --------------------------------------------------------------------------------
+    def step_flops(self, global_batch: int) -> float:
+        """The teacher's one pass over ``B × N`` tokens; the student's stem once per clip, the one-hot gather of
+        ``M × V`` tokens and the trunk over ``B·M`` sequences of ``n_prefix + V``; the predictor on ``B·M × Q``
+        queries against those; the InfoNCE similarities. Trained parts × 3."""
+        parts = self.flops_breakdown(global_batch)
+        return float(
+            parts["teacher"] + flops.TRAIN_FACTOR * (parts["student"] + parts["predictor"] + parts["nce"])
+        )
+
+    def flops_breakdown(self, global_batch: int) -> dict[str, float]:
+        """Forward matmul FLOPs per step by part (what ``step_flops`` adds up)."""
+        c, enc = self.cfg, self.enc_cfg
+        b, m = global_batch, c.num_masks
+        n, v = self.num_tokens(), self.num_visible()
+        q, p = n - v, (1 if enc.use_cls else 0)
+        teacher = flops.encoder_forward(enc, n, b)
+        student = flops.stem_forward(enc, n, b) + flops.token_gather(b, m * v, n, enc.width)
+        student += flops.trunk_forward(enc, p + v, b * m)
+        rows = b * m * q
+        predictor = 2 * rows * enc.width * c.pred_dim + 2 * rows * c.pred_dim * enc.width
+        predictor += c.pred_depth * flops.cross_block_forward(
+            q, p + v, c.pred_dim, enc.width, c.pred_mlp_ratio, b * m
+        )
+        nce = 2.0 * (b * m) ** 2 * enc.width * 2 if c.contrast_weight > 0 else 0.0  # loss + accuracy
+        return {
+            "teacher": float(teacher),
+            "student": float(student),
+            "predictor": float(predictor),
+            "nce": float(nce),
+            "teacher_tokens": float(b * (n + p)),
+            "student_tokens": float(b * m * (v + p)),
+        }
+
+    def check(self):
+        c, enc = self.cfg, self.enc_cfg
+        if enc.stem != "patch2d":
+            raise ConfigError("aasp needs the 2-D patch encoder: model.stem=patch2d")
+        if c.crop_frames < enc.patch_size[0]:
+            raise ConfigError(
+                f"aasp.crop_frames={c.crop_frames} is shorter than one patch ({enc.patch_size[0]})"
+            )
+        if self.num_tokens() < 2:
+            raise ConfigError("aasp needs at least 2 tokens per crop")
+        if not 0 < c.mask_ratio < 1:
+            raise ConfigError(f"aasp.mask_ratio={c.mask_ratio} must be in (0, 1)")
+        if c.num_masks < 1 or (c.contrast_weight > 0 and c.num_masks < 2):
+            raise ConfigError(
+                f"aasp.num_masks={c.num_masks}: need >= 1, and >= 2 for the contrastive term (contrast_weight > 0)"
+            )
+        if c.loss not in ("mse", "cosine"):
+            raise ConfigError(f"aasp.loss={c.loss!r}: choose mse or cosine")
+        if c.contrast_embed not in ("pred", "cls") or (c.contrast_embed == "cls" and not enc.use_cls):
+            raise ConfigError(
+                f"aasp.contrast_embed={c.contrast_embed!r}: choose pred, or cls with model.use_cls"
+            )
+        if c.top_k_layers < 1 or c.contrast_temp <= 0 or c.pred_dim % c.pred_heads:
+            raise ConfigError(
+                "aasp: need top_k_layers >= 1, contrast_temp > 0, pred_dim divisible by pred_heads"
+            )
+        if not 0 <= self.config.optim.ema <= c.ema_end <= 1:
+            raise ConfigError(
+                f"aasp: need 0 <= optim.ema={self.config.optim.ema} <= ema_end={c.ema_end} <= 1"
+            )

@@ -1,0 +1,72 @@
+"""AaSP pretraining (spec/methods.md §5; a reconstruction, see atst_jax/methods/aasp.py); the shared parts are
+in configs/common.py.
+
+Use with ``--config configs/aasp.py:VARIANT``: ``tiny`` (tests, the embedded-data demo: 4 masked copies,
+256-frame crops, a 1-block predictor), ``small`` (ViT-S, D=384) or ``base`` (ViT-B, D=768). ``small`` and
+``base`` take EAT's settings, the closest public anchor: 1024-frame crops of the 128-bin Kaldi fbank
+(``kaldi_fbank128``), 16 masked copies at 80 %, global batch 96 (EAT: 12 per GPU × 8), peak LR 5e-4 after
+53,333 warm-up steps of 400k, cosine to 1e-6, AdamW β (0.9, 0.95), constant weight decay 0.05, global
+gradient-norm clipping at 4, teacher momentum 0.9998 → 0.99999 over the first 100k steps. The encoder is the
+2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and the AaPE branch
+(``model.aape``, every field a knob: ``--config.model.aape.kernels=8``).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+_spec = importlib.util.spec_from_file_location(
+    "_atst_configs_common", os.path.join(os.path.dirname(__file__), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+# global batch, peak LR, warm-up steps, total steps
+_RUNS = {
+    "tiny": (16, 1e-3, 20, 300),
+    "small": (96, 5e-4, 53_333, 400_000),
+    "base": (96, 5e-4, 53_333, 400_000),
+    "large": (96, 5e-4, 53_333, 400_000),
+    "xl": (96, 5e-4, 53_333, 400_000),
+    "xxl": (96, 5e-4, 53_333, 400_000),
+}
+
+
+def aape_defaults() -> ml_collections.ConfigDict:
+    from atst_jax.methods.base import dataclass_defaults
+    from atst_jax.models.aape import AapeConfig
+
+    return ml_collections.ConfigDict(dataclass_defaults(AapeConfig))
+
+
+def get_config(variant: str = "tiny"):
+    c = common.base(variant, "aasp")
+    batch, peak_lr, warmup, steps = _RUNS[c.variant]
+    # base_lr is scaled by batch / 256: state the peak.
+    common.set_run(
+        c, global_batch=batch, base_lr=peak_lr * 256 / batch, warmup_steps=warmup, steps=steps, ema=0.9998
+    )
+    frames = c.aasp.crop_frames if c.variant != "tiny" else 256
+    c.model.update(
+        n_mels=128,
+        stem="patch2d",
+        patch_size=(16, 16),
+        num_pos=(frames // 16) * 8 + 1,
+        use_cls=True,
+        qkv_bias=True,
+        pos_embed="sincos2d",
+    )
+    c.model.aape = aape_defaults()
+    c.optim.update(
+        adamw="torch", b1=0.9, b2=0.95, eps=1e-6, wd_start=0.05, wd_schedule="constant",
+        grad_clip="global_norm", clip_norm=4.0, final_lr=1e-6,
+    )  # fmt: skip
+    c.data.update(sample_rate=32000, hop_length=320)
+    if c.variant == "tiny":
+        # CPU-sized: 16 × 8 tokens, 4 copies, a 1-block predictor, a teacher that moves within 300 steps.
+        c.aasp.update(crop_frames=frames, num_masks=4, pred_dim=64, pred_depth=1, pred_heads=2, ema_end=0.999)
+        c.aasp.ema_anneal_steps = steps
+        c.optim.ema = 0.99
+        c.model.aape.update(kernels=2, taps=17, hidden=32)
+    return c

@@ -1,0 +1,177 @@
+"""AaPE (models/aape.py): the SBLU's magnitude response peaks at its ω, ∂/∂ω is finite and non-zero over the
+whole alias-prone band (and matches finite differences), the lambda encoder keeps (α, ω) in range, and with
+the fusion projection at zero the stem is exactly the plain patch embedding (frame 64×4 on the 64-bin log-mel,
+2-D 16×16 on the 128-bin fbank)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from atst_jax.models.aape import AapeConfig, alias_band, sblu
+from atst_jax.models.encoder import EncoderConfig, FrameAST
+
+
+def _response(omega, alpha=0.04, taps=65, thetas=None, frames=400):
+    """|y| of the SBLU for unit cosines at each θ (steady state, away from the zero-padded edges)."""
+    n = np.arange(frames)
+    u = jnp.asarray(np.cos(np.outer(thetas, n)), jnp.float32)[:, None, :]  # [θ, S=1, T]
+    one = jnp.ones((len(thetas), 1, 1), jnp.float32)
+    re, im = sblu(u, alpha * one, omega * one, one, one, taps=taps)
+    mag = jnp.sqrt(re**2 + im**2)[:, 0, 0, taps : frames - taps]
+    # For a cosine input y[n] = H(θ)·cos(θn): the peak of |y| over n is |H(θ)|.
+    return np.asarray(jnp.max(mag, axis=-1))
+
+
+@pytest.mark.parametrize("stride", [4, 16])
+def test_sblu_magnitude_response_peaks_at_omega(stride):
+    lo, hi = alias_band(stride)
+    thetas = np.linspace(0.01, math.pi, 315)
+    for frac in (0.15, 0.5, 0.9):
+        omega = lo + frac * (hi - lo)
+        resp = _response(omega, thetas=thetas)
+        peak = thetas[np.argmax(resp)]
+        assert abs(peak - omega) < 0.03, (stride, omega, peak)
+        # A real band-pass: far from ω (and from the band) it passes much less.
+        far = np.abs(thetas - omega) > 0.5
+        assert resp[far].max() < 0.3 * resp.max(), (omega, resp[far].max(), resp.max())
+
+
+def test_gradient_wrt_omega_is_finite_and_nonzero_across_the_alias_band():
+    stride = 4
+    lo, hi = alias_band(stride)
+    rng = np.random.default_rng(0)
+    u = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)  # [B, S, T] noise envelopes
+    readout = jnp.asarray(rng.normal(size=(2, 3, 1, 128)), jnp.float32)
+    one = jnp.ones((2, 3, 1), jnp.float32)
+
+    def loss(w):
+        re, im = sblu(u, 0.1 * one, w * one, one, one, taps=33)
+        return jnp.sum(readout * re) + 0.5 * jnp.sum(jnp.sqrt(re**2 + im**2))
+
+    grad = jax.jit(jax.grad(loss))
+    omegas = np.linspace(lo + 1e-3, hi, 24)  # (π/P, π], π included
+    eps = 1e-3
+    for w in omegas:
+        g = float(grad(jnp.float32(w)))
+        fd = float(loss(jnp.float32(w + eps)) - loss(jnp.float32(w - eps))) / (2 * eps)
+        assert np.isfinite(g) and abs(g) > 1e-2, (w, g)
+        np.testing.assert_allclose(g, fd, rtol=0.05, atol=0.05)
+
+
+def _encoders(stem, n_mels, aape, seed=0):
+    common = dict(width=64, depth=1, heads=2, n_mels=n_mels, drop_path=0.0, num_pos=65)
+    if stem == "patch2d":
+        common.update(stem="patch2d", patch_size=(16, 16), use_cls=True, pos_embed="sincos2d", qkv_bias=True)
+    plain = FrameAST(EncoderConfig(**common), rngs=nnx.Rngs(params=seed))
+    fused = FrameAST(EncoderConfig(**common, aape=aape), rngs=nnx.Rngs(params=seed))
+    return plain, fused
+
+
+@pytest.mark.parametrize("stem,n_mels,bins", [("frame", 64, 8), ("patch2d", 128, 16)])
+def test_zero_fusion_is_exactly_the_plain_patch_embedding(stem, n_mels, bins):
+    aape = AapeConfig(subband_bins=bins, kernels=3, taps=17)
+    plain, fused = _encoders(stem, n_mels, aape)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, n_mels, 128)), jnp.float32)
+    length = jnp.array([128, 100], jnp.int32)
+    mask = jnp.zeros((2, plain.num_tokens(128)), bool).at[:, 1].set(True)
+    np.testing.assert_array_equal(np.asarray(fused.embed(x, mask)), np.asarray(plain.embed(x, mask)))
+    np.testing.assert_array_equal(np.asarray(fused(x, length)), np.asarray(plain(x, length)))
+
+    # The branch is live: its features depend on the input, and the loss has a gradient on the zero fusion
+    # (so training moves it off zero); once it is non-zero, the stem's output changes.
+    feats = fused.aape.token_features(x)
+    assert feats.shape == (2, plain.num_tokens(128), (n_mels // bins if stem == "frame" else 1) * 3 * 2)
+    assert float(jnp.std(feats)) > 1e-3
+    graphdef, params = nnx.split(fused)
+
+    def loss(p):
+        return jnp.sum(jnp.sin(nnx.merge(graphdef, p).embed(x)))
+
+    g = jax.jit(jax.grad(loss))(params)
+    assert float(jnp.abs(g["aape"]["fuse"]["kernel"].get_value()).max()) > 1e-4
+    fused.aape.fuse.kernel[...] = 0.05 * jax.random.normal(jax.random.key(3), fused.aape.fuse.kernel.shape)
+    assert float(jnp.abs(fused.embed(x) - plain.embed(x)).max()) > 1e-3
+
+
+def test_lambda_encoder_keeps_alpha_positive_and_omega_in_the_alias_band():
+    plain, fused = _encoders("patch2d", 128, AapeConfig(kernels=4))
+    del plain
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(3, 128, 96)) * 3, jnp.float32)
+    alpha, omega = fused.aape.lambdas(fused.aape.envelopes(x))
+    lo, hi = alias_band(16)
+    assert alpha.shape == omega.shape == (3, 8, 4)
+    assert float(alpha.min()) > 0
+    assert float(omega.min()) > lo and float(omega.max()) <= hi
+    # At init the kernels start spread over the band, α near alpha_init.
+    np.testing.assert_allclose(np.asarray(alpha).mean(), 0.1, rtol=0.3)
+    spread = np.sort(np.asarray(omega)[0, 0])
+    assert spread[0] < lo + 0.3 * (hi - lo) and spread[-1] > lo + 0.7 * (hi - lo)
+    # And they depend on the input (the lambda encoder reads the modulation spectrum).
+    _, omega2 = fused.aape.lambdas(fused.aape.envelopes(jnp.roll(x, 7, axis=0) * 0.5 + jnp.sin(x)))
+    assert float(jnp.abs(omega2 - omega).max()) > 1e-5
+
+
+def test_atst_frame_aape_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, embedded_cache):
+    """ATST-Frame's recipe with the AaPE frame stem trains through the CLI like the others; the AaPE branch
+    is in both networks (the teacher's EMA covers it) and its fusion projection has left zero."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, cli_env
+
+    from atst_jax.checkpoint import read_checkpoint
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "atst_jax.train", "--config", str(ROOT / "configs" / "atst_frame_aape.py") + ":tiny",
+         "--workdir", str(tmp_path), "--config.train.steps=20", f"--config.data.cache_dir={embedded_cache}",
+         "--config.data.num_clips=64", "--config.atst_frame.crop_seconds=2.0"],
+        capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "20").is_dir() and "std_frm_tea" in proc.stdout
+    _, config, state = read_checkpoint(tmp_path)
+    assert config["model"]["aape"]["subband_bins"] == 8
+    fuse = state["params"]["encoder"]["aape"]["fuse"]["kernel"]
+    assert fuse.shape == (8 * 2 * 2, 128) and np.abs(fuse).max() > 0
+    assert "aape" in state["teacher"]["encoder"]
+
+    # Export: FrameAST's 138 keys + aape.*, our PyTorch AaPE-FrameAST loads it strict=True and matches JAX;
+    # HEAR loads it; the official-loader formats refuse an encoder they cannot hold.
+    torch = pytest.importorskip("torch")
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from atst_jax.export import __main__ as export_cli
+    from atst_jax.export import hear
+    from atst_jax.export.torch_aape import AaPEFrameAST
+    from atst_jax.inference import encoder_from_params, run_encoder_config
+
+    out = tmp_path / "frame_aape.safetensors"
+    assert export_cli.main(["--workdir", str(tmp_path), "--format", "safetensors", "--out", str(out)]) == 0
+    assert (
+        export_cli.main(["--workdir", str(tmp_path), "--format", "atst_sed", "--out", str(tmp_path / "x.pt")])
+        == 2
+    )
+    with safe_open(str(out), framework="np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "atst_frame_encoder+aape"
+    sd = load_file(str(out))
+    assert len(sd) == 6 + 11 * 4 + 11
+    model = AaPEFrameAST.from_state_dict(sd, json.loads(meta["aape"]), heads=2, strict=True).eval()
+    enc = state["teacher"]["encoder"]
+    jax_enc = encoder_from_params(enc, run_encoder_config(config, enc))
+    x = np.random.default_rng(0).normal(size=(2, 64, 200)).astype(np.float32)
+    length = np.array([200, 200], np.int32)
+    want = np.asarray(jax_enc(x, length))
+    with torch.no_grad():
+        got = model(torch.from_numpy(x), torch.from_numpy(length)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    h = hear.load_model(str(out))
+    emb, ts = hear.get_timestamp_embeddings(torch.zeros(1, 16000), h)
+    assert emb.shape == (1, ts.shape[1], h.timestamp_embedding_size) and np.isfinite(emb.numpy()).all()
