@@ -9,6 +9,16 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache for the session (one per xdist worker; CLI subprocesses inherit it): the
+# same train step is compiled by many tests (tiny configs, kill + resume, CLI runs), and XLA:CPU compiles are
+# most of the suite's time. Only compiles over 1 s are stored. ATST_JAX_TEST_CACHE=0 turns it off.
+if os.environ.get("ATST_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"atst_jax_xla_cache_{_worker}_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
