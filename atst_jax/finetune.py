@@ -670,32 +670,15 @@ def _options(args) -> FinetuneOptions:
     for ok, msg in checks:
         if not ok:
             raise FinetuneError(msg)
-    return FinetuneOptions(
-        task=args.task,
-        epochs=args.epochs,
-        batch=args.batch,
-        lr=args.lr,
-        layer_decay=args.layer_decay,
-        momentum=args.momentum,
-        clip_norm=args.clip_norm,
-        warmup_epochs=args.warmup_epochs,
-        mixup=args.mixup,
-        crop_s=args.crop_s,
-        drop_path=args.drop_path,
-        distill_lambda=args.distill_lambda,
-        val_fraction=args.val_fraction,
-        median_s=args.median_s,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    # Every option but ``progress`` is a flag of the same name.
+    fields = [f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "progress"]
+    return FinetuneOptions(**{name: getattr(args, name) for name in fields}, progress=not args.no_progress)
 
 
 def _load(workdir, weights, step, encoder, what):
     try:
         return ev.load_encoder(workdir=workdir, step=step, weights=weights, encoder=encoder)
-    except FileNotFoundError as e:
-        raise FinetuneError(f"{what}: {e}") from None
-    except ValueError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise FinetuneError(f"{what}: {e}") from None
 
 

@@ -185,20 +185,3 @@ class PretrainProbe:
         else:
             self.log(f"probe at step {step}: {shown} ({seconds:.1f} s)")
         return results
-
-
-def truncate(workdir, last_step: int) -> None:
-    """On resume: keep ``probe.jsonl``'s lines of steps <= ``last_step`` (each probe appears once)."""
-    path = Path(str(workdir)) / "probe.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)

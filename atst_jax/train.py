@@ -840,8 +840,9 @@ def _train(config, workdir, stop) -> dict:
     if config.get("probe") and config.probe.train:
         from atst_jax import pretrain_probe
 
-        if distributed.is_main():
-            pretrain_probe.truncate(workdir, step)
+        probe_log = Path(str(workdir)) / "probe.jsonl"
+        if distributed.is_main() and probe_log.exists():  # each probe appears once after a resume
+            _truncate_jsonl(probe_log, step)
         probe = pretrain_probe.PretrainProbe(config, workdir, run_config, feature_set, log=_log)
 
     # ---------------------------------------------------------------------------------- Loop
