@@ -112,7 +112,7 @@ def test_base_parameter_shardings_match_golden(name):
         golden.write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
     assert params == json.loads(golden.read_text())
     # Teacher and optimizer moments shard exactly like the student's covered parts.
-    covers = tuple(f"['{c}']" for c in methods.get_class(name).ema_covers)
+    covers = tuple(f"['{c}']" for c in trainer.method.ema_covers)
     assert _specs(shardings["teacher"]) == {k: v for k, v in params.items() if k.startswith(covers)}
     assert _specs(shardings["opt"]["mu"]) == params and _specs(shardings["opt"]["nu"]) == params
 

@@ -14,6 +14,7 @@ _METHODS = {
     "asit": "atst_jax.methods.asit:Asit",
     "atst_frame": "atst_jax.methods.atst_frame:AtstFrame",
     "atst_clip": "atst_jax.methods.atst_clip:AtstClip",
+    "compose": "atst_jax.methods.compose:Compose",
 }
 
 

@@ -56,7 +56,13 @@ from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method
 from atst_jax.models.byol import cosine, normalized_std
 from atst_jax.models.encoder import FrameAST
-from atst_jax.models.masked_prediction import CrossPredictor, l2_normalize, layer_targets, multi_view_info_nce
+from atst_jax.models.masked_prediction import (
+    CrossPredictor,
+    l2_normalize,
+    layer_targets,
+    masked_mean,
+    multi_view_info_nce,
+)
 from atst_jax.sharding import ConfigError
 
 
@@ -100,12 +106,6 @@ class Teacher(nnx.Module):
     def __init__(self, enc, cfg: AaspConfig, *, rngs: nnx.Rngs):
         del cfg
         self.encoder = FrameAST(enc, rngs=rngs)
-
-
-def masked_mean(x, weights):
-    """Mean of ``x [R, K, E]`` over the rows with weight 1 along ``K`` → ``[R, E]``."""
-    w = weights.astype(jnp.float32)[..., None]
-    return jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
 class Aasp(Method):

@@ -78,6 +78,12 @@ class CrossPredictor(nnx.Module):
         return self.head(self.norm(q))
 
 
+def masked_mean(x, weights):
+    """Mean of ``x [R, K, E]`` over the rows with weight 1 along ``K`` → ``[R, E]`` (float32)."""
+    w = weights.astype(jnp.float32)[..., None]
+    return jnp.sum(x.astype(jnp.float32) * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+
+
 def l2_normalize(x, eps: float = 1e-12):
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
