@@ -48,21 +48,8 @@ def get_config(variant: str = "tiny"):
         c, global_batch=batch, base_lr=peak_lr * 256 / batch, warmup_steps=warmup, steps=steps, ema=0.9998
     )
     frames = c.aasp.crop_frames if c.variant != "tiny" else 256
-    c.model.update(
-        n_mels=128,
-        stem="patch2d",
-        patch_size=(16, 16),
-        num_pos=(frames // 16) * 8 + 1,
-        use_cls=True,
-        qkv_bias=True,
-        pos_embed="sincos2d",
-    )
+    common.eat_vit(c, frames)
     c.model.aape = aape_defaults()
-    c.optim.update(
-        adamw="torch", b1=0.9, b2=0.95, eps=1e-6, wd_start=0.05, wd_schedule="constant",
-        grad_clip="global_norm", clip_norm=4.0, final_lr=1e-6,
-    )  # fmt: skip
-    c.data.update(sample_rate=32000, hop_length=320)
     if c.variant == "tiny":
         # CPU-sized: 16 × 8 tokens, 4 copies, a 1-block predictor, a teacher that moves within 300 steps.
         c.aasp.update(crop_frames=frames, num_masks=4, pred_dim=64, pred_depth=1, pred_heads=2, ema_end=0.999)

@@ -161,6 +161,26 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
     return c
 
 
+def eat_vit(c, frames: int):
+    """The 2-D patch ViT of EAT / AaSP on ``frames``-frame crops of the 128-bin Kaldi fbank at 32 kHz: 16 × 16
+    patches, a CLS token, qkv bias, fixed 2-D sin-cos positions; EAT's optimiser (``torch.optim.AdamW``,
+    β (0.9, 0.95), constant weight decay 0.05, global gradient-norm clipping at 4)."""
+    c.model.update(
+        n_mels=128,
+        stem="patch2d",
+        patch_size=(16, 16),
+        num_pos=(frames // 16) * 8 + 1,
+        use_cls=True,
+        qkv_bias=True,
+        pos_embed="sincos2d",
+    )
+    c.optim.update(
+        adamw="torch", b1=0.9, b2=0.95, eps=1e-6, wd_start=0.05, wd_schedule="constant",
+        grad_clip="global_norm", clip_norm=4.0, final_lr=1e-6,
+    )  # fmt: skip
+    c.data.update(sample_rate=32000, hop_length=320)
+
+
 def set_run(c, *, global_batch, base_lr, warmup_steps, steps, ema):
     """The recipe's run: global batch, base LR (× batch / 256), warm-up and total steps, teacher EMA."""
     c.train.global_batch = global_batch

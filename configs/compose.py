@@ -81,18 +81,7 @@ def get_config(spec: str = "tiny"):
             c, global_batch=batch, base_lr=peak_lr * 256 / batch, warmup_steps=warmup, steps=steps, ema=ema
         )
         frames = 256 if tiny else 1024
-        c.model.update(
-            n_mels=128,
-            stem="patch2d",
-            patch_size=(16, 16),
-            num_pos=(frames // 16) * 8 + 1,
-            use_cls=True,
-            qkv_bias=True,
-            pos_embed="sincos2d",
-        )
-        c.optim.update(adamw="torch", b1=0.9, b2=0.95, wd_start=0.05, wd_schedule="constant")
-        c.optim.update(grad_clip="global_norm", clip_norm=4.0)
-        c.data.update(sample_rate=32000, hop_length=320)
+        common.eat_vit(c, frames)
         c.compose.update(crop_frames=frames, features="kaldi_fbank128")
     else:
         batch, base_lr, warmup, steps, ema = _FRAME_RUNS.get(c.variant, _FRAME_DEFAULT)

@@ -3,6 +3,7 @@ whole alias-prone band (and matches finite differences), the lambda encoder keep
 the fusion projection at zero the stem is exactly the plain patch embedding (frame 64×4 on the 64-bin log-mel,
 2-D 16×16 on the 128-bin fbank)."""
 
+import json
 import math
 
 import jax
@@ -96,6 +97,15 @@ def test_zero_fusion_is_exactly_the_plain_patch_embedding(stem, n_mels, bins):
     fused.aape.fuse.kernel[...] = 0.05 * jax.random.normal(jax.random.key(3), fused.aape.fuse.kernel.shape)
     assert float(jnp.abs(fused.embed(x) - plain.embed(x)).max()) > 1e-3
 
+    # Padding-invariant, as the trunk is: clip 1 (100 valid frames) gives the same valid tokens padded to 128
+    # frames as cut to its own 100 (AaPE's statistics, modulation spectrum and SBLU stop at the valid frames).
+    per = 4 if stem == "frame" else 16
+    keep = fused.token_lengths(length)[1]
+    cut = 100 - 100 % per
+    alone = fused(x[1:, :, :cut], length[1:])[:, : fused.n_prefix + keep]
+    padded = fused(x, length)[1:, : fused.n_prefix + keep]
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(alone), rtol=1e-5, atol=1e-5)
+
 
 def test_lambda_encoder_keeps_alpha_positive_and_omega_in_the_alias_band():
     plain, fused = _encoders("patch2d", 128, AapeConfig(kernels=4))
@@ -115,9 +125,11 @@ def test_lambda_encoder_keeps_alpha_positive_and_omega_in_the_alias_band():
     assert float(jnp.abs(omega2 - omega).max()) > 1e-5
 
 
-def test_atst_frame_aape_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, embedded_cache):
-    """ATST-Frame's recipe with the AaPE frame stem trains through the CLI like the others; the AaPE branch
-    is in both networks (the teacher's EMA covers it) and its fusion projection has left zero."""
+def test_atst_frame_aape_cli_learns_and_exports(tmp_path, embedded_cache):
+    """ATST-Frame's recipe with the AaPE frame stem trains through the CLI like the others: 200 steps (cut for
+    the suite: batch 8, 2 s crops, 2 blocks) with checkpoints at 20 and 200, the loss falls and the collapse
+    monitors stay well above 0; the AaPE branch is in both networks (the teacher's EMA covers it) and its
+    fusion projection has left zero. One run for the CLI, learning, export and embed checks."""
     import subprocess
     import sys
 
@@ -127,23 +139,30 @@ def test_atst_frame_aape_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, emb
 
     proc = subprocess.run(
         [sys.executable, "-m", "atst_jax.train", "--config", str(ROOT / "configs" / "atst_frame_aape.py") + ":tiny",
-         "--workdir", str(tmp_path), "--config.train.steps=20", f"--config.data.cache_dir={embedded_cache}",
-         "--config.data.num_clips=64", "--config.atst_frame.crop_seconds=2.0"],
+         "--workdir", str(tmp_path), "--config.train.steps=200", "--config.train.ckpt_every=20",
+         "--config.train.keep_every=20", "--config.train.global_batch=8", "--config.model.depth=2",
+         f"--config.data.cache_dir={embedded_cache}", "--config.data.num_clips=64",
+         "--config.atst_frame.crop_seconds=2.0"],
         capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "20").is_dir() and "std_frm_tea" in proc.stdout
+    assert (tmp_path / "checkpoints" / "20").is_dir() and (tmp_path / "checkpoints" / "200").is_dir()
+    assert "std_frm_tea" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    early = float(np.mean([r["loss"] for r in rows[:2]]))
+    late = float(np.mean([r["loss"] for r in rows[-3:]]))
+    assert late < early - 0.1, (early, late)
+    for r in rows:  # healthy ≈ 1/√128 ≈ 0.09 for the 128-d tiny heads; collapse → 0
+        assert r["std_frm_tea"] > 0.02 and r["std_frm_stu"] > 0.02, r
     _, config, state = read_checkpoint(tmp_path)
     assert config["model"]["aape"]["subband_bins"] == 8
     fuse = state["params"]["encoder"]["aape"]["fuse"]["kernel"]
     assert fuse.shape == (8 * 2 * 2, 128) and np.abs(fuse).max() > 0
     assert "aape" in state["teacher"]["encoder"]
 
-    # Export: FrameAST's 138 keys + aape.*, our PyTorch AaPE-FrameAST loads it strict=True and matches JAX;
+    # Export: FrameAST's keys + aape.*, our PyTorch AaPE-FrameAST loads it strict=True and matches JAX;
     # HEAR loads it; the official-loader formats refuse an encoder they cannot hold.
     torch = pytest.importorskip("torch")
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -162,7 +181,7 @@ def test_atst_frame_aape_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, emb
         meta = f.metadata()
     assert meta["format"] == "atst_frame_encoder+aape"
     sd = load_file(str(out))
-    assert len(sd) == 6 + 11 * 4 + 11
+    assert len(sd) == 6 + 11 * 2 + 11  # FrameAST's 6 + 11 per block (2 here), + 11 aape.*
     model = AaPEFrameAST.from_state_dict(sd, json.loads(meta["aape"]), heads=2, strict=True).eval()
     enc = state["teacher"]["encoder"]
     jax_enc = encoder_from_params(enc, run_encoder_config(config, enc))
@@ -173,5 +192,25 @@ def test_atst_frame_aape_cli_runs_20_steps_and_writes_a_checkpoint(tmp_path, emb
         got = model(torch.from_numpy(x), torch.from_numpy(length)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     h = hear.load_model(str(out))
-    emb, ts = hear.get_timestamp_embeddings(torch.zeros(1, 16000), h)
+    wave = np.random.default_rng(1).normal(size=(1, 16000 * 2)).astype(np.float32) * 0.1
+    emb, ts = hear.get_timestamp_embeddings(torch.from_numpy(wave), h)
     assert emb.shape == (1, ts.shape[1], h.timestamp_embedding_size) and np.isfinite(emb.numpy()).all()
+    # The JAX embedder on the run gives what HEAR gives on the export.
+    from atst_jax.embed import Embedder, read_run_encoder
+
+    frames, _ = Embedder(read_run_encoder(tmp_path)[0]).frame_embeddings(wave[0])
+    np.testing.assert_allclose(frames, emb[0].numpy(), atol=2e-4, rtol=2e-4)
+
+
+def test_bad_subband_bins_is_a_one_line_config_error():
+    from conftest import ROOT
+
+    from atst_jax import methods
+    from atst_jax.sharding import ConfigError
+    from atst_jax.train import load_config
+
+    c = load_config(str(ROOT / "configs" / "atst_frame_aape.py") + ":tiny")
+    c.model.aape.subband_bins = 7
+    with pytest.raises(ConfigError, match="subband_bins=7 must divide n_mels=64") as e:
+        methods.build(c)
+    assert "\n" not in str(e.value)

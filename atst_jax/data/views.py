@@ -232,6 +232,12 @@ def gmml_corrupt(
 
 
 # --- inverse block masks (data2vec 2.0 / EAT multi-mask; AaSP) ------------------------------------------
+def visible_count(num_tokens: int, mask_ratio: float) -> int:
+    """Tokens a copy keeps when ``mask_ratio`` of ``num_tokens`` are masked: ``round(N·(1 − r))``, at least 1
+    and at most ``N − 1`` (a static count: every copy has the same sequence length)."""
+    return min(max(1, int(round(num_tokens * (1.0 - mask_ratio)))), num_tokens - 1)
+
+
 def inverse_block_mask(key, batch: int, grid: tuple[int, int], visible: int, *, block=(5, 5), valid=None):
     """``batch`` masks over a time-major ``grid = (n_t, n_f)`` token grid that keep **exactly** ``visible``
     tokens, grown as blocks of visible tokens (the masked set is their complement: "inverse" block masking).

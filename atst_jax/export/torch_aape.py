@@ -65,13 +65,21 @@ class AaPE(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS) if cfg["feature_norm"] else None
         self.fuse = nn.Linear(dim, width)
 
-    def forward(self, spec):
+    def forward(self, spec, length=None):
         b, f, t = spec.shape
         t = t // self.stride * self.stride
         u = spec[:, :, :t].float().reshape(b, self.n_sub, f // self.n_sub, t).mean(dim=2)
+        # Statistics over the valid tokens' frames only, 0 past them (padding-invariant, as the JAX stem).
+        if length is None:
+            valid = torch.full((b,), t, device=u.device)
+        else:
+            valid = torch.clamp(torch.as_tensor(length, device=u.device) // self.stride * self.stride, max=t)
+        w = (torch.arange(t, device=u.device)[None, :] < valid[:, None]).float()[:, None]
+        count = w.sum(dim=-1, keepdim=True).clamp(min=1.0)
         if self.envelope_norm:
-            u = u - u.mean(dim=-1, keepdim=True)
-            u = u * torch.rsqrt(u.square().mean(dim=-1, keepdim=True) + 1e-5)
+            u = u - (u * w).sum(dim=-1, keepdim=True) / count
+            u = u * torch.rsqrt((u.square() * w).sum(dim=-1, keepdim=True) / count + 1e-5)
+        u = u * w
         # Lambda encoder: log |DFT| of each envelope at θ_j = π (j + 1) / stat_bins, per √T.
         theta = (
             math.pi
@@ -81,7 +89,7 @@ class AaPE(nn.Module):
         n = torch.arange(t, device=u.device, dtype=torch.float64)[:, None]
         basis = torch.exp(-1j * n * theta).to(torch.complex64)  # cos − i·sin
         spec_mod = torch.einsum("bst,tj->bsj", u.to(torch.complex64), basis)
-        stats = 0.5 * torch.log(spec_mod.abs().square() + 1e-6) - 0.5 * math.log(t)
+        stats = 0.5 * torch.log(spec_mod.abs().square() + 1e-6) - 0.5 * torch.log(count)
         raw = self.lambda_fc2(nn.functional.gelu(self.lambda_fc1(stats)))
         raw = raw.reshape(b, self.n_sub, self.kernels, 2) + self.band_bias
         lo = math.pi / self.stride
@@ -104,10 +112,10 @@ class AaPE(nn.Module):
 class AaPEViT(VisionTransformer):
     """``torch_vit.VisionTransformer`` with an ``aape`` branch on its patch tokens (input ``[B, 1, T, n_mels]``)."""
 
-    def aape_tokens(self, x):
+    def aape_tokens(self, x, length=None):
         if x.dim() == 3:
             x = x[:, None]
-        return self.aape(x[:, 0].transpose(1, 2))
+        return self.aape(x[:, 0].transpose(1, 2), length)
 
     @classmethod
     def from_state_dict(cls, sd, aape: dict, heads=None, n_mels: int = 128, strict: bool = True):
@@ -122,8 +130,8 @@ class AaPEViT(VisionTransformer):
 class AaPEFrameAST(FrameAST):
     """``torch_encoder.FrameAST`` with an ``aape`` branch on its frame tokens (input ``[B, n_mels, T]``)."""
 
-    def aape_tokens(self, spec):
-        return self.aape(spec)
+    def aape_tokens(self, spec, length=None):
+        return self.aape(spec, length)
 
     @classmethod
     def from_state_dict(cls, sd, aape: dict, heads=None, strict: bool = True):

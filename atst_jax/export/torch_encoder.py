@@ -156,7 +156,7 @@ class FrameAST(nn.Module):
             spec = spec.squeeze(1)
         x = self.patch_embed(spec)
         if getattr(self, "aape", None) is not None:  # AaPE exports (torch_aape.AaPEFrameAST)
-            x = x + self.aape_tokens(spec)
+            x = x + self.aape_tokens(spec, length)
         n = x.shape[1]
         if n + 1 > self.pos_embed.shape[1]:
             raise ValueError(f"{n} tokens exceed the {self.pos_embed.shape[1] - 1} positional slots")

@@ -184,7 +184,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"input has {x.shape[-1]} mel bins; this encoder takes {self.n_mels}")
         tokens = self.patch_embed(x)
         if getattr(self, "aape", None) is not None:  # AaPE exports (torch_aape.AaPEViT)
-            tokens = tokens + self.aape_tokens(x)
+            tokens = tokens + self.aape_tokens(x, length)
         x = tokens
         n = x.shape[1]
         if n + 1 > self.pos_embed.shape[1]:

@@ -125,8 +125,7 @@ class Aasp(Method):
 
     def num_visible(self) -> int:
         """Tokens each masked copy keeps (the student's sequence length without the CLS token)."""
-        n = self.num_tokens()
-        return min(max(1, int(round(n * (1.0 - self.cfg.mask_ratio)))), n - 1)
+        return views.visible_count(self.num_tokens(), self.cfg.mask_ratio)
 
     def inputs(self):
         return (Crop("spec", self.cfg.crop_frames, self.cfg.features),)
@@ -171,12 +170,12 @@ class Aasp(Method):
         utt = masked_mean(y, valid)
         return y, utt, jax.lax.stop_gradient(out[:, p:]), valid
 
-    def student_forward(self, student, spec, vis, token_valid, *, key):
+    def student_forward(self, student, spec, length, vis, token_valid, *, key):
         """Embeds each clip once, keeps the visible tokens of its M copies and runs the trunk on them:
         ``[B·M, n_prefix + V, D]`` and their validity."""
         enc = student.encoder
         b, m, v = vis.shape
-        x = enc.embed(spec)  # [B, n_prefix + N, D]
+        x = enc.embed(spec, length=length)  # [B, n_prefix + N, D]
         p = enc.n_prefix
         kept = views.take_tokens(x[:, p:], vis.reshape(b, m * v)).reshape(b * m, v, -1)
         kept_valid = jnp.take_along_axis(token_valid, vis.reshape(b, m * v), axis=1).reshape(b * m, v)
@@ -198,7 +197,7 @@ class Aasp(Method):
 
         y, utt, t_out, token_valid = self.teacher_targets(teacher, spec, length)
         vis, hid = self.masks(k_mask, token_valid)
-        s_out, s_valid = self.student_forward(student, spec, vis, token_valid, key=k_stu)
+        s_out, s_valid = self.student_forward(student, spec, length, vis, token_valid, key=k_stu)
 
         q = hid.shape[-1]
         pos = jnp.broadcast_to(enc.token_positions(n, jnp.dtype(enc.cfg.dtype))[0], (n, enc.cfg.width))

@@ -100,7 +100,10 @@ class Method:
     def __init__(self, config):
         self.config = config
         self.cfg = dataclass_from_section(self.Config, config.get(self.name), f"config.{self.name}")
-        self.enc_cfg = EncoderConfig.from_config(config.model)
+        try:
+            self.enc_cfg = EncoderConfig.from_config(config.model)
+        except ValueError as e:  # a bad model field (stem, positions, AaPE): one line, before any compile
+            raise ConfigError(str(e)) from None
 
     # --- data -----------------------------------------------------------------------------------------
     def inputs(self) -> tuple[Crop, ...]:

@@ -212,8 +212,7 @@ class Compose(Method):
 
     def num_visible(self) -> int:
         """inverse_block: tokens each copy keeps (the student's sequence length without a CLS token)."""
-        n = self.num_tokens()
-        return min(max(1, int(round(n * (1.0 - self.cfg.mask_ratio)))), n - 1)
+        return views.visible_count(self.num_tokens(), self.cfg.mask_ratio)
 
     def num_queries(self) -> int:
         """Masked positions answered per copy (static): the span capacity, all tokens (gmml), or N − V."""
@@ -274,7 +273,7 @@ class Compose(Method):
             vis, hid = views.inverse_block_mask(
                 k_mask, b * m, (n_t, n_f), self.num_visible(), block=block, valid=valid
             )
-            x = enc.embed(spec)  # once per clip; the copies keep different tokens of it
+            x = enc.embed(spec, length=length)  # once per clip; the copies keep different tokens of it
             v = vis.shape[1]
             kept = views.take_tokens(x[:, p:], vis.reshape(b, m * v)).reshape(b * m, v, -1)
             kept_valid = jnp.take_along_axis(token_valid, vis.reshape(b, m * v), axis=1).reshape(b * m, v)

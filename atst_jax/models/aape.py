@@ -19,7 +19,8 @@ Reconstructed here (no public code; every choice is a field of ``AapeConfig``):
 - Subbands: the mel bins in groups of ``subband_bins`` (default 16 = one row of 16×16 patches; a 64-bin
   frame stem uses 8 → 8 subbands per token). ``u`` = the group's mean of the normalised log-mel, then
   standardised over time per clip (``envelope_norm``), so the filters see the envelope's modulation and not
-  its level.
+  its level. Statistics, the modulation spectrum and the SBLU's zero padding stop at a clip's valid frames
+  (``length``), so padding a clip does not change its features (as the trunk's key masking does not).
 - Lambda encoder: per subband the log-magnitude modulation spectrum of ``u`` at ``stat_bins`` frequencies
   evenly spaced in (0, π] (a DFT as two fixed matmuls) → ``Linear → GELU → Linear`` (shared over subbands) +
   a learned per-subband bias → ``kernels`` pairs; ``α = alpha_min + softplus(·)``, ``ω = π/P + (π − π/P)·
@@ -181,33 +182,49 @@ class AaPE(nnx.Module):
         self.fuse.kernel[...] = jnp.zeros((dim, width), jnp.float32)  # training starts as the plain stem
 
     # --- parts -------------------------------------------------------------------------------------------
-    def envelopes(self, spec):
-        """Subband envelopes ``u [B, S, T']`` of the whole patches' frames ``T' = (T // P) · P``."""
+    def valid_frames(self, length, frames: int):
+        """``[B]`` frames of whole valid tokens (the stem's own rule) of a crop of ``frames``; all without
+        ``length``."""
+        if length is None:
+            return None
+        return jnp.minimum((jnp.asarray(length) // self.stride) * self.stride, frames).astype(jnp.int32)
+
+    def envelopes(self, spec, length=None):
+        """Subband envelopes ``u [B, S, T']`` of the whole patches' frames ``T' = (T // P) · P``.
+
+        With ``length [B]`` (valid frames) the statistics cover the valid tokens' frames only and ``u`` is 0
+        past them (as past the crop's end), so a clip's features do not depend on how far it was padded."""
         b, f, t = spec.shape
         t = (t // self.stride) * self.stride
         u = spec[:, :, :t].astype(jnp.float32).reshape(b, self.n_sub, f // self.n_sub, t).mean(axis=2)
+        valid = self.valid_frames(length, t)
+        w = jnp.ones((b, 1, t), jnp.float32) if valid is None else (jnp.arange(t) < valid[:, None])[:, None]
+        w = w.astype(jnp.float32)
+        count = jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1.0)
         if self.cfg.envelope_norm:
-            u = u - jnp.mean(u, axis=-1, keepdims=True)
-            u = u * jax.lax.rsqrt(jnp.mean(jnp.square(u), axis=-1, keepdims=True) + 1e-5)
-        return u
+            u = u - jnp.sum(u * w, axis=-1, keepdims=True) / count
+            u = u * jax.lax.rsqrt(jnp.sum(jnp.square(u) * w, axis=-1, keepdims=True) / count + 1e-5)
+        return u * w
 
-    def lambdas(self, u):
-        """``alpha, omega [B, S, K]`` estimated from the envelopes ``u [B, S, T]``."""
+    def lambdas(self, u, length=None):
+        """``alpha, omega [B, S, K]`` estimated from the envelopes ``u [B, S, T]`` (0 past ``length``)."""
         cfg = self.cfg
         cos, sin = modulation_dft(u.shape[-1], cfg.stat_bins)
         re, im = u @ jnp.asarray(cos), u @ jnp.asarray(sin)
-        stats = 0.5 * jnp.log(re * re + im * im + 1e-6) - 0.5 * math.log(u.shape[-1])  # log |U(θ)| / √T
+        valid = self.valid_frames(length, u.shape[-1])
+        count = u.shape[-1] if valid is None else jnp.maximum(valid, 1).astype(jnp.float32)[:, None, None]
+        stats = 0.5 * jnp.log(re * re + im * im + 1e-6) - 0.5 * jnp.log(count)  # log |U(θ)| / √T
         raw = self.lambda_fc2(gelu_exact(self.lambda_fc1(stats))) + self.band_bias[...]
         lo, hi = alias_band(self.stride)
         alpha = cfg.alpha_min + jax.nn.softplus(raw[..., 0])
         omega = lo + (hi - lo) * jax.nn.sigmoid(raw[..., 1])
         return alpha, omega
 
-    def token_features(self, spec):
+    def token_features(self, spec, length=None):
         """Pooled SBLU features ``[B, N, feature_dim]`` in the stem's (time-major) token order."""
         cfg = self.cfg
-        u = self.envelopes(spec)
-        alpha, omega = self.lambdas(u)
+        u = self.envelopes(spec, length)
+        alpha, omega = self.lambdas(u, length)
         y_re, y_im = sblu(u, alpha, omega, self.gain_b[...], self.gain_c[...], taps=cfg.taps, delta=cfg.delta)
         parts = {
             "real": lambda: y_re,
@@ -223,8 +240,8 @@ class AaPE(nnx.Module):
         feats = feats.reshape(b, n_f, spt, k, n_t, nf).transpose(0, 4, 1, 2, 3, 5)
         return feats.reshape(b, n_t * n_f, spt * k * nf)
 
-    def __call__(self, spec):
-        x = self.token_features(spec)
+    def __call__(self, spec, length=None):
+        x = self.token_features(spec, length)
         if self.norm is not None:
             x = self.norm(x)
         return self.fuse(x)

@@ -94,6 +94,13 @@ class EncoderConfig:
             )
         if self.width % self.heads:
             raise ValueError(f"model.width {self.width} is not divisible by model.heads {self.heads}")
+        if self.aape is not None:
+            token_bins = self.patch_size[1] if self.stem == "patch2d" else self.n_mels
+            if self.n_mels % self.aape.subband_bins or token_bins % self.aape.subband_bins:
+                raise ValueError(
+                    f"model.aape.subband_bins={self.aape.subband_bins} must divide n_mels={self.n_mels} and the "
+                    f"{token_bins} mel bins of a token"
+                )
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(
                 f"model.attention must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention!r}"
@@ -172,9 +179,10 @@ class FrameAST(nnx.Module):
         """Positional embeddings ``[1, n, D]`` of patch tokens ``0..n-1`` (what ``embed`` adds to them)."""
         return self.stem.token_positions(self, n, dtype)
 
-    def embed(self, spec, mask=None):
-        """Patch projection, mask token substitution, positions (and CLS). Returns ``[B, N(+1), D]``."""
-        return self.stem.embed(self, spec, mask)
+    def embed(self, spec, mask=None, length=None):
+        """Patch projection, mask token substitution, positions (and CLS). Returns ``[B, N(+1), D]``.
+        ``length`` (valid frames) matters only to an AaPE branch."""
+        return self.stem.embed(self, spec, mask, length)
 
     def valid_mask(self, length, n: int):
         """``[B, n]`` bool over an embedded sequence of ``n`` tokens (CLS included): True = a real token."""
@@ -232,7 +240,7 @@ class FrameAST(nnx.Module):
         drop-path is active. Returns final-normed tokens ``[B, N(+1), D]``; with ``collect_layers`` also
         every block's output ``[L, B, N(+1), D]`` (before the final norm).
         """
-        x = self.embed(spec, mask)
+        x = self.embed(spec, mask, length)
         valid = self.valid_mask(length, x.shape[1])
         return self.trunk(x, valid, train=train, key=key, collect_layers=collect_layers)
 

@@ -105,17 +105,18 @@ class _Stem:
             return (enc.cls_token[...] + enc.pos_embed[:, :1]).astype(dtype)
         return enc.cls_token[...].astype(dtype)
 
-    def embed(self, enc: nnx.Module, spec, mask=None):
+    def embed(self, enc: nnx.Module, spec, mask=None, length=None):
         """Patch projection, mask-token substitution, positions, CLS: ``[B, F, T] → [B, N(+1), D]``.
 
         ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed`` after the projection and before the
-        positions, so a masked token still knows where it is.
+        positions, so a masked token still knows where it is. ``length [B]`` (valid frames) keeps the AaPE
+        branch's statistics to the clip's own frames.
         """
         dtype = jnp.dtype(self.cfg.dtype)
         x = enc.patch_embed(self.patchify(spec.astype(dtype)))
         aape = getattr(enc, "aape", None)
         if aape is not None:  # AaPE adds its alias-band features to the patch projection (models/aape.py)
-            x = x + aape(spec).astype(dtype)
+            x = x + aape(spec, length).astype(dtype)
         pos = self.token_positions(enc, x.shape[1], dtype)
         if mask is not None:
             x = jnp.where(mask[..., None], enc.mask_embed[...].astype(dtype), x)
