@@ -126,7 +126,13 @@ def test_mel_banks_equal_torchaudio_bit_for_bit(kaldi):
         theirs, _ = module.get_mel_banks(n_mels, n_fft, sr, 20.0, 0.0, 100.0, -500.0, 1.0)
         ours = fbank.mel_banks(sr, n_mels)
         assert ours.shape == (n_fft // 2 + 1, n_mels) and not ours[-1].any()  # Nyquist bin: weight 0
-        np.testing.assert_array_equal(ours[:-1].astype(np.float32), theirs.numpy().T)
+        # Bit for bit where torch's float32 log is correctly rounded; its vectorised log differs by an ulp on
+        # some CPUs (seen on one CI machine: 67 of 65,536 weights, ≤ 1.8e-5 apart). Exact float64 banks are up
+        # to 0.4 % of a weight away, so 1e-4 still tells the float32 recipe from them.
+        theirs = theirs.numpy().T
+        ours = ours[:-1].astype(np.float32)
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+        assert np.mean(ours == theirs) > 0.99
 
 
 @pytest.mark.parametrize("sr,n_mels", CONFIGS)
@@ -142,8 +148,9 @@ def test_numpy_matches_torchaudio(kaldi, sr, n_mels):
             ours.shape == theirs.shape == (fbank.num_frames(len(wave), sr), n_mels)
             and ours.dtype == np.float32
         )
-        # The algorithm: equal to float32 output precision (observed ≤ 5e-7).
-        np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-5, err_msg=name)
+        # The algorithm: equal to float32 output precision (observed ≤ 5e-7 where torch's float32 mel banks
+        # equal ours bit for bit; ≤ 3e-5 on a CPU whose vectorised float32 log moves a few of them by an ulp).
+        np.testing.assert_allclose(ours, exact, rtol=0, atol=1e-4, err_msg=name)
         # What ASiT ran (float32 torch): within TOL; where the float32 reference's own round-off is larger,
         # no further from it than it is from the exact values.
         err = np.abs(ours - theirs)
