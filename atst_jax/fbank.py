@@ -105,9 +105,9 @@ def mel_banks(
     Kaldi's banks have only ``n_fft / 2`` columns.
 
     The weights are computed in float32 arithmetic, step by step as Kaldi (``BaseFloat``) and torchaudio do
-    (with a correctly rounded log), which reproduces torchaudio's banks bit for bit (to an ulp on CPUs whose
-    vectorised float32 log in torch is not correctly rounded). It matters: near a
-    triangle's ends a weight is a small difference of float32 mel values, and an exact (float64) computation
+    (with a correctly rounded log), which reproduces torchaudio's banks bit for bit (up to an ulp of a mel
+    value where torch's vectorised float32 log is not correctly rounded). It matters: near a triangle's ends
+    a weight is a small difference of float32 mel values, and an exact (float64) computation
     differs from the reference there by up to 0.4 % of the weight, enough to move a log fbank value by ~1e-3
     when that FFT bin dominates the band.
     """

@@ -119,20 +119,22 @@ def near_peak(x):
 # --- numpy against torchaudio --------------------------------------------------------------------------
 
 
-def test_mel_banks_equal_torchaudio_bit_for_bit(kaldi):
+def test_mel_banks_match_torchaudio(kaldi):
     torch, module = kaldi
     for sr, n_mels in [*CONFIGS, (16000, 64), (44100, 128), (22050, 80)]:
         n_fft = fbank.frame_geometry(sr)[2]
         theirs, _ = module.get_mel_banks(n_mels, n_fft, sr, 20.0, 0.0, 100.0, -500.0, 1.0)
         ours = fbank.mel_banks(sr, n_mels)
         assert ours.shape == (n_fft // 2 + 1, n_mels) and not ours[-1].any()  # Nyquist bin: weight 0
-        # Bit for bit where torch's float32 log is correctly rounded; its vectorised log differs by an ulp on
-        # some CPUs (seen on one CI machine: 67 of 65,536 weights, ≤ 1.8e-5 apart). Exact float64 banks are up
-        # to 0.4 % of a weight away, so 1e-4 still tells the float32 recipe from them.
+        # Bit for bit where torch's float32 log is correctly rounded. On some CPUs its vectorised log is an ulp
+        # off, which moves a few weights (seen on one CI machine: 67 of 65,536, ≤ 1.8e-5 apart; ≥ 99.75 % of
+        # the weights still equal in every config). The equal share is what tells the float32 recipe from exact
+        # float64 banks: on that machine those equal torchaudio's on only 97.0-98.5 % of the weights, also
+        # within 1.4e-5, so the tolerance alone would not.
         theirs = theirs.numpy().T
         ours = ours[:-1].astype(np.float32)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
-        assert np.mean(ours == theirs) > 0.99
+        assert np.mean(ours == theirs) > 0.995
 
 
 @pytest.mark.parametrize("sr,n_mels", CONFIGS)
