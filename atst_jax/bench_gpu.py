@@ -183,7 +183,7 @@ def run_variant(spec: dict) -> dict:
         out,
         status="ok",
         method=config.method,
-        official_inputs=_official_inputs(config) if config.method == "atst_frame" else None,
+        official_inputs=trainer.method.official_step_inputs(),
         batch=spec["batch"],
         frames={c.name: c.frames for c in trainer.method.inputs()},
         model_dtype=config.model.dtype,
@@ -234,25 +234,14 @@ def run_official(spec: dict) -> dict:
     from atst_jax import bench_official
 
     if "frames" not in spec:  # no main variant reported them: read the config (imports the trainer)
-        from atst_jax import bench
+        from atst_jax import bench, methods
 
         config = bench.make_config(spec["config"], spec["batch"], spec["sets"])
-        if config.method != "atst_frame":
-            return {
-                "status": "error",
-                "error": f"the official step is ATST-Frame's; --config is {config.method}",
-            }
-        spec = dict(spec, **_official_inputs(config))
+        inputs = methods.build(config).official_step_inputs()
+        if inputs is None:
+            return {"status": "error", "error": f"{config.method} has no official PyTorch step to time"}
+        spec = dict(spec, **inputs)
     return dict(bench_official.run(spec), status="ok")
-
-
-def _official_inputs(config) -> dict:
-    """What the official step needs to see our inputs: crop frames, mel bins, mask ratio."""
-    return dict(
-        frames=_method_inputs(config)[0].frames,
-        n_mels=int(config.model.n_mels),
-        mask_ratio=float(config.atst_frame.mask_ratio),
-    )
 
 
 def _child(kind: str, spec: dict) -> int:
@@ -438,9 +427,9 @@ class Suite:
             windows=a.official_windows,
         )
         main = next((r for r in self.results if r["role"] == "main" and r["status"] == "ok"), None)
-        if main and main.get("method") != "atst_frame":
+        if main and main.get("official_inputs") is None:
             self.skipped.append(
-                {"name": "official", "reason": f"the official step is ATST-Frame's, not {main['method']}"}
+                {"name": "official", "reason": f"{main['method']} has no official PyTorch step"}
             )
             return
         spec.update((main or {}).get("official_inputs") or {})
@@ -566,12 +555,6 @@ class Suite:
                 {"name": "planner", "reason": " | ".join(text.strip().splitlines()[-3:])[-600:]}
             )
         return rows
-
-
-def _method_inputs(config):
-    from atst_jax import methods
-
-    return methods.build(config).inputs()
 
 
 def summarise(suite: Suite, status: str) -> dict:

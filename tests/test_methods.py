@@ -338,3 +338,20 @@ def test_asit_cli_learns_on_embedded_fbank_and_exports(tmp_path, embedded_cache)
     with torch.no_grad():
         got = vit(torch.from_numpy(x.transpose(0, 2, 1).copy())[:, None]).numpy()  # official [B, 1, T, F]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_official_step_inputs_come_from_the_method_contract():
+    """``bench_gpu`` times the official PyTorch step only for a method that names its inputs; the others get
+    a one-line refusal, whatever the method is called."""
+    from atst_jax import bench_gpu
+
+    for name in METHODS:
+        config = tiny(name)
+        method = methods.build(config)
+        inputs = method.official_step_inputs()
+        if name == "atst_frame":
+            assert inputs == dict(frames=method.inputs()[0].frames, n_mels=64, mask_ratio=0.65)
+        else:
+            assert inputs is None, name
+            r = bench_gpu.run_official(dict(config=config_path(name) + ":tiny", batch=8, sets=[]))
+            assert r == {"status": "error", "error": f"{name} has no official PyTorch step to time"}

@@ -191,6 +191,12 @@ class AtstFrame(Method):
                 f"mask_span={cfg.mask_span}"
             )
 
+    def official_step_inputs(self):
+        """The official ``FrameATST`` step at our crop, mel bins and mask ratio."""
+        return dict(
+            frames=self.frames, n_mels=int(self.enc_cfg.n_mels), mask_ratio=float(self.cfg.mask_ratio)
+        )
+
     @classmethod
     def lightning_hparams(cls, config, *, width: int, depth: int, heads: int):
         """The ``hyper_parameters`` of the official ``FrameATSTLightningModule`` from a run's saved config

@@ -27,6 +27,8 @@ A method is a subclass of :class:`Method` in one file of ``atst_jax/methods/``, 
   names of its collapse monitors, shown on the progress line; ``check()``: method-level one-line errors.
 - ``lightning_hparams(config_dict, width=, depth=, heads=)`` (a classmethod): the ``hyper_parameters`` of the official PyTorch Lightning module, for
   the ``lightning`` export (``None``: the method has no official Lightning layout).
+- ``official_step_inputs()``: what the official PyTorch train step needs to run on this method's inputs
+  (``bench_gpu`` times it beside ours), or ``None`` when the method has no official step the bench can run.
 """
 
 from __future__ import annotations
@@ -150,6 +152,11 @@ class Method:
         """``(hyper_parameters, warnings)`` of the method's official Lightning module for a run's saved config
         (a plain dict), or ``None`` when the method has no official Lightning layout."""
         del config, width, depth, heads
+        return None
+
+    def official_step_inputs(self) -> dict[str, Any] | None:
+        """The inputs of the official PyTorch train step at this run's shapes (``bench_official``), or ``None``
+        when the method has none the bench can run."""
         return None
 
 
