@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,6 +455,34 @@ def test_cli_errors(run, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and needle in err and "\n" not in err, err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_failed_export_leaves_the_earlier_file_and_no_partial_one(
+    run, exports, tmp_path, monkeypatch, capsys
+):
+    """The writer dies half-way (disk full): ``--out`` keeps the earlier export byte for byte and no partial
+    file is left beside it; the next export replaces it whole, readable by all."""
+    import safetensors.numpy
+
+    out = tmp_path / "enc.safetensors"
+    good = exports["safetensors", "teacher"].read_bytes()
+    out.write_bytes(good)
+    argv = ["--workdir", str(run[0]), "--format", "safetensors", "--encoder", "student", "--out", str(out)]
+
+    def dies_half_way(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.numpy, "save_file", dies_half_way)
+        assert export_cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write --out") and "No space left" in err, err
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    assert export_cli.main(argv) == 0
+    assert capsys.readouterr().out.startswith(f"replaced {out}")
+    assert out.read_bytes() != good and out.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -128,7 +129,6 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
     _add_aape(sd, meta, enc, cfg, VIT_FORMAT)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
-    out.chmod(0o644)
     return []
 
 
@@ -147,7 +147,22 @@ def _add_aape(sd: dict, meta: dict, enc, cfg, base_format: str) -> None:
 
 
 def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "teacher") -> list[str]:
-    """Writes ``out`` in ``fmt`` from a run's checkpoint; returns the warnings (for the caller to print)."""
+    """Writes ``out`` in ``fmt`` from a run's checkpoint; returns the warnings (for the caller to print).
+
+    The file is written beside ``out`` under a hidden temporary name and renamed into place when complete,
+    so a crash or an error never leaves a truncated export, nor destroys an earlier file at ``out``."""
+    out = Path(out)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        warnings = _write(workdir, fmt, partial, step=step, encoder=encoder)
+        partial.chmod(0o644)  # the writers create files owner-only; an export is meant to be shared
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return warnings
+
+
+def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> list[str]:
     from atst_jax.checkpoint import read_checkpoint
 
     if fmt not in FORMATS:
@@ -162,10 +177,9 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
         raise ExportError(str(e)) from e
     stem = ((config or {}).get("model") or {}).get("stem", "frame")
     if stem == "patch2d":
-        return _export_vit(config, state, step, fmt, Path(out), encoder)
+        return _export_vit(config, state, step, fmt, out, encoder)
     if stem != "frame":
         raise ExportError(f"model.stem={stem!r}: only frame-stem (ATST FrameAST) encoders have these layouts")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
     if convert.has_qkv_bias(enc):
@@ -199,7 +213,6 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
 
             _add_aape(sd, meta, enc, EncoderConfig.from_config(config["model"]), meta["format"])
         save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
-        out.chmod(0o644)  # the writer creates the file owner-only; an export is meant to be shared
     elif fmt == "atst_sed":
         torch = _torch()
         sd = convert.encoder_to_torch(enc)
@@ -249,6 +262,7 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     from atst_jax.checkpoint import CheckpointRestoreError
 
+    replaced = os.path.isfile(args.out)
     try:
         warnings = export(args.workdir, args.format, args.out, step=args.step, encoder=args.encoder)
     except (ExportError, CheckpointRestoreError) as e:  # a damaged step: one line too
@@ -262,9 +276,8 @@ def main(argv=None) -> int:
         return 2
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(
-        f"wrote {args.out} ({args.format}, {args.encoder if args.format != 'lightning' else 'student+teacher'})"
-    )
+    what = args.encoder if args.format != "lightning" else "student+teacher"
+    print(f"{'replaced' if replaced else 'wrote'} {args.out} ({args.format}, {what})")
     return 0
 
 
