@@ -896,15 +896,23 @@ def _train(config, workdir, stop) -> dict:
             stopping = stop.requested is not None or ckpt.reached_preemption(step)
             if stopping or ckpt.should_save(step) or step == t.steps:
                 check_finite(step, metrics)  # never write a checkpoint of a non-finite step
+                # The step's line goes out before its checkpoint: a run killed once the save has committed
+                # resumes after this step, so a line still pending then would be lost for good.
+                last = (
+                    progress.maybe_log(*pending, writer, t.log_every, force=stopping or step == t.steps)
+                    or last
+                )
+                pending = None
                 ckpt.save(step, state, data_iter, config, meta, force=True)
                 writer.sync()
             if stopping:
                 preempted = True
                 break
             if probe is not None and probe.due(step, last=step == t.steps):
-                check_finite(*pending)
-                last = progress.maybe_log(*pending, writer, t.log_every, force=step == t.steps) or last
-                pending = None
+                if pending is not None:
+                    check_finite(*pending)
+                    last = progress.maybe_log(*pending, writer, t.log_every, force=step == t.steps) or last
+                    pending = None
                 progress.pause(functools.partial(probe.maybe_run, state, step, writer, last=step == t.steps))
         if pending is not None:
             check_finite(*pending)

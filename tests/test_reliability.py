@@ -121,6 +121,34 @@ def test_resume_on_another_mesh_replaces_a_damaged_step_and_logs_each_step_once(
     assert _steps_logged(work) == [1, 2, 3, 4]
 
 
+class _HardKill(BaseException):
+    """Stands for SIGKILL: nothing of the trainer runs after it but its ``finally`` (which writes no line)."""
+
+
+def test_a_run_killed_right_after_a_checkpoint_keeps_that_steps_line(embedded_cache, tmp_path, monkeypatch):
+    """Defect 7: the line of a checkpointed step was written one step later (metrics are fetched a step
+    late); a run killed between the save and that line resumed after the step, and its line was never
+    written. Now the line goes out before the save, and the resumed run logs every step once."""
+    save = Checkpointer.save
+
+    def save_then_die(self, step, *args, **kwargs):
+        saved = save(self, step, *args, **kwargs)
+        if step == 3:
+            self.close()  # the save commits, then the process is gone
+            raise _HardKill
+        return saved
+
+    work = tmp_path / "run"
+    config = tiny_config(embedded_cache, steps=6, log_every=3)
+    with monkeypatch.context() as m:
+        m.setattr(Checkpointer, "save", save_then_die)
+        with pytest.raises(_HardKill):
+            train(config, str(work))
+    assert _steps_logged(work) == [1, 3] and ckpt_lib.list_steps(work) == [("3", "good")]
+    train(config, str(work))
+    assert _steps_logged(work) == [1, 3, 4, 6]
+
+
 def test_fresh_start_moves_the_old_run_aside_and_a_rerun_resumes(tiny_run, embedded_cache, tmp_path, capsys):
     """Defect 1: ``train.fresh`` starts over in a workdir that holds another run, keeping the old one in
     set_aside/; the same command again finds its own checkpoint (requeue-safe) instead of starting over."""
