@@ -508,6 +508,17 @@ def _lock(workdir: Path):
     return fh
 
 
+def _claim(run, workdir: Path, summary: dict):
+    """The run's lock, its workdir made; None (the run recorded as stopped, with a line) when another process
+    holds it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(workdir)
+    if lock is None:
+        _log(f"{run.name}: already running (its lock is held by another process), not started")
+        summary["stopped"].append(run.name)
+    return lock
+
+
 def _last_line(path: Path) -> str:
     try:
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
@@ -571,11 +582,8 @@ def run_local(plan: Plan, parallel: int = 1, progress_every: float = 60.0) -> di
             while queue and len(running) < parallel and stop["signal"] is None:
                 run = queue.pop(0)
                 wd = Path(plan.workdir(run))
-                wd.mkdir(parents=True, exist_ok=True)
-                lock = _lock(wd)
+                lock = _claim(run, wd, summary)
                 if lock is None:
-                    _log(f"{run.name}: already running (its lock is held by another process), not started")
-                    summary["stopped"].append(run.name)
                     continue
                 _write_text(wd / STATE_FILE, json.dumps({"state": "running", "started": time.time()}))
                 log = open(wd / "train.log", "a")  # noqa: SIM115 - closed when the run ends
@@ -655,11 +663,8 @@ def run_in_process(plan: Plan) -> dict:
         if run.name in summary["skipped"]:
             continue
         wd = Path(plan.workdir(run))
-        wd.mkdir(parents=True, exist_ok=True)
-        lock = _lock(wd)
+        lock = _claim(run, wd, summary)
         if lock is None:
-            _log(f"{run.name}: already running (its lock is held by another process), not started")
-            summary["stopped"].append(run.name)
             continue
         try:
             _log(f"training {run.name} in this process")
@@ -974,12 +979,9 @@ def main(argv=None) -> int:
 
 def _root_lock(root: str):
     """One local sweep per root at a time (two would start the same runs)."""
-    fh = open(Path(root) / LOCK_FILE, "a")  # noqa: SIM115 - held until the sweep ends
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise SweepError(f"another sweep is running in {root}") from None
+    fh = _lock(Path(root))
+    if fh is None:
+        raise SweepError(f"another sweep is running in {root}")
     return fh
 
 

@@ -159,8 +159,8 @@ def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests
     capsys.readouterr()
     assert sweep.main(["status", str(root)]) == 0
     table = capsys.readouterr().out
-    # Last logged step 1 (metrics are fetched one step late), newest checkpoint 2.
-    assert re.search(r"seed0\s+done\s+4/4", table) and re.search(r"seed1\s+stopped\s+1/4\s+\S+\s+2\s", table)
+    # Last logged step 2 (a checkpointed step's line is written before its save), newest checkpoint 2.
+    assert re.search(r"seed0\s+done\s+4/4", table) and re.search(r"seed1\s+stopped\s+2/4\s+\S+\s+2\s", table)
     assert "1 done, 1 stopped" in table
 
     finished = {p.name: p.stat().st_mtime_ns for p in (root / "seed0" / "checkpoints").iterdir()}
@@ -171,10 +171,10 @@ def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests
     assert f"resumed from {root / 'seed1' / 'checkpoints' / '2'}" in out
     assert {p.name: p.stat().st_mtime_ns for p in (root / "seed0" / "checkpoints").iterdir()} == finished
     assert _digests(root) == ref_digests
-    # No step logged twice across the kill (the trainer cut the log back to the checkpoint). Step 2's line is
-    # missing: metrics are written one step late, and the kill came right after step 2's save.
+    # Every step logged once across the kill: none twice (the trainer cut the log back to the checkpoint) and
+    # none lost (step 2's line went out before its save, which the kill came right after).
     steps = [json.loads(line)["step"] for line in (root / "seed1" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 3, 4]
+    assert steps == [1, 2, 3, 4]
     # A third run has nothing to do; another grid in the same root is refused.
     assert _sweep(root, "--in-process", overrides=overrides) == 0
     assert "all 2 runs are done" in capsys.readouterr().out
