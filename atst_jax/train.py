@@ -875,6 +875,14 @@ def _train(config, workdir, stop) -> dict:
             f"last checkpoint: {good[-1] if good else 'none'}"
         )
 
+    def log_pending(force=False):
+        """The pending step's line (after its finite check), if one is pending."""
+        nonlocal pending, last
+        if pending is not None:
+            check_finite(*pending)
+            last = progress.maybe_log(*pending, writer, t.log_every, force=force) or last
+            pending = None
+
     try:
         while step < t.steps:
             waited = time.perf_counter()
@@ -889,34 +897,23 @@ def _train(config, workdir, stop) -> dict:
                 titles, draw = pictures
                 panels = fetch(draw(state["rng"], step - 1, batch))
                 writer.image("views", list(zip(titles, *zip(*panels, strict=True), strict=True)), step)
-            if pending is not None:
-                check_finite(*pending)
-                last = progress.maybe_log(*pending, writer, t.log_every) or last
+            log_pending()
             pending = (step, metrics)
             stopping = stop.requested is not None or ckpt.reached_preemption(step)
             if stopping or ckpt.should_save(step) or step == t.steps:
-                check_finite(step, metrics)  # never write a checkpoint of a non-finite step
-                # The step's line goes out before its checkpoint: a run killed once the save has committed
-                # resumes after this step, so a line still pending then would be lost for good.
-                last = (
-                    progress.maybe_log(*pending, writer, t.log_every, force=stopping or step == t.steps)
-                    or last
-                )
-                pending = None
+                # Checked first: never a checkpoint of a non-finite step. The step's line goes out before its
+                # checkpoint: a run killed once the save has committed resumes after this step, so a line
+                # still pending then would be lost for good.
+                log_pending(force=stopping or step == t.steps)
                 ckpt.save(step, state, data_iter, config, meta, force=True)
                 writer.sync()
             if stopping:
                 preempted = True
                 break
             if probe is not None and probe.due(step, last=step == t.steps):
-                if pending is not None:
-                    check_finite(*pending)
-                    last = progress.maybe_log(*pending, writer, t.log_every, force=step == t.steps) or last
-                    pending = None
+                log_pending(force=step == t.steps)
                 progress.pause(functools.partial(probe.maybe_run, state, step, writer, last=step == t.steps))
-        if pending is not None:
-            check_finite(*pending)
-            last = progress.maybe_log(*pending, writer, t.log_every, force=True)
+        log_pending(force=True)
     finally:
         ckpt.close()  # waits for the last asynchronous save to commit
         writer.close()
