@@ -65,23 +65,24 @@ def test_ema_update_matches_formula():
 
 def test_loss_decreases_on_embedded_data_without_collapse(tmp_path, embedded_cache):
     config = load_config(CONFIG + ":tiny")  # the demo's own settings: batch 16, 6 s crops
-    config.train.steps = 100
+    # 50 steps (warm-up 30): the loss falls by ~0.6 on two seeds against the 0.1 asked (100 steps: twice the time).
+    config.train.steps = 50
     config.train.log_every = 10
-    config.train.ckpt_every = 50
+    config.train.ckpt_every = 25
     config.data.cache_dir = embedded_cache
     config.data.num_clips = 64
     result = train(config, str(tmp_path))
-    assert result["step"] == 100
+    assert result["step"] == 50
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
-    assert first["step"] == 1 and last["step"] == 100
+    assert first["step"] == 1 and last["step"] == 50
     early = np.mean([r["loss"] for r in rows[:2]])
     late = np.mean([r["loss"] for r in rows[-2:]])
     assert late < early - 0.1, (early, late)
     # No collapse: the normalised outputs keep spreading over the dimensions.
     assert last["std_frm_stu"] > 0.5 * first["std_frm_stu"], (first["std_frm_stu"], last["std_frm_stu"])
     assert last["std_frm_tea"] > 0.5 * first["std_frm_tea"], (first["std_frm_tea"], last["std_frm_tea"])
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [50, 100]
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [25, 50]
 
 
 def test_cli_runs_20_steps_and_writes_checkpoint(tmp_path, embedded_cache):
