@@ -299,14 +299,14 @@ def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path
 # ASiT end to end (on the embedded data's Kaldi fbank records, built on first use)
 # ----------------------------------------------------------------------------------------------------------
 def test_asit_cli_learns_on_embedded_fbank_and_exports(tmp_path, embedded_cache):
-    """200 tiny steps from the command line (batch 16, 192-frame crops) lower the total loss after its warm-up
+    """200 tiny steps from the command line (batch 8, 192-frame crops) lower the total loss after its warm-up
     bump (the DINO terms first rise while the teacher's sharp initial distribution spreads out) and L_rec from
     the start; the teacher's CLS distribution stays far from one-hot and from uniform; the trained teacher
     exports in the official ViT layout and runs the same in our PyTorch ViT. (One run for the CLI, learning
     and export checks: the suite's time budget.)"""
     stdout = _train_cli(
         "asit", tmp_path, embedded_cache, "--config.train.steps=200", "--config.train.ckpt_every=200",
-        "--config.asit.crop_frames=192",
+        "--config.asit.crop_frames=192", "--config.train.global_batch=8",
     )  # fmt: skip
     assert "tea_entropy" in stdout and "asit tiny" in stdout
     step, config, state = read_checkpoint(tmp_path)
