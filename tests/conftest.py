@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "atst_frame.py")
 
 
+def config_path(name: str) -> str:
+    """``configs/<name>.py`` of a method, absolute."""
+    return str(ROOT / "configs" / f"{name}.py")
+
+
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
     """A small embedded dataset (64 clips) shared by the tests that read data."""

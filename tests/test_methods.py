@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, config_path
 
 from atst_jax import methods
 from atst_jax import sharding as shd
@@ -26,10 +26,6 @@ from atst_jax.train import Trainer, load_config, train
 
 METHODS = methods.names()
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def config_path(name: str) -> str:
-    return str(ROOT / "configs" / f"{name}.py")
 
 
 def crop_fields(config, name, seconds=2.0, frames=192):

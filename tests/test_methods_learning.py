@@ -8,13 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, cli_env, config_path
 
 from atst_jax.checkpoint import read_checkpoint
-
-
-def config_path(name: str) -> str:
-    return str(ROOT / "configs" / f"{name}.py")
 
 
 # ----------------------------------------------------------------------------------------------------------
