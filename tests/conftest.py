@@ -9,6 +9,16 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile far more than they run (tiny models, a few steps each), and most of an XLA:CPU compile is the
+# LLVM back end at its default -O2. At -O0 the compiled-step tests take about a third less time (measured on
+# three of them alone: 87 s -> 55 s); XLA's own HLO passes, fusion and FP semantics (no fast-math) are the
+# same, and every comparison in the suite is between steps compiled with the same flags. CLI subprocesses
+# get it through ``cli_env``. ATST_JAX_TEST_XLA_O0=0 keeps XLA's default.
+TEST_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0" if os.environ.get("ATST_JAX_TEST_XLA_O0", "1") != "0" else ""
+)
+if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 # A persistent compilation cache for the session (one per xdist worker; CLI subprocesses inherit it): the
 # same train step is compiled by many tests (tiny configs, kill + resume, CLI runs), and XLA:CPU compiles are
 # most of the suite's time. Only compiles over 1 s are stored. ATST_JAX_TEST_CACHE=0 turns it off.
@@ -41,9 +51,13 @@ def embedded_cache(tmp_path_factory):
     return str(cache)
 
 
-def cli_env(devices: int = 1) -> dict:
+def cli_env(devices: int = 1, optimized: bool = False) -> dict:
+    """The environment of a CLI subprocess on ``devices`` simulated CPU devices. ``optimized``: XLA's default
+    back-end optimisation instead of the suite's -O0, for the learning runs, whose hundreds of steps take
+    longer than their compile (measured: the ASiT CLI run 96 s at -O2, 197 s at -O0)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    flags = "" if optimized else TEST_XLA_FLAGS
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT)
     env["PYTHONUNBUFFERED"] = "1"
@@ -54,9 +68,14 @@ def train_cmd(*args, variant="tiny"):
     return [sys.executable, "-m", "atst_jax.train", "--config", f"{CONFIG}:{variant}", *args]
 
 
-def run_train(args, devices=1, timeout=600):
+def run_train(args, devices=1, timeout=600, optimized=False):
     return subprocess.run(
-        train_cmd(*args), capture_output=True, text=True, env=cli_env(devices), cwd=ROOT, timeout=timeout
+        train_cmd(*args),
+        capture_output=True,
+        text=True,
+        env=cli_env(devices, optimized),
+        cwd=ROOT,
+        timeout=timeout,
     )
 
 
@@ -101,3 +120,29 @@ def prepare_dcase(cache, rows, out, strong):
     plan = prepare.plan_dcase(tsv, os.path.join(cache, "audio"), classes=list(synthetic.CLASSES))
     prepare.build(plan, out, workers=0, progress=False)
     return out
+
+
+# Seconds each file took in a full run (`pytest -n 2 --dist loadfile --durations=0`, 2 cores, 2026-12-03),
+# rounded; a file not listed counts as 20 s. Only the order matters: ``--dist loadfile`` hands files to the two
+# workers in collection order as each worker frees up, so the longest go first and the short ones fill in at
+# the end (longest-processing-time-first; with xdist's own order, by test count, a long file with few tests
+# started last and the other worker sat idle until it finished).
+FILE_SECONDS = {
+    "test_methods.py": 850, "test_checkpoint.py": 220, "test_multihost.py": 220, "test_compose.py": 210,
+    "test_scale.py": 190, "test_reliability.py": 170, "test_methods_learning.py": 150, "test_train.py": 140,
+    "test_aape.py": 120, "test_model.py": 90, "test_aasp.py": 90, "test_bench_gpu.py": 60, "test_plan.py": 60,
+    "test_pretrain_probe.py": 60, "test_evaluate.py": 60, "test_cli_errors.py": 55, "test_sweep.py": 50,
+    "test_finetune.py": 50, "test_stems.py": 35, "test_atst_frame.py": 35, "test_export.py": 30,
+    "test_prepare.py": 30,
+}  # fmt: skip
+
+
+def pytest_configure(config):
+    # xdist would reorder the files by their number of tests; keep the order of pytest_collection_modifyitems.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest files first (``FILE_SECONDS``), each file's tests in their own order."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 20))  # stable: a file keeps its order

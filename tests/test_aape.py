@@ -143,7 +143,7 @@ def test_atst_frame_aape_cli_learns_and_exports(tmp_path, embedded_cache):
          "--config.train.keep_every=20", "--config.train.global_batch=8", "--config.model.depth=2",
          f"--config.data.cache_dir={embedded_cache}", "--config.data.num_clips=64",
          "--config.atst_frame.crop_seconds=2.0"],
-        capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=600,
+        capture_output=True, text=True, env=cli_env(1, optimized=True), cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "20").is_dir() and (tmp_path / "checkpoints" / "100").is_dir()

@@ -197,7 +197,7 @@ def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tm
          # cut for the test's CPU budget: batch 8, 128-frame crops (8 × 8 tokens), 2 blocks
          "--config.train.global_batch=8", "--config.aasp.crop_frames=128", "--config.model.depth=2",
          f"--config.data.cache_dir={embedded_cache}", "--config.data.num_clips=64"],
-        capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=900,
+        capture_output=True, text=True, env=cli_env(1, optimized=True), cwd=ROOT, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "20").is_dir() and (tmp_path / "checkpoints" / "100").is_dir()

@@ -23,7 +23,7 @@ def _train_cli(name, workdir, cache, *overrides):
         [sys.executable, "-m", "atst_jax.train", "--config", config_path(name) + ":tiny",
          "--workdir", str(workdir), f"--config.data.cache_dir={cache}", "--config.data.num_clips=64",
          *overrides],
-        capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=900,
+        capture_output=True, text=True, env=cli_env(1, optimized=True), cwd=ROOT, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -51,8 +51,7 @@ def single_process(tmp_path_factory, embedded_cache):
 
 
 def _launcher_env():
-    env = cli_env(1)
-    env.pop("XLA_FLAGS")
+    env = cli_env(1)  # the launcher replaces its device count with ATST_CPU_DEVICES' (other flags stay)
     env["ATST_CPU_DEVICES"] = "4"
     env["PYTHON"] = sys.executable
     return env
