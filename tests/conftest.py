@@ -64,13 +64,13 @@ def cli_env(devices: int = 1, optimized: bool = False) -> dict:
     return env
 
 
-def train_cmd(*args, variant="tiny"):
-    return [sys.executable, "-m", "atst_jax.train", "--config", f"{CONFIG}:{variant}", *args]
+def train_cmd(*args, variant="tiny", config=CONFIG):
+    return [sys.executable, "-m", "atst_jax.train", "--config", f"{config}:{variant}", *args]
 
 
-def run_train(args, devices=1, timeout=600, optimized=False):
+def run_train(args, devices=1, timeout=600, optimized=False, config=CONFIG):
     return subprocess.run(
-        train_cmd(*args),
+        train_cmd(*args, config=config),
         capture_output=True,
         text=True,
         env=cli_env(devices, optimized),

@@ -9,14 +9,12 @@ that agree with XLA's. Impossible combinations are one-line errors. The method-l
 """
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, cli_env
+from conftest import ROOT, run_train
 from flax import nnx
 
 from atst_jax import methods
@@ -192,12 +190,11 @@ def test_unknown_stem_is_a_config_error():
 def test_default_learns_on_embedded_data_without_collapse(tmp_path, embedded_cache):
     """ATST-Frame's objective over AaSP's masking and predictor, 80 steps of batch 8 on 1.28 s crops of the
     embedded data: the frame-BYOL loss falls, the copies of a clip find each other, nothing collapses."""
-    proc = subprocess.run(  # a subprocess, so that its 80 steps run XLA-optimised (the suite compiles at -O0)
-        [sys.executable, "-m", "atst_jax.train", "--config", CONFIG + ":tiny", "--workdir", str(tmp_path),
-         "--config.compose.crop_frames=128", "--config.train.steps=80", "--config.train.ckpt_every=80",
-         "--config.train.log_every=10", "--config.train.global_batch=8",
+    proc = run_train(  # a subprocess, so that its 80 steps run XLA-optimised (the suite compiles at -O0)
+        ["--workdir", str(tmp_path), "--config.compose.crop_frames=128", "--config.train.steps=80",
+         "--config.train.ckpt_every=80", "--config.train.log_every=10", "--config.train.global_batch=8",
          f"--config.data.cache_dir={embedded_cache}", "--config.data.num_clips=64"],
-        capture_output=True, text=True, env=cli_env(1, optimized=True), cwd=ROOT, timeout=600,
+        optimized=True, config=CONFIG,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
