@@ -3,12 +3,10 @@ collapse, and ASiT's trained teacher exports. (Apart from tests/test_methods.py,
 so the two long runs go to the other test worker.)"""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, cli_env, config_path
+from conftest import config_path, run_train
 
 from atst_jax.checkpoint import read_checkpoint
 
@@ -19,12 +17,8 @@ from atst_jax.checkpoint import read_checkpoint
 def _train_cli(name, workdir, cache, *overrides):
     """``python -m atst_jax.train --config configs/<name>.py:tiny ...``: the command line end to end (exit 0, a
     final checkpoint); returns the captured stdout."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "atst_jax.train", "--config", config_path(name) + ":tiny",
-         "--workdir", str(workdir), f"--config.data.cache_dir={cache}", "--config.data.num_clips=64",
-         *overrides],
-        capture_output=True, text=True, env=cli_env(1, optimized=True), cwd=ROOT, timeout=900,
-    )  # fmt: skip
+    args = ["--workdir", str(workdir), f"--config.data.cache_dir={cache}", "--config.data.num_clips=64"]
+    proc = run_train([*args, *overrides], timeout=900, optimized=True, config=config_path(name))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
