@@ -69,6 +69,11 @@ def token_gather(sequences: int, k: int, n: int, d: int) -> float:
     return float(sequences * 2 * k * n * d)
 
 
+def token_covariance(sequences: int, n: int, d: int) -> float:
+    """A ``[D, D]`` covariance of ``n`` tokens per sequence (``atst_jax.models.collapse``)."""
+    return float(sequences * 2 * n * d * d)
+
+
 def bnmlp_forward(rows: int, d_in: int, hidden: int, d_out: int) -> float:
     """``Linear(d_in→hidden) → BN → ReLU → Linear(hidden→d_out)`` on ``rows`` rows."""
     return float(2 * rows * (d_in * hidden + hidden * d_out))

@@ -9,6 +9,7 @@ from conftest import CONFIG
 from flax import nnx
 
 from atst_jax.methods import atst_frame, build
+from atst_jax.models import collapse
 from atst_jax.models.layers import MaskedBatchNorm
 from atst_jax.train import load_config
 
@@ -108,6 +109,30 @@ def test_loss_is_the_byol_loss_on_masked_tokens(symmetric):
         expected = _byol(sp, tz)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
     assert 0.0 < float(metrics["std_frm_stu"]) < 1.0 and 0.0 < float(metrics["std_frm_tea"]) < 1.0
+
+    # Encoder-level monitors on the teacher's valid tokens (the short clip's padding left out).
+    tv = np.arange(t_tok.shape[1])[None, :] < np.asarray(lengths[t_rows])[:, None] // 4
+    rows = [t[v].astype(np.float64) for t, v in zip(t_tok, tv, strict=True)]
+    allv = np.concatenate(rows)
+    within = sum(((r - r.mean(0)) ** 2).sum() for r in rows) / ((allv - allv.mean(0)) ** 2).sum()
+    lam = np.linalg.eigvalsh(np.cov(allv.T, bias=True))
+    np.testing.assert_allclose(float(metrics["within_tea"]), within, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["dim_tea"]), lam.sum() ** 2 / (lam**2).sum(), rtol=1e-3)
+
+    # The within-clip variance / covariance terms (ours, off above) add exactly their weighted values, computed
+    # on the student's encoder tokens of the rows it encodes, valid tokens only.
+    method_on = _method(symmetric=symmetric, var_weight=0.7, cov_weight=0.2, var_target=0.9)
+    student3, teacher3 = _perturbed(method_on)
+    loss_on, metrics_on, _ = method_on.loss(student3, teacher3, {}, batch, key, 0)
+    sv = np.arange(s_tok.shape[1])[None, :] < np.asarray(lengths[s_rows])[:, None] // 4
+    var_loss, cov_loss, _ = collapse.spread_terms(jnp.asarray(s_tok), jnp.asarray(sv), 0.9)
+    np.testing.assert_allclose(float(metrics_on["loss_byol"]), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics_on["loss_var"]), float(var_loss), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics_on["loss_cov"]), float(cov_loss), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(loss_on), float(loss) + 0.7 * float(var_loss) + 0.2 * float(cov_loss), rtol=1e-5
+    )
+    assert float(var_loss) > 0 and float(cov_loss) > 0
 
 
 def test_eval_mode_teacher_uses_running_statistics_and_no_drop_path():

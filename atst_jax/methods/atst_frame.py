@@ -19,6 +19,12 @@ Recipe, as the official audiossl code runs it:
   source is the **student projector's running statistics** of the step (tracked over the student's
   masked-token batches), copied into the teacher before it runs.
 - Teacher = EMA of the student's encoder and projector parameters (not BN buffers).
+
+Beyond the recipe (ours, off by default): ``var_weight`` / ``cov_weight`` add VICReg's variance and covariance
+terms, taken within clips, on the student's encoder tokens (all valid tokens of the rows it encodes) — see
+``atst_jax.models.collapse``, which also gives the encoder-level monitors ``within_tea`` (share of the teacher
+tokens' variance inside clips) and ``dim_tea`` (their effective dimension) that the projector-side
+``std_frm_*`` monitors cannot show. The CPU demo (``configs/atst_frame.py:demo``) turns them on.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import jax.numpy as jnp
 from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
+from atst_jax.models import collapse
 from atst_jax.models.byol import byol_pair, init_byol, normalized_std, use_student_bn_stats
 from atst_jax.models.encoder import FrameAST
 from atst_jax.models.stems import make_stem
@@ -51,6 +58,13 @@ class AtstFrameConfig:
     proj_dim: int = 256
     teacher_train_mode: bool = True
     symmetric: bool = True
+    # Ours, off in every official recipe (0 = off): VICReg's variance / covariance terms within clips on the
+    # student's encoder tokens (models/collapse.py), against the collapse of the features onto one vector
+    # per clip that frame BYOL falls into on slowly changing clips. ``var_target`` is the per-dimension
+    # within-clip standard deviation below which the hinge pulls (final-normed tokens: ≈ 0.4 at init).
+    var_weight: float = 0.0
+    cov_weight: float = 0.0
+    var_target: float = 0.5
 
 
 def make_views(key, spec, cfg: AtstFrameConfig):
@@ -89,11 +103,16 @@ def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
     return x, lengths, mask2, idx, valid
 
 
+def token_valid(encoder: FrameAST, tokens, lengths):
+    """``[B, N]`` bool: the tokens of ``tokens [B, N, D]`` that cover real frames of clips of ``lengths``."""
+    return jnp.arange(tokens.shape[1])[None, :] < encoder.token_lengths(lengths)[:, None]
+
+
 class AtstFrame(Method):
     name = "atst_frame"
     Config = AtstFrameConfig
     ema_covers = ("encoder", "projector")
-    monitors = ("std_frm_stu", "std_frm_tea")
+    monitors = ("std_frm_stu", "std_frm_tea", "within_tea", "dim_tea")
 
     @property
     def frames(self) -> int:
@@ -138,12 +157,22 @@ class AtstFrame(Method):
             total = 0.5 * (byol_pair(p[b:], z[:b], w1) + byol_pair(p[:b], z[b:], w1))
         else:
             total = byol_pair(p, z, w1)
+        t_valid = token_valid(enc, t_tok, lengths[t_rows])
         metrics = {
             "loss": total,
             "std_frm_stu": normalized_std(p, v_s),
             "std_frm_tea": normalized_std(z, valid[t_rows]),
+            "within_tea": jax.lax.stop_gradient(collapse.within_clip_share(t_tok, t_valid)),
+            "dim_tea": jax.lax.stop_gradient(collapse.effective_dim(t_tok, t_valid)),
             "mask_frac": jnp.sum(mask2) / jnp.maximum(jnp.sum(enc.token_lengths(lengths)), 1),
         }
+        if cfg.var_weight or cfg.cov_weight:
+            metrics["loss_byol"] = total
+            var_loss, cov_loss, within_std = collapse.spread_terms(
+                s_tok, token_valid(enc, s_tok, lengths[s_rows]), cfg.var_target
+            )
+            total = total + cfg.var_weight * var_loss + cfg.cov_weight * cov_loss
+            metrics.update(loss=total, loss_var=var_loss, loss_cov=cov_loss, within_std_stu=within_std)
         return total, metrics, method_state
 
     def pictures(self, batch, key, step):
@@ -176,9 +205,13 @@ class AtstFrame(Method):
         predictor = flops.bnmlp_forward(seqs * k, cfg.proj_dim, cfg.proj_hidden, cfg.proj_dim)
         warps = int(cfg.aug_view1) + int(cfg.aug_view2)
         warp = warps * flops.freq_warp(global_batch, enc.n_mels, self.frames)
+        # The teacher's dim_tea monitor and, when on, the student's within-clip covariance term: one [D, D]
+        # covariance over each network's sequences.
+        monitor = flops.token_covariance(seqs, n, enc.width)
+        spread = monitor if (cfg.var_weight or cfg.cov_weight) else 0.0
         teacher = encoder + gather + projector
-        student = flops.TRAIN_FACTOR * (encoder + gather + projector + predictor)
-        return float(teacher + student + warp)
+        student = flops.TRAIN_FACTOR * (encoder + gather + projector + predictor + spread)
+        return float(teacher + student + warp + monitor)
 
     def check(self):
         cfg = self.cfg
