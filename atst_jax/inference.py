@@ -14,12 +14,12 @@ Conventions (tests/test_export.py checks the JAX and PyTorch paths against each 
   token ``j mod (chunk_frames/4)`` of chunk ``j // (chunk_frames/4)`` and the 40 ms grid is global (the
   official code's 1001-frame chunks drift by 10 ms per chunk). A trailing partial patch (< 4 frames) is
   dropped, as in training: a clip gives ``frames // 4`` tokens.
-* Chunk length, per encoder kind, as each official downstream code chunks:
-  ATST-Frame: ``CHUNK_FRAMES`` = 1000 (10 s, the length it pretrains on).
-  ATST-Clip: the longest crop it was pretrained on, cut to whole patches (6 s → 600 frames) — the official
-  ATST-Clip downstream code chunks at the pretraining ``train_len`` — because the positional slots past
-  the trained crop never received a gradient: a 10 s chunk of a 6 s model would use 100 untrained
-  positions. Capped at ``CHUNK_FRAMES`` (the 251 positional slots hold 250 tokens and the CLS).
+* Chunk length: the longest crop the encoder was pretrained on, cut to whole patches, because the
+  positional slots past the trained crop never received a gradient (a 10 s chunk of a 6 s model would use
+  100 untrained positions). That is how each official downstream code chunks: ATST-Frame pretrains on 10 s
+  and chunks at ``CHUNK_FRAMES`` = 1000; ATST-Clip chunks at its ``train_len`` (6 s → 600 frames). Without a
+  run's config (an official file): 10 s for ATST-Frame, 6 s for ATST-Clip. Capped at ``CHUNK_FRAMES`` (the
+  251 positional slots hold 250 tokens and the CLS) and at what the encoder's own positional table holds.
 * Features: the last ``n`` blocks, each through the final norm, concatenated on channels (``[T, n·D]``,
   CLS removed) — the timestamp embeddings of both kinds.
 * Timestamps: token j at its **centre**, ``40·j + 15`` ms (the mean of its four STFT frame centres).
@@ -83,24 +83,29 @@ def seconds_to_frames(seconds: float) -> int:
     return int(round(seconds * audio.SAMPLE_RATE)) // audio.HOP_LENGTH + 1
 
 
-def default_chunk_frames(use_cls: bool, trained_frames: int | None = None, patch_w: int = 4) -> int:
-    """The chunk length of an encoder kind (see the module docstring): ATST-Frame ``CHUNK_FRAMES``;
-    ATST-Clip ``trained_frames`` (default: 6 s) cut to whole patches, at most ``CHUNK_FRAMES``."""
-    if not use_cls:
-        return CHUNK_FRAMES
-    frames = trained_frames if trained_frames else seconds_to_frames(CLIP_TRAIN_SECONDS)
-    return max(patch_w, min(CHUNK_FRAMES, frames // patch_w * patch_w))
+def default_chunk_frames(
+    use_cls: bool, trained_frames: int | None = None, patch_w: int = 4, num_pos: int | None = None
+) -> int:
+    """The chunk length of an encoder (see the module docstring): the crop it was pretrained on,
+    ``trained_frames`` (when unknown: 10 s for ATST-Frame, 6 s for ATST-Clip), cut to whole patches, at most
+    ``CHUNK_FRAMES`` and at most the ``num_pos − 1`` positional slots (when given) hold."""
+    if trained_frames:
+        frames = trained_frames
+    else:
+        frames = seconds_to_frames(CLIP_TRAIN_SECONDS) if use_cls else CHUNK_FRAMES
+    frames = min(frames, CHUNK_FRAMES)
+    if num_pos is not None:
+        frames = min(frames, (int(num_pos) - 1) * patch_w)
+    return max(patch_w, frames // patch_w * patch_w)
 
 
-def run_chunk_frames(config, use_cls: bool, patch_w: int = 4) -> int:
+def run_chunk_frames(config, use_cls: bool, patch_w: int = 4, num_pos: int | None = None) -> int:
     """:func:`default_chunk_frames` for a run's saved config (a plain dict, or None).
 
     The trained length is the longest crop the run's method asks for (``Method.inputs()``, the contract), so
-    nothing here knows a method by name. A config the method can no longer read falls back to the 6 s
+    nothing here knows a method by name. A config the method can no longer read falls back to the kind's
     default: this only picks a chunk length, it should not stop an export or an embedding.
     """
-    if not use_cls:
-        return CHUNK_FRAMES
     trained = None
     if config and config.get("method"):
         import ml_collections
@@ -112,7 +117,7 @@ def run_chunk_frames(config, use_cls: bool, patch_w: int = 4) -> int:
             trained = max(crop.frames for crop in method.inputs())
         except (ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
             trained = None  # see the docstring: fall back to the documented default
-    return default_chunk_frames(use_cls, trained, patch_w)
+    return default_chunk_frames(use_cls, trained, patch_w, num_pos)
 
 
 def log_mel(wave, block_frames: int = 2000) -> np.ndarray:
@@ -378,7 +383,8 @@ def encoder_chunk_frames(cfg: EncoderConfig, config=None) -> int:
     """The chunk length of an encoder (``config``: the run's saved config, if any): :func:`run_chunk_frames`
     for the frame stem, :func:`vit_chunk_frames` (capped by the method's longest crop) for 2-D patches."""
     if cfg.stem != "patch2d":
-        return run_chunk_frames(config, cfg.use_cls, cfg.patch_w)
+        num_pos = cfg.num_pos if cfg.pos_embed == "learned" else None
+        return run_chunk_frames(config, cfg.use_cls, cfg.patch_w, num_pos)
     crop = _run_crop(config)
     return vit_chunk_frames(cfg, crop[0] if crop else None)
 

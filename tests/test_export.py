@@ -63,6 +63,10 @@ def _tiny_config(method: str = "atst_frame"):
     config = load_config(f"configs/{method}.py:tiny")
     config.model.width, config.model.depth, config.model.heads = WIDTH, DEPTH, HEADS
     config[method].proj_hidden, config[method].proj_dim = 32, 16
+    if method == "atst_frame":
+        # The official 10 s crop, so inference chunks as the official code does (1000 frames): the export
+        # and embedding tests below are about that layout. Shorter crops: test_chunks_follow_the_trained_crop.
+        config.atst_frame.crop_seconds = 10.0
     return config
 
 
@@ -729,7 +733,24 @@ def test_run_encoder_config_infers_use_cls_for_old_configs(clip_run):
     # The longest crop the method trains on (Method.inputs()): a 9 s anchor gives 901 frames → 900.
     longer = {**config, "atst_clip": {**config["atst_clip"], "anchor_seconds": 9.0}}
     assert inference.run_chunk_frames(longer, True) == 900
-    assert inference.run_chunk_frames(config, False) == inference.CHUNK_FRAMES
+    assert inference.run_chunk_frames(None, False) == inference.CHUNK_FRAMES  # an official ATST-Frame file
+
+
+def test_chunks_follow_the_trained_crop():
+    """An ATST-Frame run chunks at the crop it pretrained on (positions past it never got a gradient): the
+    official 10 s → 1000 frames, tiny's 6 s → 600, the CPU demo's 1.6 s → 160; never more than the encoder's
+    positional table holds, nor 1000."""
+    for variant, crop, frames in (("tiny", 10.0, 1000), ("tiny", 6.0, 600), ("demo", None, 160)):
+        config = load_config(f"configs/atst_frame.py:{variant}")
+        if crop is not None:
+            config.atst_frame.crop_seconds = crop
+        plain = config.to_dict()
+        assert inference.run_chunk_frames(plain, False) == frames
+        cfg = EncoderConfig.from_config(plain["model"])
+        assert inference.encoder_chunk_frames(cfg, plain) == frames
+    assert inference.default_chunk_frames(False, 1201) == 1000  # capped at the 251-slot table's 250 tokens
+    assert inference.default_chunk_frames(False, None, num_pos=41) == 160  # a 40-slot table
+    assert inference.default_chunk_frames(True, None, num_pos=101) == 400  # ATST-Clip: 6 s, but 100 slots
 
 
 @pytest.fixture(scope="module")

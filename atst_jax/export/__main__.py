@@ -197,6 +197,7 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
         from safetensors.numpy import save_file
 
         sd = convert.as_contiguous(convert.encoder_to_torch(enc))
+        num_pos = np.shape(enc["pos_embed"])[1]
         meta = {
             "format": "atst_clip_encoder" if convert.is_clip(enc) else "atst_frame_encoder",
             "width": str(width),
@@ -204,9 +205,9 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
             "heads": str(heads),
             "step": str(step),
             "encoder": encoder,
-            # The chunk length inference should use (atst_jax.inference): for ATST-Clip the pretraining crop,
-            # which the weights alone do not tell.
-            "chunk_frames": str(inference.run_chunk_frames(config, convert.is_clip(enc))),
+            # The chunk length inference should use (atst_jax.inference): the pretraining crop, which the
+            # weights alone do not tell.
+            "chunk_frames": str(inference.run_chunk_frames(config, convert.is_clip(enc), num_pos=num_pos)),
         }
         if enc.get("aape") is not None:
             from atst_jax.models.encoder import EncoderConfig

@@ -157,7 +157,7 @@ def _heads(extras, heads):
     return int(meta["heads"]) if "heads" in meta else None
 
 
-def _chunk_frames(extras, use_cls: bool) -> int:
+def _chunk_frames(extras, use_cls: bool, num_pos: int | None = None) -> int:
     """The inference chunk length of a file's encoder (``atst_jax.inference``): our safetensors exports
     record it (``chunk_frames``); official ATST-Clip checkpoints record their pretraining crop
     (``hyper_parameters["train_len"]``, seconds), which the official downstream code chunks at; otherwise
@@ -167,7 +167,7 @@ def _chunk_frames(extras, use_cls: bool) -> int:
         return int(meta["chunk_frames"])
     train_len = (extras.get("hyper_parameters") or {}).get("train_len")
     trained = inference.seconds_to_frames(float(train_len)) if train_len else None
-    return inference.default_chunk_frames(use_cls, trained)
+    return inference.default_chunk_frames(use_cls, trained, num_pos=num_pos)
 
 
 def read_encoder(path, encoder: str = "teacher", heads: int | None = None) -> tuple[dict, int | None, int]:
@@ -263,7 +263,7 @@ def read_encoder_file(path, encoder: str = "teacher", heads: int | None = None) 
         chunk = _vit_chunk_frames(sd, extras)
         default = "kaldi_fbank128"
     else:
-        chunk = _chunk_frames(extras, "cls_token" in sd)
+        chunk = _chunk_frames(extras, "cls_token" in sd, np.shape(sd["pos_embed"])[1])
         default = "atst_logmel64"
     return EncoderFile(sd, _heads(extras, heads), chunk, meta.get("features", default), vit, dict(meta))
 

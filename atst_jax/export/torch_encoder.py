@@ -296,7 +296,7 @@ class ATSTEmbedder(nn.Module):
             raise ValueError(f"n_blocks={self.n_blocks} must be between 1 and the depth {encoder.depth}")
         self.max_chunks = max_chunks
         self.chunk_frames = (
-            default_chunk_frames(encoder.use_cls, patch_w=encoder.patch_w)
+            default_chunk_frames(encoder.use_cls, patch_w=encoder.patch_w, num_pos=encoder.pos_embed.shape[1])
             if chunk_frames is None
             else chunk_frames
         )
