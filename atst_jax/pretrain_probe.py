@@ -39,7 +39,7 @@ def ensure_embedded_probe_split(cache_dir: str, features: str) -> tuple[str, str
     a marker written last makes an interrupted build redo itself)."""
     import fcntl
 
-    from atst_jax.data import prepare, synthetic
+    from atst_jax.data import pipeline, prepare, synthetic
 
     root = Path(cache_dir) / f"probe_seed{PROBE_SEED}"
     train_dir, test_dir = root / f"train_{features}", root / f"test_{features}"
@@ -49,7 +49,9 @@ def ensure_embedded_probe_split(cache_dir: str, features: str) -> tuple[str, str
         "train": PROBE_TRAIN,
         "test": PROBE_TEST,
         "features": features,
-        "version": 1,
+        # The generator's version (the embedded dataset's): a new one changes the sounds, not the file names
+        # or labels, so the split is rebuilt and its old shards are not reused (clear_stale_records).
+        "version": pipeline.EMBEDDED_VERSION,
     }
 
     def finished() -> bool:
@@ -65,6 +67,8 @@ def ensure_embedded_probe_split(cache_dir: str, features: str) -> tuple[str, str
         fcntl.flock(lock, fcntl.LOCK_EX)
         if finished():
             return str(train_dir), str(test_dir)
+        for out in (train_dir, test_dir):
+            pipeline.clear_stale_records(str(out), pipeline.EMBEDDED_VERSION)
         tsv = synthetic.write_dataset(root, PROBE_TRAIN + PROBE_TEST, seed=PROBE_SEED)
         rows = list(synthetic.read_strong_tsv(tsv).items())
         for rows_part, out in ((rows[:PROBE_TRAIN], train_dir), (rows[PROBE_TRAIN:], test_dir)):

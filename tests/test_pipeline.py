@@ -527,6 +527,42 @@ def test_embedded_dataset_replaces_format_1_cache(tmp_path, monkeypatch):
     assert len(make_source(files)) == 4
 
 
+def test_embedded_dataset_rebuilds_records_when_the_generator_changes(tmp_path, monkeypatch):
+    # A new generator version keeps file names, event times and labels (only the sound changes): prepare's
+    # finished-shard markers would match, so the records must be cleared, not reused under the new WAVs.
+    cache = str(tmp_path / "emb")
+    monkeypatch.setattr(pipeline, "_embedded_deps", fake_deps)
+    old = [decode_example(r) for r in make_source(ensure_embedded_dataset(cache, 4, 0, num_shards=2))]
+
+    def louder_deps():
+        deps = fake_deps()
+        write = deps.write_dataset
+
+        def write_dataset(out_dir, num_clips, seed):
+            tsv = write(out_dir, num_clips, seed)
+            for wav in sorted(os.listdir(os.path.join(out_dir, "audio"))):
+                path = os.path.join(out_dir, "audio", wav)
+                data, sr = sf.read(path, dtype="float32")
+                sf.write(path, np.clip(4.0 * data, -1, 1), sr, subtype="PCM_16")
+            return tsv
+
+        deps.write_dataset = write_dataset
+        return deps
+
+    monkeypatch.setattr(pipeline, "_embedded_deps", louder_deps)
+    monkeypatch.setattr(pipeline, "EMBEDDED_VERSION", pipeline.EMBEDDED_VERSION + 1)
+    new = [decode_example(r) for r in make_source(ensure_embedded_dataset(cache, 4, 0, num_shards=2))]
+    assert [ex["id"] for ex in new] == [ex["id"] for ex in old]
+    assert all(not np.array_equal(a["mel"], b["mel"]) for a, b in zip(new, old, strict=True))
+    # The same version again: nothing is cleared (an interrupted build keeps its finished shards).
+    stamp = os.path.join(cache, "records.source.json")
+    with open(stamp) as f:
+        assert json.load(f) == {"version": pipeline.EMBEDDED_VERSION}
+    before = {f: os.stat(f).st_mtime_ns for f in list_record_files(os.path.join(cache, "records"))}
+    pipeline.clear_stale_records(os.path.join(cache, "records"), pipeline.EMBEDDED_VERSION)
+    assert {f: os.stat(f).st_mtime_ns for f in list_record_files(os.path.join(cache, "records"))} == before
+
+
 def _real_deps_available():
     try:
         pipeline._embedded_deps()

@@ -90,42 +90,62 @@ def test_bad_arguments():
 
 
 def _signature(wave: np.ndarray) -> dict[str, float]:
-    """Shape descriptors of a log-mel that do not depend on where in frequency or how loud the event is."""
+    """Shape descriptors of a log-mel that do not depend on which note, how loud or how fast: activity,
+    onsets and their regularity, spectral width and where the energy sits, how the strongest bin moves."""
     db = log_mel_db_np(wave)[:, 10:-10]  # drop the on/off ramps
-    t = np.arange(db.shape[1]) / 100.0
-    peak_bin = db.argmax(axis=0).astype(float)  # strongest mel bin per frame
-    trend = np.polyfit(t, peak_bin, 1)
-    spectrum = db.mean(axis=1)
-    is_peak = (spectrum[1:-1] > spectrum[:-2]) & (spectrum[1:-1] > spectrum[2:])
     energy = 10 * np.log10((10 ** (db / 10)).sum(axis=0))  # frame level, dB
+    loud = energy > energy.max() - 15  # sounding frames
+    peak = db.argmax(axis=0)  # strongest mel bin per frame
     width = (db >= db.max(axis=0, keepdims=True) - 10).sum(axis=0)  # bins within 10 dB of the frame's peak
+    onsets = np.flatnonzero(loud[1:] & ~loud[:-1]) + 1
+    ioi = np.diff(onsets) / 100.0
+    both = loud[1:] & loud[:-1]  # consecutive sounding frames
+    moves = np.diff(peak)[both]
+    moves = moves[moves != 0]
+    # Note changes: the strongest bin over the sounding frames (gaps skipped), as runs of one bin held for at
+    # least 30 ms; a change is a step of two bins or more between consecutive runs (a glide moves by one).
+    held = peak[loud]
+    starts = np.r_[0, np.flatnonzero(np.diff(held)) + 1]
+    lengths = np.diff(np.r_[starts, len(held)])
+    notes = held[starts[lengths >= 3]]
+    jumps = np.diff(notes)
+    jumps = jumps[np.abs(jumps) >= 2]
+    edges = np.flatnonzero(np.diff(loud.astype(int))) + 1
+    slopes = [  # energy slope (dB/s) of each sounding stretch of at least 100 ms
+        np.polyfit(np.arange(b - a) / 100.0, energy[a:b], 1)[0]
+        for a, b in zip(np.r_[0, edges], np.r_[edges, len(loud)], strict=True)
+        if loud[a] and b - a >= 10
+    ]
     return {
-        "trend": trend[0],  # mel bins per second
-        "wobble": np.std(peak_bin - np.polyval(trend, t)),  # pitch movement beyond the trend
-        "range": np.ptp(peak_bin),
-        "width": width.mean(),
-        "loud_width": width[energy > energy.max() - 10].mean(),  # the same over the loudest frames only
-        "peaks": int((is_peak & (spectrum[1:-1] > spectrum.max() - 30)).sum()),  # spectral lines
-        "modulation": np.abs(np.diff(energy)).mean(),  # dB change per 10 ms frame
-        "decay": np.polyfit(t, energy, 1)[0],  # dB per second
-        "active": np.mean(energy > energy.max() - 20),  # fraction of frames within 20 dB of the loudest
+        "active": float(loud.mean()),
+        "onsets_per_s": len(onsets) / (db.shape[1] / 100.0),
+        "ioi_cv": float(ioi.std() / ioi.mean()) if len(ioi) >= 2 else 0.0,  # 0 = a steady rhythm
+        "width": float(np.median(width[loud])),
+        "low_peak": float(np.median(peak[loud])),
+        "up_share": float((jumps > 0).mean()) if len(jumps) else 0.5,  # of the note changes, rising ones
+        "glide": float((np.abs(moves) == 1).sum() / max(both.sum(), 1)),  # one-bin moves per frame
+        "decay": float(np.median(slopes)) if slopes else 0.0,
+        "pitches": int(len(np.unique(peak[loud]))),
     }
 
 
-# What each class is named for, in terms of the descriptors.
+# What each class is named for, in terms of the descriptors. The tonal classes share their four notes, so
+# what separates them is the number of pitches and how they move, not where they are.
 _RULES = {
-    "vibrato_tone": lambda s: (
-        s["wobble"] > 0.2 and s["range"] <= 6 and abs(s["trend"]) < 1 and s["modulation"] < 0.5
+    "beeping": lambda s: (
+        s["width"] <= 3 and s["pitches"] == 1 and s["onsets_per_s"] > 3 and s["ioi_cv"] < 0.1
     ),
-    "chirp_up": lambda s: s["trend"] > 2 and s["width"] <= 3.5,
-    "chirp_down": lambda s: s["trend"] < -2 and s["width"] <= 3.5,
-    "harmonic_stack": lambda s: s["peaks"] >= 4 and s["range"] <= 2 and s["modulation"] < 0.5,
-    "noise_burst": lambda s: s["width"] >= 6 and s["modulation"] < 1,
-    "click_train": lambda s: s["modulation"] > 3 and s["loud_width"] >= 5,
-    "am_tone": lambda s: s["modulation"] > 1 and s["peaks"] == 1 and s["range"] <= 1 and s["width"] <= 3.5,
-    "siren": lambda s: s["range"] >= 5 and s["wobble"] > 1.0 and s["modulation"] < 0.5,
-    "dripping": lambda s: s["modulation"] > 2 and s["active"] < 0.5,
-    "bell": lambda s: s["decay"] < -5,
+    "doorbell": lambda s: s["width"] <= 3 and 2 <= s["pitches"] <= 3 and s["decay"] < -2,
+    "melody_up": lambda s: s["width"] <= 3 and 4 <= s["pitches"] <= 6 and s["up_share"] > 0.6,
+    "melody_down": lambda s: s["width"] <= 3 and 4 <= s["pitches"] <= 6 and s["up_share"] < 0.4,
+    "siren": lambda s: s["width"] <= 3 and s["pitches"] >= 8 and s["glide"] > 0.05 and s["active"] > 0.99,
+    "knocking": lambda s: (
+        s["width"] >= 8 and s["active"] < 0.35 and s["ioi_cv"] > 0.3 and s["onsets_per_s"] > 2
+    ),
+    "footsteps": lambda s: s["width"] >= 8 and s["active"] < 0.2 and s["ioi_cv"] < 0.1,
+    "speech": lambda s: s["pitches"] >= 7 and s["onsets_per_s"] > 2.5 and 0.5 < s["active"] < 0.85,
+    "dog_bark": lambda s: s["decay"] < -40 and s["active"] < 0.45,
+    "engine": lambda s: s["low_peak"] <= 2 and s["active"] > 0.99 and s["width"] >= 10,
 }
 
 
@@ -151,7 +171,7 @@ def test_class_signature(label):
 
 def test_classes_are_distinguishable():
     """1-nearest-neighbour on standardised descriptors, 10 reference and 10 held-out draws per class: the
-    classes are told apart despite their randomised frequencies, rates and bandwidths (measured: 99 %)."""
+    classes are told apart despite their randomised notes, rates and timbres (measured: 100 %)."""
     feats = np.array(
         [
             [list(_signature(_event(label, d, seed=9)).values()) for d in range(20)]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import re
 import sys
 import types
 from collections.abc import Sequence
@@ -426,11 +425,11 @@ def to_global_batch(
 
 # Bump when the embedded data or its record layout changes, so old caches are rebuilt instead of reused.
 # 2: records written by atst_jax.data.prepare (TFDS-compatible tf.train.Example) from the WAVs.
-EMBEDDED_VERSION = 2
+# 3: the patterned classes of atst_jax.data.synthetic (same file names, event times and class indices as 2:
+#    only a stamp beside the records tells their shards apart, see clear_stale_records).
+EMBEDDED_VERSION = 3
 EMBEDDED_NAME = "atst_embedded"
 _MARKER = "embedded_dataset.json"
-# Record files of EMBEDDED_VERSION 1 (msgpack records), removed when a cache is rebuilt.
-_LEGACY_SHARD = re.compile(r"^data-\d{5}-of-\d{5}\.array_record$")
 
 
 def _embedded_deps() -> types.SimpleNamespace:
@@ -512,14 +511,35 @@ def ensure_embedded_dataset(
         return _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers, features)
 
 
+def clear_stale_records(records_dir: str, version: int) -> None:
+    """Removes ``records_dir`` unless the stamp beside it (``<records_dir>.source.json``) says it was built from
+    generator ``version``; then writes that stamp. ``prepare`` reuses a finished shard when the file names
+    and labels match, and a new version of the synthetic generator keeps both (only the sound changes), so
+    without this an old cache's shards would be reused under new WAVs. Shards of an interrupted build of the
+    same version are kept (the stamp already says ``version``)."""
+    import shutil
+
+    stamp = f"{records_dir}.source.json"
+    try:
+        with open(stamp) as f:
+            if json.load(f) == {"version": version}:
+                return
+    except (OSError, ValueError):
+        pass
+    if os.path.isdir(records_dir):
+        shutil.rmtree(records_dir)
+    os.makedirs(os.path.dirname(os.path.abspath(records_dir)), exist_ok=True)
+    tmp = f"{stamp}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"version": version}, f)
+    os.replace(tmp, stamp)
+
+
 def _build_embedded(cache_dir, records_dir, marker_path, expected, num_workers, features=DEFAULT_FEATURES):
     num_clips, seed, num_shards = expected["num_clips"], expected["seed"], expected["num_shards"]
     if os.path.exists(marker_path):
         os.remove(marker_path)
-    if os.path.isdir(records_dir):
-        for name in os.listdir(records_dir):
-            if _LEGACY_SHARD.match(name):
-                os.remove(os.path.join(records_dir, name))
+    clear_stale_records(records_dir, EMBEDDED_VERSION)  # also removes version-1 (msgpack) shards
     if num_workers is None:
         num_workers = 0 if num_clips < 64 else min(8, _cpu_count())
 

@@ -2,10 +2,15 @@
 
 Each clip (10 s at 16 kHz by default) holds 1-4 events drawn from :data:`CLASSES`, at random onsets with
 random durations (0.3-4 s, overlaps allowed), with short raised-cosine ramps, over coloured background noise
-(white to brown) at a random SNR, and is peak-normalised. The classes differ in spectro-temporal shape
-(steady / gliding / modulated pitch, harmonic vs inharmonic vs noisy spectra, impulsive vs sustained), so a
-model that learns structure from log-mels can tell them apart, which makes loss curves and probes meaningful
-without downloading anything.
+(white to brown) at a random SNR, and is peak-normalised. The ten classes are everyday sounds made of a few
+shared units — four notes (beeping, doorbell, melody up, melody down, siren), a thud (knocking, footsteps),
+voiced bursts (speech, dog bark) and a low buzz (engine) — and they differ in how those units are arranged
+over 0.1-1 s: order, rhythm, grouping, glide. One 40 ms step of a tonal event is "a note sounding" whatever
+the class; a few steps of context name it. That is the structure a frame-level encoder's context can learn
+and per-step log-mel statistics cannot see, so probes on this data show what pretraining adds (BENCHMARKS.md,
+"Evaluation, session 27": an earlier set of classes told apart mostly by modulations faster than a 40 ms
+token, which the log-mel baseline's within-step standard deviation sees for free, left every encoder behind
+that baseline).
 
 Everything about clip ``index`` comes from ``np.random.default_rng([seed, index])``: clips can be generated in
 any order, in parallel, by any process, and are always the same.
@@ -39,10 +44,6 @@ PEAK = (0.3, 0.9)
 TSV_HEADER = ("filename", "onset", "offset", "event_label")
 
 Event = tuple[float, float, str]
-
-
-def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
-    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
 def _phase(freq_hz: np.ndarray, sr: int) -> np.ndarray:
@@ -80,131 +81,206 @@ def _band_noise(rng: np.random.Generator, n: int, sr: int, center_hz: float, oct
     return np.fft.irfft(spectrum * np.exp(-0.25 * (dist / sigma) ** 2), n)
 
 
-def _place(n: int, times_s: np.ndarray, amps: np.ndarray, kernel: np.ndarray, sr: int) -> np.ndarray:
-    """Sum copies of ``kernel`` starting at ``times_s`` (scaled by ``amps``), cut to ``n`` samples."""
-    out = np.zeros(n + len(kernel))
-    starts = np.round(times_s * sr).astype(np.int64)
-    keep = starts < n
-    # Each start gets a full kernel; adding an index grid avoids a Python loop over hits.
-    idx = starts[keep, None] + np.arange(len(kernel))[None, :]
-    np.add.at(out, idx, amps[keep, None] * kernel[None, :])
-    return out[:n]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Event classes. Each takes (rng, num_samples, sample_rate) and returns a float64 wave of that length at any
 # level (the caller normalises it). Parameter ranges are the class's "typical" ranges.
+#
+# The classes are built from a few shared sound units, and what tells them apart is how the units are laid
+# out over 0.1-1 s, several 40 ms tokens: the tonal classes all play the same four notes (NOTES, a fourth
+# apart, one detune of +-3 % per event), knocking and footsteps are the same thud, speech and the dog's bark
+# are both voiced bursts. A single time step of a tonal class is "note k sounding", whichever class it
+# belongs to; the order (melody up / down, the doorbell's falling pair), the rhythm (beeps, knocks in groups,
+# steady steps) or the glide (siren) is what names it, as for many real sounds.
 # ----------------------------------------------------------------------------------------------------------
 
+NOTES = 600.0 * (4.0 / 3.0) ** np.arange(4)  # 600, 800, 1067, 1422 Hz
+RAMP_S = 0.005  # raised-cosine ramps of every unit, so no unit clicks
 
-def _vibrato_tone(rng, n, sr):
-    """Tone whose pitch wobbles periodically by +-5-10 % at 4-8 Hz (singing, whistling, warbling)."""
+
+def _notes(rng: np.random.Generator) -> np.ndarray:
+    """The four shared notes with one detune for the whole event (another device, another instrument)."""
+    return NOTES * (1.0 + rng.uniform(-0.03, 0.03))
+
+
+def _ramped(wave: np.ndarray, sr: int) -> np.ndarray:
+    r = min(int(RAMP_S * sr), len(wave) // 4)
+    if r > 0:
+        fade = 0.5 - 0.5 * np.cos(np.pi * np.arange(r) / r)
+        wave[:r] *= fade
+        wave[len(wave) - r :] *= fade[::-1]
+    return wave
+
+
+def _tone(rng, freq: float, n: int, sr: int, decay_s: float | None = None) -> np.ndarray:
+    """A note: the fundamental plus a weak octave, optionally decaying exponentially (struck)."""
     t = np.arange(n) / sr
-    f0 = _log_uniform(rng, 500.0, 2500.0)
-    # Depth (fraction of f0, peak) wide enough to move across 64 mel bins (~6 % apart near 1 kHz).
-    rate, depth = rng.uniform(4.0, 8.0), rng.uniform(0.05, 0.1)
-    phase = _phase(f0 * (1.0 + depth * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))), sr)
-    return np.sin(phase) + rng.uniform(0.1, 0.4) * np.sin(2 * phase + rng.uniform(0, 2 * np.pi))
+    phase = 2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi)
+    wave = np.sin(phase) + 0.25 * np.sin(2 * phase)
+    if decay_s is not None:
+        wave *= np.exp(-t / decay_s)
+    return _ramped(wave, sr)
 
 
-def _chirp(rng, n, sr, upward: bool):
-    """Exponential glide over the whole event, 1-3 octaves."""
-    low = _log_uniform(rng, 150.0, 1000.0)
-    high = min(low * 2.0 ** rng.uniform(1.0, 3.0), 0.45 * sr)
-    ramp = np.linspace(0.0, 1.0, n)
-    freq = low * (high / low) ** (ramp if upward else 1.0 - ramp)
-    return np.sin(_phase(freq, sr) + rng.uniform(0, 2 * np.pi))
+def _add(out: np.ndarray, start: int, unit: np.ndarray) -> None:
+    """Add ``unit`` into ``out`` from sample ``start``, cut at the end of ``out``."""
+    if start < len(out):
+        m = min(len(unit), len(out) - start)
+        out[start : start + m] += unit[:m]
 
 
-def _chirp_up(rng, n, sr):
-    return _chirp(rng, n, sr, upward=True)
+def _beeping(rng, n, sr):
+    """An alarm: one note, on for 70-110 ms, off about as long, from the onset to the end."""
+    freq = _notes(rng)[rng.integers(0, 4)]
+    on = int(rng.uniform(0.07, 0.11) * sr)
+    period = on + int(on * rng.uniform(0.8, 1.2))
+    out = np.zeros(n)
+    beep = _tone(rng, freq, on, sr)
+    for start in range(0, n, period):
+        _add(out, start, beep)
+    return out
 
 
-def _chirp_down(rng, n, sr):
-    return _chirp(rng, n, sr, upward=False)
+def _doorbell(rng, n, sr):
+    """Ding-dong: a struck note, then the note below, 350-500 ms each; the pair again after 0.3-0.6 s."""
+    notes = _notes(rng)
+    k = int(rng.integers(1, 4))
+    dur = int(rng.uniform(0.35, 0.5) * sr)
+    pause = int(rng.uniform(0.3, 0.6) * sr)
+    tau = rng.uniform(0.15, 0.3)
+    ding, dong = _tone(rng, notes[k], dur, sr, tau), _tone(rng, notes[k - 1], dur, sr, tau)
+    out = np.zeros(n)
+    for start in range(0, n, 2 * dur + pause):
+        _add(out, start, ding)
+        _add(out, start + dur, dong)
+    return out
 
 
-def _harmonic_stack(rng, n, sr):
-    """Low steady fundamental with many harmonics (buzz, engine, bowed string)."""
-    f0 = _log_uniform(rng, 90.0, 350.0)
-    count = int(min(rng.integers(6, 17), (0.45 * sr) // f0))
-    k = np.arange(1, count + 1)
-    weights = k ** -rng.uniform(0.5, 1.5) * np.exp(1j * rng.uniform(0, 2 * np.pi, count))
-    return _oscillator_bank(weights, 2j * np.pi * f0 * k / sr, n).imag
+def _melody(rng, n, sr, upward: bool):
+    """An arpeggio over the four notes (110-200 ms each, 0-40 ms apart), repeated, from a random note."""
+    notes = _notes(rng) if upward else _notes(rng)[::-1]
+    dur = int(rng.uniform(0.11, 0.2) * sr)
+    step = dur + int(rng.uniform(0.0, 0.04) * sr)
+    first = int(rng.integers(0, 4))
+    out = np.zeros(n)
+    for i, start in enumerate(range(0, n, step)):
+        _add(out, start, _tone(rng, notes[(first + i) % 4], dur, sr))
+    return out
 
 
-def _noise_burst(rng, n, sr):
-    """Band-limited noise (steam, wind, rain-like hiss)."""
-    return _band_noise(rng, n, sr, _log_uniform(rng, 400.0, 5000.0), rng.uniform(0.5, 2.0))
+def _melody_up(rng, n, sr):
+    return _melody(rng, n, sr, upward=True)
 
 
-def _click_train(rng, n, sr):
-    """Regular broadband clicks (ticking clock, Geiger counter, woodpecker)."""
-    rate = rng.uniform(4.0, 25.0)
-    times = np.arange(0.0, n / sr, 1.0 / rate) + rng.uniform(0, 1.0 / rate)
-    times += rng.normal(0.0, 0.03 / rate, len(times))  # slight timing jitter
-    times = np.clip(times, 0.0, None)
-    length = int(0.004 * sr)
-    click = rng.standard_normal(length) * np.exp(-np.arange(length) / (0.0008 * sr))
-    return _place(n, times, rng.uniform(0.6, 1.0, len(times)), click, sr)
-
-
-def _am_tone(rng, n, sr):
-    """Pure tone with deep, fast amplitude modulation (tremolo, alarm beeping)."""
-    t = np.arange(n) / sr
-    carrier = _log_uniform(rng, 400.0, 4000.0)
-    rate, depth = rng.uniform(3.0, 15.0), rng.uniform(0.8, 1.0)
-    envelope = 1.0 + depth * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))
-    return envelope * np.sin(2 * np.pi * carrier * t + rng.uniform(0, 2 * np.pi))
+def _melody_down(rng, n, sr):
+    return _melody(rng, n, sr, upward=False)
 
 
 def _siren(rng, n, sr):
-    """Tone sweeping slowly (0.5-2 Hz) and widely (+-0.3-0.8 octave) up and down: a siren."""
+    """A wail gliding smoothly between the lowest and the highest note and back, 0.4-0.8 times a second."""
+    notes = _notes(rng)
     t = np.arange(n) / sr
-    center = _log_uniform(rng, 500.0, 2000.0)
-    rate, octaves = rng.uniform(0.5, 2.0), rng.uniform(0.3, 0.8)
-    phase = _phase(center * 2.0 ** (octaves * np.sin(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))), sr)
-    return np.sin(phase) + rng.uniform(0.1, 0.3) * np.sin(2 * phase + rng.uniform(0, 2 * np.pi))
+    lo, hi = np.log(notes[0]), np.log(notes[-1])
+    sweep = 0.5 - 0.5 * np.cos(2 * np.pi * rng.uniform(0.4, 0.8) * t + rng.uniform(0, 2 * np.pi))
+    phase = _phase(np.exp(lo + (hi - lo) * sweep), sr) + rng.uniform(0, 2 * np.pi)
+    return np.sin(phase) + 0.25 * np.sin(2 * phase)
 
 
-def _dripping(rng, n, sr):
-    """Irregular short drops, each a fast-decaying upward pitch blip (dripping water)."""
-    gaps = rng.uniform(0.12, 0.5, size=int(n / sr / 0.12) + 1)
-    times = np.cumsum(gaps) - gaps[0] + rng.uniform(0.0, 0.05)
-    length = int(0.06 * sr)
-    tk = np.arange(length) / sr
-    f_start = rng.uniform(700.0, 2000.0)
-    freq = f_start * 2.0 ** (rng.uniform(0.6, 1.3) * tk / tk[-1])
-    drop = np.sin(_phase(freq, sr)) * np.exp(-tk / rng.uniform(0.008, 0.02))
-    return _place(n, times, rng.uniform(0.4, 1.0, len(times)), drop, sr)
+def _thud(rng, sr):
+    """A knock or a step: 40 ms of noise around 500 Hz (one octave wide) decaying in 12 ms."""
+    m = int(0.04 * sr)
+    return _band_noise(rng, m, sr, 500.0, 1.0) * np.exp(-np.arange(m) / (0.012 * sr))
 
 
-# Ratios of a free-free bar's modes: a struck, inharmonic "metallic" spectrum.
-_BELL_RATIOS = np.array([1.0, 2.756, 5.404, 8.933])
+def _knocking(rng, n, sr):
+    """Knocks in groups of 2-4, 110-160 ms apart; a group every 0.6-1.0 s."""
+    gap = rng.uniform(0.11, 0.16)
+    out = np.zeros(n)
+    start = 0
+    while start < n:
+        for j in range(int(rng.integers(2, 5))):
+            _add(out, start + int(j * gap * sr), rng.uniform(0.7, 1.0) * _thud(rng, sr))
+        start += int(rng.uniform(0.6, 1.0) * sr)
+    return out
 
 
-def _bell(rng, n, sr):
-    """One strike with inharmonic partials and exponential decay, upper partials dying faster."""
-    f0 = _log_uniform(rng, 250.0, 1200.0)
-    ratios = _BELL_RATIOS[_BELL_RATIOS * f0 < 0.45 * sr]
-    tau = (n / sr) * rng.uniform(0.2, 0.5) / ratios**0.5
-    amps = rng.uniform(0.3, 1.0, len(ratios))
-    phases = rng.uniform(0, 2 * np.pi, len(ratios))
-    # Partial k is Im(a_k e^{i phi_k} exp(rate_k m)) at sample m, with rate_k = (-1/tau_k + i 2 pi f_k) / sr.
-    return _oscillator_bank(amps * np.exp(1j * phases), (-1.0 / tau + 2j * np.pi * f0 * ratios) / sr, n).imag
+def _footsteps(rng, n, sr):
+    """Single steps (the knock's thud) at a steady 1.6-2.4 per second, each interval within +-5 %."""
+    period = 1.0 / rng.uniform(1.6, 2.4)
+    out = np.zeros(n)
+    t = 0.0
+    while t * sr < n:
+        _add(out, int(t * sr), rng.uniform(0.7, 1.0) * _thud(rng, sr))
+        t += period * rng.uniform(0.95, 1.05)
+    return out
+
+
+# Vowels as two formant frequencies (Hz): /a/, /i/, /u/, /e/.
+_VOWELS = np.array([(700.0, 1200.0), (300.0, 2200.0), (350.0, 800.0), (500.0, 1800.0)])
+
+
+def _voiced(f0: float, formants, n: int, sr: int, glide: float = -0.1) -> np.ndarray:
+    """A voiced burst: harmonics of ``f0`` (gliding by ``glide`` over the burst) shaped by two formants
+    (Gaussian, 120 Hz wide) over a weak flat floor."""
+    t = np.arange(n) / sr
+    f0_t = f0 * (1.0 + glide * t / max(t[-1], 1e-3))
+    phase = _phase(f0_t, sr)
+    k = np.arange(1, int(0.45 * sr / f0) + 1)
+    amp = 0.05 + sum(np.exp(-0.5 * ((k * f0 - f) / 120.0) ** 2) for f in formants)
+    return amp @ np.sin(k[:, None] * phase[None, :])
+
+
+def _speech(rng, n, sr):
+    """Syllables of 120-280 ms, each a vowel on a falling pitch (f0 100-200 Hz per talker), 30-150 ms apart."""
+    f0 = rng.uniform(100.0, 200.0)
+    out = np.zeros(n)
+    start = 0
+    while start < n:
+        m = int(rng.uniform(0.12, 0.28) * sr)
+        syllable = _voiced(f0 * rng.uniform(0.9, 1.1), _VOWELS[rng.integers(0, 4)], m, sr)
+        _add(out, start, syllable * np.sin(np.pi * np.arange(m) / m) ** 0.5)
+        start += m + int(rng.uniform(0.03, 0.15) * sr)
+    return out
+
+
+def _dog_bark(rng, n, sr):
+    """Barks: 120-200 ms voiced + noisy bursts (f0 400-600 Hz, falling), 1-3 per group 80-150 ms apart;
+    a group every 0.4-0.9 s after the last bark."""
+    f0 = rng.uniform(400.0, 600.0)
+    out = np.zeros(n)
+    start = 0
+    while start < n:
+        for _ in range(int(rng.integers(1, 4))):
+            m = int(rng.uniform(0.12, 0.2) * sr)
+            voiced = _voiced(f0, (900.0, 2200.0), m, sr)
+            bark = voiced / (np.abs(voiced).max() + 1e-9) + 0.3 * rng.standard_normal(m)
+            j = np.arange(m)
+            envelope = np.exp(-j / (0.06 * sr)) * (1.0 - np.exp(-j / (0.005 * sr)))
+            _add(out, start, bark * envelope)
+            start += m + int(rng.uniform(0.08, 0.15) * sr)
+        start += int(rng.uniform(0.4, 0.9) * sr)
+    return out
+
+
+def _engine(rng, n, sr):
+    """An idling engine: a low buzz (f0 30-60 Hz, 39 harmonics falling as k^-0.7) pulsing at f0 / 2."""
+    f0 = rng.uniform(30.0, 60.0)
+    k = np.arange(1, 40)
+    weights = k**-0.7 * np.exp(1j * rng.uniform(0, 2 * np.pi, len(k)))
+    buzz = _oscillator_bank(weights, 2j * np.pi * f0 * k / sr, n).imag
+    return buzz * (1.0 + 0.6 * np.sin(np.pi * f0 * np.arange(n) / sr))
 
 
 _GENERATORS: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
-    "vibrato_tone": _vibrato_tone,
-    "chirp_up": _chirp_up,
-    "chirp_down": _chirp_down,
-    "harmonic_stack": _harmonic_stack,
-    "noise_burst": _noise_burst,
-    "click_train": _click_train,
-    "am_tone": _am_tone,
+    "beeping": _beeping,
+    "doorbell": _doorbell,
+    "melody_up": _melody_up,
+    "melody_down": _melody_down,
     "siren": _siren,
-    "dripping": _dripping,
-    "bell": _bell,
+    "knocking": _knocking,
+    "footsteps": _footsteps,
+    "speech": _speech,
+    "dog_bark": _dog_bark,
+    "engine": _engine,
 }
 CLASSES: tuple[str, ...] = tuple(_GENERATORS)
 
