@@ -1,8 +1,17 @@
 """ATST-Frame pretraining (spec/methods.md §0–§1); the shared parts are in configs/common.py.
 
-Use with ``--config configs/atst_frame.py:VARIANT``; VARIANT is ``tiny`` (tests, the embedded-data demo),
-``small`` (D=384, official small recipe) or ``base`` (D=768, official base recipe). Every field can be
-overridden on the command line, e.g. ``--config.train.steps=20 --config.atst_frame.crop_seconds=6``.
+Use with ``--config configs/atst_frame.py:VARIANT``; VARIANT is ``tiny`` (tests), ``demo`` (the README's CPU
+demo: the tiny model with the recipe below), ``small`` (D=384, official small recipe) or ``base`` (D=768,
+official base recipe). Every field can be overridden on the command line, e.g. ``--config.train.steps=20
+--config.atst_frame.crop_seconds=6``.
+
+``demo`` is ours, chosen by measurement (BENCHMARKS.md, "Evaluation, session 27") so that ~4 CPU minutes of
+pretraining leave features worth more than the encoder's random initialisation: 1.6 s crops (40 tokens) at
+batch 48 — the features, and the chunks inference runs (the trained crop), stay local instead of averaging a
+10 s scene — peak LR 2.5e-4, the recipe's views and span masks, and VICReg-style within-clip variance /
+covariance terms on the student's tokens (``atst_frame.var_weight`` / ``cov_weight`` / ``var_target``),
+without which the features collapse onto one vector per clip within a few hundred steps. It ends with the
+probe on the held-out embedded split (``probe.train=embedded``).
 """
 
 import importlib.util
@@ -26,6 +35,8 @@ _RUNS = {
 
 
 def get_config(variant: str = "tiny"):
+    if variant == "demo":
+        return _demo()
     c = common.base(variant, "atst_frame")
     batch, base_lr, warmup, steps, ema = _RUNS[c.variant]
     common.set_run(c, global_batch=batch, base_lr=base_lr, warmup_steps=warmup, steps=steps, ema=ema)
@@ -35,4 +46,15 @@ def get_config(variant: str = "tiny"):
         c.atst_frame.update(common.TINY_HEADS)
     if c.variant == "small":
         c.data.subset = 200_000
+    return c
+
+
+def _demo():
+    """The CPU demo (README command 1): the tiny model, the recipe in the module docstring."""
+    c = get_config("tiny")
+    c.variant = "demo"
+    # Peak LR 2.5e-4 (= base_lr × 48 / 256), ten times the tiny recipe's.
+    common.set_run(c, global_batch=48, base_lr=2.5e-4 * 256 / 48, warmup_steps=30, steps=300, ema=0.99)
+    c.atst_frame.update(crop_seconds=1.6, var_weight=1.0, cov_weight=0.1, var_target=0.8)
+    c.probe.train = "embedded"  # the held-out embedded probe split, with both baselines, after the last step
     return c
