@@ -110,8 +110,9 @@ def per_class_png(path, results: dict) -> Path:
     ax.set_xticklabels(classes, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("frame-level AP" if key == "frame_ap" else "AP")
-    ax.set_title(f"per-class results ({results['task']})", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.set_title(f"per-class results ({results['task']})", fontsize=9, pad=22)
+    # Above the axes, one row: inside them it hid the bars of the last classes (scores near 1).
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(names), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = _save(fig, path)
