@@ -93,7 +93,7 @@ def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
     mask = views.span_mask(
         k_mask, b, n_tok, ratio=cfg.mask_ratio, span=cfg.mask_span, min_spans=cfg.min_spans
     )
-    mask = mask & (jnp.arange(n_tok)[None, :] < encoder.token_lengths(length)[:, None])
+    mask = mask & encoder.valid_mask(length, n_tok)  # no CLS (check): the patch tokens' validity
     v1, v2 = make_views(k_view, spec, cfg)
     x = jnp.concatenate([v1, v2], axis=0)  # both views through both networks in one batch
     lengths = jnp.concatenate([length, length], axis=0)
@@ -101,11 +101,6 @@ def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
     capacity = views.mask_capacity(n_tok, cfg.mask_ratio, cfg.mask_span, cfg.min_spans)
     idx, valid = views.gather_masked(mask2, capacity)
     return x, lengths, mask2, idx, valid
-
-
-def token_valid(encoder: FrameAST, tokens, lengths):
-    """``[B, N]`` bool: the tokens of ``tokens [B, N, D]`` that cover real frames of clips of ``lengths``."""
-    return jnp.arange(tokens.shape[1])[None, :] < encoder.token_lengths(lengths)[:, None]
 
 
 class AtstFrame(Method):
@@ -157,7 +152,8 @@ class AtstFrame(Method):
             total = 0.5 * (byol_pair(p[b:], z[:b], w1) + byol_pair(p[:b], z[b:], w1))
         else:
             total = byol_pair(p, z, w1)
-        t_valid = token_valid(enc, t_tok, lengths[t_rows])
+        tok_valid = enc.valid_mask(lengths, t_tok.shape[1])  # [2B, N]: tokens over real frames (no CLS)
+        t_valid = tok_valid[t_rows]
         metrics = {
             "loss": total,
             "std_frm_stu": normalized_std(p, v_s),
@@ -168,9 +164,7 @@ class AtstFrame(Method):
         }
         if cfg.var_weight or cfg.cov_weight:
             metrics["loss_byol"] = total
-            var_loss, cov_loss, within_std = collapse.spread_terms(
-                s_tok, token_valid(enc, s_tok, lengths[s_rows]), cfg.var_target
-            )
+            var_loss, cov_loss, within_std = collapse.spread_terms(s_tok, tok_valid[s_rows], cfg.var_target)
             total = total + cfg.var_weight * var_loss + cfg.cov_weight * cov_loss
             metrics.update(loss=total, loss_var=var_loss, loss_cov=cov_loss, within_std_stu=within_std)
         return total, metrics, method_state
