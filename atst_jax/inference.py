@@ -106,18 +106,8 @@ def run_chunk_frames(config, use_cls: bool, patch_w: int = 4, num_pos: int | Non
     nothing here knows a method by name. A config the method can no longer read falls back to the kind's
     default: this only picks a chunk length, it should not stop an export or an embedding.
     """
-    trained = None
-    if config and config.get("method"):
-        import ml_collections
-
-        from atst_jax.methods import get_class
-
-        try:
-            method = get_class(config["method"])(ml_collections.ConfigDict(config))
-            trained = max(crop.frames for crop in method.inputs())
-        except (ValueError, KeyError, TypeError, AttributeError):  # ConfigError is a ValueError
-            trained = None  # see the docstring: fall back to the documented default
-    return default_chunk_frames(use_cls, trained, patch_w, num_pos)
+    crop = _run_crop(config)
+    return default_chunk_frames(use_cls, crop[0] if crop else None, patch_w, num_pos)
 
 
 def log_mel(wave, block_frames: int = 2000) -> np.ndarray:
@@ -383,8 +373,8 @@ def encoder_chunk_frames(cfg: EncoderConfig, config=None) -> int:
     """The chunk length of an encoder (``config``: the run's saved config, if any): :func:`run_chunk_frames`
     for the frame stem, :func:`vit_chunk_frames` (capped by the method's longest crop) for 2-D patches."""
     if cfg.stem != "patch2d":
-        num_pos = cfg.num_pos if cfg.pos_embed == "learned" else None
-        return run_chunk_frames(config, cfg.use_cls, cfg.patch_w, num_pos)
+        # The frame stem's positions are always a learned table of num_pos slots.
+        return run_chunk_frames(config, cfg.use_cls, cfg.patch_w, cfg.num_pos)
     crop = _run_crop(config)
     return vit_chunk_frames(cfg, crop[0] if crop else None)
 
