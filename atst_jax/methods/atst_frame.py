@@ -93,7 +93,7 @@ def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
     mask = views.span_mask(
         k_mask, b, n_tok, ratio=cfg.mask_ratio, span=cfg.mask_span, min_spans=cfg.min_spans
     )
-    mask = mask & encoder.valid_mask(length, n_tok)  # no CLS (check): the patch tokens' validity
+    mask = mask & (jnp.arange(n_tok)[None, :] < encoder.token_lengths(length)[:, None])
     v1, v2 = make_views(k_view, spec, cfg)
     x = jnp.concatenate([v1, v2], axis=0)  # both views through both networks in one batch
     lengths = jnp.concatenate([length, length], axis=0)
