@@ -69,13 +69,29 @@ class HFAdamWState(NamedTuple):
 GRAD_CLIPS = ("none", "global_norm", "per_param")
 
 
-def clip_gradients(grads, mode: str, max_norm: float):
+def layer_dims(params):
+    """Per variable (same tree structure as ``params``): how many leading dimensions stack separate layers —
+    1 for the blocks' parameters, which ``nnx.vmap`` stacks on a ``[L, …]`` axis that their logical ``axes``
+    do not name, else 0. Leaves without ``axes`` metadata (plain arrays) count as unstacked."""
+
+    def one(v):
+        if not isinstance(v, nnx.Variable):
+            return 0
+        axes = v.get_metadata().get("axes", None)
+        return v.replace(0 if axes is None else max(np.ndim(v.get_value()) - len(axes), 0))
+
+    return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def clip_gradients(grads, mode: str, max_norm: float, layers=None):
     """Gradient clipping as the official PyTorch recipes do it, before the optimizer:
 
     - ``global_norm``: ``torch.nn.utils.clip_grad_norm_`` — all gradients scaled by
       ``min(1, max_norm / (‖g‖ + 1e-6))`` over the whole tree;
-    - ``per_param``: DINO/ASiT ``clip_gradients`` — each parameter's gradient scaled by
-      ``min(1, max_norm / (‖g_p‖ + 1e-6))`` on its own;
+    - ``per_param``: DINO/ASiT ``clip_gradients`` — each PyTorch parameter's gradient scaled by
+      ``min(1, max_norm / (‖g_p‖ + 1e-6))`` on its own. A PyTorch model holds one tensor per layer where we
+      stack the layers on a leading axis, so ``layers`` (``layer_dims`` of the params, same structure as
+      ``grads``) names the stacked leaves, and each layer slice of those gets its own norm and factor;
     - ``none``: unchanged.
     """
     if mode == "none":
@@ -84,12 +100,15 @@ def clip_gradients(grads, mode: str, max_norm: float):
         scale = jnp.minimum(1.0, max_norm / (optax.tree.norm(grads) + 1e-6))
         return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     if mode == "per_param":
-        return jax.tree.map(
-            lambda g: (
-                g * jnp.minimum(1.0, max_norm / (jnp.linalg.norm(g.reshape(-1)) + 1e-6)).astype(g.dtype)
-            ),
-            grads,
-        )
+
+        def clip(g, lead):
+            sq = jnp.square(g.astype(jnp.float32))
+            norm = jnp.sqrt(jnp.sum(sq, axis=tuple(range(lead, g.ndim)), keepdims=True))
+            return g * jnp.minimum(1.0, max_norm / (norm + 1e-6)).astype(g.dtype)
+
+        if layers is None:
+            return jax.tree.map(lambda g: clip(g, 0), grads)
+        return jax.tree.map(clip, grads, layers)
     raise ValueError(f"grad_clip must be one of {GRAD_CLIPS}, got {mode!r}")
 
 
@@ -116,8 +135,9 @@ def hf_adamw(
     correction is folded into the step size and decays the *updated* parameter; torch adds eps to the
     bias-corrected ``sqrt(v̂)`` and decays the parameter *before* the Adam step (``p ← p·(1 − lr·wd)``, then
     ``p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)``). ``mask`` is a pytree of bools (same structure
-    as params) selecting the weight-decayed group; gradients are clipped first (``clip_gradients``) when
-    ``grad_clip`` is not ``none``. The state layout is the same for both flavours.
+    as params) selecting the weight-decayed group; gradients are clipped first (``clip_gradients``, per layer
+    of stacked parameters as ``layer_dims`` of ``params`` says) when ``grad_clip`` is not ``none``. The state
+    layout is the same for both flavours.
     """
     if flavour not in ADAMW_FLAVOURS:
         raise ValueError(f"AdamW flavour must be one of {ADAMW_FLAVOURS}, got {flavour!r}")
@@ -129,7 +149,7 @@ def hf_adamw(
     def update(grads, state, params):
         if params is None:
             raise ValueError("hf_adamw needs params (decoupled weight decay)")
-        grads = clip_gradients(grads, grad_clip, clip_norm)
+        grads = clip_gradients(grads, grad_clip, clip_norm, layers=layer_dims(params))
         t = state.count + 1
         lr, wd = lr_fn(state.count), wd_fn(state.count)
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(jnp.float32), state.mu, grads)

@@ -108,6 +108,62 @@ def test_gradient_clipping_matches_the_pytorch_recipes():
     assert optim.clip_gradients(grads, "none", 1.0) is grads
 
 
+def test_per_param_clipping_clips_each_layer_of_a_stacked_leaf():
+    """The blocks' parameters are stacked ``[L, …]``; DINO/ASiT ``clip_gradients`` sees one tensor per layer, so
+    each layer slice is clipped by its own norm: a layer under the bound is untouched, one over it is scaled to
+    the bound, whatever the other layers hold. Unstacked leaves are clipped on their own."""
+    rng = np.random.default_rng(0)
+    layer = rng.normal(size=(3, 4)).astype(np.float32)
+    layer /= np.linalg.norm(layer)
+    g_stacked = np.stack([0.5 * layer, 7.0 * layer, 2.0 * layer])  # norms 0.5, 7, 2 at max_norm 1
+    g_flat = (3.0 * layer[0]).astype(np.float32)  # norm 3·|row 0|
+    params = nnx.State(
+        {
+            "blocks": nnx.Param(
+                jnp.zeros((3, 3, 4)), axes=("embed", "mlp")
+            ),  # stacked: axes name 2 of 3 dims
+            "head": nnx.Param(jnp.zeros((4,)), axes=("mlp",)),
+        }
+    )
+    layers = optim.layer_dims(params)
+    assert layers["blocks"].get_value() == 1 and layers["head"].get_value() == 0
+    grads = nnx.State(
+        {
+            "blocks": params["blocks"].replace(jnp.asarray(g_stacked)),
+            "head": params["head"].replace(jnp.asarray(g_flat)),
+        }
+    )
+    out = optim.clip_gradients(grads, "per_param", 1.0, layers=layers)
+    got = np.asarray(out["blocks"].get_value())
+    np.testing.assert_array_equal(got[0], g_stacked[0])  # under the bound: left untouched
+    np.testing.assert_allclose(got[1], layer / (1.0 + 1e-6 / 7.0), rtol=1e-6)  # scaled to the bound
+    np.testing.assert_allclose(got[2], layer / (1.0 + 1e-6 / 2.0), rtol=1e-6)
+    n = np.linalg.norm(g_flat)
+    want = g_flat * min(1.0, 1.0 / (n + 1e-6))
+    np.testing.assert_allclose(np.asarray(out["head"].get_value()), want, rtol=1e-6)
+
+    # The optimizer reads the layers from its params: two steps (Adam's first step alone does not see a
+    # gradient's scale) give the same parameters as AdamW fed the gradients clipped layer by layer above.
+    lr, wd = (lambda s: jnp.asarray(1e-2)), (lambda s: jnp.asarray(0.0))
+    tx, ref_tx = optim.hf_adamw(lr, wd, grad_clip="per_param", clip_norm=1.0), optim.hf_adamw(lr, wd)
+    p, q, st, ref_st = params, params, tx.init(params), ref_tx.init(params)
+    for scale in (1.0, 0.1):
+        g = jax.tree.map(lambda x, s=scale: x * s, grads)
+        u, st = tx.update(g, st, p)
+        p = optax.apply_updates(p, u)
+        v, ref_st = ref_tx.update(optim.clip_gradients(g, "per_param", 1.0, layers=layers), ref_st, q)
+        q = optax.apply_updates(q, v)
+    np.testing.assert_allclose(
+        np.asarray(p["blocks"].get_value()), np.asarray(q["blocks"].get_value()), rtol=1e-6
+    )
+    unclipped = optim.hf_adamw(lr, wd)
+    r, r_st = params, unclipped.init(params)
+    for scale in (1.0, 0.1):
+        u, r_st = unclipped.update(jax.tree.map(lambda x, s=scale: x * s, grads), r_st, r)
+        r = optax.apply_updates(r, u)
+    assert not np.allclose(np.asarray(p["blocks"].get_value())[1], np.asarray(r["blocks"].get_value())[1])
+
+
 def test_weight_decay_schedules():
     import ml_collections
 
