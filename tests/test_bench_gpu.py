@@ -32,7 +32,8 @@ from atst_jax import bench_gpu
 from atst_jax.models.attention import Attention, key_bias
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 
-MIRROR = os.environ.get("ATST_OFFICIAL_MIRROR", "/work/.mirror/Audio-WestlakeU+audiossl/repo")
+# A bare git mirror of Audio-WestlakeU/audiossl, from the environment only (no machine path in the project).
+MIRROR = os.environ.get("ATST_OFFICIAL_MIRROR", "")
 OFFICIAL_PATHS = ["audiossl/__init__.py", "audiossl/methods/atstframe", "audiossl/modules", "audiossl/utils"]
 
 
@@ -40,8 +41,8 @@ def _official_checkout(dest) -> tuple[str | None, str]:
     """A checkout of the official code's model files from a bare mirror (git archive), or why not."""
     if not shutil.which("git"):
         return None, "git is not installed"
-    if not os.path.isdir(MIRROR):
-        return None, f"no mirror of Audio-WestlakeU/audiossl at {MIRROR} (set ATST_OFFICIAL_MIRROR)"
+    if not MIRROR or not os.path.isdir(MIRROR):
+        return None, f"no mirror of Audio-WestlakeU/audiossl at {MIRROR!r} (set ATST_OFFICIAL_MIRROR)"
     p = subprocess.run(
         ["git", f"--git-dir={MIRROR}", "archive", "--format=tar", "HEAD", "--", *OFFICIAL_PATHS],
         capture_output=True,
