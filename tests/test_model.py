@@ -282,6 +282,26 @@ def test_frame_init_follows_the_atst_draw_order(use_cls):
         np.testing.assert_array_equal(a, b)
 
 
+def test_patch2d_stem_init_is_pytorchs_conv2d_default():
+    """ASiT's ``PatchEmbed.proj`` is an ``nn.Conv2d`` that the ViT's ``_init_weights`` (Linear / LayerNorm
+    only) leaves at PyTorch's default: kernel and bias both U(±1/√fan_in), fan_in = 16·16 pixels. The bias is
+    drawn from a key folded out of the kernel's, so the draws after it (positions, CLS, blocks) are those of a
+    stem without a bias."""
+    cfg = EncoderConfig(stem="patch2d", n_mels=32, width=64, depth=1, heads=2, use_cls=True, qkv_bias=True)
+    enc = FrameAST(cfg, rngs=nnx.Rngs(params=jax.random.key(5)))
+    bound = 1.0 / 16.0
+    key = nnx.Rngs(params=jax.random.key(5)).params()
+    kernel = jax.random.uniform(key, (256, 64), jnp.float32, -bound, bound)
+    bias = jax.random.uniform(jax.random.fold_in(key, 1), (64,), jnp.float32, -bound, bound)
+    np.testing.assert_array_equal(enc.patch_embed.kernel[...], kernel)
+    np.testing.assert_array_equal(enc.patch_embed.bias[...], bias)
+    b = np.asarray(enc.patch_embed.bias[...])
+    assert np.all(np.abs(b) <= bound) and b.std() > 0.5 * bound / np.sqrt(3)  # uniform, not zeros
+    # The frame stem (trunc-normal, the ATST draw order above) keeps a zero bias.
+    frame = FrameAST(EncoderConfig(width=64, depth=1, heads=2), rngs=nnx.Rngs(params=jax.random.key(5)))
+    assert not np.any(np.asarray(frame.patch_embed.bias[...]))
+
+
 def test_unknown_stem_or_positions_raise_one_clear_error():
     with pytest.raises(ValueError, match="model.stem must be one of frame|patch2d"):
         EncoderConfig(stem="conv")

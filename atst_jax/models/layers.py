@@ -36,17 +36,22 @@ class Linear(nnx.Module):
         out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
         self.n_in = len(in_shape)
         shape = in_shape + out_shape
-        if init == "trunc_normal":  # the encoder's explicit init
+        bias = jnp.zeros(out_shape, jnp.float32)
+        if init == "trunc_normal":  # the encoder's explicit init (biases 0)
             kernel = trunc_normal(rngs.params(), shape, std)
-        elif init == "torch_default":  # nn.Linear's own init (kaiming_uniform a=√5): U(±1/√fan_in)
+        elif init == "torch_default":
+            # nn.Linear's / nn.Conv2d's own init: kernel kaiming_uniform(a=√5) = U(±1/√fan_in), and the bias
+            # U(±1/√fan_in) too. The bias is drawn from a key folded out of the kernel's, so every later draw
+            # of the module (positions, blocks, …) is the same with or without a bias.
+            key = rngs.params()
             bound = 1.0 / np.sqrt(np.prod(in_shape))
-            kernel = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+            kernel = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+            if use_bias:
+                bias = jax.random.uniform(jax.random.fold_in(key, 1), out_shape, jnp.float32, -bound, bound)
         else:
             raise ValueError(f"unknown init {init!r}")
         self.kernel = nnx.Param(kernel, axes=tuple(axes))
-        self.bias = (
-            nnx.Param(jnp.zeros(out_shape, jnp.float32), axes=tuple(axes[self.n_in :])) if use_bias else None
-        )
+        self.bias = nnx.Param(bias, axes=tuple(axes[self.n_in :])) if use_bias else None
 
     def __call__(self, x):
         kernel = self.kernel[...].astype(x.dtype)
