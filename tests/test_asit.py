@@ -16,6 +16,7 @@ from atst_jax import optim
 from atst_jax.data import views
 from atst_jax.methods.asit import Asit, reconstruction_l1
 from atst_jax.models.dino import WeightNormLinear, centre_update, dino_cross_entropy, entropy
+from atst_jax.sharding import ConfigError
 from atst_jax.train import load_config
 
 
@@ -77,6 +78,36 @@ def test_reconstruction_l1_counts_corrupted_pixels_only():
     short = jnp.array([8, 3])  # the second clip has no whole 4-frame patch: only clip 0 counts
     np.testing.assert_allclose(float(reconstruction_l1(rec, clean, mask, short, patch_t=4)), 3.0)
     np.testing.assert_allclose(float(reconstruction_l1(rec, clean, mask, length, patch_t=4)), 5.0)
+
+
+def test_paste_partners_come_from_the_same_crop_of_the_rows_pool():
+    """The official collate pastes within one loader batch, crop by crop: with ``paste_pool`` P a crop-1 row
+    takes its partner from the crop-1 rows of its own pool of P clips, never from crop 2 (the step stacks
+    [crop 1 of every clip; crop 2 of every clip]); ``paste_pool = 0`` pools each crop's whole batch."""
+    config = load_config(str(ROOT / "configs" / "asit.py") + ":tiny")
+    b, n_f, n_t = 16, 16, 32
+    x = jnp.broadcast_to(jnp.arange(2 * b, dtype=jnp.float32)[:, None, None] + 1.0, (2 * b, n_f, n_t))
+
+    def partners(pool):
+        config.asit.paste_prob, config.asit.paste_pool = 1.0, pool
+        method = Asit(config)
+        found = []
+        for seed in range(8):
+            out, mask = method.corrupt(jax.random.key(seed), x)
+            out, mask = np.asarray(out), np.asarray(mask)
+            found += [(row, int(out[row][mask[row]][0]) - 1) for row in range(2 * b)]
+        return np.array(found)
+
+    for pool, size in ((4, 4), (0, b), (64, b)):  # a pool larger than the batch is the batch
+        rows, src = partners(pool).T
+        assert np.all(src // size == rows // size), pool  # same pool, so same crop
+        assert len(set(src[rows == 0])) > 1  # a random member, not a fixed one
+    rows, src = partners(4).T
+    assert len({(r // 4, s) for r, s in zip(rows, src, strict=True)}) > 24  # the pools' members all occur
+    config.train.global_batch = 12
+    config.asit.paste_pool = 8
+    with pytest.raises(ConfigError, match="paste_pool=8 must be 0"):
+        Asit(config).check()
 
 
 def test_gmml_coverage_and_paste_share():

@@ -209,13 +209,17 @@ def gmml_corrupt(
     paste_area=(0.3, 0.3),
     max_block: float = 0.3,
     fill: float = 0.0,
+    pool: int | None = None,
 ):
     """ASiT's group-masked corruption of clean crops ``x [B, F, T]`` (model-normalised values).
 
     Per example: with probability ``1 − paste_prob`` a block mask covering a fraction ``U(area)`` of the pixels
     is set to ``fill`` (0, the official ``drop_type='zeros'``); otherwise that is discarded and a block mask
     covering ``U(paste_area)`` (official: ``U(min(0.5, 0.3), 0.3)`` = 0.3) is filled with the same pixels of
-    the clean crop of a random example of the batch (possibly itself, as the official collate draws it).
+    the clean crop of a random example of its pool (possibly itself, as the official collate draws it).
+    ``pool``: the rows are cut into consecutive pools of this many (the last may be shorter) and a partner
+    comes from the row's own pool — the official collate pastes within one data loader's batch, for each
+    crop separately; ``None``: the whole batch is one pool.
     Returns the corrupted crops and the bool mask of the replaced pixels, ``[B, F, T]`` each.
     """
     b, n_f, n_t = x.shape
@@ -226,7 +230,12 @@ def gmml_corrupt(
     target = jnp.where(use_paste, paste, drop)
     keys = jax.random.split(k_blocks, b)
     mask = jax.vmap(lambda k, a: block_mask(k, n_f, n_t, a, max_block=max_block))(keys, target)
-    partner = jax.random.randint(k_partner, (b,), 0, b)
+    if pool is None or pool >= b:
+        partner = jax.random.randint(k_partner, (b,), 0, b)
+    else:
+        start = (jnp.arange(b) // max(int(pool), 1)) * max(int(pool), 1)
+        size = jnp.minimum(max(int(pool), 1), b - start)
+        partner = start + jax.random.randint(k_partner, (b,), 0, size)
     source = jnp.where(use_paste[:, None, None], x[partner], jnp.asarray(fill, x.dtype))
     return jnp.where(mask, source, x), mask
 

@@ -32,7 +32,9 @@ Where this differs from the official code, and why:
   a random 6 s waveform crop that is then transformed: identical up to the frame grid's phase. The official
   dataset also circularly shifts the waveform with probability 0.5 before cropping, which only lets a crop
   straddle the clip's end and start; not reproduced.
-- The paste partner is drawn from the global (micro)batch, not from one GPU's local batch.
+- The paste partner of a crop comes from the same crop of the clips in its pool of ``paste_pool``
+  consecutive clips of the global batch (default 32: the official collate pastes within one data loader's
+  batch, 32 clips per GPU in the published command, crop by crop); ``paste_pool = 0``: the whole global batch.
 - Crops of clips shorter than 592 frames are padded (the feature set's silence) and their padded tokens are
   masked as keys and left out of ``L_data``, ``L_rec`` and the centres; the official code pads the waveform
   and attends to everything. Identical for full-length clips (all of AudioSet's 10 s clips).
@@ -79,6 +81,9 @@ class AsitConfig:
     paste_prob: float = 0.5
     paste_area: tuple[float, float] = (0.3, 0.3)
     max_block: float = 0.3
+    # Paste partners come from pools of this many consecutive clips, each crop separately (official: one
+    # loader batch per GPU, 32 in the published command); 0 = the whole global batch.
+    paste_pool: int = 32
     # heads
     head_hidden: int = 2048
     head_bottleneck: int = 256
@@ -158,7 +163,10 @@ class Asit(Method):
         return c.teacher_temp_start + (c.teacher_temp - c.teacher_temp_start) * frac
 
     def corrupt(self, key, clean):
+        """GMML on the crops ``clean [2B, F, T]`` (crop 1 of every clip, then crop 2): paste partners from the
+        same crop of the clips in the row's pool (``paste_pool`` clips, within its crop's half)."""
         cfg = self.cfg
+        b = clean.shape[0] // len(CROPS)
         return views.gmml_corrupt(
             key,
             clean,
@@ -166,6 +174,7 @@ class Asit(Method):
             paste_prob=cfg.paste_prob,
             paste_area=cfg.paste_area,
             max_block=cfg.max_block,
+            pool=min(cfg.paste_pool, b) if cfg.paste_pool > 0 else b,
         )
 
     def pictures(self, batch, key, step):
@@ -275,6 +284,13 @@ class Asit(Method):
             )
         if not 0 <= c.paste_prob <= 1:
             raise ConfigError(f"asit.paste_prob={c.paste_prob} must be in [0, 1]")
+        t = self.config.train
+        micro = int(t.global_batch) // max(int(t.get("grad_accum_steps", 1)), 1)  # the batch one loss sees
+        if c.paste_pool < 0 or (0 < c.paste_pool < micro and micro % c.paste_pool):
+            raise ConfigError(
+                f"asit.paste_pool={c.paste_pool} must be 0 (the whole batch) or divide the (micro)batch of "
+                f"{micro} clips, so that no pool straddles the two crops"
+            )
         if not (c.student_temp > 0 and c.teacher_temp > 0 and c.teacher_temp_start > 0):
             raise ConfigError("asit temperatures must be positive")
         if not 0 <= c.centre_momentum < 1:
