@@ -48,6 +48,19 @@ def stem_forward(enc, n_tokens: int, sequences: int) -> float:
     return out
 
 
+def embed_visible(enc, n_tokens: int, visible: int, clips: int, copies: int) -> float:
+    """``FrameAST.embed_visible``: the patch projection once per clip of ``n_tokens`` tokens, the one-hot
+    gather of its ``copies × visible`` kept tokens, and the AaPE branch (where the encoder has one) once per
+    copy, its fusion projection on the ``visible`` kept tokens only."""
+    out = float(clips * 2 * n_tokens * patch_dim(enc) * enc.width)
+    out += token_gather(clips, copies * visible, n_tokens, enc.width)
+    if getattr(enc, "aape", None) is not None:
+        from atst_jax.models.aape import aape_flops
+
+        out += aape_flops(enc, n_tokens, clips * copies, fused_tokens=visible)
+    return out
+
+
 def trunk_forward(enc, n: int, sequences: int) -> float:
     """The blocks alone on ``sequences`` sequences of ``n`` tokens (CLS included: ``n`` is what they see)."""
     d, f = enc.width, int(enc.width * enc.mlp_ratio)

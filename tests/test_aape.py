@@ -1,7 +1,9 @@
 """AaPE (models/aape.py): the SBLU's magnitude response peaks at its ω, ∂/∂ω is finite and non-zero over the
 whole alias-prone band (and matches finite differences), the lambda encoder keeps (α, ω) in range, and with
 the fusion projection at zero the stem is exactly the plain patch embedding (frame 64×4 on the 64-bin log-mel,
-2-D 16×16 on the 128-bin fbank)."""
+2-D 16×16 on the 128-bin fbank). The student's AaPE sees only its visible tokens: content under a mask (or a
+dropped token) leaves the visible tokens bit-identical; without a mask the features are those recorded
+before the mask existed."""
 
 import json
 import math
@@ -214,3 +216,124 @@ def test_bad_subband_bins_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="subband_bins=7 must divide n_mels=64") as e:
         methods.build(c)
     assert "\n" not in str(e.value)
+
+
+# --- what the student's AaPE sees ---------------------------------------------------------------------------
+def _live_encoder(stem, aape=True):
+    """A tiny encoder whose AaPE fusion is random, not its zero init (with ``fuse`` at zero the branch adds
+    nothing, and a leak through it could not show)."""
+    n_mels, bins = (64, 8) if stem == "frame" else (128, 16)
+    common = dict(width=64, depth=1, heads=2, n_mels=n_mels, drop_path=0.0, num_pos=65)
+    if stem == "patch2d":
+        common.update(stem="patch2d", patch_size=(16, 16), use_cls=True, pos_embed="sincos2d", qkv_bias=True)
+    if aape:
+        common["aape"] = AapeConfig(subband_bins=bins, kernels=3, taps=17)
+    enc = FrameAST(EncoderConfig(**common), rngs=nnx.Rngs(params=0))
+    if aape:
+        enc.aape.fuse.kernel[...] = jax.random.normal(jax.random.key(5), enc.aape.fuse.kernel.shape)
+    return enc
+
+
+def _under(enc, hidden, spec, fill):
+    """``spec`` with every pixel of the tokens ``hidden [B, N]`` replaced by ``fill`` (same shape as spec)."""
+    pixels = enc.unpatchify(jnp.broadcast_to(hidden[..., None], (*hidden.shape, enc.stem.patch_dim)))
+    return jnp.where(pixels.astype(bool), fill, spec)
+
+
+def _fills(spec, seed):
+    """Replacement contents: other random values, a huge finite value, inf and nan."""
+    other = jnp.asarray(np.random.default_rng(seed).normal(size=spec.shape) * 5, jnp.float32)
+    return {"random": other, "huge": jnp.full_like(spec, 3e30), "inf": jnp.full_like(spec, jnp.inf),
+            "nan": jnp.full_like(spec, jnp.nan)}  # fmt: skip
+
+
+@pytest.mark.parametrize("stem", ["frame", "patch2d"])
+def test_masked_content_does_not_reach_the_students_visible_tokens(stem):
+    """A student's visible tokens are a function of the visible pixels only: replacing everything under the
+    mask (and past the valid frames) by other values, a huge value, inf or nan leaves every visible token of
+    the stem's output bit-identical, through the mask-token path (``embed``) and through the dropped-token
+    path (``embed_visible``, each copy hidden its own tokens). Before the fix the AaPE branch ran on the
+    unmasked crop and its filter and statistics carried masked content into the neighbours."""
+    enc = _live_encoder(stem)
+    b, frames = 3, 128
+    n = enc.num_tokens(frames)
+    spec = jnp.asarray(np.random.default_rng(0).normal(size=(b, enc.cfg.n_mels, frames)), jnp.float32)
+    length = jnp.array([128, 100, 71], jnp.int32)
+    valid = jnp.arange(n)[None] < enc.token_lengths(length)[:, None]
+    mask = jnp.asarray(np.random.default_rng(1).random((b, n)) < 0.5) & valid
+    hidden = mask | ~valid  # what the student does not see: masked tokens and padding
+    p = enc.n_prefix
+
+    embed = nnx.jit(lambda e, x: e.embed(x, mask, length))
+    want = np.asarray(embed(enc, spec))[:, p:][np.asarray(~hidden)]
+    for name, fill in _fills(spec, 2).items():
+        got = np.asarray(embed(enc, _under(enc, hidden, spec, fill)))[:, p:][np.asarray(~hidden)]
+        assert np.array_equal(got, want), (name, np.nanmax(np.abs(got - want)))
+    # The branch is live (the test could fail): the visible tokens do depend on the visible pixels.
+    moved = np.asarray(embed(enc, _under(enc, ~hidden, spec, 0.0)))[:, p:][np.asarray(~hidden)]
+    assert np.abs(moved - want).max() > 1e-3
+
+    # Dropped tokens: M = 2 copies per clip, each keeping its own 40 % of the tokens (padding last).
+    m, v = 2, int(0.4 * n)
+    keys = jax.random.uniform(jax.random.key(4), (b, m, n)) + 2.0 * (~valid)[:, None]
+    vis = jnp.argsort(keys, axis=-1)[..., :v].astype(jnp.int32)  # [B, M, V]
+    kept_valid = jnp.take_along_axis(jnp.repeat(valid, m, 0), vis.reshape(b * m, v), axis=1)
+    embed_visible = nnx.jit(lambda e, x: e.embed_visible(x, length, vis))
+    base = np.asarray(embed_visible(enc, spec))
+    for j in range(m):
+        seen = jnp.zeros((b, n), bool).at[jnp.arange(b)[:, None], vis[:, j]].set(True) & valid
+        # huge, not inf / nan: the one-hot gather multiplies every token by 0 or 1, and 0 · inf is nan.
+        for name in ("random", "huge"):
+            got = np.asarray(embed_visible(enc, _under(enc, ~seen, spec, _fills(spec, 3 + j)[name])))
+            rows = np.arange(b) * m + j
+            ok = np.asarray(kept_valid.reshape(b, m, v)[:, j])  # padding a copy had to keep is not visible
+            assert np.array_equal(got[rows, :p], base[rows, :p])
+            assert np.array_equal(got[rows, p:][ok], base[rows, p:][ok]), (name, j)
+            if name == "random":  # the other copy sees some of those pixels
+                other = np.arange(b) * m + (1 - j)
+                assert np.abs(got[other] - base[other]).max() > 1e-3
+
+    # It is ``embed`` with each copy's complement as the mask, at the kept tokens; padding is that same rule
+    # (a mask over a clip's tail equals a shorter ``length``).
+    rows = vis.reshape(b * m, v)
+    comp = ~jnp.any(rows[:, :, None] == jnp.arange(n), axis=1)
+    full = nnx.jit(lambda e: e.embed(jnp.repeat(spec, m, 0), comp, jnp.repeat(length, m, 0))[:, p:])(enc)
+    np.testing.assert_allclose(
+        base[:, p:], jnp.take_along_axis(full, rows[..., None], 1), rtol=1e-5, atol=3e-5
+    )
+    tail = jnp.broadcast_to(~valid[1], (1, n))
+    both = nnx.jit(lambda e, x: (e.aape(x, mask=tail), e.aape(x, length[1:2])))
+    by_mask, by_length = both(enc, spec[1:2])
+    np.testing.assert_allclose(np.asarray(by_mask), np.asarray(by_length), rtol=1e-5, atol=1e-5)
+
+
+def test_without_aape_embed_visible_is_the_embedding_gathered_per_copy():
+    """No AaPE: ``embed_visible`` is exactly what the multi-mask methods did before (embed each clip once,
+    gather each copy's tokens, the CLS token in front of every copy)."""
+    from atst_jax.data import views
+
+    enc = _live_encoder("patch2d", aape=False)
+    spec = jnp.asarray(np.random.default_rng(0).normal(size=(2, 128, 96)), jnp.float32)
+    length = jnp.array([96, 70], jnp.int32)
+    vis = jax.random.randint(jax.random.key(0), (2, 3, 5), 0, enc.num_tokens(96))
+    x = enc.embed(spec, length=length)
+    want = views.take_tokens(x[:, 1:], vis.reshape(2, 15)).reshape(6, 5, -1)
+    want = jnp.concatenate([jnp.repeat(x[:, :1], 3, axis=0), want], axis=1)
+    assert np.array_equal(np.asarray(enc.embed_visible(spec, length, vis)), np.asarray(want))
+
+
+def test_unmasked_features_match_a_fixed_reference():
+    """Without a mask the branch computes what it computed before the mask was added (values recorded from
+    that version: random fusion, two clips, the second padded from 100 of 128 frames)."""
+    want = {
+        "frame": ([[-5.684062, 9.601398, 10.019964, -7.2538733], [-11.566414, 9.55445, 17.293587, -1.3176384],
+                   [-7.4520783, 10.013242, 18.94433, -5.108952]], 24214.064453125),
+        "patch2d": ([[3.1531992, -4.6236777, 1.4429548, -1.7697835], [3.1780136, -4.4858184, 2.5685635,
+                     -0.85333323], [2.8917298, -4.8253784, 2.164935, -0.6062756]], 14738.263671875),
+    }  # fmt: skip
+    for stem, (rows, total) in want.items():
+        enc = _live_encoder(stem)
+        x = jnp.asarray(np.random.default_rng(1).normal(size=(2, enc.cfg.n_mels, 128)), jnp.float32)
+        got = np.asarray(nnx.jit(lambda e, x: e.aape(x, jnp.array([128, 100], jnp.int32)))(enc, x))
+        np.testing.assert_allclose(got[1, [0, 3, 5], :4], rows, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.abs(got).sum(), total, rtol=1e-5)

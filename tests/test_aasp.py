@@ -18,6 +18,7 @@ from flax import nnx
 from atst_jax.checkpoint import read_checkpoint
 from atst_jax.data import views
 from atst_jax.methods.aasp import Aasp
+from atst_jax.models.aape import AaPE
 from atst_jax.models.encoder import FrameAST
 from atst_jax.models.masked_prediction import (
     CrossPredictor,
@@ -25,6 +26,7 @@ from atst_jax.models.masked_prediction import (
     layer_targets,
     multi_view_info_nce,
 )
+from atst_jax.models.stems import PatchStem2D
 from atst_jax.train import load_config
 
 CONFIG = str(ROOT / "configs" / "aasp.py")
@@ -140,35 +142,43 @@ def test_targets_are_instance_normalised_top_k_means():
 
 def test_teacher_encodes_each_clip_once_and_the_student_only_visible_tokens(monkeypatch):
     """A trace count: every trunk call of one loss evaluation, with its input shape. The teacher's is the
-    only full-sequence call ([B, 1 + N]); the student's is [B·M, 1 + V] — and the stem runs once per clip."""
+    only full-sequence call ([B, 1 + N]); the student's is [B·M, 1 + V] — the patch projection runs once per
+    clip, the AaPE branch once per student copy (each from its own visible tokens)."""
     c = _config(num_masks=4)
     method = Aasp(c)
-    calls, embeds = [], []
-    trunk, embed = FrameAST.trunk, FrameAST.embed
+    calls, embeds, aape_rows = [], [], []
+    trunk, patchify, features = FrameAST.trunk, PatchStem2D.patchify, AaPE.token_features
 
     def counting_trunk(self, x, *a, **k):
         calls.append(x.shape[:2])
         return trunk(self, x, *a, **k)
 
-    def counting_embed(self, spec, *a, **k):
+    def counting_patchify(self, spec):
         embeds.append(spec.shape[0])
-        return embed(self, spec, *a, **k)
+        return patchify(self, spec)
+
+    def counting_features(self, *a, **k):
+        out = features(self, *a, **k)
+        aape_rows.append(out.shape[0])
+        return out
 
     monkeypatch.setattr(FrameAST, "trunk", counting_trunk)
-    monkeypatch.setattr(FrameAST, "embed", counting_embed)
+    monkeypatch.setattr(PatchStem2D, "patchify", counting_patchify)
+    monkeypatch.setattr(AaPE, "token_features", counting_features)
     b = 3
     batch = {"spec": jnp.zeros((b, 128, 96)), "spec_length": jnp.full((b,), 96, jnp.int32)}
 
     def one_loss():
         student, teacher, state = method.init(jax.random.key(0))
-        calls.clear(), embeds.clear()  # count the loss only
+        calls.clear(), embeds.clear(), aape_rows.clear()  # count the loss only
         return method.loss(student, teacher, state, batch, jax.random.key(1), 0)
 
     nnx.eval_shape(one_loss)
     n, v, m = method.num_tokens(), method.num_visible(), 4
     assert (n, v) == (48, 10)
     assert calls == [(b, 1 + n), (b * m, 1 + v)], calls  # teacher once per clip; student visible only
-    assert embeds == [b, b]  # the stem: once for the teacher, once (not M times) for the student
+    assert embeds == [b, b]  # the patch projection: once for the teacher, once (not M times) for the student
+    assert aape_rows == [b, b * m]  # AaPE: the teacher's clean clips, the student's M copies
     # The FLOPs breakdown says the same: the teacher's term does not grow with M, the student's does.
     f4 = method.flops_breakdown(8)
     f16 = Aasp(_config(num_masks=16)).flops_breakdown(8)

@@ -16,11 +16,14 @@ Reconstructed, with data2vec 2.0 / EAT as the anchor (the closest public recipes
 - Teacher = EMA of the student encoder; it encodes each **clean clip once** (no drop-path) and its targets
   are the mean of the top ``top_k_layers`` block outputs, each instance-normalised over the clip's tokens,
   then LayerNorm (data2vec 2.0). The utterance target is their mean over the clip's tokens (EAT).
-- Student: the clip is embedded once (patch projection + AaPE + positions); ``num_masks`` = M copies each keep
-  a fixed ``visible`` count of tokens chosen by inverse block masking (``views.inverse_block_mask``, blocks
-  of ``mask_block`` tokens, ``mask_ratio`` = 80 % masked) and **drop** the rest; the trunk runs on
-  ``[B·M, n_prefix + visible]`` tokens (CLS + visible), never on the masked ones. So the costly encoder work
-  is one teacher pass on ``B × N`` plus the student's ``B·M × visible``.
+- Student: ``num_masks`` = M copies of each clip each keep a fixed ``visible`` count of tokens chosen by
+  inverse block masking (``views.inverse_block_mask``, blocks of ``mask_block`` tokens, ``mask_ratio`` =
+  80 % masked) and **drop** the rest (``FrameAST.embed_visible``); the trunk runs on ``[B·M, n_prefix +
+  visible]`` tokens (CLS + visible), never on the masked ones. The patch projection and positions are
+  computed once per clip; the AaPE branch once per copy, from that copy's visible tokens only (its SBLU
+  filter and whole-clip envelope statistics would otherwise carry the dropped tokens' content into the kept
+  ones, which the student must then predict without having seen). So the costly encoder work is one teacher
+  pass on ``B × N`` plus the student's ``B·M × visible``.
 - Predictor (``models/masked_prediction.CrossPredictor``): queries = the positional embeddings of the masked
   positions, ``Linear(D → pred_dim)``, then ``pred_depth`` × [cross-attention to the visible student tokens
   (CLS included) → MLP], ``pred_heads`` heads; queries never attend to each other; LayerNorm →
@@ -171,17 +174,15 @@ class Aasp(Method):
         return y, utt, jax.lax.stop_gradient(out[:, p:]), valid
 
     def student_forward(self, student, spec, length, vis, token_valid, *, key):
-        """Embeds each clip once, keeps the visible tokens of its M copies and runs the trunk on them:
+        """Keeps the visible tokens of each clip's M copies (``FrameAST.embed_visible``: the patch projection
+        once per clip, AaPE per copy from that copy's visible tokens) and runs the trunk on them:
         ``[B·M, n_prefix + V, D]`` and their validity."""
         enc = student.encoder
         b, m, v = vis.shape
-        x = enc.embed(spec, length=length)  # [B, n_prefix + N, D]
         p = enc.n_prefix
-        kept = views.take_tokens(x[:, p:], vis.reshape(b, m * v)).reshape(b * m, v, -1)
+        kept = enc.embed_visible(spec, length, vis)  # [B·M, n_prefix + V, D]
         kept_valid = jnp.take_along_axis(token_valid, vis.reshape(b, m * v), axis=1).reshape(b * m, v)
         if p:
-            prefix = jnp.repeat(x[:, :p], m, axis=0)
-            kept = jnp.concatenate([prefix, kept], axis=1)
             kept_valid = jnp.concatenate([jnp.ones((b * m, p), bool), kept_valid], axis=1)
         return enc.trunk(kept, kept_valid, train=True, key=key), kept_valid
 
@@ -239,8 +240,8 @@ class Aasp(Method):
 
     # --- cost, checks --------------------------------------------------------------------------------
     def step_flops(self, global_batch: int) -> float:
-        """The teacher's one pass over ``B × N`` tokens; the student's stem once per clip, the one-hot gather of
-        ``M × V`` tokens and the trunk over ``B·M`` sequences of ``n_prefix + V``; the predictor on ``B·M × Q``
+        """The teacher's one pass over ``B × N`` tokens; the student's patch projection once per clip, the one-hot
+        gather of ``M × V`` tokens, AaPE once per copy, and the trunk over ``B·M`` sequences of ``n_prefix + V``; the predictor on ``B·M × Q``
         queries against those; the InfoNCE similarities. Trained parts × 3."""
         parts = self.flops_breakdown(global_batch)
         return float(
@@ -254,8 +255,7 @@ class Aasp(Method):
         n, v = self.num_tokens(), self.num_visible()
         q, p = n - v, (1 if enc.use_cls else 0)
         teacher = flops.encoder_forward(enc, n, b)
-        student = flops.stem_forward(enc, n, b) + flops.token_gather(b, m * v, n, enc.width)
-        student += flops.trunk_forward(enc, p + v, b * m)
+        student = flops.embed_visible(enc, n, v, b, m) + flops.trunk_forward(enc, p + v, b * m)
         rows = b * m * q
         predictor = 2 * rows * enc.width * c.pred_dim + 2 * rows * c.pred_dim * enc.width
         predictor += c.pred_depth * flops.cross_block_forward(

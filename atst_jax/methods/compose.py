@@ -11,12 +11,14 @@ recombines their parts so a study can swap one part and keep the rest:
   encodes the clean clip **once**.
 
   * ``span`` — ATST-Frame's span masks over the time steps (a 2-D patch grid masks whole time columns);
-    masked tokens become ``mask_embed`` and stay in the sequence.
+    masked tokens become ``mask_embed`` and stay in the sequence; an AaPE branch does not see their frames.
   * ``gmml`` — ASiT's group-masked corruption of the pixels (zeros, or pixels pasted from another clip); a
-    token counts as masked when any of its pixels was replaced; no mask token.
+    token counts as masked when any of its pixels was replaced; no mask token. An AaPE branch reads the
+    corrupted crop, which is exactly what the student sees (no token is hidden from it).
   * ``inverse_block`` — data2vec 2.0 / EAT / AaSP: a fixed visible count per copy (``1 − mask_ratio`` of the
     tokens, grown as blocks of ``mask_block``); the masked tokens are **dropped**, so the student's trunk
-    runs on the visible tokens only.
+    runs on the visible tokens only; an AaPE branch runs once per copy on that copy's visible tokens
+    (``FrameAST.embed_visible``).
 - **predictor** (``predictor``): what answers at a masked position.
 
   * ``bn_mlp`` — the student's own output at that position, through the objective's BN-MLP where it has one:
@@ -273,12 +275,11 @@ class Compose(Method):
             vis, hid = views.inverse_block_mask(
                 k_mask, b * m, (n_t, n_f), self.num_visible(), block=block, valid=valid
             )
-            x = enc.embed(spec, length=length)  # once per clip; the copies keep different tokens of it
             v = vis.shape[1]
-            kept = views.take_tokens(x[:, p:], vis.reshape(b, m * v)).reshape(b * m, v, -1)
+            # The patch projection once per clip, AaPE per copy from that copy's visible tokens only.
+            kept = enc.embed_visible(spec, length, vis.reshape(b, m, v))
             kept_valid = jnp.take_along_axis(token_valid, vis.reshape(b, m * v), axis=1).reshape(b * m, v)
             if p:
-                kept = jnp.concatenate([jnp.repeat(x[:, :p], m, axis=0), kept], axis=1)
                 kept_valid = jnp.concatenate([prefix, kept_valid], axis=1)
             s_out = enc.trunk(kept, kept_valid, train=True, key=k_stu)
             q_ok = jnp.take_along_axis(valid, hid, axis=1)
@@ -450,8 +451,7 @@ class Compose(Method):
         teacher = flops.encoder_forward(enc, n, b)
         if c.masking == "inverse_block":
             v = self.num_visible()
-            student = flops.stem_forward(enc, n, b) + flops.token_gather(b, m * v, n, d)
-            student += flops.trunk_forward(enc, p + v, r)
+            student = flops.embed_visible(enc, n, v, b, m) + flops.trunk_forward(enc, p + v, r)
         else:
             student = flops.encoder_forward(enc, n, r)
             if c.masking == "span" and c.predictor == "bn_mlp":

@@ -19,8 +19,8 @@ Reconstructed here (no public code; every choice is a field of ``AapeConfig``):
 - Subbands: the mel bins in groups of ``subband_bins`` (default 16 = one row of 16×16 patches; a 64-bin
   frame stem uses 8 → 8 subbands per token). ``u`` = the group's mean of the normalised log-mel, then
   standardised over time per clip (``envelope_norm``), so the filters see the envelope's modulation and not
-  its level. Statistics, the modulation spectrum and the SBLU's zero padding stop at a clip's valid frames
-  (``length``), so padding a clip does not change its features (as the trunk's key masking does not).
+  its level. Statistics, the modulation spectrum and the SBLU's zero padding cover only the frames the
+  branch may see (below).
 - Lambda encoder: per subband the log-magnitude modulation spectrum of ``u`` at ``stat_bins`` frequencies
   evenly spaced in (0, π] (a DFT as two fixed matmuls) → ``Linear → GELU → Linear`` (shared over subbands) +
   a learned per-subband bias → ``kernels`` pairs; ``α = alpha_min + softplus(·)``, ``ω = π/P + (π − π/P)·
@@ -34,6 +34,18 @@ Reconstructed here (no public code; every choice is a field of ``AapeConfig``):
   subbands) → LayerNorm (``feature_norm``) → ``fuse: Linear(features → D)`` initialised to **zero**, added to
   the patch projection before the mask token and the positions. With ``fuse`` at zero the stem is exactly
   the plain patch embedding, so training starts as a plain ViT / FrameAST.
+
+What the branch sees: a (subband, frame) is visible when the frame lies in the clip's whole valid tokens
+(``length``) and the token holding it is not hidden by ``mask [B, N]`` (the student's mask, in the stem's
+token order). Hidden entries are left out of the envelope's mean and std, contribute nothing to the
+modulation spectrum (normalised by the visible count), and are zero in the envelope the SBLU convolves —
+selected with ``where``, so whatever lies under a mask (even inf / nan) cannot reach any output. Why: the
+branch is a ``taps``-long filter (33) plus whole-clip statistics; computed on the unmasked crop it would
+carry the content of masked frames into the student's visible tokens, and the student must predict that
+content without seeing it. The teacher (no mask) sees the whole clip. Padding is the same mechanism, so a
+clip's features do not depend on how far it was padded (as the trunk's key masking does not). Masked
+tokens' own outputs are whatever the visible content gives (the stem replaces them by ``mask_embed`` or
+drops them).
 
 Numerics: everything here runs in float32 whatever the compute dtype (the kernel's exponentials and the
 complex gain are badly conditioned in bf16); the fused output is cast to the compute dtype.
@@ -189,30 +201,61 @@ class AaPE(nnx.Module):
             return None
         return jnp.minimum((jnp.asarray(length) // self.stride) * self.stride, frames).astype(jnp.int32)
 
-    def envelopes(self, spec, length=None):
-        """Subband envelopes ``u [B, S, T']`` of the whole patches' frames ``T' = (T // P) · P``.
+    def visibility(self, frames: int, length=None, mask=None):
+        """``[B', S | 1, frames]`` bool: which (subband, frame) of the whole patches' ``frames`` the branch
+        may read (True), or None (all). ``length [B]`` (valid frames) keeps the clip's whole valid tokens;
+        ``mask [B', N]`` (True = hidden, the stem's time-major tokens ``t · n_f + f``) hides each token's P
+        frames of its subbands. ``B'`` may be ``M · B`` (M masked copies per clip, clip-major rows)."""
+        vis = None
+        valid = self.valid_frames(length, frames)
+        if valid is not None:
+            vis = (jnp.arange(frames) < valid[:, None])[:, None]  # [B, 1, T']
+        if mask is None:
+            return vis
+        spt = self.token_bins // self.cfg.subband_bins  # subbands per token
+        n_t, n_f = frames // self.stride, self.n_sub // spt
+        mask = jnp.asarray(mask, bool)
+        if mask.ndim != 2 or mask.shape[1] != n_t * n_f:
+            raise ValueError(f"AaPE: mask {mask.shape} does not match the {n_t} x {n_f} tokens of the crop")
+        hidden = mask.reshape(mask.shape[0], n_t, n_f).transpose(0, 2, 1)  # [B', n_f, n_t]
+        seen = ~jnp.repeat(jnp.repeat(hidden, spt, axis=1), self.stride, axis=2)  # [B', S, T']
+        if vis is None:
+            return seen
+        return jnp.repeat(vis, _copies(mask.shape[0], vis.shape[0]), axis=0) & seen
 
-        With ``length [B]`` (valid frames) the statistics cover the valid tokens' frames only and ``u`` is 0
-        past them (as past the crop's end), so a clip's features do not depend on how far it was padded."""
+    def envelopes(self, spec, length=None, mask=None):
+        """Subband envelopes ``u [B', S, T']`` of the whole patches' frames ``T' = (T // P) · P``.
+
+        The statistics cover the visible entries only (``visibility``: valid and not hidden by ``mask``)
+        and ``u`` is 0 at the others (as past the crop's end). With a mask of ``M · B`` rows the clip's
+        envelope is computed once and standardised per copy."""
         b, f, t = spec.shape
         t = (t // self.stride) * self.stride
         u = spec[:, :, :t].astype(jnp.float32).reshape(b, self.n_sub, f // self.n_sub, t).mean(axis=2)
-        valid = self.valid_frames(length, t)
-        w = jnp.ones((b, 1, t), jnp.float32) if valid is None else (jnp.arange(t) < valid[:, None])[:, None]
-        w = w.astype(jnp.float32)
-        count = jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1.0)
+        vis = self.visibility(t, length, mask)
+        if vis is None:
+            vis = jnp.ones((b, 1, t), bool)
+        u = jnp.repeat(u, _copies(vis.shape[0], b), axis=0)
+        count = jnp.maximum(jnp.sum(vis, axis=-1, keepdims=True, dtype=jnp.float32), 1.0)
         if self.cfg.envelope_norm:
-            u = u - jnp.sum(u * w, axis=-1, keepdims=True) / count
-            u = u * jax.lax.rsqrt(jnp.sum(jnp.square(u) * w, axis=-1, keepdims=True) / count + 1e-5)
-        return u * w
+            u = u - jnp.sum(jnp.where(vis, u, 0.0), axis=-1, keepdims=True) / count
+            var = jnp.sum(jnp.where(vis, jnp.square(u), 0.0), axis=-1, keepdims=True) / count
+            u = u * jax.lax.rsqrt(var + 1e-5)
+        return jnp.where(vis, u, 0.0)
 
-    def lambdas(self, u, length=None):
-        """``alpha, omega [B, S, K]`` estimated from the envelopes ``u [B, S, T]`` (0 past ``length``)."""
+    def lambdas(self, u, length=None, mask=None):
+        """``alpha, omega [B', S, K]`` estimated from the envelopes ``u [B', S, T]``: the modulation spectrum
+        over the visible frames (``visibility``; the others count as 0), normalised by their number."""
         cfg = self.cfg
+        vis = self.visibility(u.shape[-1], length, mask)
+        if vis is not None:
+            u = jnp.where(vis, u, 0.0)  # already so for ``envelopes``' output; any other u too
         cos, sin = modulation_dft(u.shape[-1], cfg.stat_bins)
         re, im = u @ jnp.asarray(cos), u @ jnp.asarray(sin)
-        valid = self.valid_frames(length, u.shape[-1])
-        count = u.shape[-1] if valid is None else jnp.maximum(valid, 1).astype(jnp.float32)[:, None, None]
+        if vis is None:
+            count = u.shape[-1]
+        else:
+            count = jnp.maximum(jnp.sum(vis, axis=-1, keepdims=True, dtype=jnp.float32), 1.0)
         stats = 0.5 * jnp.log(re * re + im * im + 1e-6) - 0.5 * jnp.log(count)  # log |U(θ)| / √T
         raw = self.lambda_fc2(gelu_exact(self.lambda_fc1(stats))) + self.band_bias[...]
         lo, hi = alias_band(self.stride)
@@ -220,11 +263,12 @@ class AaPE(nnx.Module):
         omega = lo + (hi - lo) * jax.nn.sigmoid(raw[..., 1])
         return alpha, omega
 
-    def token_features(self, spec, length=None):
-        """Pooled SBLU features ``[B, N, feature_dim]`` in the stem's (time-major) token order."""
+    def token_features(self, spec, length=None, mask=None):
+        """Pooled SBLU features ``[B', N, feature_dim]`` in the stem's (time-major) token order, computed from
+        the visible entries only (``visibility``)."""
         cfg = self.cfg
-        u = self.envelopes(spec, length)
-        alpha, omega = self.lambdas(u, length)
+        u = self.envelopes(spec, length, mask)
+        alpha, omega = self.lambdas(u, length, mask)
         y_re, y_im = sblu(u, alpha, omega, self.gain_b[...], self.gain_c[...], taps=cfg.taps, delta=cfg.delta)
         parts = {
             "real": lambda: y_re,
@@ -240,11 +284,21 @@ class AaPE(nnx.Module):
         feats = feats.reshape(b, n_f, spt, k, n_t, nf).transpose(0, 4, 1, 2, 3, 5)
         return feats.reshape(b, n_t * n_f, spt * k * nf)
 
-    def __call__(self, spec, length=None):
-        x = self.token_features(spec, length)
+    def __call__(self, spec, length=None, mask=None, keep=None):
+        """``[B', N, D]``, or ``[B', V, D]`` for the tokens ``keep [B', V]`` only (the others are not fused)."""
+        x = self.token_features(spec, length, mask)
+        if keep is not None:
+            x = jnp.take_along_axis(x, keep[..., None], axis=1)
         if self.norm is not None:
             x = self.norm(x)
         return self.fuse(x)
+
+
+def _copies(rows: int, clips: int) -> int:
+    """M for ``rows = M · clips`` (the masked copies of each clip, clip-major)."""
+    if rows % clips:
+        raise ValueError(f"AaPE: {rows} mask rows are not a whole number of copies of {clips} clips")
+    return rows // clips
 
 
 def make_aape(enc, rngs) -> AaPE:
@@ -253,9 +307,10 @@ def make_aape(enc, rngs) -> AaPE:
     return AaPE(enc.aape, n_mels=enc.n_mels, stride=stride, token_bins=token_bins, width=enc.width, rngs=rngs)
 
 
-def aape_flops(enc, n_tokens: int, sequences: int) -> float:
+def aape_flops(enc, n_tokens: int, sequences: int, *, fused_tokens: int | None = None) -> float:
     """Forward matmul FLOPs of the AaPE branch on ``sequences`` crops of ``n_tokens`` patch tokens: the
-    modulation DFT, the lambda encoder, the SBLU's two real convolutions and the fusion projection."""
+    modulation DFT, the lambda encoder, the SBLU's two real convolutions and the fusion projection (on
+    ``fused_tokens`` of them, default all: ``keep``)."""
     cfg = enc.aape
     stride, token_bins = stem_geometry(enc)
     n_f = enc.n_mels // token_bins
@@ -264,5 +319,5 @@ def aape_flops(enc, n_tokens: int, sequences: int) -> float:
     per = 2 * s * frames * cfg.stat_bins * 2
     per += 2 * s * (cfg.stat_bins * cfg.hidden + cfg.hidden * 2 * k)
     per += 2 * s * frames * cfg.taps * k * 2
-    per += 2 * n_tokens * feature_dim(cfg, token_bins) * enc.width
+    per += 2 * (n_tokens if fused_tokens is None else fused_tokens) * feature_dim(cfg, token_bins) * enc.width
     return float(sequences * per)

@@ -9,8 +9,9 @@ positions. The trunk is pre-norm blocks (exact GELU, LayerNorm eps 1e-6, qkv bia
 ASiT, −10000 on padded keys) and a final LayerNorm.
 
 ``__call__`` is ``embed`` then ``trunk``. ``trunk`` also runs on any ``[B, K, D]`` set of already-embedded
-tokens, so methods that drop masked tokens (data2vec 2.0 / EAT / AaSP) embed the whole crop, gather the
-visible tokens (which keep the positions they were given) and encode only those.
+tokens, so methods that drop masked tokens (data2vec 2.0 / EAT / AaSP) take each copy's visible tokens from
+``embed_visible`` (the crop embedded once, the tokens keeping the positions they were given; an AaPE branch
+computed per copy from what that copy keeps) and encode only those.
 
 The blocks' parameters are stacked on a leading ``layers`` axis and run under ``jax.lax.scan`` by default:
 on XLA:CPU the backward of an unrolled 12-block encoder is ~2× slower, and scan keeps compile time flat in
@@ -183,6 +184,12 @@ class FrameAST(nnx.Module):
         """Patch projection, mask token substitution, positions (and CLS). Returns ``[B, N(+1), D]``.
         ``length`` (valid frames) matters only to an AaPE branch."""
         return self.stem.embed(self, spec, mask, length)
+
+    def embed_visible(self, spec, length, vis):
+        """The tokens M copies of each clip keep, ``vis [B, M, V]`` (patch-token indices) → ``[B·M, n_prefix +
+        V, D]`` (clip-major; the CLS token in front of each copy): the patch projection once per clip, an AaPE
+        branch once per copy from that copy's visible tokens only (``stems._Stem.embed_visible``)."""
+        return self.stem.embed_visible(self, spec, length, vis)
 
     def valid_mask(self, length, n: int):
         """``[B, n]`` bool over an embedded sequence of ``n`` tokens (CLS included): True = a real token."""

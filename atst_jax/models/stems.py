@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from atst_jax.data.views import take_tokens
 from atst_jax.models.layers import Linear, trunc_normal
 
 
@@ -109,14 +110,14 @@ class _Stem:
         """Patch projection, mask-token substitution, positions, CLS: ``[B, F, T] → [B, N(+1), D]``.
 
         ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed`` after the projection and before the
-        positions, so a masked token still knows where it is. ``length [B]`` (valid frames) keeps the AaPE
-        branch's statistics to the clip's own frames.
+        positions, so a masked token still knows where it is. An AaPE branch sees only the visible tokens'
+        frames (not masked, within ``length [B]`` valid frames), so nothing under the mask reaches the others.
         """
         dtype = jnp.dtype(self.cfg.dtype)
         x = enc.patch_embed(self.patchify(spec.astype(dtype)))
         aape = getattr(enc, "aape", None)
         if aape is not None:  # AaPE adds its alias-band features to the patch projection (models/aape.py)
-            x = x + aape(spec, length).astype(dtype)
+            x = x + aape(spec, length, mask).astype(dtype)
         pos = self.token_positions(enc, x.shape[1], dtype)
         if mask is not None:
             x = jnp.where(mask[..., None], enc.mask_embed[...].astype(dtype), x)
@@ -125,6 +126,37 @@ class _Stem:
             cls = self.cls_embedding(enc, dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[2])), x], axis=1)
         return x
+
+    def embed_visible(self, enc: nnx.Module, spec, length, vis):
+        """The kept tokens of M copies of each clip, for methods that drop the masked tokens instead of
+        replacing them: ``vis [B, M, V]`` (each copy's visible patch-token indices) → ``[B·M, n_prefix + V, D]``,
+        rows clip-major, the CLS token (with its position) in front of every copy.
+
+        The patch projection runs once per clip and each copy gathers its tokens from it (a one-hot matmul,
+        ``views.take_tokens``). An AaPE branch instead runs once per copy, with every token that copy does not
+        keep hidden from it (``embed``'s mask rule), and is fused on the kept tokens only: its filter and
+        whole-clip statistics would otherwise carry the dropped tokens' content into the kept ones. Without
+        AaPE this is ``embed`` once per clip, gathered per copy.
+        """
+        dtype = jnp.dtype(self.cfg.dtype)
+        b, m, v = vis.shape
+        p = self.n_prefix
+        aape = getattr(enc, "aape", None)
+        if aape is None:
+            x = self.embed(enc, spec, length=length)[:, p:]
+            kept = take_tokens(x, vis.reshape(b, m * v)).reshape(b * m, v, -1)
+        else:
+            x = enc.patch_embed(self.patchify(spec.astype(dtype)))  # [B, N, D], once per clip
+            n = x.shape[1]
+            rows = vis.reshape(b * m, v)
+            hidden = ~jnp.any(rows[:, :, None] == jnp.arange(n, dtype=rows.dtype), axis=1)  # [B·M, N]
+            kept = take_tokens(x, vis.reshape(b, m * v)).reshape(b * m, v, -1)
+            kept = kept + aape(spec, length, hidden, keep=rows).astype(dtype)
+            kept = kept + jnp.take(self.token_positions(enc, n, dtype)[0], rows, axis=0)
+        if p:
+            cls = self.cls_embedding(enc, dtype)
+            kept = jnp.concatenate([jnp.broadcast_to(cls, (b * m, 1, kept.shape[2])), kept], axis=1)
+        return kept
 
 
 @dataclasses.dataclass(frozen=True)
