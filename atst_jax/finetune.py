@@ -3,36 +3,63 @@
     python -m atst_jax.finetune (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
         --train DATA --test DATA [--val DATA] --out DIR \\
         [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
-        [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.01] [--layer_decay 0.75] \\
+        [--teacher_mode official|eval|train] \\
+        [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.16] [--layer_decay 0.75] \\
         [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
 
 DATA are prepared datasets as for ``atst_jax.evaluate`` (records + ``labels.json``; strong labels → SED on the
 encoder's time grid, weak → clip classification, single- or multi-label).
 
-**The model** (spec §3): the encoder (every parameter trained) and a head ``BatchNorm (no affine) → Linear``
-on the **last block's** final-normed tokens: clip tasks take ``[CLS ‖ mean of the valid tokens]`` when the
-encoder has a CLS token (ATST-Clip, ASiT) and the mean of the valid tokens otherwise (ATST-Frame); SED takes
-every time step (a 40 ms token, or the mean of a 16-frame column of 2-D patches). Drop-path ``--drop_path``
-while training (the encoder's pretraining rate by default).
+**The model** (spec §3): the encoder (every parameter trained) and a head on the **last block's** final-normed
+tokens: clip tasks ``BatchNorm (no affine) → Linear`` on ``[CLS ‖ mean of the valid tokens]`` when the encoder
+has a CLS token (ATST-Clip, ASiT) and on the mean of the valid tokens otherwise (ATST-Frame); SED a ``Linear``
+(no BatchNorm, as the official frame-level heads) on every time step (a 40 ms token, or the mean of a
+16-frame column of 2-D patches). Drop-path ``--drop_path`` while training (the encoder's pretraining rate by
+default).
 
 **The optimisation** (the official ``FineTuningPLModule``): SGD, momentum 0.9, no weight decay; learning rate
-linear warm-up from 0 over ``--warmup_epochs`` then cosine to 1e-6, per step; gradients clipped to a global
-norm of ``--clip_norm`` (3.0) before the per-layer scaling; **layer-wise LR decay** ``d = --layer_decay``
-with the official indexing for depth L: scales ``d^(L−i)`` for ``i = 0..L``; the stem (patch projection,
-positions, mask token, CLS) gets ``d^L`` (index 0), block ``b`` (0-based) ``d^(L−b)`` — so the stem and block
-0 share a factor — the final norm ``d`` (index L−1), the head 1 (index L). Loss: softmax cross-entropy for
-single-label tasks, binary cross-entropy for multi-label and SED (mean over valid steps). ``--mixup ALPHA``:
-each example mixed with another of the batch, ``λ ~ Beta(α, α)``, on the normalised spectrogram, targets
-mixed alike (off by default; the official code's ``mixup_training`` switch).
+``--lr · --batch / 256`` (``--lr`` is the base rate of a batch of 256, as the official scripts scale it; the
+default 0.16 gives 0.01 at the default batch of 16), linear warm-up from 0 over ``--warmup_epochs`` then
+cosine to 1e-6, per step; gradients clipped to a global norm of ``--clip_norm`` (3.0) before the per-layer
+scaling; **layer-wise LR decay** ``d = --layer_decay`` with the official indexing for depth L, block ``b``
+(0-based) ``d^(L−b)`` and the head 1 at both levels; clip tasks (the clip fine-tuning code): the stem (patch
+projection, positions, mask token, CLS) ``d^L`` — the same factor as block 0 — and the final norm ``d``; SED
+(the official frame-level code): the stem ``d^(L+1)`` and the final norm 1. Loss: softmax cross-entropy for
+single-label tasks, binary cross-entropy for multi-label and SED (mean over valid steps). ``--mixup ALPHA``
+(off by default) is the official ``mixup_training``: each example mixed with another of the batch,
+``λ ~ Beta(α, α)``, on the normalised spectrogram, targets mixed alike, then (clip tasks) BYOL-A's
+RandomResizeCrop on both axes (:func:`augment`; on the whole crop, so a clip shorter than the crop is warped
+with its padding, where the official transform sees the clip alone); and with it **every** loss is BCE on
+(mixed one-hot, or sigmoid teacher) targets, single-label tasks included.
 
 **ATST-C2F**: ``λ·L_distill + (1 − λ)·L_task`` with a frozen teacher — a model fine-tuned on the same task by
-this command (``--teacher FT_DIR``; its ``model/``) — run in eval mode on the same (mixed, cropped) input:
-``L_distill`` = BCE(student logits, sigmoid(teacher logits)) for multi-label tasks, the soft-target
+this command (``--teacher FT_DIR``; its ``model/``) — run on the same (mixed, cropped) input: ``L_distill`` =
+BCE(student logits, sigmoid(teacher logits)) for multi-label tasks (and any with ``--mixup``), the soft-target
 cross-entropy with softmax(teacher logits) for single-label tasks, and for SED the per-step BCE on the
 teacher's per-step sigmoid outputs (the frame-level variant). λ = ``--distill_lambda`` (0.5, the spec's value
 outside AS-2M). ``--c2f_clip RUN`` runs the whole recipe: fine-tune that ATST-Clip run into ``DIR/clip/``,
 then the given (ATST-Frame) encoder without distillation (``DIR/frame/``, unless ``--no_undistilled``) and
 with it (``DIR/frame_distilled/``), and reports the three side by side.
+
+*The teacher's chunks.* The student's crop (10 s for ATST-Frame) is longer than the crop the Clip teacher was
+pretrained and fine-tuned on (6 s base, 9 s small); its positional slots past that crop never received a
+gradient. So, as the official distillation (``get_intermediate_layers_chunks``), the teacher sees the crop in
+consecutive chunks of the crop it was fine-tuned and evaluated with (``chunk_frames`` of its ``model.json``,
+through the inference chunk rules), all chunks of a batch as one batch (:func:`chunked_logits`). Clip level:
+its ``[CLS ‖ mean]`` features averaged over the chunks, then its head. The official code averages the chunks
+with equal weights and drops a trailing chunk of at most half a chunk; here each chunk is weighted by its
+valid tokens — as the teacher's own evaluation averages its chunks (below) and as the inference scene
+embedding does — so a short last chunk counts for the audio it holds. Both agree when the chunks are full,
+and for a crop of one chunk. Frame level: the chunks' per-step logits, end to end on the student's grid.
+
+*The teacher's mode*, ``--teacher_mode``: ``official`` (default) = the official code's — **train mode at clip
+level** (its clip-level distillation never calls ``.eval()`` on the teacher: drop-path at the rate the teacher
+was fine-tuned with, on keys folded from the step's key, and its head's BatchNorm normalising the
+chunk-averaged features with the statistics of the batch), **eval mode at frame level** (the frame-level code
+puts the teacher in ``eval()``); ``eval`` / ``train``: that mode at both levels. Either way the teacher gets
+no gradient, and its BatchNorm running statistics are never updated: PyTorch's train mode moves them, but the
+official code reads them only for a logged validation loss, never for training or a reported metric, and the
+teacher is not saved.
 
 **Crops and evaluation**: training examples are random crops of ``--crop_s`` seconds (default: the encoder's
 chunk, e.g. the 10 s positional table of ATST; shorter clips are padded and masked), the start on the token
@@ -67,11 +94,13 @@ from flax import nnx
 from atst_jax import evaluate as ev
 from atst_jax import features as feature_sets
 from atst_jax import inference
+from atst_jax.data import views
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # running = m · running + (1 − m) · batch (PyTorch's momentum 0.1)
 FINAL_LR = 1e-6
+LR_REF_BATCH = 256  # --lr is the learning rate of a batch of this size
 MODEL_FORMAT = "atst_jax finetuned v1"
 
 
@@ -84,7 +113,7 @@ class FinetuneOptions:
     task: str = "auto"
     epochs: int = 10
     batch: int = 16
-    lr: float = 0.01
+    lr: float = 0.16  # base LR for a batch of 256: 0.01 at the default batch of 16
     layer_decay: float = 0.75
     momentum: float = 0.9
     clip_norm: float = 3.0
@@ -93,6 +122,7 @@ class FinetuneOptions:
     crop_s: float | None = None  # None: the encoder's chunk
     drop_path: float | None = None  # None: the pretraining rate
     distill_lambda: float = 0.5
+    teacher_mode: str = "official"  # official | eval | train (the C2F teacher; see the module docstring)
     val_fraction: float = 0.2
     median_s: float = 0.28
     seed: int = 0
@@ -110,21 +140,41 @@ def head_dims(cfg: EncoderConfig, level: str) -> int:
 
 class FinetuneModel(nnx.Module):
     """``logits, valid = model(spec, length)``: clip logits ``[B, K]`` (valid ``[B]`` = valid tokens) or
-    per-step logits ``[B, S, K]`` (valid ``[B, S]`` bool)."""
+    per-step logits ``[B, S, K]`` (valid ``[B, S]`` bool). ``features`` and ``head`` are the two halves, for a
+    caller that pools features across chunks before the head (the C2F teacher).
 
-    def __init__(self, encoder: FrameAST, num_classes: int, level: str, *, rngs: nnx.Rngs):
+    ``chunk_frames`` is the crop the model was fine-tuned and is evaluated with (set by :func:`load_finetuned`
+    from its metadata; None for a fresh model): the longest input it has trained positions for."""
+
+    def __init__(
+        self,
+        encoder: FrameAST,
+        num_classes: int,
+        level: str,
+        *,
+        rngs: nnx.Rngs,
+        chunk_frames: int | None = None,
+    ):
         self.encoder = encoder
         self.level = level
+        self.chunk_frames = chunk_frames
         dims = head_dims(encoder.cfg, level)
-        self.bn = nnx.BatchNorm(
-            dims, use_scale=False, use_bias=False, momentum=BN_MOMENTUM, epsilon=BN_EPS, rngs=rngs
+        # Clip level: BatchNorm (no affine) → Linear. Frame level: the Linear alone, as the official SED heads
+        # (``LinearHead(use_norm=False)`` of the AudioSet-strong and DCASE code).
+        # Two-pass batch variance: a feature nearly constant across a batch (a CLS output) has a variance far
+        # below its square, which E[x²] − E[x]² in float32 would lose.
+        bn = dict(momentum=BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False, rngs=rngs)
+        self.bn = (
+            nnx.BatchNorm(dims, use_scale=False, use_bias=False, **bn) if level == "clip" else nnx.data(None)
         )
         self.linear = nnx.Linear(dims, num_classes, rngs=rngs)
 
     def time_steps(self, frames: int) -> int:
         return frames // inference.time_patch(self.encoder.cfg)
 
-    def __call__(self, spec, length, *, train: bool = False, key=None):
+    def features(self, spec, length, *, train: bool = False, key=None):
+        """The head's input and its validity: clip level ``([B, dims], [B] valid steps)`` — ``[CLS ‖ mean of
+        the valid steps]`` or the mean alone —, frame level ``([B, S, D] steps, [B, S] bool)``."""
         enc = self.encoder
         tokens = enc(spec, length, train=train, key=key)  # [B, prefix + N, D], final-normed last block
         prefix = enc.n_prefix
@@ -138,22 +188,75 @@ class FinetuneModel(nnx.Module):
         else:
             steps, step_valid = patches, n_valid
         valid = jnp.arange(steps.shape[1])[None, :] < step_valid[:, None]  # [B, S]
-        use_running = not train
         if self.level == "clip":
             w = valid.astype(steps.dtype)[..., None]
             mean = (steps * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
             feats = jnp.concatenate([tokens[:, 0], mean], axis=-1) if prefix else mean
-            logits = self.linear(self.bn(feats, use_running_average=use_running))
-            return logits, step_valid
-        b, s, d = steps.shape
-        flat = steps.reshape(b * s, d)
-        normed = self.bn(flat, use_running_average=use_running, mask=valid.reshape(b * s, 1))
-        return self.linear(normed).reshape(b, s, -1), valid
+            return feats, step_valid
+        return steps, valid
+
+    def head(self, feats, valid=None, *, train: bool = False):
+        """Logits of :meth:`features`' output; clip level with ``train``: BatchNorm on batch statistics, which
+        also moves its running statistics. Frame level: per step, ``valid`` unused (no batch statistics)."""
+        if self.level == "clip":
+            return self.linear(self.bn(feats, use_running_average=not train))
+        return self.linear(feats)
+
+    def __call__(self, spec, length, *, train: bool = False, key=None):
+        feats, valid = self.features(spec, length, train=train, key=key)
+        return self.head(feats, valid, train=train), valid
 
 
-def layer_scales(params: dict, depth: int, decay: float) -> dict:
+def teacher_chunk_frames(model: FinetuneModel) -> int:
+    """The chunk a fine-tuned model runs in: its fine-tuning crop (``chunk_frames``) through the inference
+    chunk rules (whole time patches, within its positional table), or, unknown, the encoder's default
+    chunk."""
+    cfg = model.encoder.cfg
+    if cfg.stem == "patch2d":
+        return inference.vit_chunk_frames(cfg, model.chunk_frames)
+    return inference.default_chunk_frames(cfg.use_cls, model.chunk_frames, cfg.patch_w, cfg.num_pos)
+
+
+def chunked_logits(
+    model: FinetuneModel, spec, length, chunk: int, *, train: bool = False, key=None, steps=None
+):
+    """``model``'s logits on a crop ``spec [B, F, T]`` of any length, run as consecutive chunks of at most
+    ``chunk`` frames (the C2F teacher; traceable, static shapes).
+
+    The crop is cut at ``0, w, 2w, …`` (``w = min(chunk, T)`` in whole time patches; the chunks of
+    :func:`atst_jax.inference.chunk_bounds`), the last zero-padded, each chunk's valid frames from ``length``;
+    the ``C`` chunks run as one batch ``[B·C, F, w]``. Clip level: the chunks' features are averaged,
+    **weighted by their valid steps** (a chunk without audio counts 0), then the head: ``[B, K]``. Frame
+    level: the chunks' per-step logits laid back end to end on the crop's grid, cut to ``steps`` (default
+    ``T`` / patch): ``[B, steps, K]``. With ``train``, BatchNorm runs on batch statistics (of the pooled clip
+    features, or of every valid step) and drop-path on ``key``, chunk by chunk."""
+    tp = inference.time_patch(model.encoder.cfg)
+    b, f, t = spec.shape
+    width = min(chunk, -(-t // tp) * tp)
+    c = max(1, len(inference.chunk_bounds(t, width, tp)))
+    total = c * width
+    x = spec[..., :total] if total <= t else jnp.pad(spec, ((0, 0), (0, 0), (0, total - t)))
+    x = x.reshape(b, f, c, width).transpose(0, 2, 1, 3).reshape(b * c, f, width)
+    starts = jnp.arange(c, dtype=length.dtype) * width
+    lens = jnp.clip(length[:, None] - starts[None, :], 0, width).reshape(b * c)
+    feats, valid = model.features(x, lens, train=train, key=key)
+    if model.level == "clip":
+        w = valid.reshape(b, c, 1).astype(feats.dtype)
+        pooled = (feats.reshape(b, c, -1) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+        return model.head(pooled, train=train)
+    logits = model.head(feats, valid, train=train)  # [B·C, w / patch, K]
+    logits = logits.reshape(b, -1, logits.shape[-1])
+    steps = t // tp if steps is None else steps
+    if logits.shape[1] < steps:  # only when chunk_bounds dropped a trailing partial patch
+        logits = jnp.pad(logits, ((0, 0), (0, steps - logits.shape[1]), (0, 0)))
+    return logits[:, :steps]
+
+
+def layer_scales(params: dict, depth: int, decay: float, level: str = "clip") -> dict:
     """Per-parameter LR factors (a tree like ``params``; stacked block parameters get ``[L, 1, …]``), with
-    the official indexing: stem ``d^L``, block b ``d^(L−b)``, final norm ``d``, head 1."""
+    the official indexing: block b ``d^(L−b)``, head 1; clip level stem ``d^L``, final norm ``d``; frame
+    level stem ``d^(L+1)``, final norm 1."""
+    stem, norm = (decay ** (depth + 1), 1.0) if level == "frame" else (decay**depth, decay)
 
     def name(entry) -> str:
         for attr in ("key", "name", "idx"):
@@ -169,8 +272,8 @@ def layer_scales(params: dict, depth: int, decay: float) -> dict:
             f = decay ** (depth - np.arange(depth, dtype=np.float64))
             return jnp.asarray(f, jnp.float32).reshape((depth,) + (1,) * (np.ndim(x) - 1))
         if part == "norm":
-            return jnp.asarray(decay, jnp.float32)
-        return jnp.asarray(decay**depth, jnp.float32)  # stem: patch projection, positions, mask, CLS
+            return jnp.asarray(norm, jnp.float32)
+        return jnp.asarray(stem, jnp.float32)  # stem: patch projection, positions, mask, CLS
 
     return jax.tree_util.tree_map_with_path(of, params)
 
@@ -187,11 +290,19 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(params, depth: int, opts: FinetuneOptions, total_steps: int, warmup_steps: int):
+def peak_lr(opts: FinetuneOptions) -> float:
+    """The peak learning rate: ``--lr`` is the base rate of a batch of 256 (the official fine-tuning scripts'
+    ``learning_rate · batch / 256``), scaled to the global batch ``--batch``."""
+    return opts.lr * opts.batch / LR_REF_BATCH
+
+
+def make_optimizer(
+    params, depth: int, opts: FinetuneOptions, total_steps: int, warmup_steps: int, level: str = "clip"
+):
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, opts.lr, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=FINAL_LR
+        0.0, peak_lr(opts), max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=FINAL_LR
     )
-    parts = [scale_by_tree(layer_scales(params, depth, opts.layer_decay))]
+    parts = [scale_by_tree(layer_scales(params, depth, opts.layer_decay, level))]
     if opts.clip_norm > 0:
         parts.insert(0, optax.clip_by_global_norm(opts.clip_norm))
     parts.append(optax.sgd(schedule, momentum=opts.momentum if opts.momentum > 0 else None))
@@ -227,6 +338,33 @@ def c2f_loss(logits, targets, teacher_logits, lam: float, softmax: bool, valid=N
     return lam * distill_loss(logits, teacher_logits, softmax, valid) + (1.0 - lam) * task_loss(
         logits, targets, softmax, valid
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation (--mixup)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mixup_batch(key, spec, length, y, alpha: float):
+    """Each example mixed with another of the batch, ``λ ~ Beta(α, α)``, on the normalised spectrogram, the
+    targets alike; the mix is valid as far as the longer of the two."""
+    lam = jax.random.beta(key, alpha, alpha, (spec.shape[0],))
+    perm = jax.random.permutation(jax.random.fold_in(key, 1), spec.shape[0])
+    ls = lam[:, None, None]
+    spec = ls * spec + (1 - ls) * spec[perm]
+    length = jnp.maximum(length, length[perm])
+    ly = lam.reshape((-1,) + (1,) * (y.ndim - 1))
+    return spec, length, ly * y + (1 - ly) * y[perm]
+
+
+def augment(key, spec, length, y, alpha: float, level: str):
+    """``--mixup``: the official ``mixup_training`` — mixup, then at clip level BYOL-A's RandomResizeCrop on
+    both axes (canvas 1× frequency, 1.5× time, scales U(0.6, 1.5); its defaults) on ``fold_in(key, 2)``.
+    Frame level keeps mixup alone: a time warp would move the events off their labelled steps."""
+    spec, length, y = mixup_batch(key, spec, length, y, alpha)
+    if level == "clip":
+        spec = views.random_resize_crop(jax.random.fold_in(key, 2), spec)
+    return spec, length, y
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,6 +438,18 @@ def chunks_of(spec: np.ndarray, frames: int, patch: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
+TEACHER_MODES = ("official", "eval", "train")
+TEACHER_STREAM = 0x7EAC  # fold_in constant: the teacher's drop-path keys, apart from the student's
+
+
+def teacher_trains(mode: str, level: str) -> bool:
+    """Whether the C2F teacher runs in train mode: ``official`` = at clip level only (the official clip-level
+    distillation never calls ``.eval()`` on its teacher; the frame-level one does)."""
+    if mode not in TEACHER_MODES:
+        raise FinetuneError(f"--teacher_mode must be one of {'|'.join(TEACHER_MODES)}, got {mode!r}")
+    return mode == "train" or (mode == "official" and level == "clip")
+
+
 def _pure(state):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
 
@@ -310,12 +460,31 @@ class Finetuner:
     def __init__(self, model: FinetuneModel, task: str, frames: int, opts: FinetuneOptions, teacher=None):
         self.model, self.task, self.frames, self.opts, self.teacher = model, task, frames, opts, teacher
         self.level = model.level
-        self.softmax = task == "clip_single"
+        self.softmax = task == "clip_single"  # the posteriors: softmax for a single-label task
+        # The loss: softmax CE for a single-label task unless with mixup, where both terms are BCE on sigmoid
+        # targets (the official ``mixup_training``: one-hot labels mixed, BCE with logits).
+        self.loss_softmax = self.softmax and opts.mixup <= 0
         self.patch = inference.time_patch(model.encoder.cfg)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         if teacher is not None:
-            self.t_graphdef, t_state = nnx.split(teacher)
-            self.t_state = t_state
+            self.t_graphdef, self.t_state = nnx.split(teacher)
+            self.t_chunk = teacher_chunk_frames(teacher)
+            self.t_train = teacher_trains(opts.teacher_mode, teacher.level)
+            self.teacher_logits = jax.jit(self._teacher_fn())
+
+    def _teacher_fn(self):
+        """``f(t_state, spec, length, key) -> teacher logits``: the teacher in chunks of its own crop, in the
+        mode ``--teacher_mode`` gives it, drop-path on ``fold_in(key, TEACHER_STREAM)``. Its BatchNorm
+        statistics are never written back (the teacher is constant)."""
+        t_gd, chunk, train, patch = self.t_graphdef, self.t_chunk, self.t_train, self.patch
+
+        def fn(t_state, spec, length, key):
+            tm = nnx.merge(t_gd, t_state, copy=True)
+            k = jax.random.fold_in(key, TEACHER_STREAM)
+            steps = spec.shape[-1] // patch
+            return chunked_logits(tm, spec, length, chunk, train=train, key=k, steps=steps)
+
+        return fn
 
     def _build(self, total_steps: int, warmup_steps: int):
         tx, self.schedule = make_optimizer(
@@ -324,28 +493,22 @@ class Finetuner:
             self.opts,
             total_steps,
             warmup_steps,
+            self.level,
         )
-        gd, softmax, lam = self.graphdef, self.softmax, self.opts.distill_lambda
+        gd, softmax, lam = self.graphdef, self.loss_softmax, self.opts.distill_lambda
         teacher = self.teacher is not None
-        t_gd = self.t_graphdef if teacher else None
-        mixup = self.opts.mixup
+        t_fn = self._teacher_fn() if teacher else None
+        mixup, level = self.opts.mixup, self.level
 
         def loss_fn(params, rest, t_state, spec, length, y, key):
             k_mix, k_drop = jax.random.split(key)
             if mixup > 0:
-                lam_mix = jax.random.beta(k_mix, mixup, mixup, (spec.shape[0],))
-                perm = jax.random.permutation(jax.random.fold_in(k_mix, 1), spec.shape[0])
-                ls = lam_mix[:, None, None]
-                spec = ls * spec + (1 - ls) * spec[perm]
-                length = jnp.maximum(length, length[perm])
-                ly = lam_mix.reshape((-1,) + (1,) * (y.ndim - 1))
-                y = ly * y + (1 - ly) * y[perm]
+                spec, length, y = augment(k_mix, spec, length, y, mixup, level)
             m = nnx.merge(gd, params, rest, copy=True)
             logits, valid = m(spec, length, train=True, key=k_drop)
             v = None if m.level == "clip" else valid
             if teacher:
-                tm = nnx.merge(t_gd, t_state, copy=True)
-                t_logits, _ = tm(spec, length, train=False)
+                t_logits = t_fn(t_state, spec, length, key)
                 loss = c2f_loss(logits, y, t_logits, lam, softmax, v)
             else:
                 loss = task_loss(logits, y, softmax, v)
@@ -512,13 +675,25 @@ def load_finetuned(path) -> tuple[FinetuneModel, dict]:
         raise FinetuneError(f"--teacher {path}: not a fine-tuned model directory ({e})") from None
     if meta.get("format") != MODEL_FORMAT:
         raise FinetuneError(f"--teacher {path}: unknown format {meta.get('format')!r}")
-    cfg = EncoderConfig(**{**meta["encoder"], "drop_path": 0.0})
+    # The saved encoder config has drop-path 0; the rate fine-tuning used is in the metadata (drop-path acts
+    # only with ``train`` and a key: a train-mode C2F teacher). Models saved without it: the official default.
+    rate = float(meta.get("drop_path", EncoderConfig.drop_path))
+    cfg = EncoderConfig(**{**meta["encoder"], "drop_path": rate})
     k = len(meta["classes"])
+    chunk = meta.get("chunk_frames")
     abstract = nnx.eval_shape(
-        lambda: FinetuneModel(FrameAST(cfg, rngs=nnx.Rngs(0)), k, meta["level"], rngs=nnx.Rngs(0))
+        lambda: FinetuneModel(
+            FrameAST(cfg, rngs=nnx.Rngs(0)), k, meta["level"], rngs=nnx.Rngs(0), chunk_frames=chunk
+        )
     )
     graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, serialization.msgpack_restore(raw)))
+    restored = serialization.msgpack_restore(raw)
+    if abstract.bn is None and "bn" in restored:
+        raise FinetuneError(
+            f"--teacher {path}: an SED model with a BatchNorm in its head (an older version of this "
+            "command); fine-tune it again"
+        )
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
     return nnx.merge(graphdef, state), meta
 
 
@@ -597,8 +772,10 @@ def finetune(
         "features": features,
         "chunk_frames": frames,
         "time_step_s": step_s,
+        "drop_path": encoder.cfg.drop_path,  # the rate it trained with: its drop-path as a train-mode teacher
         "source": source or {},
     }
+    model.chunk_frames = frames
     encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=0.0)
     save_finetuned(model, out / "model", meta)
     shown = ", ".join(f"{k} {ev._fmt(v)}" for k, v in metrics.items())
@@ -638,6 +815,12 @@ def _parser():
     dist.add_argument("--c2f_clip", default=None, help="an ATST-Clip run (or file): the whole C2F recipe")
     p.add_argument("--distill_lambda", type=float, default=0.5)
     p.add_argument("--no_undistilled", action="store_true", help="with a teacher: skip the λ = 0 run")
+    p.add_argument(
+        "--teacher_mode",
+        choices=TEACHER_MODES,
+        default="official",
+        help="the teacher's mode while distilling (official: train at clip level, eval at frame level)",
+    )
     defaults = FinetuneOptions()
     p.add_argument("--task", choices=("auto", "clip", "sed"), default="auto")
     for name in ("epochs", "batch"):

@@ -5,6 +5,7 @@ checkpoints written directly (no pretraining: the path is the point, not the num
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,14 +19,16 @@ from conftest import prepare_dcase
 from flax import nnx
 
 from atst_jax import finetune as ft
+from atst_jax.data import views
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 
 N_TRAIN = 40
 
 
 def test_layer_decay_gives_the_stated_per_block_factors():
-    """Depth 3, d = 0.5, momentum and clipping off: every parameter moves by −lr · factor · grad, with the
-    official indexing (stem d^3, blocks d^3, d^2, d, final norm d, head 1)."""
+    """Depth 3, d = 0.5, momentum and clipping off: every parameter moves by −lr · factor · grad, the peak
+    lr being ``--lr · batch / 256``, with the official indexing (stem d^3, blocks d^3, d^2, d, final norm d,
+    head 1; at frame level stem d^4 and final norm 1)."""
     d, depth, lr = 0.5, 3, 0.1
     cfg = EncoderConfig(width=16, depth=depth, heads=1, num_pos=9, drop_path=0.0)
     # Shapes are all the optimizer needs here (built abstractly: no initialiser runs).
@@ -35,7 +38,7 @@ def test_layer_decay_gives_the_stated_per_block_factors():
     params = jax.tree.map(
         lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param))
     )
-    opts = ft.FinetuneOptions(lr=lr, layer_decay=d, momentum=0.0, clip_norm=0.0)
+    opts = ft.FinetuneOptions(lr=lr * 256 / 32, batch=32, layer_decay=d, momentum=0.0, clip_norm=0.0)
     tx, schedule = ft.make_optimizer(params, depth, opts, total_steps=10, warmup_steps=0)
     assert float(schedule(0)) == pytest.approx(lr)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -50,9 +53,17 @@ def test_layer_decay_gives_the_stated_per_block_factors():
         np.testing.assert_allclose(qkv[b], want, rtol=1e-6)
     np.testing.assert_allclose(enc["norm"]["scale"], d, rtol=1e-6)
     np.testing.assert_allclose(factor["linear"]["kernel"], 1.0, rtol=1e-6)
+    # Frame level (the official SED code): the stem one step below block 0, the final norm at the head's 1.
+    frame = ft.layer_scales(params, depth, d, "frame")
+    np.testing.assert_allclose(frame["encoder"]["patch_embed"]["kernel"], d**4, rtol=1e-6)
+    np.testing.assert_allclose(frame["encoder"]["pos_embed"], d**4, rtol=1e-6)
+    qkv = np.asarray(frame["encoder"]["blocks"]["attn"]["qkv"]["kernel"]).ravel()
+    np.testing.assert_allclose(qkv, [d**3, d**2, d], rtol=1e-6)
+    np.testing.assert_allclose(frame["encoder"]["norm"]["scale"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(frame["linear"]["kernel"], 1.0, rtol=1e-6)
     # Clipping acts on the raw gradients, before the layer factors (torch's clip_grad_norm_ then per-group
     # LRs): a clipped update keeps the same ratios between layers.
-    opts = ft.FinetuneOptions(lr=lr, layer_decay=d, momentum=0.0, clip_norm=1e-3)
+    opts = dataclasses.replace(opts, clip_norm=1e-3)
     tx, _ = ft.make_optimizer(params, depth, opts, total_steps=10, warmup_steps=0)
     updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
     norm = float(optax.tree.norm(grads))
@@ -105,6 +116,174 @@ def test_c2f_loss_matches_its_formula_on_hand_computed_logits():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The C2F teacher runs in chunks of its own crop
+# ----------------------------------------------------------------------------------------------------------
+
+T_CHUNK, CROP, K = 40, 100, 3  # the teacher's crop (10 tokens), the student's (25 tokens: 3 chunks), classes
+LENGTHS = np.array([100, 90, 60, 20], np.int32)  # chunk frames: 40/40/20, 40/40/10, 40/20/0, 20/0/0
+
+
+def _poisoned_teacher(tmp_path, level, drop_path=0.0):
+    """A fine-tuned model saved and reloaded as ``--teacher`` would be: trained crop ``T_CHUNK`` frames, its
+    positional slots past that crop NaN (never trained, so anything), (clip) its BatchNorm statistics not 0/1.
+    Two blocks with drop-path (the first block's rate is 0), else one."""
+    depth = 2 if drop_path else 1
+    cfg = EncoderConfig(width=16, depth=depth, heads=1, num_pos=1 + CROP // 4, use_cls=True, drop_path=0.0)
+    model = ft.FinetuneModel(FrameAST(cfg, rngs=nnx.Rngs(3)), K, level, rngs=nnx.Rngs(4))
+    pos = model.encoder.pos_embed
+    pos[...] = pos[...].at[:, 1 + T_CHUNK // 4 :].set(jnp.nan)
+    rs = np.random.default_rng(5)
+    if level == "clip":
+        model.bn.mean[...] = jnp.asarray(rs.normal(size=model.bn.mean.shape), jnp.float32)
+        model.bn.var[...] = jnp.asarray(rs.uniform(0.5, 2.0, size=model.bn.var.shape), jnp.float32)
+    meta = {"task": "clip_multi" if level == "clip" else "sed", "classes": [f"c{k}" for k in range(K)]}
+    meta |= {
+        "features": "atst_logmel64",
+        "chunk_frames": T_CHUNK,
+        "time_step_s": 0.04,
+        "drop_path": drop_path,
+    }
+    ft.save_finetuned(model, tmp_path / level, meta)
+    return ft.load_finetuned(tmp_path / level)[0]
+
+
+def _student(level):
+    cfg = EncoderConfig(width=16, depth=1, heads=1, num_pos=1 + CROP // 4, drop_path=0.0)
+    return ft.FinetuneModel(FrameAST(cfg, rngs=nnx.Rngs(6)), K, level, rngs=nnx.Rngs(7))
+
+
+def _batch():
+    rs = np.random.default_rng(8)
+    spec = rs.normal(size=(len(LENGTHS), 64, CROP)).astype(np.float32)
+    for row, n in enumerate(LENGTHS):
+        spec[row, :, n:] = 0.0
+    return jnp.asarray(spec), jnp.asarray(LENGTHS)
+
+
+# The Python-level model, compiled (op-by-op dispatch on a few piece shapes costs seconds).
+_call = nnx.jit(lambda m, spec, length: m(spec, length))
+_call_train = nnx.jit(lambda m, spec, length: m(spec, length, train=True))
+
+
+def _chunk_pieces(spec, n):
+    """The whole-token pieces of one clip's chunks, each alone: ``[(piece [1, F, 4·tokens], tokens)]``."""
+    out = []
+    for a in range(0, CROP, T_CHUNK):
+        tokens = max(0, min(T_CHUNK, int(n) - a)) // 4
+        if tokens:
+            out.append((spec[None, :, a : a + 4 * tokens], tokens))
+    return out
+
+
+def _bn_linear(model, x, batch_stats):
+    """The head by hand: BatchNorm (no affine; the batch's biased statistics or the running ones), Linear."""
+    x = np.asarray(x, np.float64)
+    mean, var = (x.mean(0), x.var(0)) if batch_stats else (model.bn.mean[...], model.bn.var[...])
+    x = (x - np.asarray(mean, np.float64)) / np.sqrt(np.asarray(var, np.float64) + ft.BN_EPS)
+    return x @ np.asarray(model.linear.kernel[...], np.float64) + np.asarray(model.linear.bias[...])
+
+
+def test_c2f_clip_teacher_runs_in_chunks_of_its_crop_in_train_mode(tmp_path):
+    """Student crop 100 frames, teacher crop 40: the distillation's teacher logits come from 40-frame chunks
+    (the NaN positional slots past the teacher's crop never reach them), equal to the teacher run on each
+    chunk by itself, ``[CLS ‖ mean]`` averaged over the chunks weighted by their tokens, then the head — on
+    batch statistics (the official clip-level teacher is in train mode). The loss of a training step is the
+    C2F loss on exactly those logits."""
+    teacher = _poisoned_teacher(tmp_path, "clip")
+    student = _student("clip")
+    spec, length = _batch()
+    y = jnp.asarray(np.random.default_rng(9).integers(0, 2, (len(LENGTHS), K)), jnp.float32)
+    lam = 0.5
+    opts = ft.FinetuneOptions(distill_lambda=lam, momentum=0.0, clip_norm=0.0)
+    tuner = ft.Finetuner(student, "clip_multi", CROP, opts, teacher=teacher)
+    # Independent reference: the Python-level teacher on every chunk on its own.
+    feats = []
+    for row in range(len(LENGTHS)):
+        parts = _chunk_pieces(np.asarray(spec[row]), LENGTHS[row])
+        outs = [
+            np.asarray(_call(teacher.encoder, jnp.asarray(p), jnp.asarray([p.shape[-1]]))[0])
+            for p, _ in parts
+        ]
+        f = np.stack([np.concatenate([o[0], o[1:].mean(0)]) for o in outs])
+        w = np.array([t for _, t in parts], np.float64)
+        feats.append((f * w[:, None]).sum(0) / w.sum())
+    want = _bn_linear(teacher, np.stack(feats), batch_stats=True)
+    assert np.isfinite(want).all()
+    # A training step: its loss is the C2F loss with that teacher (the student's own logits, on batch
+    # statistics, are the Python-level model's: no drop-path at rate 0).
+    student_logits, _ = _call_train(student, spec, length)
+    tuner._build(total_steps=4, warmup_steps=0)
+    opt_state = tuner.tx.init(tuner.params)
+    key = jax.random.key(0)
+    loss = tuner._step(tuner.params, tuner.rest, opt_state, tuner.t_state, spec, length, y, key)[3]
+    assert np.isfinite(float(loss)), "the teacher read positional slots past its trained crop"
+    expected = ft.c2f_loss(student_logits, y, jnp.asarray(want, jnp.float32), lam, softmax=False)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    got = np.asarray(tuner.teacher_logits(tuner.t_state, spec, length, key))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # --teacher_mode eval: the running statistics instead (the encoder part is the same).
+    eval_tuner = ft.Finetuner(
+        student, "clip_multi", CROP, dataclasses.replace(opts, teacher_mode="eval"), teacher
+    )
+    got = np.asarray(eval_tuner.teacher_logits(eval_tuner.t_state, spec, length, key))
+    np.testing.assert_allclose(
+        got, _bn_linear(teacher, np.stack(feats), batch_stats=False), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_c2f_frame_teacher_chunks_line_up_on_the_student_grid_and_train_mode_drops_paths(tmp_path):
+    """SED: the teacher's per-step logits are its chunks' logits end to end on the student's 40 ms grid (eval
+    mode by default: the official frame-level teacher is in ``eval()``), each step's token through the Linear
+    alone (the official SED head has no BatchNorm). In train mode drop-path draws from the step's key."""
+    teacher = _poisoned_teacher(tmp_path, "frame", drop_path=0.5)
+    spec, length = _batch()
+    tuner = ft.Finetuner(_student("frame"), "sed", CROP, ft.FinetuneOptions(), teacher=teacher)
+    got = np.asarray(tuner.teacher_logits(tuner.t_state, spec, length, jax.random.key(0)))
+    assert got.shape == (len(LENGTHS), CROP // 4, K)
+    for row in range(len(LENGTHS)):
+        parts = _chunk_pieces(np.asarray(spec[row]), LENGTHS[row])
+        tokens = [
+            np.asarray(_call(teacher.encoder, jnp.asarray(p), jnp.asarray([p.shape[-1]]))[0, 1:])
+            for p, _ in parts
+        ]
+        want = np.concatenate(tokens) @ np.asarray(teacher.linear.kernel[...]) + np.asarray(
+            teacher.linear.bias[...]
+        )
+        np.testing.assert_allclose(got[row, : len(want)], want, rtol=1e-4, atol=1e-5)
+    assert not jax.tree.leaves(nnx.state(teacher, nnx.BatchStat))
+    train = ft.Finetuner(_student("frame"), "sed", CROP, ft.FinetuneOptions(teacher_mode="train"), teacher)
+    a, b = (np.asarray(train.teacher_logits(train.t_state, spec, length, jax.random.key(k))) for k in (0, 1))
+    assert np.isfinite(a).all() and not np.allclose(a, b)
+    again = np.asarray(train.teacher_logits(train.t_state, spec, length, jax.random.key(0)))
+    np.testing.assert_array_equal(a, again)
+
+
+def test_mixup_is_the_official_mixup_training_with_resize_crop_and_bce():
+    """``--mixup``: mixup, then at clip level the RandomResizeCrop on both axes (``fold_in(key, 2)``), at
+    frame level mixup alone; and every loss BCE, single-label tasks included (softmax CE only without
+    mixup)."""
+    spec, length = _batch()
+    y = jnp.eye(K)[jnp.array([0, 1, 2, 0])]
+
+    @jax.jit
+    def run(key):  # (one program: each mixup compiles a Beta sampler, seconds at -O0)
+        clip, frame = (ft.augment(key, spec, length, y, 0.5, level) for level in ("clip", "frame"))
+        return clip, frame, views.random_resize_crop(jax.random.fold_in(key, 2), frame[0])
+
+    clip, frame, warped = jax.tree.map(np.asarray, run(jax.random.key(3)))
+    # Frame level: a mix (the targets mixed alike); clip level: that same mix, resize-cropped.
+    assert not np.allclose(frame[0], np.asarray(spec)) and not np.allclose(frame[2], np.asarray(y))
+    np.testing.assert_array_equal(clip[0], warped)
+    assert not np.allclose(clip[0], frame[0])
+    for a, b in zip(clip[1:], frame[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    model = _student("clip")
+    assert ft.Finetuner(model, "clip_single", CROP, ft.FinetuneOptions()).loss_softmax
+    assert not ft.Finetuner(model, "clip_single", CROP, ft.FinetuneOptions(mixup=0.5)).loss_softmax
+    assert not ft.Finetuner(model, "clip_multi", CROP, ft.FinetuneOptions()).loss_softmax
+
+
+# ----------------------------------------------------------------------------------------------------------
 # End to end: C2F on the embedded data
 # ----------------------------------------------------------------------------------------------------------
 
@@ -148,7 +327,7 @@ def test_c2f_runs_end_to_end_and_reports_distilled_beside_undistilled(tmp_path, 
     frame_run = _write_run(tmp_path / "frame_run", "atst_frame.py", seed=2)
     out = tmp_path / "c2f"
     argv = ["--workdir", str(frame_run), "--c2f_clip", str(clip_run), "--train", weak[0], "--test", weak[1]]
-    argv += ["--out", str(out), "--epochs", "3", "--batch", "8", "--crop_s", "2", "--lr", "0.05"]
+    argv += ["--out", str(out), "--epochs", "3", "--batch", "8", "--crop_s", "2", "--lr", "1.6"]
     argv += ["--no_progress", "--distill_lambda", "0.5"]
     assert ft.main(argv) == 0
     res = json.loads((out / "RESULTS.json").read_text())
