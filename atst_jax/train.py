@@ -37,6 +37,7 @@ from atst_jax.checkpoint import (
 )
 from atst_jax.data import pipeline, records
 from atst_jax.flops import CHIPS, chip_from_device
+from atst_jax.models import collapse
 from atst_jax.models.encoder import FrameAST
 from atst_jax.sharding import ConfigError
 
@@ -849,7 +850,14 @@ def _train(config, workdir, stop) -> dict:
     chip = t.get("chip", "") or chip_from_device(jax.devices()[0])
     peak = CHIPS[chip]["peak_tflops"] if chip else 0.0
     progress = Progress(
-        t.steps, t.global_batch, step, trainer.step_flops / jax.device_count(), peak, trainer.method.monitors
+        t.steps,
+        t.global_batch,
+        step,
+        trainer.step_flops / jax.device_count(),
+        peak,
+        trainer.method.progress_monitors,
+        health_min=dict(t.get("health_min", collapse.HEALTH_MIN)),
+        health_patience=int(t.get("health_patience", 200)),
     )
     pending = None  # (step, metrics): fetched one step late, so the host never waits on the device
     last = {"step": step, "loss": float("nan")}
@@ -941,9 +949,18 @@ class Progress:
         flops_per_device: float = 0.0,
         peak_tflops: float = 0.0,
         monitors: tuple[str, ...] = (),
+        health_min: dict[str, float] | None = None,
+        health_patience: int = 200,
     ):
         self.total, self.global_batch, self.start_step = total, global_batch, start_step
         self.monitors = monitors  # the method's collapse monitors, shown on the progress line
+        # Encoder health (models/collapse.py): a monitor under its floor at every logged step for at least
+        # ``health_patience`` steps puts a warning on the progress line (and ``health/warning`` = 1 in the
+        # scalars); a single dip does not. Floors ≤ 0 are off.
+        self.health_min = {k: float(v) for k, v in (health_min or {}).items() if float(v) > 0}
+        self.health_patience = int(health_patience)
+        self.below_since: dict[str, int] = {}  # monitor → first logged step of its run under the floor
+        self.warned: set[str] = set()
         self.flops_per_device = flops_per_device  # analytic, per step
         self.peak_tflops = peak_tflops  # of the chip (flops.CHIPS); 0 = unknown (CPU): no MFU
         self.t0 = time.perf_counter()
@@ -985,15 +1002,42 @@ class Progress:
                     scalars["perf/mfu"] = tflops / self.peak_tflops
         self.last_time, self.last_step = now, step
         self.data_wait = 0.0
+        alarms = self.health_alarms(step, scalars)
+        if self.health_min:
+            scalars["health/warning"] = float(bool(alarms))
         writer.write(step, scalars)
         eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")
         _log(
             f"step {step:>6}/{self.total} | loss {scalars['loss']:.4f} | "
             + "".join(f"{name} {scalars[name]:.4f} | " for name in self.monitors if name in scalars)
             + f"lr {scalars['lr']:.2e} | {rate:7.1f} clips/s | "
-            f"ETA {_fmt_time(eta) if eta == eta else '--'} | elapsed {_fmt_time(self.elapsed())}",
+            f"ETA {_fmt_time(eta) if eta == eta else '--'} | elapsed {_fmt_time(self.elapsed())}"
+            + "".join(f" | WARNING {a}" for a in alarms),
         )
         return {"step": step, "loss": scalars["loss"]}
+
+    def health_alarms(self, step: int, scalars: dict) -> list[str]:
+        """The encoder-health warnings due at ``step``: each monitor that has been under its floor at every
+        logged step since ``step − health_patience`` or earlier. The first warning of each monitor also gets
+        a line of its own that says what it means."""
+        alarms = []
+        for name, floor in self.health_min.items():
+            value = scalars.get(name)
+            if value is None or not value < floor:
+                self.below_since.pop(name, None)
+                continue
+            since = self.below_since.setdefault(name, step)
+            if step - since < self.health_patience:
+                continue
+            alarms.append(f"{name} {value:.4f} < {floor:g} since step {since}")
+            if name not in self.warned:
+                self.warned.add(name)
+                _log(
+                    f"warning: {name} has stayed under {floor:g} since step {since}: the teacher's tokens are "
+                    "collapsing (within_tea: their variance within clips; dim_tea: the directions they use) "
+                    "while the loss may still look healthy. Set train.health_min.NAME=0 to silence."
+                )
+        return alarms
 
 
 def main(argv):

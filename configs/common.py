@@ -7,6 +7,8 @@ of its defaults.
 
 import ml_collections
 
+from atst_jax.models.collapse import HEALTH_MIN
+
 # width, depth, heads (tiny is ours, for tests and the CPU demo)
 MODELS = {
     "tiny": (128, 4, 2),
@@ -97,6 +99,11 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             # TensorBoard image of the first clip's views and masks as the step drew them, every N steps
             # (0 = never).
             image_every=100,
+            # Encoder-health warning (models/collapse.py): the progress line warns when the teacher tokens'
+            # within-clip variance share or effective dimension stays under its floor (0 = off) at every
+            # logged step for this many steps.
+            health_min=ml_collections.ConfigDict(dict(HEALTH_MIN)),
+            health_patience=200,
         )
     )
     c.data = ml_collections.ConfigDict(

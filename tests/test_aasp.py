@@ -212,6 +212,7 @@ def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "20").is_dir() and (tmp_path / "checkpoints" / "100").is_dir()
     assert "std_tea" in proc.stdout and "aasp tiny" in proc.stdout
+    assert "within_tea" in proc.stdout and "dim_tea" in proc.stdout
     _, config, state = read_checkpoint(tmp_path)
     assert config["method"] == "aasp" and "aape" in state["teacher"]["encoder"]
     assert np.abs(state["params"]["encoder"]["aape"]["fuse"]["kernel"]).max() > 0  # AaPE left zero

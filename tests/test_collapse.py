@@ -98,6 +98,41 @@ def test_effective_dim_is_the_participation_ratio():
     )
 
 
+def test_health_warning_needs_the_whole_patience_under_the_floor(capsys):
+    """The progress line warns only once a monitor has been under its floor at every logged step for
+    ``health_patience`` steps; a recovery starts the count again; a floor of 0 is off; TensorBoard gets
+    ``health/warning``."""
+    from atst_jax.train import Progress
+
+    class Sink:
+        rows = []
+
+        def write(self, step, scalars):
+            self.rows.append(dict(scalars))
+
+    progress = Progress(
+        100,
+        4,
+        0,
+        monitors=collapse.HEALTH_MONITORS,
+        health_min={"within_tea": 0.1, "dim_tea": 0},
+        health_patience=20,
+    )
+    sink = Sink()
+    within = {10: 0.3, 20: 0.05, 30: 0.05, 40: 0.2, 50: 0.05, 60: 0.04, 70: 0.03, 80: 0.02}
+    lines = {}
+    for step, value in within.items():
+        metrics = {"loss": 1.0, "lr": 1e-4, "within_tea": value, "dim_tea": 0.5}
+        progress.maybe_log(step, metrics, sink, log_every=10)
+        lines[step] = capsys.readouterr().out
+    warned = [step for step, out in lines.items() if "| WARNING within_tea" in out]
+    assert warned == [70, 80]  # under since 50 (the dip at 20-30 recovered at 40); dim_tea's floor is off
+    assert "since step 50" in lines[70] and "warning: within_tea has stayed under 0.1" in lines[70]
+    assert "warning: within_tea" not in lines[80]  # the explanation once; the progress-line tag every time
+    assert [r["health/warning"] for r in sink.rows] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert "within_tea 0.0200 | dim_tea 0.5000" in lines[80]  # both monitors on the progress line
+
+
 # ----------------------------------------------------------------------------------------------------------
 # In training: ATST-Frame's features collapse within clips, and the terms keep them apart
 # ----------------------------------------------------------------------------------------------------------

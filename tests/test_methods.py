@@ -22,6 +22,7 @@ from atst_jax import methods
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import params_digest, read_checkpoint, to_pure
 from atst_jax.methods.atst_frame import AtstFrame
+from atst_jax.models.collapse import HEALTH_MONITORS
 from atst_jax.train import Trainer, load_config, train
 
 METHODS = methods.names()
@@ -82,7 +83,7 @@ def test_three_steps_on_one_device_equal_eight_devices(name):
     batches = _batches(config)
     one, s1 = _run_steps(config, jax.devices()[:1], batches)
     eight, s8 = _run_steps(config, jax.devices(), batches)
-    monitors = methods.get_class(name).monitors
+    monitors = (*methods.get_class(name).monitors, *HEALTH_MONITORS)  # every method reports encoder health
     for a, b in zip(one, eight, strict=True):
         for k in ("loss", "grad_norm", *monitors):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, err_msg=k)

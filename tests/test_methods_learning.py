@@ -31,6 +31,7 @@ def test_atst_clip_cli_learns_on_embedded_data_without_collapse(tmp_path, embedd
         "atst_clip", tmp_path, embedded_cache, "--config.train.steps=100", "--config.train.ckpt_every=100"
     )
     assert "std_cls_stu" in stdout and "atst_clip tiny" in stdout
+    assert "within_tea" in stdout and "dim_tea" in stdout  # encoder health, every method
     step, config, state = read_checkpoint(tmp_path)
     assert step == 100 and config["method"] == "atst_clip" and "cls_token" in state["teacher"]["encoder"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +58,7 @@ def test_asit_cli_learns_on_embedded_fbank_and_exports(tmp_path, embedded_cache)
         "--config.asit.crop_frames=192", "--config.train.global_batch=8",
     )  # fmt: skip
     assert "tea_entropy" in stdout and "asit tiny" in stdout
+    assert "within_tea" in stdout and "dim_tea" in stdout
     step, config, state = read_checkpoint(tmp_path)
     assert step == 200 and config["method"] == "asit" and state["method"]["centre_cls"].shape == (512,)
     assert np.abs(state["method"]["centre_data"]).sum() > 0  # the centres moved

@@ -57,6 +57,7 @@ from flax import nnx
 from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method
+from atst_jax.models import collapse
 from atst_jax.models.byol import cosine, normalized_std
 from atst_jax.models.encoder import FrameAST
 from atst_jax.models.masked_prediction import (
@@ -235,6 +236,7 @@ class Aasp(Method):
             std_tea=normalized_std(t_out, token_valid),
             std_pred=normalized_std(pred, weight),
             visible=jnp.asarray(vis.shape[-1], jnp.float32),
+            **collapse.health(t_out, token_valid),
         )
         return total, metrics, method_state
 
@@ -254,7 +256,8 @@ class Aasp(Method):
         b, m = global_batch, c.num_masks
         n, v = self.num_tokens(), self.num_visible()
         q, p = n - v, (1 if enc.use_cls else 0)
-        teacher = flops.encoder_forward(enc, n, b)
+        # The teacher's pass and the health monitors' covariance of its tokens.
+        teacher = flops.encoder_forward(enc, n, b) + flops.token_covariance(b, n, enc.width)
         student = flops.embed_visible(enc, n, v, b, m) + flops.trunk_forward(enc, p + v, b * m)
         rows = b * m * q
         predictor = 2 * rows * enc.width * c.pred_dim + 2 * rows * c.pred_dim * enc.width

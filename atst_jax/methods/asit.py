@@ -58,6 +58,7 @@ from flax import nnx
 from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method
+from atst_jax.models import collapse
 from atst_jax.models.dino import (
     DinoHead,
     ReconstructionHead,
@@ -243,6 +244,7 @@ class Asit(Method):
             "tea_mean_entropy": entropy(jnp.mean(q, axis=0)),
             "corrupted": jnp.mean(mask.astype(jnp.float32)),
             "teacher_temp": tau_t,
+            **collapse.health(t_tokens[:, n_prefix:], valid),
         }
         return total, metrics, new_state
 
@@ -260,7 +262,8 @@ class Asit(Method):
         patch = enc.patch_size[0] * enc.patch_size[1]
         rec = 2 * seqs * n * (enc.width * c.rec_hidden + c.rec_hidden**2 + c.rec_hidden * c.rec_bottleneck)
         rec += 2 * seqs * n * c.rec_bottleneck * patch
-        return float(encoder + head + flops.TRAIN_FACTOR * (encoder + head + rec))
+        monitor = flops.token_covariance(seqs, n, enc.width)  # the health monitors, on the teacher's tokens
+        return float(encoder + head + monitor + flops.TRAIN_FACTOR * (encoder + head + rec))
 
     def tokens_per_crop(self) -> int:
         p_t, p_f = self.enc_cfg.patch_size

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
+from atst_jax.models import collapse
 from atst_jax.models.byol import byol_pair, init_byol, normalized_std, use_student_bn_stats
 from atst_jax.sharding import ConfigError
 
@@ -91,17 +92,24 @@ class AtstClip(Method):
         return out
 
     @staticmethod
-    def encode_cls(encoder, crops, lengths, *, train, key):
-        """CLS outputs ``[2B, D]`` = [anchor; positive]. Crops of equal length share one encoder call."""
+    def encode(encoder, crops, lengths, *, train, key):
+        """CLS outputs ``[2B, D]`` = [anchor; positive] and the anchor crop's final tokens ``[B, 1 + N, D]``.
+        Crops of equal length share one encoder call."""
         a, p = crops["anchor"], crops["positive"]
         if a.shape == p.shape:
             x = jnp.concatenate([a, p], axis=0)
             length = jnp.concatenate([lengths["anchor"], lengths["positive"]], axis=0)
-            return encoder(x, length, None, train=train, key=key)[:, 0]
+            out = encoder(x, length, None, train=train, key=key)
+            return out[:, 0], out[: a.shape[0]]
         k_a, k_p = jax.random.split(key)
-        cls_a = encoder(a, lengths["anchor"], None, train=train, key=k_a)[:, 0]
+        out_a = encoder(a, lengths["anchor"], None, train=train, key=k_a)
         cls_p = encoder(p, lengths["positive"], None, train=train, key=k_p)[:, 0]
-        return jnp.concatenate([cls_a, cls_p], axis=0)
+        return jnp.concatenate([out_a[:, 0], cls_p], axis=0), out_a
+
+    @classmethod
+    def encode_cls(cls, encoder, crops, lengths, *, train, key):
+        """CLS outputs ``[2B, D]`` = [anchor; positive]."""
+        return cls.encode(encoder, crops, lengths, train=train, key=key)[0]
 
     def loss(self, student, teacher, method_state, batch, key, step):
         del step
@@ -115,17 +123,21 @@ class AtstClip(Method):
         train_mode = cfg.teacher_train_mode
         if not train_mode:
             use_student_bn_stats(student, teacher)
-        t_cls = self.encode_cls(teacher.encoder, crops, lengths, train=train_mode, key=k_tea)
+        t_cls, t_anchor = self.encode(teacher.encoder, crops, lengths, train=train_mode, key=k_tea)
         z = jax.lax.stop_gradient(teacher.projector(t_cls, rows, use_running_average=not train_mode))
         s_cls = self.encode_cls(student.encoder, crops, lengths, train=True, key=k_stu)
         p = student.predictor(student.projector(s_cls, rows), rows)
 
         half = rows[:b]
         total = 0.5 * (byol_pair(p[b:], z[:b], half) + byol_pair(p[:b], z[b:], half))
+        # Encoder health on the anchor crop's teacher tokens (the CLS objective alone never looks at them).
+        n_pre = teacher.encoder.n_prefix
+        t_valid = teacher.encoder.valid_mask(lengths["anchor"], t_anchor.shape[1])[:, n_pre:]
         metrics = {
             "loss": total,
             "std_cls_stu": normalized_std(p, rows),
             "std_cls_tea": normalized_std(z, rows),
+            **collapse.health(t_anchor[:, n_pre:], t_valid),
         }
         return total, metrics, method_state
 
@@ -146,7 +158,9 @@ class AtstClip(Method):
         )
         teacher = encoders + projector
         student = flops.TRAIN_FACTOR * (encoders + projector + predictor)
-        return float(teacher + student + resize)
+        anchor = self.crop_frames()["anchor"] // enc.patch_w
+        monitor = flops.token_covariance(global_batch, anchor, enc.width)  # the health monitors
+        return float(teacher + student + resize + monitor)
 
     def check(self):
         if not self.enc_cfg.use_cls:

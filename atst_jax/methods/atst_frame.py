@@ -107,7 +107,7 @@ class AtstFrame(Method):
     name = "atst_frame"
     Config = AtstFrameConfig
     ema_covers = ("encoder", "projector")
-    monitors = ("std_frm_stu", "std_frm_tea", "within_tea", "dim_tea")
+    monitors = ("std_frm_stu", "std_frm_tea")
 
     @property
     def frames(self) -> int:
@@ -158,8 +158,7 @@ class AtstFrame(Method):
             "loss": total,
             "std_frm_stu": normalized_std(p, v_s),
             "std_frm_tea": normalized_std(z, valid[t_rows]),
-            "within_tea": jax.lax.stop_gradient(collapse.within_clip_share(t_tok, t_valid)),
-            "dim_tea": jax.lax.stop_gradient(collapse.effective_dim(t_tok, t_valid)),
+            **collapse.health(t_tok, t_valid),
             "mask_frac": jnp.sum(mask2) / jnp.maximum(jnp.sum(enc.token_lengths(lengths)), 1),
         }
         if cfg.var_weight or cfg.cov_weight:

@@ -23,8 +23,14 @@ A method is a subclass of :class:`Method` in one file of ``atst_jax/methods/``, 
 - ``pictures(batch, key, step)`` (optional): the first clip's views and masks as the step drew them, for
   TensorBoard (``train.image_every``); the default shows the crops.
 - ``step_flops(global_batch)``: analytic matmul FLOPs of one train step from the shared encoder/head helpers
-  in ``atst_jax.flops`` (so ``perf/mfu`` and the planner work for every method); ``monitors``: the metric
-  names of its collapse monitors, shown on the progress line; ``check()``: method-level one-line errors.
+  in ``atst_jax.flops`` (so ``perf/mfu`` and the planner work for every method), counting the health
+  monitors' covariance (``flops.token_covariance`` over the teacher's sequences); ``monitors``: the metric
+  names of its own collapse monitors, shown on the progress line; ``check()``: method-level one-line errors.
+- Encoder health, every method: ``loss`` reports ``within_tea`` and ``dim_tea`` (``models.collapse.health``
+  on the teacher's final-normed patch tokens and their validity). Projector-side monitors (BatchNorm,
+  centring, normalisation) can look healthy while the encoder's tokens collapse within clips; these two
+  read the features a downstream probe reads. The trainer shows them after the method's ``monitors`` and
+  warns when one stays below ``config.train.health_min`` for ``train.health_patience`` steps.
 - ``lightning_hparams(config_dict, width=, depth=, heads=)`` (a classmethod): the ``hyper_parameters`` of the official PyTorch Lightning module, for
   the ``lightning`` export (``None``: the method has no official Lightning layout).
 - ``official_step_inputs()``: what the official PyTorch train step needs to run on this method's inputs
@@ -41,6 +47,7 @@ import jax.numpy as jnp
 
 from atst_jax import optim
 from atst_jax.features import DEFAULT_FEATURES
+from atst_jax.models.collapse import HEALTH_MONITORS
 from atst_jax.models.encoder import EncoderConfig
 from atst_jax.sharding import ConfigError
 
@@ -143,6 +150,11 @@ class Method:
     # --- cost, monitors, checks -----------------------------------------------------------------------
     def step_flops(self, global_batch: int) -> float:
         return 0.0
+
+    @property
+    def progress_monitors(self) -> tuple[str, ...]:
+        """The progress line's monitors: the method's own, then the encoder-health ones every method reports."""
+        return tuple(dict.fromkeys(self.monitors + HEALTH_MONITORS))
 
     def check(self) -> None:
         """Method-level config errors (``ConfigError``, one line), before anything is compiled."""

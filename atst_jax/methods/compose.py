@@ -70,6 +70,7 @@ from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.features import DEFAULT_FEATURES
 from atst_jax.methods.base import Crop, Method
+from atst_jax.models import collapse
 from atst_jax.models.byol import byol_pair, normalized_std
 from atst_jax.models.dino import DinoHead, ReconstructionHead, centre_update, dino_cross_entropy
 from atst_jax.models.encoder import FrameAST
@@ -397,6 +398,7 @@ class Compose(Method):
             std_tea=normalized_std(t_tok, token_valid),
             std_pred=normalized_std(answer, q_ok),
             mask_frac=jnp.sum(w) / jnp.maximum(m * jnp.sum(token_valid), 1),
+            **collapse.health(t_tok, token_valid),
         )
         return total, metrics, new_state
 
@@ -448,7 +450,8 @@ class Compose(Method):
         b, m = global_batch, c.num_masks
         r, n, q, k = b * m, self.num_tokens(), self.num_queries(), self.student_keys()
         p, d = (1 if enc.use_cls else 0), enc.width
-        teacher = flops.encoder_forward(enc, n, b)
+        # The teacher's pass and the health monitors' covariance of its tokens.
+        teacher = flops.encoder_forward(enc, n, b) + flops.token_covariance(b, n, d)
         if c.masking == "inverse_block":
             v = self.num_visible()
             student = flops.embed_visible(enc, n, v, b, m) + flops.trunk_forward(enc, p + v, r)
