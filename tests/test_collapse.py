@@ -168,3 +168,34 @@ def test_frame_byol_collapses_within_clips_and_the_spread_terms_prevent_it(tmp_p
     assert on["within_tea"][1] > 0.9 * on["within_tea"][0], on
     assert on["within_tea"][1] > 1.3 * off["within_tea"][1], (on, off)
     assert on["dim_tea"][1] > 1.3 * off["dim_tea"][1], (on, off)
+
+
+def test_a_collapsing_encoder_raises_the_health_warning(tmp_path, embedded_cache):
+    """A run whose encoder collapses (every weight decayed towards zero: AdamW decay 5e3 at peak LR 1e-4 takes
+    up to half of each weight per step, so the teacher's tokens fall onto about one direction) is flagged on
+    the progress line once dim_tea has stayed under its floor (2) for health_patience steps, and not before.
+    (within_tea falls too, from 0.54 to under 0.06, but batch to batch it is too noisy for an exact step.)"""
+    args = [
+        "--workdir", str(tmp_path / "run"), f"--config.data.cache_dir={embedded_cache}",
+        "--config.data.num_clips=64", "--config.probe.train=", "--config.train.steps=30",
+        "--config.train.global_batch=8", "--config.train.log_every=5", "--config.train.ckpt_every=1000",
+        "--config.train.image_every=0", "--config.model.depth=1", "--config.atst_frame.crop_seconds=1.0",
+        "--config.optim.warmup_steps=1", "--config.optim.base_lr=3.2e-3", "--config.optim.wd_start=5e3",
+        "--config.optim.wd_end=5e3",
+        "--config.optim.ema=0", "--config.train.health_patience=10",
+    ]  # fmt: skip
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {
+        int(line.split()[1].split("/")[0]): line
+        for line in proc.stdout.splitlines()
+        if line.startswith("step ")
+    }
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["within_tea"] > 0.1 and rows[0]["dim_tea"] > 4.0, rows[0]  # healthy at initialisation
+    # Collapsed onto about one direction from step 10 on (measured: 7.1, 7.3, then 1.15 … 1.02).
+    since = min(r["step"] for r in rows if all(q["dim_tea"] < 1.5 for q in rows if q["step"] >= r["step"]))
+    assert since <= 15, rows
+    warned = [step for step, line in lines.items() if "| WARNING dim_tea" in line]
+    assert warned == [s for s in sorted(lines) if s >= since + 10], (warned, since)  # only after the patience
+    assert proc.stdout.count("warning: dim_tea has stayed under 2") == 1  # the explanation once
