@@ -132,10 +132,11 @@ class Embedder:
 
     def _encode(self, spec):
         """``(tokens float32 [frames // 4, n·D], per-chunk CLS [C, n·D] or None, tokens per chunk [C])``."""
-        return self._encode_many([spec])[0]
+        return self.chunk_outputs([spec])[0]
 
-    def _encode_many(self, specs):
-        """:meth:`_encode` of several clips: their chunks, in order, share the encoder calls (``max_chunks`` per
+    def chunk_outputs(self, specs):
+        """:meth:`_encode` of several clips (the per-chunk outputs, for callers that pool chunks their own way,
+        e.g. ``evaluate``'s official protocol): their chunks, in order, share the encoder calls (``max_chunks`` per
         call), so a collection of short clips (one chunk each) runs in batches. One clip alone gives exactly
         the calls (shapes included) it always did."""
         specs = [np.asarray(spec, np.float32) for spec in specs]
@@ -176,7 +177,7 @@ class Embedder:
         what ``atst_jax.evaluate`` extracts from prepared datasets. A clip shorter than one time step has no
         timestamps and a NaN scene embedding."""
         out = []
-        for tokens, cls, counts in self._encode_many(specs):
+        for tokens, cls, counts in self.chunk_outputs(specs):
             if not len(tokens):
                 out.append((tokens, np.full((self.scene_embedding_size,), np.nan, np.float32)))
             else:

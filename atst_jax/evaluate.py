@@ -3,7 +3,8 @@
     python -m atst_jax.evaluate (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
         --train DATA --test DATA [--val DATA] --out RESULTS.json \\
         [--task auto|clip|sed] [--layers N] [--baselines random_init,logmel|none] [--lrs 1e-3,3e-3,1e-2] \\
-        [--epochs E] [--batch B] [--median_s 0.28] [--val_fraction 0.2] [--seed 0] [--no_plots]
+        [--epochs E] [--batch B] [--median_s 0.28] [--val_fraction 0.2] [--seed 0] [--no_plots] \\
+        [--protocol probe|official]
 
 DATA are datasets made by ``python -m atst_jax.data.prepare`` (records + ``labels.json``), in the feature set
 the encoder takes (refused otherwise). The task comes from the labels (``--task auto``):
@@ -37,6 +38,29 @@ best validation score over all learning rates and evaluations is kept (accuracy 
 multi-label, frame-level mAP for SED). Without ``--val``, ``--val_fraction`` of the training clips are held
 out: those whose SHA-1 of the id is smallest (deterministic, independent of the record order). Everything is
 seeded (``--seed``): the same command gives the same numbers.
+
+``--protocol official``: the official ATST linear evaluation instead of the probe above (audiossl,
+``methods/atst/downstream/train_freeze.py`` and ``model.py`` ``LinearClassifierPLModule``, the same in
+``methods/atstframe/downstream``; batch and learning rates from their ``shell/downtream/freeze`` scripts).
+Every split is centre-cropped to 12 s (``FreezingTransform``: ``CentralCrop(pad=False)``, shorter clips kept
+whole) and the clip vector is the equal-weight mean of the per-chunk ``[CLS ‖ mean]`` (or mean) vectors, a
+chunk after the first counting only when it holds more than half a chunk (``get_intermediate_layers_chunks``;
+features, not logits, are averaged; train, validation and test alike). The head is BatchNorm without affine
+(running statistics from 0 / 1) then Linear (N(0, 0.01²) weights), CE or BCE, trained by SGD (momentum 0.9,
+no weight decay, no warm-up) at ``lr × batch / 256``, batch 1024 (a smaller last batch), 100 epochs, the LR
+following ``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped per epoch; validated every epoch, the best
+validation accuracy / mAP kept. The official scripts run one LR each (spcv2, us8k 2e-3; nsynth 2.5e-4 to
+1e-3; voxceleb1 2e-2 to 1e-1; audioset, fsd50k 0.1 to 4): their values are the default sweep, selected on
+validation here. ``cal_norm.py`` only saves training-set feature statistics to files the linear evaluation
+never reads: the BatchNorm is the normalisation. SED follows the frame code's frozen mode (``train_as_strong.py
+--freeze_mode``, ``utils_as_strong/model_as_strong.py``): 10 s centre crop (events moved with it), the last
+block only, a linear head without BatchNorm, BCE, SGD momentum 0.9, LR 1e-3 / 1e-2 / 1e-1 (no batch scaling)
+warmed up linearly over 5 epochs then cosine-decayed to 1e-6 per step, gradients clipped to norm 3, selected
+on the lowest validation loss with early stopping after 10 epochs without one. Still differing: features
+come from the stored spectrograms (the official computes the crop's log-mel, its dB floor per crop) on this
+module's chunk grid (600 / 1000 frames instead of 601 / 1001), the crop is in frames, not samples; SED
+batches are time steps (not whole clips) and its metrics are this module's (``sed_scores_eval``, median
+``--median_s``: 7 steps by default, as the official) where the official decodes 50 thresholds.
 
 Metrics on the test split:
 
@@ -251,16 +275,25 @@ def _normalised(mel: np.ndarray, fs) -> np.ndarray:
     return np.asarray(fs.normalize(mel.astype(np.float32)), np.float32)
 
 
-def encoder_features(embedder, data: LabelledSet, level: str, batch_chunks: int, bar=None) -> Features:
-    """Clip (``level="clip"``: scene embeddings) or per-step (``"frame"``) features of every clip."""
+def encoder_features(
+    embedder, data: LabelledSet, level: str, batch_chunks: int, bar=None, official: bool = False
+) -> Features:
+    """Clip (``level="clip"``: scene embeddings) or per-step (``"frame"``) features of every clip;
+    ``official``: clip vectors by the official chunk averaging (:func:`official_scene`)."""
     fs = feature_sets.get(data.features)
     out: list[np.ndarray] = []
     group: list[np.ndarray] = []
     chunks = 0
 
     def flush():
-        for tokens, scene in embedder.spec_features(group):
-            out.append(scene if level == "clip" else tokens)
+        if official and level == "clip":
+            # The per-chunk CLS rows are only in the embedder's chunk-level output.
+            for spec, (tokens, cls, _) in zip(group, embedder.chunk_outputs(group), strict=True):
+                args = (spec.shape[1], embedder.chunk_frames, embedder.patch_w)
+                out.append(official_scene(tokens, cls, *args))
+        else:
+            for tokens, scene in embedder.spec_features(group):
+                out.append(scene if level == "clip" else tokens)
         if bar is not None:
             bar.update(len(group))
         group.clear()
@@ -331,6 +364,7 @@ class Probe:
     var: np.ndarray
     softmax: bool
     selection: dict
+    norm: bool = True  # False: no BatchNorm in front (the official frame-level head)
 
     def _params(self):
         return {"kernel": self.kernel, "bias": self.bias}, {"mean": self.mean, "var": self.var}
@@ -338,16 +372,16 @@ class Probe:
     def predict(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
             return np.zeros((0, self.kernel.shape[1]), np.float32)
-        return np.asarray(_predict(*self._params(), jnp.asarray(x, jnp.float32), self.softmax))
+        return np.asarray(_predict(*self._params(), jnp.asarray(x, jnp.float32), self.softmax, self.norm))
 
 
 def _normalize(x, mean, var):
     return (x - mean) * jax.lax.rsqrt(var + BN_EPS)
 
 
-@functools.partial(jax.jit, static_argnames=("softmax",))
-def _predict(p, bn, x, softmax: bool):
-    z = _normalize(x, bn["mean"], bn["var"]) @ p["kernel"] + p["bias"]
+@functools.partial(jax.jit, static_argnames=("softmax", "norm"))
+def _predict(p, bn, x, softmax: bool, norm: bool = True):
+    z = (_normalize(x, bn["mean"], bn["var"]) if norm else x) @ p["kernel"] + p["bias"]
     return jax.nn.softmax(z, axis=-1) if softmax else jax.nn.sigmoid(z)
 
 
@@ -450,6 +484,233 @@ def train_probe(
     score, probe, lr, e = best
     probe.selection = {"lr": lr, "epoch": e, "val": score, "history": history}
     return probe
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The official linear evaluation (``--protocol official``)
+# ----------------------------------------------------------------------------------------------------------
+
+PROTOCOLS = ("probe", "official")
+PROBE_LRS = (1e-3, 3e-3, 1e-2)
+# The learning rates the official freeze scripts sweep, per label kind (base values: x batch / 256 applies).
+OFFICIAL_LRS = {
+    "clip_single": (2.5e-4, 5e-4, 1e-3, 2e-3, 2e-2, 5e-2, 1e-1),
+    "clip_multi": (1e-1, 5e-1, 1.0, 2.0, 4.0),
+    "sed": (1e-3, 1e-2, 1e-1),
+}
+OFFICIAL_CROP_S = {"clip": 12.0, "sed": 10.0}  # FreezingTransform(max_len=12); max_len=10 for frame-level
+OFFICIAL_MOMENTUM = 0.9
+
+
+@dataclasses.dataclass(frozen=True)
+class OfficialRecipe:
+    """How the official code trains its frozen-feature linear head (see the module docstring)."""
+
+    norm: bool  # BatchNorm1d(affine=False) before the linear layer
+    lr_batch_scaled: bool  # learning rate x batch / 256
+    per_step: bool  # the schedule moves every step (else once per epoch)
+    warmup_epochs: int  # linear warm-up from 0 (per step)
+    final_lr: float  # the cosine's floor
+    clip_norm: float | None  # global gradient-norm clipping
+    patience: int | None  # early stopping: epochs without a better validation score
+
+
+OFFICIAL_CLIP = OfficialRecipe(True, True, False, 0, 0.0, None, None)
+OFFICIAL_SED = OfficialRecipe(False, False, True, 5, 1e-6, 3.0, 10)
+
+
+def official_lr_schedule(lr: float, epochs: int, steps: int, recipe: OfficialRecipe) -> np.ndarray:
+    """float64 ``[epochs, steps]``: the learning rate of every step. Per epoch (clips): the closed form of
+    ``CosineAnnealingLR(T_max=epochs, eta_min=final_lr)`` stepped once an epoch. Per step (SED): a linear
+    warm-up from 0 over ``warmup_epochs`` (at most ``epochs - 1``), then a cosine down to ``final_lr``."""
+    if not recipe.per_step:
+        e = np.arange(epochs, dtype=np.float64)
+        per_epoch = recipe.final_lr + 0.5 * (lr - recipe.final_lr) * (1 + np.cos(np.pi * e / epochs))
+        return np.repeat(per_epoch[:, None], steps, axis=1)
+    warm = min(recipe.warmup_epochs, epochs - 1) * steps
+    iters = np.arange(epochs * steps - warm, dtype=np.float64)
+    cosine = recipe.final_lr + 0.5 * (lr - recipe.final_lr) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate([np.linspace(0.0, lr, warm), cosine]).reshape(epochs, steps)
+
+
+def official_batches(n: int, batch: int, ndev: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 [steps, B], weights float32 [steps, B])`` of one epoch: a fresh permutation (NumPy,
+    seeded by ``(seed, epoch)``) cut into batches of ``batch`` with a smaller last one (``drop_last=False``);
+    rows past it (and up to a multiple of ``ndev``) are padding of weight 0."""
+    perm = np.random.default_rng((seed, epoch)).permutation(n)
+    steps = -(-n // batch)
+    width = -(-batch // ndev) * ndev
+    ids = np.zeros((steps, width), np.int32)
+    w = np.zeros((steps, width), np.float32)
+    for s in range(steps):
+        part = perm[s * batch : (s + 1) * batch]
+        ids[s, : len(part)] = part
+        w[s, : len(part)] = 1.0
+    return ids, w
+
+
+def _official_loss(p, x, y, w, softmax: bool, norm: bool):
+    """Mean loss over the rows of weight 1; BatchNorm (training mode) over those rows when ``norm``."""
+    nb = w.sum()
+    mean = (w[:, None] * x).sum(axis=0) / nb
+    var = (w[:, None] * (x - mean) ** 2).sum(axis=0) / nb
+    if norm:
+        x = _normalize(x, mean, var)
+    z = x @ p["kernel"] + p["bias"]
+    if softmax:
+        per_row = optax.softmax_cross_entropy(z, y)
+    else:
+        per_row = optax.sigmoid_binary_cross_entropy(z, y).mean(axis=-1)
+    return (w * per_row).sum() / nb, (mean, var, nb)
+
+
+def _make_official_epoch(softmax: bool, recipe: OfficialRecipe, mesh):
+    """One jitted epoch of SGD with momentum (PyTorch's: ``buf = m·buf + g; w -= lr·buf``, no dampening,
+    no weight decay) over given batches and per-step learning rates."""
+    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+    def epoch(state, x, y, ids, w, lrs):
+        def step(state, inp):
+            p, bn, buf = state
+            idx, wb, lr = inp
+            xb = jax.lax.with_sharding_constraint(x[idx], batch_sharding)
+            yb = jax.lax.with_sharding_constraint(y[idx], batch_sharding)
+            grad_fn = jax.value_and_grad(_official_loss, has_aux=True)
+            (loss, (mean, var, nb)), g = grad_fn(p, xb, yb, wb, softmax, recipe.norm)
+            if recipe.clip_norm is not None:
+                total = optax.tree.norm(g)
+                g = jax.tree.map(lambda t: t * jnp.minimum(1.0, recipe.clip_norm / (total + 1e-6)), g)
+            buf = jax.tree.map(lambda b, t: OFFICIAL_MOMENTUM * b + t, buf, g)
+            p = jax.tree.map(lambda v, b: v - lr * b, p, buf)
+            unbiased = var * nb / jnp.maximum(nb - 1, 1)
+            bn = {
+                "mean": BN_MOMENTUM * bn["mean"] + (1 - BN_MOMENTUM) * mean,
+                "var": BN_MOMENTUM * bn["var"] + (1 - BN_MOMENTUM) * unbiased,
+            }
+            return (p, bn, buf), loss
+
+        state, losses = jax.lax.scan(step, state, (ids, w, lrs))
+        return state, losses.mean()
+
+    return jax.jit(epoch)
+
+
+def train_official(
+    x: np.ndarray,
+    y: np.ndarray,
+    validate,
+    *,
+    softmax: bool,
+    recipe: OfficialRecipe = OFFICIAL_CLIP,
+    lrs=(2e-3,),
+    epochs: int = 100,
+    batch: int = 1024,
+    eval_every: int = 1,
+    seed: int = 0,
+    mesh=None,
+    bar=None,
+) -> Probe:
+    """The official linear head on ``x [N, C]`` / ``y [N, K]``: weights N(0, 0.01²) and zero bias (seeded),
+    BatchNorm without affine in front when ``recipe.norm`` (running statistics from 0 / 1, PyTorch momentum
+    0.1), SGD with momentum 0.9 on the schedule of :func:`official_lr_schedule`, shuffled batches with a
+    smaller last one. One run per base learning rate of ``lrs`` (x batch / 256 when
+    ``recipe.lr_batch_scaled``); the state with the best ``validate(probe)`` (higher is better) over all
+    runs and evaluations is kept, a run stopping after ``recipe.patience`` evaluations without a better
+    score."""
+    from atst_jax import sharding
+
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.float32)
+    n, c = x.shape
+    k = y.shape[1]
+    if n == 0:
+        raise EvalError("no training examples")
+    mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    ndev = mesh.devices.size
+    batch = min(batch, n)
+    steps = -(-n // batch)
+    epoch_fn = _make_official_epoch(softmax, recipe, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    xd, yd = jax.device_put(x, replicated), jax.device_put(y, replicated)
+    best, history = None, []
+    for base_lr in lrs:
+        lr = base_lr * batch / 256 if recipe.lr_batch_scaled else base_lr
+        schedule = official_lr_schedule(lr, epochs, steps, recipe).astype(np.float32)
+        kernel = np.random.default_rng(seed).normal(0.0, 0.01, (c, k)).astype(np.float32)
+        p = {"kernel": jnp.asarray(kernel), "bias": jnp.zeros((k,), jnp.float32)}
+        bn = {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+        state = jax.device_put((p, bn, jax.tree.map(jnp.zeros_like, p)), replicated)
+        run_best, stale = -math.inf, 0
+        for e in range(1, epochs + 1):
+            ids, w = official_batches(n, batch, ndev, seed, e)
+            state, loss = epoch_fn(state, xd, yd, ids, w, schedule[e - 1])
+            if bar is not None:
+                bar.update(1)
+            if e % eval_every and e != epochs:
+                continue
+            p_, bn_ = jax.device_get(state[:2])
+            probe = Probe(p_["kernel"], p_["bias"], bn_["mean"], bn_["var"], softmax, {}, recipe.norm)
+            score = float(validate(probe))
+            history.append({"lr": base_lr, "epoch": e, "train_loss": float(loss), "val": score})
+            if best is None or score > best[0] + 1e-12:
+                best = (score, probe, base_lr, lr, e)
+            if score > run_best + 1e-12:
+                run_best, stale = score, 0
+            else:
+                stale += 1
+                if recipe.patience is not None and stale >= recipe.patience:
+                    if bar is not None:
+                        bar.update(epochs - e)
+                    break
+    score, probe, base_lr, lr, e = best
+    probe.selection = {"lr": base_lr, "effective_lr": lr, "epoch": e, "val": score, "history": history}
+    return probe
+
+
+def centre_crop(mel: np.ndarray, frames: int) -> tuple[np.ndarray, int]:
+    """``(the centre frames of mel [F, T], first frame kept)``; a clip no longer than ``frames`` is kept whole
+    (the official ``CentralCrop(pad=False)``)."""
+    t = mel.shape[-1]
+    if t <= frames:
+        return mel, 0
+    start = (t - frames) // 2
+    return mel[..., start : start + frames], start
+
+
+def crop_set(data: LabelledSet, seconds: float) -> LabelledSet:
+    """Every clip centre-cropped to ``seconds`` of its feature set's frames; events moved with the crop
+    (clipped to it, dropped if outside)."""
+    fs = feature_sets.get(data.features)
+    frames = fs.num_frames(int(round(seconds * fs.sample_rate)))
+    hop_s = fs.hop_length / fs.sample_rate
+    mels, events = [], [] if data.events is not None else None
+    for i, mel in enumerate(data.mels):
+        cropped, start = centre_crop(mel, frames)
+        mels.append(cropped)
+        if events is not None:
+            ev = np.asarray(data.events[i], np.float32).reshape(-1, 3).copy()
+            end = cropped.shape[-1] * hop_s
+            ev[:, :2] = np.clip(ev[:, :2] - start * hop_s, 0.0, end)
+            events.append(ev[ev[:, 1] > ev[:, 0]])
+    return dataclasses.replace(data, mels=mels, events=events)
+
+
+def official_scene(
+    tokens: np.ndarray, chunk_cls: np.ndarray | None, frames: int, chunk_frames: int, patch_w: int
+):
+    """The official chunk averaging of one clip's features: per chunk (``chunk_frames`` frames from frame 0)
+    the mean of its tokens (``[CLS ‖ mean]`` with a CLS), averaged with equal weights over the chunks kept:
+    the first always, a later one only when it holds more than half a chunk of frames."""
+    bounds = inference.chunk_bounds(frames, chunk_frames, patch_w)
+    per_chunk, keep = [], []
+    for j, (s, e) in enumerate(bounds):
+        mean = tokens[s // patch_w : s // patch_w + (e - s) // patch_w].mean(axis=0)
+        per_chunk.append(mean if chunk_cls is None else np.concatenate([chunk_cls[j], mean]))
+        keep.append(j == 0 or e - s > chunk_frames // 2)
+    if not per_chunk:
+        size = tokens.shape[1] * (1 if chunk_cls is None else 2)
+        return np.full((size,), np.nan, np.float32)
+    return np.mean([v for v, kept in zip(per_chunk, keep, strict=True) if kept], axis=0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -644,16 +905,17 @@ def _num(v):
 @dataclasses.dataclass
 class Options:
     task: str = "auto"
-    layers: int | None = None
-    lrs: tuple = (1e-3, 3e-3, 1e-2)
-    epochs: int | None = None  # default: 100 for clips, 20 for SED
-    batch: int | None = None  # default: 256 clips / 4096 time steps
+    layers: int | None = None  # default: all blocks (official SED: the last one)
+    lrs: tuple | None = None  # default: PROBE_LRS, or OFFICIAL_LRS of the task
+    epochs: int | None = None  # default: 100 for clips, 20 for SED (official: 100)
+    batch: int | None = None  # default: 256 clips / 4096 time steps (official: 1024 clips)
     eval_every: int | None = None
     median_s: float = 0.28
     val_fraction: float = 0.2
     seed: int = 0
     batch_chunks: int = 32
     progress: bool = True
+    protocol: str = "probe"  # or "official" (module docstring)
 
 
 def _stack(feats: Features, targets: list[np.ndarray] | np.ndarray, level: str):
@@ -698,15 +960,22 @@ def probe_encoder(
             x_train, y_train = x_train[~bad], y_train[~bad]
     softmax = task == "clip_single"
 
+    official = opts.protocol == "official"
+
     def validate(probe):
         p = probe.predict(x_val)
+        if official and task == "sed":  # the official frame-level head is selected on the validation loss
+            q = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+            return float(np.mean(y_val * np.log(q) + (1 - y_val) * np.log1p(-q))) if len(q) else -math.inf
         if task == "clip_single":
             return float((p.argmax(1) == y_val.argmax(1)).mean())
         m = mean_ap(y_val, p)[0]
         return -1.0 if math.isnan(m) else m
 
+    train = train_official if official else train_probe
+    extra = {"recipe": OFFICIAL_SED if task == "sed" else OFFICIAL_CLIP} if official else {}
     with bar_factory(opts.epochs * len(opts.lrs), f"{name}: probe", "epoch") as bar:
-        probe = train_probe(
+        probe = train(
             x_train,
             y_train,
             validate,
@@ -718,6 +987,7 @@ def probe_encoder(
             seed=opts.seed,
             mesh=mesh,
             bar=bar,
+            **extra,
         )
     test = splits["test"]
     posteriors = None
@@ -812,14 +1082,23 @@ def evaluate(
     check_sets(given, features, encoder.cfg.n_mels)
     task = task_of(list(given.values()), opts.task)
     sed = task == "sed"
+    official = opts.protocol == "official"
+    if opts.protocol not in PROTOCOLS:
+        raise EvalError(f"--protocol {opts.protocol!r}: choose from {', '.join(PROTOCOLS)}")
+    epochs = opts.epochs or (100 if official or not sed else 20)
     opts = dataclasses.replace(
         opts,
-        epochs=opts.epochs or (20 if sed else 100),
-        batch=opts.batch or (4096 if sed else 256),
-        eval_every=opts.eval_every or max(1, (opts.epochs or (20 if sed else 100)) // 10),
+        layers=opts.layers or (1 if official and sed else None),
+        lrs=tuple(opts.lrs or (OFFICIAL_LRS[task] if official else PROBE_LRS)),
+        epochs=epochs,
+        batch=opts.batch or (4096 if sed else 1024 if official else 256),
+        eval_every=opts.eval_every or (1 if official else max(1, epochs // 10)),
     )
     if val is None:
         train, val = hold_out(train, opts.val_fraction)
+    if official:  # the same centre crop for every split, as the official transform
+        seconds = OFFICIAL_CROP_S["sed" if sed else "clip"]
+        train, val, test = (crop_set(d, seconds) for d in (train, val, test))
     splits = {"train": train, "val": val, "test": test}
     fs = feature_sets.get(features)
     patch = inference.time_patch(encoder.cfg)
@@ -834,10 +1113,14 @@ def evaluate(
 
     emb = embedder_of(encoder)
     _check_memory(splits, task, emb.embedding_size if task == "sed" else emb.scene_embedding_size, patch)
-    extractors = {"checkpoint": lambda d, lvl, bar: encoder_features(emb, d, lvl, opts.batch_chunks, bar)}
+    extractors = {
+        "checkpoint": lambda d, lvl, bar: encoder_features(emb, d, lvl, opts.batch_chunks, bar, official)
+    }
     if "random_init" in baselines:
         rnd = embedder_of(random_encoder(encoder.cfg, opts.seed))
-        extractors["random_init"] = lambda d, lvl, bar: encoder_features(rnd, d, lvl, opts.batch_chunks, bar)
+        extractors["random_init"] = lambda d, lvl, bar: encoder_features(
+            rnd, d, lvl, opts.batch_chunks, bar, official
+        )
     if "logmel" in baselines:
         extractors["logmel"] = lambda d, lvl, bar: logmel_features(d, lvl, patch, bar)
     log(
@@ -961,9 +1244,25 @@ def _parser():
     p.add_argument("--task", default="auto", choices=("auto", "clip", "sed"), help="default: from the labels")
     p.add_argument("--layers", type=int, default=None, help="concatenate the last N blocks (default: all)")
     p.add_argument("--baselines", default="random_init,logmel", help="comma-separated, or none")
-    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning rates to sweep (comma-separated)")
-    p.add_argument("--epochs", type=int, default=None, help="per learning rate (default: 100 clips, 20 SED)")
-    p.add_argument("--batch", type=int, default=None, help="probe batch (default: 256 clips, 4096 steps)")
+    p.add_argument(
+        "--protocol",
+        default="probe",
+        choices=PROTOCOLS,
+        help="probe (default) or official: the official ATST linear evaluation (module docstring)",
+    )
+    p.add_argument(
+        "--lrs", default=None, help="learning rates to sweep, comma-separated (default: 1e-3,3e-3,1e-2; "
+        "official: the official scripts' values of the task, before the x batch/256 scaling)"
+    )  # fmt: skip
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="per learning rate (default: 100 clips, 20 SED; official 100)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="probe batch (default: 256 clips, official 1024; 4096 steps)"
+    )
     p.add_argument(
         "--eval_every", type=int, default=None, help="validate every N epochs (default: epochs/10)"
     )
@@ -977,12 +1276,14 @@ def _parser():
 
 
 def _options(args) -> tuple[Options, tuple]:
-    try:
-        lrs = tuple(float(v) for v in args.lrs.split(",") if v.strip())
-    except ValueError:
-        raise EvalError(f"--lrs {args.lrs!r}: comma-separated numbers, e.g. 1e-3,1e-2") from None
-    if not lrs or any(lr <= 0 for lr in lrs):
-        raise EvalError(f"--lrs {args.lrs!r}: give positive learning rates")
+    lrs = None
+    if args.lrs is not None:
+        try:
+            lrs = tuple(float(v) for v in args.lrs.split(",") if v.strip())
+        except ValueError:
+            raise EvalError(f"--lrs {args.lrs!r}: comma-separated numbers, e.g. 1e-3,1e-2") from None
+        if not lrs or any(lr <= 0 for lr in lrs):
+            raise EvalError(f"--lrs {args.lrs!r}: give positive learning rates")
     names = tuple(b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none")
     unknown = [b for b in names if b not in BASELINES]
     if unknown:
@@ -1007,6 +1308,7 @@ def _options(args) -> tuple[Options, tuple]:
         seed=args.seed,
         batch_chunks=args.batch_chunks,
         progress=not args.no_progress,
+        protocol=args.protocol,
     )
     return opts, names
 

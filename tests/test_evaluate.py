@@ -295,3 +295,187 @@ def test_cli_refuses_bad_inputs_with_one_line(run, data, tmp_path, capsys):
         expect="unknown",
     )
     assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The official linear evaluation (--protocol official)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _reference_official(x, y, *, softmax, norm, lr, epochs, batch, per_step, warmup, final, clip, seed):
+    """An independent NumPy statement of the official head's training: PyTorch SGD (momentum 0.9, no
+    dampening, no weight decay) on CE / BCE, BatchNorm1d(affine=False) in training mode, and the learning
+    rate of CosineAnnealingLR stepped per epoch, or a per-step linear warm-up then a cosine to ``final``."""
+    n, c = x.shape
+    k = y.shape[1]
+    w = np.random.default_rng(seed).normal(0.0, 0.01, (c, k))
+    b = np.zeros(k)
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    run_mean, run_var = np.zeros(c), np.ones(c)
+    steps = -(-n // batch)
+    total, warm = epochs * steps, warmup * steps
+    t = 0
+    for e in range(epochs):
+        order = np.random.default_rng((seed, e + 1)).permutation(n)
+        for s in range(steps):
+            if not per_step:
+                rate = 0.5 * lr * (1 + np.cos(np.pi * e / epochs))
+            elif t < warm:
+                rate = lr * t / (warm - 1)
+            else:
+                rate = final + 0.5 * (lr - final) * (1 + np.cos(np.pi * (t - warm) / (total - warm)))
+            t += 1
+            xb, yb = x[order[s * batch : (s + 1) * batch]], y[order[s * batch : (s + 1) * batch]]
+            m = len(xb)
+            mu, var = xb.mean(0), xb.var(0)
+            h = (xb - mu) / np.sqrt(var + 1e-5) if norm else xb
+            z = h @ w + b
+            if softmax:
+                q = np.exp(z - z.max(1, keepdims=True))
+                dz = (q / q.sum(1, keepdims=True) - yb) / m
+            else:
+                dz = (1 / (1 + np.exp(-z)) - yb) / (m * k)
+            gw, gb = h.T @ dz, dz.sum(0)
+            if clip is not None:
+                scale = min(1.0, clip / (np.sqrt((gw**2).sum() + (gb**2).sum()) + 1e-6))
+                gw, gb = gw * scale, gb * scale
+            vw, vb = 0.9 * vw + gw, 0.9 * vb + gb
+            w, b = w - rate * vw, b - rate * vb
+            run_mean = 0.9 * run_mean + 0.1 * mu
+            run_var = 0.9 * run_var + 0.1 * var * m / (m - 1)
+    return w, b, run_mean, run_var
+
+
+@pytest.mark.parametrize("kind", ["clip_single", "clip_multi", "sed"])
+def test_official_sgd_and_schedule_match_numpy(kind):
+    """``train_official`` = SGD with momentum on the official schedule, step for step: clips with BatchNorm,
+    the lr x batch/256 and a once-per-epoch cosine; frame level without BatchNorm, with warm-up, a cosine to
+    1e-6 and gradient clipping. 10 examples in batches of 4 (the last one holds 2)."""
+    rng = np.random.default_rng(3)
+    n, c, k, epochs, batch = 10, 3, 2, 7, 4
+    x = (rng.normal(size=(n, c)) * [1.0, 3.0, 0.5] + [0.5, -2.0, 1.0]).astype(np.float32)
+    labels = rng.integers(0, k, n)
+    y = np.eye(k, dtype=np.float32)[labels]
+    if kind != "clip_single":
+        y[:, 0] = rng.random(n) < 0.5
+    recipe = ev.OFFICIAL_SED if kind == "sed" else ev.OFFICIAL_CLIP
+    base = 0.5 if kind == "sed" else 20.0
+    scores = iter(range(1000))  # every evaluation better than the last: the final state is kept
+    probe = ev.train_official(
+        x, y, lambda p: next(scores), softmax=kind == "clip_single", recipe=recipe, lrs=(base,),
+        epochs=epochs, batch=batch, seed=4,
+    )  # fmt: skip
+    lr = base * batch / 256 if kind != "sed" else base
+    w, b, mean, var = _reference_official(
+        x.astype(np.float64), y.astype(np.float64), softmax=kind == "clip_single", norm=kind != "sed",
+        lr=lr, epochs=epochs, batch=batch, per_step=kind == "sed", warmup=5, final=1e-6,
+        clip=3.0 if kind == "sed" else None, seed=4,
+    )  # fmt: skip
+    assert np.abs(w).max() > 0.05  # the head moved far from its N(0, 0.01) start
+    np.testing.assert_allclose(probe.kernel, w, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(probe.bias, b, rtol=2e-4, atol=2e-5)
+    if kind != "sed":
+        np.testing.assert_allclose(probe.mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(probe.var, var, rtol=1e-5, atol=1e-6)
+    assert probe.norm is (kind != "sed")
+    sel = probe.selection
+    assert sel["epoch"] == epochs and sel["lr"] == base and sel["effective_lr"] == pytest.approx(lr)
+    assert [h["epoch"] for h in sel["history"]] == list(range(1, epochs + 1))  # validated every epoch
+    # The schedule itself: constant within an epoch for clips, moving every step for SED.
+    sched = ev.official_lr_schedule(lr, epochs, 3, recipe)
+    if kind == "sed":
+        # The warm-up (5 epochs x 3 steps) ends at lr and the cosine starts there: lr twice, 20 values.
+        assert sched[0, 0] == 0.0 and (sched.ravel()[14:16] == lr).all() and len(np.unique(sched)) == 20
+    else:
+        np.testing.assert_allclose(sched[:, 0], [0.5 * lr * (1 + np.cos(np.pi * e / 7)) for e in range(7)])
+        assert (sched == sched[:, :1]).all()
+
+
+def test_official_early_stopping_and_selection():
+    """A run stops after ``patience`` evaluations without a better score, and the best evaluation over all
+    learning rates is the head kept."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 3)).astype(np.float32), np.eye(2, dtype=np.float32)[rng.integers(0, 2, 12)]
+    script = iter([0.1, 0.5, 0.4, 0.3, 0.2] + [0.6] + [0.0] * 20)
+    probe = ev.train_official(
+        x, y, lambda p: next(script), softmax=False, recipe=ev.OFFICIAL_SED, lrs=(1e-2, 1e-1), epochs=8
+    )
+    hist = [(h["lr"], h["epoch"]) for h in probe.selection["history"]]
+    # Patience 10 > 8 epochs (SED): both runs go to the end; the best is the first run's epoch 6.
+    assert len(hist) == 16 and probe.selection["lr"] == 1e-2 and probe.selection["epoch"] == 6
+    # Patience 3: the first run stops at epoch 5 (no better than epoch 2 since), the second's epoch 1 wins.
+    import dataclasses
+
+    quick = dataclasses.replace(ev.OFFICIAL_SED, patience=3)
+    script = iter([0.1, 0.5, 0.4, 0.3, 0.2] + [0.6] + [0.0] * 20)
+    probe = ev.train_official(
+        x, y, lambda p: next(script), softmax=False, recipe=quick, lrs=(1e-2, 1e-1), epochs=8
+    )
+    hist = [(h["lr"], h["epoch"]) for h in probe.selection["history"]]
+    assert hist[:5] == [(1e-2, e) for e in range(1, 6)] and hist[5] == (1e-1, 1)
+    assert probe.selection["lr"] == 1e-1 and probe.selection["epoch"] == 1 and probe.selection["val"] == 0.6
+
+
+def test_official_centre_crop_and_chunk_averaging():
+    """The centre crop (shorter clips kept whole) and the official chunk averaging: chunks weighted equally,
+    a trailing chunk kept only when it holds more than half a chunk, ``[CLS ‖ mean]`` per chunk."""
+    mel = np.arange(20, dtype=np.float32).reshape(2, 10)
+    cropped, start = ev.centre_crop(mel, 4)
+    assert start == 3 and cropped.tolist() == [[3, 4, 5, 6], [13, 14, 15, 16]]
+    assert ev.centre_crop(mel, 12)[0] is mel
+
+    # 12-frame chunks of 4-frame patches (3 tokens a chunk). 20 frames: chunk 2 holds 8 frames (> 6): kept,
+    # and it weighs as much as chunk 1 although it has 2 tokens instead of 3.
+    tokens = np.array([[1.0], [2.0], [3.0], [10.0], [20.0]])
+    scene = ev.official_scene(tokens, None, 20, 12, 4)
+    assert scene.tolist() == [pytest.approx((2.0 + 15.0) / 2)]
+    cls = np.array([[100.0], [300.0]])
+    assert ev.official_scene(tokens, cls, 20, 12, 4).tolist() == [200.0, pytest.approx(8.5)]
+    # 28 frames: the third chunk holds 4 frames (<= 6): dropped; the two full chunks are averaged.
+    tokens = np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [1000.0]])
+    assert ev.official_scene(tokens, None, 28, 12, 4).tolist() == [pytest.approx(3.5)]
+    cls = np.array([[10.0], [20.0], [1000.0]])
+    assert ev.official_scene(tokens, cls, 28, 12, 4).tolist() == [15.0, pytest.approx(3.5)]
+    # Shorter than one patch: no embedding (NaN), as the probe protocol.
+    assert np.isnan(ev.official_scene(np.zeros((0, 2)), None, 3, 12, 4)).all()
+
+    # A dataset crop moves the events with it: 20 s of 10 ms frames (2001) cropped to the centre 10 s
+    # (1001 frames from frame 500, 5 s): an event at 4-7 s becomes 0-2 s; one at 16-18 s falls outside.
+    data = ev.LabelledSet(
+        "toy", ["a", "b"], [np.zeros((64, 2001), np.float16), np.zeros((64, 300), np.float16)],
+        [np.array([0, 1]), np.array([1])],
+        [np.array([[4.0, 7.0, 0], [16.0, 18.0, 1]], np.float32), np.array([[1.0, 2.0, 1]], np.float32)],
+        ["x", "y"], "atst_logmel64",
+    )  # fmt: skip
+    out = ev.crop_set(data, 10.0)
+    assert [m.shape[1] for m in out.mels] == [1001, 300]
+    np.testing.assert_allclose(out.events[0], [[0.0, 2.0, 0]])
+    np.testing.assert_allclose(out.events[1], [[1.0, 2.0, 1]])
+
+
+def test_cli_official_protocol(run, data, tmp_path):
+    """``--protocol official`` end to end: clip-level (weak) with the official SGD head, selected every
+    epoch, its lr scaled by batch / 256 (32 training clips), numbers other than the probe protocol's; and
+    frame-level SED on the last block only, selected on the validation loss."""
+    fast = ["--epochs", "4", "--lrs", "1e-2", "--no_progress", "--no_plots", "--baselines", "none"]
+    argv = ["--workdir", str(run), "--train", data["weak_train"], "--test", data["weak_test"], *fast]
+    out_o, out_p = tmp_path / "official.json", tmp_path / "probe.json"
+    assert ev.main([*argv, "--out", str(out_o), "--protocol", "official"]) == 0
+    assert ev.main([*argv, "--out", str(out_p)]) == 0
+    res, probe = json.loads(out_o.read_text()), json.loads(out_p.read_text())
+    assert res["config"]["protocol"] == "official" and probe["config"]["protocol"] == "probe"
+    sel = res["encoders"]["checkpoint"]["selection"]
+    assert sel["effective_lr"] == pytest.approx(1e-2 * 32 / 256) and len(sel["history"]) == 4
+    assert "effective_lr" not in probe["encoders"]["checkpoint"]["selection"]
+    m = res["encoders"]["checkpoint"]["metrics"]
+    assert set(m) == {"accuracy", "mAP"} and 0.0 <= m["mAP"] <= 1.0
+    assert m != probe["encoders"]["checkpoint"]["metrics"]
+
+    argv = ["--workdir", str(run), "--train", data["strong_train"], "--test", data["strong_test"], *fast]
+    assert ev.main([*argv, "--out", str(out_o), "--protocol", "official"]) == 0
+    res = json.loads(out_o.read_text())
+    assert res["task"] == "sed" and res["config"]["layers"] == 1 and res["config"]["eval_every"] == 1
+    r = res["encoders"]["checkpoint"]
+    assert set(r["metrics"]) == {"frame_macro_f1", "psds1", "psds2", "event_f1", "frame_mAP"}
+    assert r["selection"]["val"] < 0  # minus the validation BCE
+    assert r["selection"]["effective_lr"] == 1e-2  # no batch scaling at frame level
