@@ -131,7 +131,7 @@ FILE_SECONDS = {
     "test_methods.py": 850, "test_checkpoint.py": 220, "test_multihost.py": 220, "test_compose.py": 210,
     "test_scale.py": 190, "test_reliability.py": 170, "test_methods_learning.py": 150, "test_train.py": 140,
     "test_aape.py": 120, "test_collapse.py": 140, "test_model.py": 90, "test_aasp.py": 90, "test_bench_gpu.py": 60, "test_plan.py": 60,
-    "test_pretrain_probe.py": 60, "test_evaluate.py": 60, "test_cli_errors.py": 55, "test_sweep.py": 50,
+    "test_pretrain_probe.py": 60, "test_evaluate.py": 95, "test_cli_errors.py": 55, "test_sweep.py": 50,
     "test_finetune.py": 80, "test_stems.py": 35, "test_atst_frame.py": 35, "test_export.py": 30,
     "test_prepare.py": 30,
 }  # fmt: skip
