@@ -4,6 +4,7 @@
         [--set model.dtype=bfloat16 ...]
     python -m atst_jax.bench data [...]      (input pipeline and preparation throughput)
     python -m atst_jax.bench gpu [--dry-run] [--official PATH] [...]   (accelerator suite, bench_gpu.py)
+    python -m atst_jax.bench parity --official PATH --config configs/M.py:V [...]   (bench_parity.py)
 
 ``step`` times the full jitted train step of the config's method (teacher and student over all its views,
 heads, optimizer, EMA) on random log-mels of the method's crop lengths, after compilation and warm-up, and
@@ -131,6 +132,11 @@ def main(argv=None):
         help="accelerator suite: bf16 step variants, official PyTorch step (bench_gpu.py)",
         add_help=False,
     )
+    sub.add_parser(
+        "parity",
+        help="one step of ours against the official PyTorch step, same weights and inputs (bench_parity.py)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.what == "data":
         from atst_jax.data import bench_data
@@ -140,6 +146,10 @@ def main(argv=None):
         from atst_jax import bench_gpu
 
         return bench_gpu.main(rest)
+    if args.what == "parity":
+        from atst_jax import bench_parity
+
+        return bench_parity.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from atst_jax.sharding import ConfigError
