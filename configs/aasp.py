@@ -3,12 +3,13 @@ in configs/common.py.
 
 Use with ``--config configs/aasp.py:VARIANT``: ``tiny`` (tests, the embedded-data demo: 4 masked copies,
 256-frame crops, a 1-block predictor), ``small`` (ViT-S, D=384) or ``base`` (ViT-B, D=768). ``small`` and
-``base`` take EAT's settings, the closest public anchor: 1024-frame crops of the 128-bin Kaldi fbank
-(``kaldi_fbank128``), 16 masked copies at 80 %, global batch 96 (EAT: 12 per GPU × 8), peak LR 5e-4 after
-53,333 warm-up steps of 400k, cosine to 1e-6, AdamW β (0.9, 0.95), constant weight decay 0.05, global
-gradient-norm clipping at 4, teacher momentum 0.9998 → 0.99999 over the first 100k steps. The encoder is the
-2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and the AaPE branch
-(``model.aape``, every field a knob: ``--config.model.aape.kernels=8``).
+``base`` take EAT's settings (its pretraining config and the fairseq defaults it leaves in place), the
+closest public anchor: 1024-frame crops of the 128-bin Kaldi fbank (``kaldi_fbank128``), 16 masked copies
+at 80 %, global batch 48 (EAT: 12 clips per GPU × 4 GPUs), peak LR 5e-4 after 53,333 warm-up steps of
+400k, cosine to 0, Adam with decoupled weight decay, β (0.9, 0.95), eps 1e-8, constant weight decay 0.05,
+global gradient-norm clipping at 4, no drop-path, teacher momentum 0.9998 → 0.99999 over the first 100k
+steps. The encoder is the 2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and
+the AaPE branch (``model.aape``, every field a knob: ``--config.model.aape.kernels=8``).
 """
 
 import importlib.util
@@ -25,11 +26,11 @@ _spec.loader.exec_module(common)
 # global batch, peak LR, warm-up steps, total steps
 _RUNS = {
     "tiny": (16, 1e-3, 20, 300),
-    "small": (96, 5e-4, 53_333, 400_000),
-    "base": (96, 5e-4, 53_333, 400_000),
-    "large": (96, 5e-4, 53_333, 400_000),
-    "xl": (96, 5e-4, 53_333, 400_000),
-    "xxl": (96, 5e-4, 53_333, 400_000),
+    "small": (48, 5e-4, 53_333, 400_000),
+    "base": (48, 5e-4, 53_333, 400_000),
+    "large": (48, 5e-4, 53_333, 400_000),
+    "xl": (48, 5e-4, 53_333, 400_000),
+    "xxl": (48, 5e-4, 53_333, 400_000),
 }
 
 
@@ -49,6 +50,9 @@ def get_config(variant: str = "tiny"):
     )
     frames = c.aasp.crop_frames if c.variant != "tiny" else 256
     common.eat_vit(c, frames)
+    # EAT: no drop-path (start/end_drop_path_rate 0), fairseq Adam's eps 1e-8, cosine to min_lr 0.
+    c.model.drop_path = 0.0
+    c.optim.update(eps=1e-8, final_lr=0.0)
     c.model.aape = aape_defaults()
     if c.variant == "tiny":
         # CPU-sized: 16 × 8 tokens, 4 copies, a 1-block predictor, a teacher that moves within 300 steps.

@@ -19,7 +19,7 @@ from atst_jax.checkpoint import read_checkpoint
 from atst_jax.data import views
 from atst_jax.methods.aasp import Aasp
 from atst_jax.models.aape import AaPE
-from atst_jax.models.encoder import FrameAST
+from atst_jax.models.encoder import EncoderConfig, FrameAST
 from atst_jax.models.masked_prediction import (
     CrossPredictor,
     instance_norm,
@@ -175,7 +175,7 @@ def test_teacher_encodes_each_clip_once_and_the_student_only_visible_tokens(monk
 
     nnx.eval_shape(one_loss)
     n, v, m = method.num_tokens(), method.num_visible(), 4
-    assert (n, v) == (48, 10)
+    assert (n, v) == (48, 9)  # EAT's count: int(48 · 0.2)
     assert calls == [(b, 1 + n), (b * m, 1 + v)], calls  # teacher once per clip; student visible only
     assert embeds == [b, b]  # the patch projection: once for the teacher, once (not M times) for the student
     assert aape_rows == [b, b * m]  # AaPE: the teacher's clean clips, the student's M copies
@@ -195,6 +195,13 @@ def test_ema_momentum_is_linear_then_constant():
     assert (c.optim.b1, c.optim.b2, c.optim.wd_start, c.optim.wd_schedule) == (0.9, 0.95, 0.05, "constant")
     assert (c.optim.grad_clip, c.optim.clip_norm) == ("global_norm", 4.0)
     assert c.aasp.num_masks == 16 and c.aasp.mask_ratio == 0.8 and Aasp(c).num_visible() == 102  # of 512
+    # EAT's pretraining config and the fairseq defaults it keeps: 12 clips × 4 GPUs, Adam eps 1e-8, no
+    # drop-path, peak LR 5e-4 (base_lr is per 256 clips), cosine to min_lr 0, FFN targets, EAT's sampler.
+    assert c.train.global_batch == 48 and c.optim.eps == 1e-8 and c.model.drop_path == 0.0
+    np.testing.assert_allclose(c.optim.base_lr * c.train.global_batch / 256, 5e-4, rtol=1e-12)
+    assert c.optim.final_lr == 0.0 and (c.optim.warmup_steps, c.train.steps) == (53_333, 400_000)
+    assert (c.aasp.target_source, c.aasp.mask_sampler, c.aasp.mask_prob_adjust) == ("ffn", "eat", 0.07)
+    assert c.aasp.utterance_weight == 12 * 16 and c.aasp.loss_scale == 0.0
 
 
 def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tmp_path, embedded_cache):
@@ -276,3 +283,255 @@ def test_config_checks():
         Aasp(bad).check()
     with pytest.raises(ConfigError, match="loss"):
         Aasp(_config(loss="l1")).check()
+    with pytest.raises(ConfigError, match="mask_sampler"):
+        Aasp(_config(mask_sampler="random")).check()
+    with pytest.raises(ConfigError, match="target_source"):
+        Aasp(_config(target_source="attn")).check()
+
+
+# --- EAT's choices (targets from the FFN outputs, loss weighting, inverse-block sampler) ----------------------
+def _np_layer_norm(x, scale, bias, eps=1e-6):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(-1, keepdims=True) + eps) * scale + bias
+
+
+def _np_blocks(params, x, valid, heads):
+    """A NumPy forward of the pre-norm blocks from their stacked parameters: every block's output and its
+    feed-forward branch (``fc2(GELU(fc1(LN(h))))``, before the residual add), each ``[L, B, K, D]``."""
+    from scipy.special import erf
+
+    blocks, ffns = [], []
+    b, k, d = x.shape
+    hd = d // heads
+    bias = np.where(valid, 0.0, -10000.0)[:, None, None, :]
+    for i in range(params["norm1"]["scale"].shape[0]):
+        g = lambda *path, i=i: _get(params, path)[i]  # noqa: E731
+        h = _np_layer_norm(x, g("norm1", "scale"), g("norm1", "bias"))
+        qkv = h.reshape(b * k, d) @ g("attn", "qkv", "kernel").reshape(d, 3 * d) + g(
+            "attn", "qkv", "bias"
+        ).reshape(-1)
+        q, kk, v = (qkv.reshape(b, k, 3, heads, hd)[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
+        logits = q @ kk.transpose(0, 1, 3, 2) / np.sqrt(hd) + bias
+        att = np.exp(logits - logits.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = (att @ v).transpose(0, 2, 1, 3).reshape(b, k, d)
+        x = x + o @ g("attn", "proj", "kernel").reshape(d, d) + g("attn", "proj", "bias")
+        h = _np_layer_norm(x, g("norm2", "scale"), g("norm2", "bias"))
+        u = h @ g("mlp", "fc1", "kernel") + g("mlp", "fc1", "bias")
+        u = 0.5 * u * (1.0 + erf(u / np.sqrt(2.0)))
+        f = u @ g("mlp", "fc2", "kernel") + g("mlp", "fc2", "bias")
+        x = x + f
+        blocks.append(x), ffns.append(f)
+    return np.stack(blocks), np.stack(ffns)
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _block_params(enc):
+    return jax.tree.map(
+        lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(enc.blocks, nnx.Param))
+    )
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_trunk_collects_each_blocks_ffn_output_before_the_residual_add(scan):
+    cfg = EncoderConfig(width=16, depth=2, heads=2, qkv_bias=True, drop_path=0.2, scan_layers=scan)
+    enc = FrameAST(cfg, rngs=nnx.Rngs(params=3))
+    # Non-zero biases and LayerNorm affines, so every parameter the reference uses matters.
+    state = nnx.state(enc.blocks, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(9), len(leaves))
+    nnx.update(
+        enc.blocks,
+        jax.tree.unflatten(
+            treedef, [a + 0.1 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
+        ),
+    )
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 7, 16)).astype(np.float32)
+    valid = np.ones((2, 7), bool)
+    valid[1, 5:] = False
+    want_blocks, want_ffn = _np_blocks(_block_params(enc), x.astype(np.float64), valid, 2)
+    run = nnx.jit(lambda e, x, v, c: e.trunk(x, v, collect_layers=c), static_argnums=3)
+    out_f, ffn = run(enc, jnp.asarray(x), jnp.asarray(valid), "ffn")
+    out_b, blocks = run(enc, jnp.asarray(x), jnp.asarray(valid), "block")
+    out_t, blocks_t = run(enc, jnp.asarray(x), jnp.asarray(valid), True)
+    np.testing.assert_allclose(np.asarray(ffn), want_ffn, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(blocks), want_blocks, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(blocks_t), np.asarray(blocks))  # True = "block"
+    np.testing.assert_array_equal(np.asarray(out_f), np.asarray(out_b))  # the same forward either way
+    assert float(np.abs(want_ffn - want_blocks).max()) > 0.1  # the two sources differ
+    # With drop-path active, the "ffn" path draws the same paths as the plain trunk (bit-identical output).
+    train = nnx.jit(
+        lambda e, x, v, c: e.trunk(x, v, train=True, key=jax.random.key(5), collect_layers=c),
+        static_argnums=3,
+    )
+    plain = train(enc, jnp.asarray(x), jnp.asarray(valid), False)
+    with_ffn, _ = train(enc, jnp.asarray(x), jnp.asarray(valid), "ffn")
+    np.testing.assert_array_equal(np.asarray(with_ffn), np.asarray(plain))
+    with pytest.raises(ValueError, match="collect_layers"):
+        enc.trunk(jnp.asarray(x), collect_layers="attn")
+
+
+def _np_targets(layers, k, eps_final):
+    top = layers[-k:]
+    mean = top.mean(2, keepdims=True)
+    top = (top - mean) / np.sqrt(top.var(2, keepdims=True) + 1e-5)  # instance norm over the tokens
+    y = top.mean(0)
+    return (y - y.mean(-1, keepdims=True)) / np.sqrt(y.var(-1, keepdims=True) + eps_final)
+
+
+def _plain_config(**aasp):
+    """The tiny test config without the AaPE branch (nothing here depends on it; it keeps the tests cheap)."""
+    c = _config(**aasp)
+    c.model.aape = None
+    return c
+
+
+def _init(method):
+    return nnx.jit(lambda k: method.init(k))(jax.random.key(0))
+
+
+def test_teacher_targets_are_eat_s_ffn_targets_by_default():
+    c = _plain_config()
+    method = Aasp(c)
+    _, teacher, _ = _init(method)
+    enc = teacher.encoder
+    b, frames = 2, 96
+    spec = jax.random.normal(jax.random.key(1), (b, 128, frames))
+    length = jnp.full((b,), frames, jnp.int32)
+    targets = lambda meth: nnx.jit(lambda t, s, n: meth.teacher_targets(t, s, n)[:2])  # noqa: E731
+    y, utt = targets(method)(teacher, spec, length)
+    x = np.asarray(enc.embed(spec, None, length), np.float64)
+    want_blocks, want_ffn = _np_blocks(_block_params(enc), x, np.ones(x.shape[:2], bool), enc.cfg.heads)
+    p = enc.n_prefix
+    want = _np_targets(want_ffn[:, :, p:], c.model.depth, 1e-5)  # all (top 12, clipped) layers
+    np.testing.assert_allclose(np.asarray(y), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(utt), want.mean(1), rtol=2e-3, atol=2e-3)
+    # target_source="block": the residual stream instead.
+    yb, _ = targets(Aasp(_plain_config(target_source="block")))(teacher, spec, length)
+    np.testing.assert_allclose(
+        np.asarray(yb), _np_targets(want_blocks[:, :, p:], 2, 1e-5), rtol=2e-3, atol=2e-3
+    )
+    assert float(jnp.abs(yb - y).max()) > 0.1
+
+
+def test_loss_weights_frame_and_utterance_terms_as_eat():
+    """EAT's reduction, written out for random errors: per GPU the frame errors summed × 1/√D plus cls_loss
+    × that GPU's masked count × the CLS errors summed × 1/√D; gradients summed over GPUs and divided by the
+    global masked count. That equals √D · (frame MSE + 12·16 · utterance MSE) — the default weighting."""
+    rng = np.random.default_rng(0)
+    gpus, clips, copies, masked, d = 4, 12, 16, 3, 8
+    frame = rng.normal(size=(gpus, clips * copies, masked, d))  # prediction − target
+    cls = rng.normal(size=(gpus, clips * copies, d))
+    s_gpu = clips * copies * masked
+    eat = sum(
+        (frame[g] ** 2).sum() / np.sqrt(d) + s_gpu * (cls[g] ** 2).sum() / np.sqrt(d) for g in range(gpus)
+    )
+    eat /= gpus * s_gpu
+    c = load_config(CONFIG + ":base")
+    ours = np.sqrt(d) * ((frame**2).mean() + c.aasp.utterance_weight * (cls**2).mean())
+    np.testing.assert_allclose(ours, eat, rtol=1e-12)
+
+    # The method's total is that (plus the contrastive term, weighted relative to the regression).
+    student, teacher, _ = _init(Aasp(_plain_config(num_masks=2)))
+    batch = {"spec": jax.random.normal(jax.random.key(1), (2, 128, 96)), "spec_length": jnp.full((2,), 96)}
+    for extra, scale in (({}, np.sqrt(128)), ({"loss_scale": 1 / 128}, 1.0)):
+        method = Aasp(_plain_config(num_masks=2, **extra))
+        loss = nnx.jit(lambda s, t, b, method=method: method.loss(s, t, {}, b, jax.random.key(2), 0))
+        total, m, _ = loss(student, teacher, batch)
+        want = scale * (m["loss_reg"] + 192.0 * m["loss_utt"] + 0.1 * m["loss_nce"])
+        np.testing.assert_allclose(float(total), float(want), rtol=1e-5)
+        assert float(m["loss_utt"]) > 0 and float(m["loss_nce"]) > 0
+
+
+def _np_eat_mask(rng, grid, ratio, adjust, block):
+    """EAT's inverse block mask from its stated rules (one copy): centres uniform with replacement, blocks
+    around them cut at the edges, the union trimmed / filled by uniformly random tokens. Visible = True."""
+    n_t, n_f = grid
+    n = n_t * n_f
+    keep = 1.0 - ratio
+    vis = np.zeros(grid, bool)
+    for c in rng.integers(0, n, int(n * ((keep + adjust) / (block[0] * block[1])))):
+        t0, f0 = c // n_f - block[0] // 2, c % n_f - block[1] // 2
+        vis[max(t0, 0) : t0 + block[0], max(f0, 0) : f0 + block[1]] = True
+    flat = vis.reshape(-1)
+    have, want = int(flat.sum()), int(n * keep)
+    if have > want:
+        flat[rng.choice(np.flatnonzero(flat), have - want, replace=False)] = False
+    elif have < want:
+        flat[rng.choice(np.flatnonzero(~flat), want - have, replace=False)] = True
+    return vis
+
+
+def _mask_stats(vis):
+    """Per-mask statistics of visible grids ``[S, n_t, n_f]``: visible tokens with a visible 4-neighbour,
+    isolated visible tokens, the per-frequency-row share, and the share in the first/last 2 time steps."""
+    nb = np.zeros_like(vis)
+    nb[:, 1:] |= vis[:, :-1]
+    nb[:, :-1] |= vis[:, 1:]
+    nb[:, :, 1:] |= vis[:, :, :-1]
+    nb[:, :, :-1] |= vis[:, :, 1:]
+    return {
+        "clustered": (vis & nb).sum((1, 2)).astype(float),
+        "isolated": (vis & ~nb).sum((1, 2)).astype(float),
+        **{f"freq{j}": vis[:, :, j].sum(1).astype(float) for j in range(vis.shape[2])},
+        "edge_time": (vis[:, :2].sum((1, 2)) + vis[:, -2:].sum((1, 2))).astype(float),
+    }
+
+
+def test_eat_inverse_block_mask_matches_an_independent_numpy_sampler():
+    grid, ratio, adjust, block, s = (64, 8), 0.8, 0.07, (5, 5), 3000
+    n = grid[0] * grid[1]
+    assert views.eat_visible_count(n, ratio) == 102 and views.eat_block_centres(n, ratio, block, adjust) == 5
+    vis, hid = jax.jit(lambda k: views.eat_inverse_block_mask(k, s, grid, ratio, block=block, adjust=adjust))(
+        jax.random.key(0)
+    )
+    vis, hid = np.asarray(vis), np.asarray(hid)
+    assert vis.shape == (s, 102) and hid.shape == (s, n - 102)
+    assert all(
+        len(set(v) | set(h)) == n for v, h in zip(vis[:50], hid[:50], strict=True)
+    )  # complements, no repeats
+    got = np.zeros((s, n), bool)
+    np.put_along_axis(got, vis, True, axis=1)
+    rng = np.random.default_rng(1)
+    ref = np.stack([_np_eat_mask(rng, grid, ratio, adjust, block) for _ in range(s)])
+    assert (ref.sum((1, 2)) == 102).all()
+    a, b = _mask_stats(got.reshape(s, *grid)), _mask_stats(ref)
+    old_vis, _ = views.inverse_block_mask(jax.random.key(2), s, grid, 102, block=block)
+    old = np.zeros((s, n), bool)
+    np.put_along_axis(old, np.asarray(old_vis), True, axis=1)
+    o = _mask_stats(old.reshape(s, *grid))
+    for k in a:
+        se = np.sqrt((a[k].var() + b[k].var()) / s)
+        assert abs(a[k].mean() - b[k].mean()) < 5 * se + 1e-9, (k, a[k].mean(), b[k].mean(), se)
+    # The statistics tell the samplers apart: the earlier one keeps whole blocks and few isolated tokens.
+    se = np.sqrt((o["isolated"].var() + b["isolated"].var()) / s)
+    assert abs(o["isolated"].mean() - b["isolated"].mean()) > 20 * se
+
+
+def test_eat_inverse_block_mask_with_padding_and_tiny_grids():
+    grid = (16, 8)  # the tiny config's 256-frame crops: int(128 · 0.2) = 25 visible, 1 block centre
+    n = 128
+    assert views.eat_visible_count(n, 0.8) == 25 and views.eat_block_centres(n, 0.8) == 1
+    valid = jnp.ones((64, n), bool).at[1, 40:].set(False)  # clip 1 has 40 real tokens (5 time steps)
+    vis, hid = views.eat_inverse_block_mask(jax.random.key(0), 64, grid, 0.8, valid=valid)
+    vis, hid = np.asarray(vis), np.asarray(hid)
+    assert vis.shape == (64, 25) and hid.shape == (64, n - 25)
+    for i in range(64):
+        assert sorted(set(vis[i]) | set(hid[i])) == list(range(n))
+    assert vis[1].max() < 40  # padding never visible while enough real tokens remain
+    # One 5 × 5 block (cut at the edges) holds most of the 25: a visible core of ≥ 9 tokens in a 3 × 3 box.
+    g = np.zeros((64, *grid), bool)
+    for i in range(64):
+        g[i].reshape(-1)[vis[i]] = True
+    core = [max(g[i, t : t + 3, f : f + 3].sum() for t in range(14) for f in range(6)) for i in range(64)]
+    assert np.mean(np.asarray(core) == 9) > 0.9
+    # Different copies get different masks; the method's count is EAT's.
+    assert len({tuple(v) for v in vis}) > 60
+    assert Aasp(load_config(CONFIG + ":tiny")).num_visible() == 25
+    assert Aasp(_config(mask_sampler="blocks")).num_visible() == 10  # the earlier rule: round(48 · 0.2)

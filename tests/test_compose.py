@@ -78,6 +78,11 @@ def test_inverse_block_cross_attention_regression_contrastive_is_aasps_loss(monk
     _fixed_key(monkeypatch, "inverse_block_mask")
     ref_cfg = load_config(str(ROOT / "configs" / "aasp.py") + ":tiny")
     ref_cfg.aasp.update(crop_frames=96, utterance_weight=0.0, contrast_weight=0.1, contrast_embed="pred")
+    # Compose's regression is the data2vec 2.0 form (block outputs, the block sampler, plain MSE); AaSP's EAT
+    # defaults differ in exactly those knobs.
+    ref_cfg.aasp.update(
+        mask_sampler="blocks", target_source="block", final_norm_eps=1e-6, loss_scale=1 / ref_cfg.model.width
+    )
     ref_cfg.model.update(depth=1, drop_path=0.0)
     ref = methods.build(ref_cfg)
     a = ref.cfg

@@ -280,3 +280,68 @@ def inverse_block_mask(key, batch: int, grid: tuple[int, int], visible: int, *, 
     vis = jax.lax.top_k(score, visible)[1]
     hid = jax.lax.top_k(-score, n - visible)[1]
     return jnp.sort(vis, axis=1).astype(jnp.int32), jnp.sort(hid, axis=1).astype(jnp.int32)
+
+
+def eat_visible_count(num_tokens: int, mask_ratio: float) -> int:
+    """EAT's visible count: ``int(N·(1 − r))`` in floating point (data2vec 2.0 / EAT ``compute_block_mask_2d``
+    with ``inverse_mask``: 102 of 512 tokens at r = 0.8), at least 1 and at most ``N − 1``."""
+    return min(max(1, int(num_tokens * (1.0 - mask_ratio))), num_tokens - 1)
+
+
+def eat_block_centres(num_tokens: int, mask_ratio: float, block=(5, 5), adjust: float = 0.07) -> int:
+    """How many block centres EAT draws per copy: ``int(N·(1 − r + adjust) / (b_t·b_f))`` (``mask_prob_adjust``;
+    5 for 512 tokens, r = 0.8, adjust 0.07, 5 × 5 blocks)."""
+    return max(int(num_tokens * (((1.0 - mask_ratio) + adjust) / (int(block[0]) * int(block[1])))), 0)
+
+
+def eat_inverse_block_mask(
+    key,
+    batch: int,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    *,
+    block=(5, 5),
+    adjust: float = 0.07,
+    valid=None,
+):
+    """EAT's inverse block mask (data2vec 2.0 ``compute_block_mask_2d`` with ``inverse_mask=True``,
+    ``require_same_masks=True``, ``mask_dropout=0``) over a time-major ``grid = (n_t, n_f)``, as static shapes.
+
+    Per copy: ``eat_block_centres`` centres drawn uniformly **with replacement** over the tokens; each makes a
+    ``block`` of visible tokens spanning ``[c − b//2, c − b//2 + b − 1]`` on each axis, cut at the grid's edges
+    (so blocks near an edge are smaller); the union is then brought to exactly ``eat_visible_count`` tokens
+    by dropping a uniformly random subset of it (too many) or adding a uniformly random subset of the other
+    tokens (too few). Here both are one ``top_k`` over (in the union, then a uniform random tie-break), which
+    keeps a uniformly random subset of the union or adds a uniformly random subset of the rest, as EAT's
+    draws without replacement do.
+
+    Ours (EAT has no padding): ``valid [batch, N]`` (bool, real tokens a prefix, as ``FrameAST.valid_mask``
+    makes them) draws the centres among a copy's real tokens and picks padding last (never while enough real
+    tokens remain). Returns ``(visible_idx [batch, V], masked_idx [batch, N − V])`` int32, each sorted.
+    """
+    n_t, n_f = grid
+    n = n_t * n_f
+    visible = eat_visible_count(n, mask_ratio)
+    if not 0 < visible < n:
+        raise ValueError(f"inverse block masking needs 0 < visible < {n} tokens, got {visible}")
+    b_t, b_f = int(block[0]), int(block[1])
+    n_c = eat_block_centres(n, mask_ratio, block, adjust)
+    k_c, k_tie = jax.random.split(key)
+    tok = jnp.arange(n)
+    if n_c > 0:
+        u = jax.random.uniform(k_c, (batch, n_c))
+        n_real = jnp.full((batch,), n) if valid is None else jnp.maximum(jnp.sum(valid, axis=1), 1)
+        centre = jnp.minimum((u * n_real[:, None]).astype(jnp.int32), n_real[:, None] - 1)[..., None]
+        lo_t, lo_f = centre // n_f - b_t // 2, centre % n_f - b_f // 2  # [batch, n_c, 1]
+        t, f = (tok // n_f)[None, None, :], (tok % n_f)[None, None, :]
+        cover = (t >= lo_t) & (t < lo_t + b_t) & (f >= lo_f) & (f < lo_f + b_f)  # [batch, n_c, N]
+        union = jnp.any(cover, axis=1)
+    else:
+        union = jnp.zeros((batch, n), bool)
+    tie = 0.5 * jax.random.uniform(k_tie, (batch, n))  # distinct (a.s.): the two top_k are complements
+    score = union.astype(jnp.float32) + tie
+    if valid is not None:
+        score = jnp.where(valid, score, tie - 1.0)
+    vis = jax.lax.top_k(score, visible)[1]
+    hid = jax.lax.top_k(-score, n - visible)[1]
+    return jnp.sort(vis, axis=1).astype(jnp.int32), jnp.sort(hid, axis=1).astype(jnp.int32)

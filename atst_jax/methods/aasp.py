@@ -1,45 +1,68 @@
 """AaSP: aliasing-aware teacher-student pretraining (Yamamoto & Okusa, arXiv 2512.03637, IEEE TASLP;
 spec/methods.md §5). No public code exists: this is a reconstruction, and every reconstructed choice is a
-field of ``AaspConfig`` (or of ``model.aape``, see ``models/aape.py``).
+field of ``AaspConfig`` (or of ``model.aape``, see ``models/aape.py``). Three sources, marked below:
 
-From the paper (its abstract and kernel formula): (a) the aliasing-aware patch embedding AaPE, which adds
-features from the modulation band a strided patch stem aliases (the SBLU kernel, with decay and frequency
-estimated from the input) to the standard patch tokens; (b) teacher-student masked modelling; (c) a
-cross-attention predictor; (d) a multi-mask contrastive regulariser; AudioSet pretraining.
+**Published by AaSP** (its abstract and kernel formula): (a) the aliasing-aware patch embedding AaPE, which
+adds features from the modulation band a strided patch stem aliases (the SBLU kernel, with decay and
+frequency estimated from the input) to the standard patch tokens; (b) teacher-student masked modelling;
+(c) a cross-attention predictor; (d) a multi-mask contrastive regulariser; AudioSet pretraining.
 
-Reconstructed, with data2vec 2.0 / EAT as the anchor (the closest public recipes of (b)–(d)):
+**From EAT** (Chen et al. 2024, code on fairseq's data2vec 2.0; the closest public recipe of (b)), the
+default wherever the AaSP paper is silent, each an option:
 
-- Input: one crop per clip of the 128-bin Kaldi fbank (feature set ``kaldi_fbank128``, the fbank this project
-  prepares; EAT uses the same fbank at 16 kHz), ``crop_frames`` = 1024 as EAT; the encoder is the 2-D
-  16×16 patch ViT (time-major tokens, 64 × 8 = 512 for 1024 frames), fixed 2-D sin-cos positions and a CLS
-  token (EAT), qkv bias, with the AaPE branch on the stem (``model.aape``).
-- Teacher = EMA of the student encoder; it encodes each **clean clip once** (no drop-path) and its targets
-  are the mean of the top ``top_k_layers`` block outputs, each instance-normalised over the clip's tokens,
-  then LayerNorm (data2vec 2.0). The utterance target is their mean over the clip's tokens (EAT).
-- Student: ``num_masks`` = M copies of each clip each keep a fixed ``visible`` count of tokens chosen by
-  inverse block masking (``views.inverse_block_mask``, blocks of ``mask_block`` tokens, ``mask_ratio`` =
-  80 % masked) and **drop** the rest (``FrameAST.embed_visible``); the trunk runs on ``[B·M, n_prefix +
-  visible]`` tokens (CLS + visible), never on the masked ones. The patch projection and positions are
-  computed once per clip; the AaPE branch once per copy, from that copy's visible tokens only (its SBLU
-  filter and whole-clip envelope statistics would otherwise carry the dropped tokens' content into the kept
-  ones, which the student must then predict without having seen). So the costly encoder work is one teacher
-  pass on ``B × N`` plus the student's ``B·M × visible``.
+- Input: one 1024-frame crop (``crop_frames``) per clip of the 128-bin Kaldi fbank (EAT computes it at
+  16 kHz; the data section here decides the rate); the 2-D 16×16 patch ViT (time-major tokens, 64 × 8 =
+  512 for 1024 frames), fixed 2-D sin-cos positions, a CLS token, qkv bias, no drop-path.
+- Teacher = EMA of the student encoder; it encodes each **clean clip once**. Targets
+  (``target_source="ffn"``): for each of the top ``top_k_layers`` (12 = all) blocks, the block's
+  feed-forward output (after ``fc2``, before the residual add; ``FrameAST.trunk(collect_layers="ffn")``),
+  instance-normalised per channel over the clip's tokens, averaged over the layers, then a LayerNorm without
+  affine parameters (eps 1e-5). ``target_source="block"`` takes the blocks' outputs (the residual stream)
+  instead. The utterance target is the targets' mean over the clip's tokens.
+- Masks (``mask_sampler="eat"``, ``views.eat_inverse_block_mask``): ``num_masks`` = 16 copies of each clip
+  (``clone_batch``), each keeping ``int(N·(1 − mask_ratio))`` = 102 of 512 tokens (``mask_ratio`` = 0.8):
+  ``int(N·(1 − r + mask_prob_adjust) / 25)`` = 5 block centres drawn uniformly with replacement, a
+  ``mask_block`` = 5 × 5 block of visible tokens around each (cut at the grid's edges), the union trimmed by
+  a uniformly random subset or filled with uniformly random other tokens to the exact count. The masked
+  tokens are **dropped**: the trunk runs on ``[B·M, n_prefix + visible]`` tokens (CLS + visible).
+  ``mask_sampler="blocks"`` is our earlier sampler (``views.inverse_block_mask``: more, uncut blocks
+  kept whole in a random order, ``round`` for the count).
+- Loss weighting: EAT sums the squared errors × ``1/√D`` over the masked tokens' channels, adds
+  ``cls_loss`` (1) × the GPU's masked-token count × the same sum over the copies' CLS errors, and fairseq
+  divides the summed gradients by the global masked-token count. With equal counts per GPU that is
+  ``√D · [frame MSE (mean over masked tokens and channels) + 192 · utterance MSE (mean over copies and
+  channels)]``, 192 = 12 clips × 16 copies on one GPU. Here: the objective is ``s · (loss_reg +
+  utterance_weight · loss_utt + contrast_weight · loss_nce)`` with ``s = D · loss_scale`` (``loss_scale`` =
+  0 → EAT's 1/√D, so s = √D) and ``utterance_weight`` = 192; ``loss_reg`` / ``loss_utt`` / ``loss_nce``
+  are logged unscaled.
+- Teacher momentum: linear from ``optim.ema`` (0.9998) to ``ema_end`` (0.99999) over ``ema_anneal_steps``
+  (100k), then constant. Optimiser and run (configs/aasp.py): Adam with decoupled weight decay, β (0.9,
+  0.95), eps 1e-8, constant weight decay 0.05 (none on biases and norms), peak LR 5e-4 after 53,333
+  warm-up steps, cosine to 0 at 400k, global gradient-norm clipping at 4, 48 clips per step (12 per GPU ×
+  4 GPUs) × 16 copies.
+
+**Ours** (neither paper states it):
+
 - Predictor (``models/masked_prediction.CrossPredictor``): queries = the positional embeddings of the masked
   positions, ``Linear(D → pred_dim)``, then ``pred_depth`` × [cross-attention to the visible student tokens
   (CLS included) → MLP], ``pred_heads`` heads; queries never attend to each other; LayerNorm →
-  ``Linear(pred_dim → D)``. data2vec 2.0's decoder is a CNN over the full sequence with mask tokens; a
-  cross-attention decoder is what the AaSP abstract names.
-- Loss = ``regression`` (MSE per dimension at the masked positions, or ``2 − 2·cos`` with ``loss="cosine"``)
-  + ``utterance_weight`` × MSE(student CLS of every copy, utterance target) + ``contrast_weight`` ×
-  InfoNCE over the B·M masked views (``models/masked_prediction.multi_view_info_nce``: positives = the other
-  copies of the same clip, negatives = every copy of the other clips of the global batch), each view's
-  embedding the L2-normalised mean of its predictor outputs (``contrast_embed="pred"``) or its CLS output
-  (``"cls"``); temperature ``contrast_temp``.
-- Teacher momentum: linear from ``optim.ema`` (0.9998) to ``ema_end`` (0.99999) over ``ema_anneal_steps``
-  (100k), then constant (EAT). Optimiser (configs/aasp.py): AdamW β (0.9, 0.95), constant weight decay
-  0.05, peak LR 5e-4 with warm-up and cosine decay, global gradient-norm clipping at 4 (EAT).
-- Padding: tokens past a clip's valid frames are never visible while enough real tokens remain, are left out
-  of the teacher's instance-norm statistics, the regression and the utterance target.
+  ``Linear(pred_dim → D)``. (EAT's decoder is a CNN over the full sequence with mask tokens; a
+  cross-attention decoder is what the AaSP abstract names.) ``loss="cosine"`` (``2 − 2·cos``) is an option.
+- Contrastive term: InfoNCE over the B·M masked views (``models/masked_prediction.multi_view_info_nce``:
+  positives = the other copies of the same clip, negatives = every copy of the other clips of the global
+  batch), each view's embedding the L2-normalised mean of its predictor outputs (``contrast_embed="pred"``)
+  or its CLS output (``"cls"``); temperature ``contrast_temp``, weight ``contrast_weight`` relative to the
+  regression (so it shares the scale ``s``).
+- AaPE: the patch projection and positions are computed once per clip; the AaPE branch once per copy, from
+  that copy's visible tokens only (its SBLU filter and whole-clip envelope statistics would otherwise carry
+  the dropped tokens' content into the kept ones, which the student must then predict without having seen).
+  So the costly encoder work is one teacher pass on ``B × N`` plus the student's ``B·M × visible``.
+- The trunk is this project's pre-norm ViT with a final LayerNorm. EAT's blocks are post-norm (a LayerNorm
+  after each residual add, one on the embedded patches, no final norm): in both the feed-forward input is a
+  LayerNorm of the post-attention residual stream, but the block outputs are normalised only in EAT's.
+- Padding: tokens past a clip's valid frames are never visible while enough real tokens remain (the EAT
+  sampler draws its centres among the real tokens), and are left out of the teacher's instance-norm
+  statistics, the regression and the utterance target.
 
 Monitors: ``std_tea`` (std over the batch's tokens of the L2-normalised teacher outputs, the official ATST
 ``compute_var``: → 0 when the teacher collapses to one vector; ≈ 1/√D when healthy), ``std_pred`` (the same
@@ -78,17 +101,25 @@ class AaspConfig:
     num_masks: int = 16
     mask_ratio: float = 0.8
     mask_block: tuple[int, int] = (5, 5)  # (time, freq) tokens of one visible block
+    mask_sampler: str = "eat"  # eat (views.eat_inverse_block_mask) | blocks (views.inverse_block_mask)
+    mask_prob_adjust: float = 0.07  # eat: extra block centres, N·(1 − r + adjust)/|block| of them
     # targets
+    target_source: str = "ffn"  # ffn (each block's feed-forward output, EAT) | block (the block outputs)
     top_k_layers: int = 12  # clipped to the encoder depth
     instance_norm_targets: bool = True
     final_norm_targets: bool = True
+    final_norm_eps: float = 1e-5  # PyTorch's F.layer_norm default, as EAT
     # predictor
     pred_dim: int = 512  # divides 256 (FSDP over a pod slice shards the predictor too)
     pred_depth: int = 2
     pred_heads: int = 8
     pred_mlp_ratio: float = 4.0
     loss: str = "mse"  # mse | cosine
-    utterance_weight: float = 1.0  # needs a CLS token (model.use_cls)
+    # the objective is D·loss_scale × (regression + utterance + contrast); 0 = EAT's 1/√D (× √D overall)
+    loss_scale: float = 0.0
+    # EAT's effective weight: cls_loss 1 × 12 clips × 16 copies per GPU (see the module docstring);
+    # needs a CLS token (model.use_cls)
+    utterance_weight: float = 192.0
     # multi-mask contrastive regulariser
     contrast_weight: float = 0.1
     contrast_temp: float = 0.1
@@ -129,6 +160,8 @@ class Aasp(Method):
 
     def num_visible(self) -> int:
         """Tokens each masked copy keeps (the student's sequence length without the CLS token)."""
+        if self.cfg.mask_sampler == "eat":
+            return views.eat_visible_count(self.num_tokens(), self.cfg.mask_ratio)
         return views.visible_count(self.num_tokens(), self.cfg.mask_ratio)
 
     def inputs(self):
@@ -151,16 +184,28 @@ class Aasp(Method):
         b, n = token_valid.shape
         m = self.cfg.num_masks
         valid = jnp.repeat(token_valid, m, axis=0)
-        vis, hid = views.inverse_block_mask(
-            key, b * m, self.grid(), self.num_visible(), block=self.cfg.mask_block, valid=valid
-        )
+        if self.cfg.mask_sampler == "eat":
+            vis, hid = views.eat_inverse_block_mask(
+                key,
+                b * m,
+                self.grid(),
+                self.cfg.mask_ratio,
+                block=self.cfg.mask_block,
+                adjust=self.cfg.mask_prob_adjust,
+                valid=valid,
+            )
+        else:
+            vis, hid = views.inverse_block_mask(
+                key, b * m, self.grid(), self.num_visible(), block=self.cfg.mask_block, valid=valid
+            )
         return vis.reshape(b, m, -1), hid.reshape(b, m, -1)
 
     def teacher_targets(self, teacher, spec, length):
-        """The teacher's single pass over the clean clips: targets ``[B, N, D]`` (patch tokens), the
-        utterance target ``[B, D]``, its final tokens (for the monitor) and the token validity ``[B, N]``."""
+        """The teacher's single pass over the clean clips: targets ``[B, N, D]`` (patch tokens, from the
+        blocks' feed-forward outputs or outputs: ``target_source``), the utterance target ``[B, D]``, its
+        final tokens (for the monitor) and the token validity ``[B, N]``."""
         enc = teacher.encoder
-        out, layers = enc(spec, length, train=False, collect_layers=True)
+        out, layers = enc(spec, length, train=False, collect_layers=self.cfg.target_source)
         p = enc.n_prefix
         valid = enc.valid_mask(length, out.shape[1])[:, p:]
         k = min(self.cfg.top_k_layers, enc.cfg.depth)
@@ -170,6 +215,7 @@ class Aasp(Method):
             valid,
             instance_norm_layers=self.cfg.instance_norm_targets,
             final_norm=self.cfg.final_norm_targets,
+            final_norm_eps=self.cfg.final_norm_eps,
         )
         utt = masked_mean(y, valid)
         return y, utt, jax.lax.stop_gradient(out[:, p:]), valid
@@ -214,7 +260,7 @@ class Aasp(Method):
         else:
             loss_reg = jnp.sum(jnp.mean(jnp.square(pred - target), axis=-1) * w) / denom
 
-        total = loss_reg
+        total = loss_reg  # scaled by D·loss_scale at the end (EAT's 1/√D per element summed over D)
         metrics = {"loss_reg": loss_reg}
         p = enc.n_prefix
         if p and cfg.utterance_weight > 0:
@@ -231,6 +277,7 @@ class Aasp(Method):
             nearest = jnp.argmax(sim, axis=1)
             metrics["loss_nce"] = loss_nce
             metrics["nce_acc"] = jnp.mean((nearest // m == jnp.arange(b * m) // m).astype(jnp.float32))
+        total = self.objective_scale() * total
         metrics.update(
             loss=total,
             std_tea=normalized_std(t_out, token_valid),
@@ -239,6 +286,11 @@ class Aasp(Method):
             **collapse.health(t_out, token_valid),
         )
         return total, metrics, method_state
+
+    def objective_scale(self) -> float:
+        """``D · loss_scale``; ``loss_scale`` = 0 is EAT's (data2vec 2.0's) 1/√D, so √D."""
+        d = self.enc_cfg.width
+        return float(d * self.cfg.loss_scale) if self.cfg.loss_scale > 0 else float(d) ** 0.5
 
     # --- cost, checks --------------------------------------------------------------------------------
     def step_flops(self, global_batch: int) -> float:
@@ -289,6 +341,14 @@ class Aasp(Method):
         if c.num_masks < 1 or (c.contrast_weight > 0 and c.num_masks < 2):
             raise ConfigError(
                 f"aasp.num_masks={c.num_masks}: need >= 1, and >= 2 for the contrastive term (contrast_weight > 0)"
+            )
+        if c.mask_sampler not in ("eat", "blocks"):
+            raise ConfigError(f"aasp.mask_sampler={c.mask_sampler!r}: choose eat or blocks")
+        if c.target_source not in ("ffn", "block"):
+            raise ConfigError(f"aasp.target_source={c.target_source!r}: choose ffn or block")
+        if c.loss_scale < 0 or c.utterance_weight < 0 or c.mask_prob_adjust < 0:
+            raise ConfigError(
+                "aasp: need loss_scale >= 0 (0 = 1/sqrt(D)), utterance_weight >= 0, mask_prob_adjust >= 0"
             )
         if c.loss not in ("mse", "cosine"):
             raise ConfigError(f"aasp.loss={c.loss!r}: choose mse or cosine")

@@ -8,6 +8,9 @@ Input is a normalised log-mel ``[B, n_mels, T]``. The stem (``atst_jax.models.st
 positions. The trunk is pre-norm blocks (exact GELU, LayerNorm eps 1e-6, qkv bias off for ATST, on for
 ASiT, −10000 on padded keys) and a final LayerNorm.
 
+``trunk(collect_layers=...)`` also returns one stack per block: the blocks' outputs, or (``"ffn"``) their
+feed-forward outputs before the residual add, which data2vec 2.0 / EAT / AaSP average into teacher targets.
+
 ``__call__`` is ``embed`` then ``trunk``. ``trunk`` also runs on any ``[B, K, D]`` set of already-embedded
 tokens, so methods that drop masked tokens (data2vec 2.0 / EAT / AaSP) take each copy's visible tokens from
 ``embed_visible`` (the crop embedded once, the tokens keeping the positions they were given; an AaPE branch
@@ -197,14 +200,20 @@ class FrameAST(nnx.Module):
         return jnp.arange(n)[None, :] < valid[:, None]
 
     # --- trunk: blocks ----------------------------------------------------------------------------------
-    def trunk(self, x, valid=None, *, train: bool = False, key=None, collect_layers: bool = False):
+    def trunk(self, x, valid=None, *, train: bool = False, key=None, collect_layers: bool | str = False):
         """Runs the blocks and the final norm on embedded tokens ``x [B, K, D]`` (positions already added).
 
         ``K`` is any token count: the full sequence, or a gathered subset of it. ``valid [B, K]`` (bool)
         marks the real tokens; the others are padding, excluded as keys by a −10000 logit bias (None = all
         real). With ``train`` and a ``key``, drop-path is active. Returns final-normed tokens
-        ``[B, K, D]``; with ``collect_layers`` also every block's output ``[L, B, K, D]`` (before the norm).
+        ``[B, K, D]``; with ``collect_layers`` also one ``[L, B, K, D]`` stack per block:
+
+        - ``True`` or ``"block"``: each block's output (the residual stream after the block, before the
+          final norm);
+        - ``"ffn"``: each block's feed-forward output, ``fc2(GELU(fc1(LN(h))))`` after its drop-path and
+          before the residual add (data2vec 2.0 / EAT's teacher targets; see ``_block_with_ffn``).
         """
+        collect = _collect_kind(collect_layers)
         cfg = self.cfg
         x = constrain(x, RESIDUAL)
         if valid is None:
@@ -218,8 +227,12 @@ class FrameAST(nnx.Module):
 
         def body(h, layer):
             params, rate, k = layer
-            h = constrain(nnx.merge(graphdef, params)(h, bias, rate, k, train, cfg.attention), RESIDUAL)
-            return h, (h if collect_layers else None)
+            block = nnx.merge(graphdef, params)
+            if collect == "ffn":
+                h, ffn = _block_with_ffn(block, h, bias, rate, k, train, cfg.attention)
+                return constrain(h, RESIDUAL), ffn
+            h = constrain(block(h, bias, rate, k, train, cfg.attention), RESIDUAL)
+            return h, (h if collect else None)
 
         if cfg.remat != "none":
             if cfg.remat not in _REMAT_POLICIES:
@@ -234,18 +247,19 @@ class FrameAST(nnx.Module):
             for i in range(cfg.depth):
                 x, y = body(x, (jax.tree.map(lambda a, i=i: a[i], stacked), rates[i], keys[i]))
                 outs.append(y)
-            layers = jnp.stack(outs) if collect_layers else None
+            layers = jnp.stack(outs) if collect else None
         out = self.norm(x)
-        return (out, layers) if collect_layers else out
+        return (out, layers) if collect else out
 
     def __call__(
-        self, spec, length, mask=None, *, train: bool = False, key=None, collect_layers: bool = False
+        self, spec, length, mask=None, *, train: bool = False, key=None, collect_layers: bool | str = False
     ):
         """Encodes ``spec [B, F, T]`` with valid frames ``length [B]``: ``trunk(embed(spec, mask))``.
 
         ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed``. With ``train`` and a ``key``,
         drop-path is active. Returns final-normed tokens ``[B, N(+1), D]``; with ``collect_layers`` also
-        every block's output ``[L, B, N(+1), D]`` (before the final norm).
+        every block's output ``[L, B, N(+1), D]`` (``True`` / ``"block"``: before the final norm;
+        ``"ffn"``: the feed-forward outputs before the residual add, see ``trunk``).
         """
         x = self.embed(spec, mask, length)
         valid = self.valid_mask(length, x.shape[1])
@@ -260,6 +274,30 @@ class FrameAST(nnx.Module):
 
 
 Encoder = FrameAST  # the generic name: the same class builds every stem
+
+
+def _collect_kind(collect_layers) -> str | None:
+    """``collect_layers`` → None (collect nothing), ``"block"`` or ``"ffn"``."""
+    if not isinstance(collect_layers, str):
+        return "block" if collect_layers else None
+    if collect_layers in ("block", "ffn"):
+        return collect_layers
+    raise ValueError(f"collect_layers must be False, True, 'block' or 'ffn', got {collect_layers!r}")
+
+
+def _block_with_ffn(block: Block, x, key_bias, rate, key, train: bool, attention: str):
+    """``Block.__call__`` step by step, also returning the feed-forward branch (after drop-path, before the
+    residual add): ``(x_out, ffn)``. The same operations in the same order as ``Block.__call__``, so
+    ``x_out`` is bit-identical to it (tests/test_aasp.py checks both against a NumPy forward)."""
+    y = block.attn(block.norm1(x), key_bias, attention)
+    if train:
+        k1, k2 = jax.random.split(key)
+        y = drop_path(y, rate, k1)
+    x = x + y
+    y = block.mlp(block.norm2(x))
+    if train:
+        y = drop_path(y, rate, k2)
+    return x + y, y
 
 
 def count_params(module: nnx.Module) -> int:

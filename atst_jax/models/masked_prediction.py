@@ -1,7 +1,9 @@
 """Parts of data2vec 2.0 / EAT-style masked prediction that any method can compose (AaSP uses all three):
 
-- ``layer_targets``: the teacher's targets — the top-k block outputs, each instance-normalised over the
-  tokens of a clip (per channel), averaged, then a LayerNorm without affine parameters per token;
+- ``layer_targets``: the teacher's targets — the top-k per-block outputs (the blocks' outputs, or with
+  ``FrameAST(collect_layers="ffn")`` their feed-forward outputs before the residual add, as data2vec 2.0 /
+  EAT), each instance-normalised over the tokens of a clip (per channel), averaged, then a LayerNorm without
+  affine parameters per token;
 - ``CrossPredictor``: a cross-attention decoder whose queries are positional embeddings of the positions to
   predict and whose keys/values are the visible student tokens; queries never attend to each other, so one
   query's answer depends only on its position and the visible set;
@@ -40,16 +42,19 @@ def layer_norm_plain(x, eps: float = 1e-6):
     return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
-def layer_targets(layers, top_k: int, weights=None, *, instance_norm_layers=True, final_norm=True):
-    """Targets ``[B, N, D]`` from block outputs ``layers [L, B, N, D]`` (patch tokens only): the mean of the
-    last ``top_k`` layers, each instance-normalised (``instance_norm_layers``), then a plain LayerNorm per
-    token (``final_norm``). Returned under ``stop_gradient``."""
+def layer_targets(
+    layers, top_k: int, weights=None, *, instance_norm_layers=True, final_norm=True, final_norm_eps=1e-6
+):
+    """Targets ``[B, N, D]`` from per-block outputs ``layers [L, B, N, D]`` (patch tokens only): the mean of
+    the last ``top_k`` layers, each instance-normalised (``instance_norm_layers``, eps 1e-5), then a plain
+    LayerNorm per token (``final_norm``, eps ``final_norm_eps``; data2vec 2.0 / EAT use PyTorch's
+    ``F.layer_norm`` default, 1e-5). Returned under ``stop_gradient``."""
     top = layers[-top_k:]
     if instance_norm_layers:
         top = jax.vmap(lambda y: instance_norm(y, weights))(top)
     y = jnp.mean(top.astype(jnp.float32), axis=0)
     if final_norm:
-        y = layer_norm_plain(y)
+        y = layer_norm_plain(y, final_norm_eps)
     return jax.lax.stop_gradient(y)
 
 
