@@ -65,6 +65,7 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 from conftest import config_path  # noqa: E402
 
+from atst_jax import bench_parity  # noqa: E402
 from atst_jax import sharding as shd  # noqa: E402
 from atst_jax.checkpoint import from_pure, to_pure  # noqa: E402
 from atst_jax.export import convert, torch_encoder  # noqa: E402
@@ -216,33 +217,10 @@ def our_trainer(seconds, monkeypatch):
 
 
 def random_tree(abstract, rng):
-    """Plain nested dict of random float32 arrays shaped like ``abstract`` (an ``nnx.State``).
-
-    Parameters: LayerNorm / BatchNorm scales ``1 + 0.1·N``, biases ``0.1·N``, the encoder's matrices and
-    embeddings ``0.02·N`` (its init scale), the heads' ``N / sqrt(fan_in)`` (PyTorch's Linear scale) — so a
-    swapped weight / bias, transpose or head order changes numbers. BatchNorm statistics: running mean
-    ``0.1·N``, running variance in [0.5, 1.5], ``num_batches_tracked`` 5."""
-
-    def draw(path, leaf):
-        name = path[-1].key
-        shape = leaf.shape
-        if name == "num_batches_tracked":
-            return np.full(shape, 5, np.int32)
-        if name == "running_var":
-            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        if name == "running_mean":
-            return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-        if name == "scale":
-            x = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name == "bias":
-            x = 0.1 * rng.standard_normal(shape)
-        elif path[0].key == "encoder":
-            x = 0.02 * rng.standard_normal(shape)
-        else:  # head kernels [in, out]
-            x = rng.standard_normal(shape) / np.sqrt(shape[0])
-        return x.astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, to_pure(abstract))
+    """Random weights shaped like ``abstract`` (an ``nnx.State``): ``bench_parity.random_tree`` of its pure
+    tree (scales, biases, encoder and head matrices and BatchNorm statistics each at their own scale, so a
+    swapped weight / bias, a transpose or a head mix-up changes numbers)."""
+    return bench_parity.random_tree(to_pure(abstract), rng)
 
 
 def crops(trainer, rng):
@@ -254,14 +232,7 @@ def crops(trainer, rng):
     return batch
 
 
-def rel_err(ours, theirs) -> float:
-    """``‖ours − theirs‖ / ‖theirs‖``."""
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
-
-
-def norm(x) -> float:
-    return float(np.linalg.norm(np.asarray(x, np.float64)))
+rel_err, norm = bench_parity.rel_err, bench_parity.norm
 
 
 # Gradients that are zero in exact arithmetic on both sides, so only their size is checked: ATST-Clip masks
