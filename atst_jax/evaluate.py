@@ -429,6 +429,17 @@ def _make_epoch(n: int, batch: int, steps_total: int, softmax: bool, mesh):
     return jax.jit(epoch), adam
 
 
+def _training_arrays(x, y, mesh):
+    """``(x, y)`` as float32 arrays (refused when empty) and the mesh a probe trains on (all devices on
+    ``data`` unless one is given)."""
+    from atst_jax import sharding
+
+    x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+    if x.shape[0] == 0:
+        raise EvalError("no training examples")
+    return x, y, mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+
+
 def train_probe(
     x: np.ndarray,
     y: np.ndarray,
@@ -446,16 +457,8 @@ def train_probe(
     """Trains one probe per learning rate on ``x [N, C]`` / ``y [N, K]`` (one-hot for ``softmax``, else
     multi-hot) and returns the state with the best ``validate(probe) -> float`` (higher is better) over all
     learning rates and evaluations (every ``eval_every`` epochs and at the end; ties keep the earlier)."""
-    from atst_jax import sharding
-
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.float32)
-    n, c = x.shape
-    k = y.shape[1]
-    if n == 0:
-        raise EvalError("no training examples")
-    mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    ndev = mesh.devices.size
+    x, y, mesh = _training_arrays(x, y, mesh)
+    (n, c), k, ndev = x.shape, y.shape[1], mesh.devices.size
     batch = -(-min(batch, n) // ndev) * ndev  # whole batches on every device (wrapped examples fill it)
     eval_every = eval_every or max(1, epochs // 10)
     steps_total = epochs * -(-n // batch)
@@ -617,16 +620,8 @@ def train_official(
     ``recipe.lr_batch_scaled``); the state with the best ``validate(probe)`` (higher is better) over all
     runs and evaluations is kept, a run stopping after ``recipe.patience`` evaluations without a better
     score."""
-    from atst_jax import sharding
-
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.float32)
-    n, c = x.shape
-    k = y.shape[1]
-    if n == 0:
-        raise EvalError("no training examples")
-    mesh = mesh if mesh is not None else sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    ndev = mesh.devices.size
+    x, y, mesh = _training_arrays(x, y, mesh)
+    (n, c), k, ndev = x.shape, y.shape[1], mesh.devices.size
     batch = min(batch, n)
     steps = -(-n // batch)
     epoch_fn = _make_official_epoch(softmax, recipe, mesh)
