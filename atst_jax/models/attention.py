@@ -165,6 +165,11 @@ class Block(nnx.Module):
         self.mlp = Mlp(dim, mlp_dim, rngs=rngs)
 
     def __call__(self, x, key_bias, rate, key, train: bool, attention: str = "xla"):
+        return self.with_ffn(x, key_bias, rate, key, train, attention)[0]
+
+    def with_ffn(self, x, key_bias, rate, key, train: bool, attention: str = "xla"):
+        """``(block output, feed-forward branch)``: the branch after drop-path and before the residual add
+        (data2vec 2.0 / EAT's targets). XLA drops the second output where only the first is used."""
         y = self.attn(self.norm1(x), key_bias, attention)
         if train:
             k1, k2 = jax.random.split(key)
@@ -173,7 +178,7 @@ class Block(nnx.Module):
         y = self.mlp(self.norm2(x))
         if train:
             y = drop_path(y, rate, k2)
-        return x + y
+        return x + y, y
 
 
 class CrossBlock(nnx.Module):

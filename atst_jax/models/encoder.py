@@ -211,7 +211,7 @@ class FrameAST(nnx.Module):
         - ``True`` or ``"block"``: each block's output (the residual stream after the block, before the
           final norm);
         - ``"ffn"``: each block's feed-forward output, ``fc2(GELU(fc1(LN(h))))`` after its drop-path and
-          before the residual add (data2vec 2.0 / EAT's teacher targets; see ``_block_with_ffn``).
+          before the residual add (data2vec 2.0 / EAT's teacher targets; ``Block.with_ffn``).
         """
         collect = _collect_kind(collect_layers)
         cfg = self.cfg
@@ -229,7 +229,7 @@ class FrameAST(nnx.Module):
             params, rate, k = layer
             block = nnx.merge(graphdef, params)
             if collect == "ffn":
-                h, ffn = _block_with_ffn(block, h, bias, rate, k, train, cfg.attention)
+                h, ffn = block.with_ffn(h, bias, rate, k, train, cfg.attention)
                 return constrain(h, RESIDUAL), ffn
             h = constrain(block(h, bias, rate, k, train, cfg.attention), RESIDUAL)
             return h, (h if collect else None)
@@ -283,21 +283,6 @@ def _collect_kind(collect_layers) -> str | None:
     if collect_layers in ("block", "ffn"):
         return collect_layers
     raise ValueError(f"collect_layers must be False, True, 'block' or 'ffn', got {collect_layers!r}")
-
-
-def _block_with_ffn(block: Block, x, key_bias, rate, key, train: bool, attention: str):
-    """``Block.__call__`` step by step, also returning the feed-forward branch (after drop-path, before the
-    residual add): ``(x_out, ffn)``. The same operations in the same order as ``Block.__call__``, so
-    ``x_out`` is bit-identical to it (tests/test_aasp.py checks both against a NumPy forward)."""
-    y = block.attn(block.norm1(x), key_bias, attention)
-    if train:
-        k1, k2 = jax.random.split(key)
-        y = drop_path(y, rate, k1)
-    x = x + y
-    y = block.mlp(block.norm2(x))
-    if train:
-        y = drop_path(y, rate, k2)
-    return x + y, y
 
 
 def count_params(module: nnx.Module) -> int:
