@@ -534,20 +534,26 @@ def atst_frame_compare(trainer, ours: dict, theirs: Theirs):
     return pairs, state, scalars, counts
 
 
+ATST_FRAME_GROUPS = (
+    (r"encoder\.patch_embed\.", "patch_embed"),
+    (r"encoder\.mask_embed", "mask_embed"),
+    (r"encoder\.pos_embed", "pos_embed"),
+    (r"encoder\.blocks\.\d+\.(norm1|attn)\.", "blocks.attn"),
+    (r"encoder\.blocks\.\d+\.(norm2|mlp)\.", "blocks.mlp"),
+    (r"encoder\.norm_frame\.", "final_norm"),
+    (r"projector\.", "projector"),
+    (r"predictor\.", "predictor"),
+)
+
+
+def tensor_group(name: str, groups) -> str:
+    """The group of the first ``(pattern, group)`` of ``groups`` whose pattern matches the official tensor
+    name at its start; ``other`` when none does."""
+    return next((group for pat, group in groups if re.match(pat, name)), "other")
+
+
 def atst_frame_group(name: str) -> str:
-    for pat, group in (
-        (r"encoder\.patch_embed\.", "patch_embed"),
-        (r"encoder\.mask_embed", "mask_embed"),
-        (r"encoder\.pos_embed", "pos_embed"),
-        (r"encoder\.blocks\.\d+\.(norm1|attn)\.", "blocks.attn"),
-        (r"encoder\.blocks\.\d+\.(norm2|mlp)\.", "blocks.mlp"),
-        (r"encoder\.norm_frame\.", "final_norm"),
-        (r"projector\.", "projector"),
-        (r"predictor\.", "predictor"),
-    ):
-        if re.match(pat, name):
-            return group
-    return "other"
+    return tensor_group(name, ATST_FRAME_GROUPS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -825,22 +831,22 @@ def asit_compare(trainer, ours: dict, theirs: Theirs):
     return pairs, state, scalars, {}
 
 
+ASIT_GROUPS = (
+    (r"backbone\.patch_embed\.", "patch_embed"),
+    (r"backbone\.cls_token", "cls_token"),
+    (r"backbone\.pos_embed", "pos_embed"),
+    (r"backbone\.blocks\.\d+\.(norm1|attn)\.", "blocks.attn"),
+    (r"backbone\.blocks\.\d+\.(norm2|mlp)\.", "blocks.mlp"),
+    (r"backbone\.norm\.", "final_norm"),
+    (r"head_cls\.mlp\.", "dino_head.mlp"),
+    (r"head_cls\.(cls|data)_layer\.", "dino_head.prototypes"),
+    (r"head_recons\.mlp\.", "rec_head.mlp"),
+    (r"head_recons\.convTrans\.", "rec_head.deconv"),
+)
+
+
 def asit_group(name: str) -> str:
-    for pat, group in (
-        (r"backbone\.patch_embed\.", "patch_embed"),
-        (r"backbone\.cls_token", "cls_token"),
-        (r"backbone\.pos_embed", "pos_embed"),
-        (r"backbone\.blocks\.\d+\.(norm1|attn)\.", "blocks.attn"),
-        (r"backbone\.blocks\.\d+\.(norm2|mlp)\.", "blocks.mlp"),
-        (r"backbone\.norm\.", "final_norm"),
-        (r"head_cls\.mlp\.", "dino_head.mlp"),
-        (r"head_cls\.(cls|data)_layer\.", "dino_head.prototypes"),
-        (r"head_recons\.mlp\.", "rec_head.mlp"),
-        (r"head_recons\.convTrans\.", "rec_head.deconv"),
-    ):
-        if re.match(pat, name):
-            return group
-    return "other"
+    return tensor_group(name, ASIT_GROUPS)
 
 
 # ----------------------------------------------------------------------------------------------------------
