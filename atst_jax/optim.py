@@ -112,7 +112,7 @@ def clip_gradients(grads, mode: str, max_norm: float, layers=None):
     raise ValueError(f"grad_clip must be one of {GRAD_CLIPS}, got {mode!r}")
 
 
-ADAMW_FLAVOURS = ("transformers", "torch")
+ADAMW_FLAVOURS = ("transformers", "torch", "fairseq")
 
 
 def hf_adamw(
@@ -128,13 +128,16 @@ def hf_adamw(
     flavour="transformers",
 ) -> optax.GradientTransformation:
     """AdamW as ``transformers.AdamW(correct_bias=True)`` (``flavour="transformers"``, the ATST recipes) or as
-    ``torch.optim.AdamW`` (``flavour="torch"``, the DINO/ASiT recipes); ``lr_fn``/``wd_fn`` map the step index
+    ``torch.optim.AdamW`` (``flavour="torch"``, the DINO/ASiT recipes) or as fairseq's ``adam`` with weight
+    decay (``flavour="fairseq"``, EAT / data2vec 2.0, the AaSP anchor); ``lr_fn``/``wd_fn`` map the step index
     to a value.
 
     The two differ in where eps and the decay sit: transformers adds eps to ``sqrt(v)`` before the bias
     correction is folded into the step size and decays the *updated* parameter; torch adds eps to the
     bias-corrected ``sqrt(v̂)`` and decays the parameter *before* the Adam step (``p ← p·(1 − lr·wd)``, then
-    ``p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)``). ``mask`` is a pytree of bools (same structure
+    ``p ← p − lr/(1−β1^t) · m / (sqrt(v)/sqrt(1−β2^t) + eps)``). fairseq takes one from each: eps before the
+    bias correction as transformers, the decay on the parameter before the step as torch. ``mask`` is a pytree
+    of bools (same structure
     as params) selecting the weight-decayed group; gradients are clipped first (``clip_gradients``, per layer
     of stacked parameters as ``layer_dims`` of ``params`` says) when ``grad_clip`` is not ``none``. The state
     layout is the same for both flavours.
@@ -166,8 +169,13 @@ def hf_adamw(
         adam = jax.tree.map(lambda m, v: -step_size * m / (jnp.sqrt(v) + eps), mu, nu)
 
         def with_decay(u, p, d):
+            if not d:
+                return u
+            if flavour == "fairseq":
+                # p_new = p·(1 − lr·wd) + u  ⇔  update = u − lr·wd·p
+                return u - lr * wd * p
             # p_new = (p + u) * (1 - lr·wd)  ⇔  update = u − lr·wd·(p + u)
-            return (u - lr * wd * (p + u)) if d else u
+            return u - lr * wd * (p + u)
 
         updates = jax.tree.map(with_decay, adam, params, decay)
         return updates, HFAdamWState(t, mu, nu)

@@ -71,7 +71,7 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             wd_start=0.04,
             wd_end=0.4,
             wd_schedule="cosine",  # cosine (wd_start → wd_end) | constant (wd_start)
-            adamw="transformers",  # transformers (ATST) | torch (torch.optim.AdamW: DINO, ASiT)
+            adamw="transformers",  # transformers (ATST) | torch (torch.optim.AdamW: DINO, ASiT) | fairseq (EAT)
             grad_clip="none",  # none | global_norm | per_param (before AdamW)
             clip_norm=0.0,
             ema=0.99,  # teacher momentum at step 0 (the method's schedule takes it from there)
@@ -170,8 +170,9 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
 
 def eat_vit(c, frames: int):
     """The 2-D patch ViT of EAT / AaSP on ``frames``-frame crops of the 128-bin Kaldi fbank at 32 kHz: 16 × 16
-    patches, a CLS token, qkv bias, fixed 2-D sin-cos positions; EAT's optimiser (``torch.optim.AdamW``,
-    β (0.9, 0.95), constant weight decay 0.05, global gradient-norm clipping at 4)."""
+    patches, a CLS token, qkv bias, fixed 2-D sin-cos positions; EAT's optimiser (fairseq's ``adam``: eps
+    before the bias correction, decay before the step; β (0.9, 0.95), constant weight decay 0.05, global
+    gradient-norm clipping at 4)."""
     c.model.update(
         n_mels=128,
         stem="patch2d",
@@ -182,7 +183,7 @@ def eat_vit(c, frames: int):
         pos_embed="sincos2d",
     )
     c.optim.update(
-        adamw="torch", b1=0.9, b2=0.95, eps=1e-6, wd_start=0.05, wd_schedule="constant",
+        adamw="fairseq", b1=0.9, b2=0.95, eps=1e-6, wd_start=0.05, wd_schedule="constant",
         grad_clip="global_norm", clip_norm=4.0, final_lr=1e-6,
     )  # fmt: skip
     c.data.update(sample_rate=32000, hop_length=320)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from atst_jax import optim
@@ -32,8 +33,9 @@ def test_schedules_match_official_arrays():
     assert optim.peak_lr(4e-4, 1024) == 1.6e-3
 
 
-def _hf_adamw_numpy(params, grads_seq, lrs, wds, decay, b1=0.9, b2=0.999, eps=1e-6):
-    """transformers.AdamW.step (correct_bias=True), weight decay added at the end, per parameter."""
+def _hf_adamw_numpy(params, grads_seq, lrs, wds, decay, b1=0.9, b2=0.999, eps=1e-6, decay_first=False):
+    """transformers.AdamW.step (correct_bias=True), weight decay added at the end, per parameter.
+    ``decay_first``: fairseq's ``adam`` (``p -= lr·wd·p`` before the same Adam step)."""
     p = {k: v.astype(np.float64).copy() for k, v in params.items()}
     m = {k: np.zeros_like(v) for k, v in p.items()}
     v = {k: np.zeros_like(x) for k, x in p.items()}
@@ -43,13 +45,18 @@ def _hf_adamw_numpy(params, grads_seq, lrs, wds, decay, b1=0.9, b2=0.999, eps=1e
             v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
             denom = np.sqrt(v[k]) + eps
             step_size = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+            if decay[k] and decay_first:
+                p[k] = p[k] - lr * wd * p[k]
             p[k] = p[k] - step_size * m[k] / denom
-            if decay[k]:
+            if decay[k] and not decay_first:
                 p[k] = p[k] - lr * wd * p[k]
     return p
 
 
-def test_hf_adamw_matches_transformers_algorithm():
+@pytest.mark.parametrize("flavour", ["transformers", "fairseq"])
+def test_hf_adamw_matches_transformers_and_fairseq_algorithms(flavour):
+    """transformers.AdamW (ATST) and fairseq's adam (EAT, AaSP's anchor) step by step; the two place the decay
+    differently, so each flavour must also be off the other's reference."""
     rng = np.random.default_rng(0)
     raw = {
         "kernel": rng.normal(size=(3, 4)).astype(np.float32),
@@ -64,7 +71,10 @@ def test_hf_adamw_matches_transformers_algorithm():
     lrs = [0.0, 1e-2, 5e-3, 2e-2, 1e-3]
     wds = [0.04, 0.1, 0.2, 0.3, 0.4]
     tx = optim.hf_adamw(
-        lambda s: jnp.asarray(lrs)[s], lambda s: jnp.asarray(wds)[s], mask=optim.decay_mask(params)
+        lambda s: jnp.asarray(lrs)[s],
+        lambda s: jnp.asarray(wds)[s],
+        mask=optim.decay_mask(params),
+        flavour=flavour,
     )
     state = tx.init(params)
     grads_seq = []
@@ -74,9 +84,12 @@ def test_hf_adamw_matches_transformers_algorithm():
         grads = nnx.State({k: params.raw_mapping[k].replace(jnp.asarray(g[k])) for k in g})
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
-    ref = _hf_adamw_numpy(raw, grads_seq, lrs, wds, {"kernel": True, "bias": False})
+    decay = {"kernel": True, "bias": False}
+    ref = _hf_adamw_numpy(raw, grads_seq, lrs, wds, decay, decay_first=flavour == "fairseq")
+    other = _hf_adamw_numpy(raw, grads_seq, lrs, wds, decay, decay_first=flavour != "fairseq")
     for k in raw:
         np.testing.assert_allclose(np.asarray(params[k].get_value()), ref[k], rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(params["kernel"].get_value()) - other["kernel"]).max() > 1e-6
 
 
 def test_weight_decay_groups():
