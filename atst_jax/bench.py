@@ -1,166 +1,36 @@
-"""Benchmarks.
+"""Benchmarks: one command, four suites (their code is in ``atst_jax/tools/``).
 
-    python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5] [--chip h100]
-        [--set model.dtype=bfloat16 ...]
-    python -m atst_jax.bench data [...]      (input pipeline and preparation throughput)
-    python -m atst_jax.bench gpu [--dry-run] [--official PATH] [...]   (accelerator suite, bench_gpu.py)
-    python -m atst_jax.bench parity --official PATH --config configs/M.py:V [...]   (bench_parity.py)
-
-``step`` times the full jitted train step of the config's method (teacher and student over all its views,
-heads, optimizer, EMA) on random log-mels of the method's crop lengths, after compilation and warm-up, and
-prints seconds per step and clips per second.
-Nothing is read from disk, so the figure is the compute cost alone.
+python -m atst_jax.bench step --config configs/atst_frame.py:small --batch 8 [--steps 5] [--chip h100]
+    [--set model.dtype=bfloat16 ...]                                   (tools/bench_step.py)
+python -m atst_jax.bench data [...]      (input pipeline and preparation throughput, tools/bench_data.py)
+python -m atst_jax.bench gpu [--dry-run] [--official PATH] [...]   (accelerator suite, tools/bench_gpu.py)
+python -m atst_jax.bench parity --official PATH --config configs/M.py:V [...]   (tools/bench_parity.py)
 """
 
 from __future__ import annotations
 
-import statistics
+import importlib
 import sys
-import time
 
-import jax
-
-
-def make_config(config_spec: str, batch: int, sets=()):
-    """The config at ``batch`` clips with ``KEY=VALUE`` overrides, checked for all devices (also used by
-    ``atst_jax.bench_gpu`` and its planner rows)."""
-    from atst_jax.sharding import ConfigError
-    from atst_jax.train import check_config, load_config
-
-    config = load_config(config_spec)
-    config.train.global_batch = batch
-    config.train.steps = max(config.train.steps, 1000)
-    for override in sets or []:
-        key, sep, value = override.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            current = node[leaf]
-            node[leaf] = type(current)(value) if not isinstance(current, bool) else value.lower() == "true"
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            if not sep:
-                raise ConfigError(
-                    f"--set {override!r}: want KEY=VALUE, e.g. model.scan_layers=false"
-                ) from None
-            raise ConfigError(f"--set {override!r}: {type(e).__name__}: {e}") from None
-    check_config(config, jax.device_count())
-    return config
-
-
-def make_trainer(config_spec: str, batch: int, sets=()):
-    """``(config, trainer)`` for timing: ``make_config`` on a mesh of all devices."""
-    from atst_jax import sharding as shd
-    from atst_jax.train import Trainer
-
-    config = make_config(config_spec, batch, sets)
-    return config, Trainer(config, shd.make_mesh(config.mesh))
-
-
-def bench_step(args) -> dict:
-    config, trainer = make_trainer(args.config, args.batch, args.set)
-    state = trainer.init(config.seed)
-    step_fn = trainer.jit_train_step()
-    # The method's own inputs (crop names and lengths), random log-mels, full lengths.
-    host = trainer.synthetic_batch(0)
-    frames = {c.name: c.frames for c in trainer.method.inputs()}
-    batch = {k: jax.device_put(v, trainer.batch_shardings[k]) for k, v in host.items()}
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    from atst_jax.flops import CHIPS, chip_from_device
-
-    tflops = trainer.step_flops / jax.device_count() / med / 1e12  # analytic, per device
-    chip = args.chip or chip_from_device(jax.devices()[0])
-    mfu = tflops / CHIPS[chip]["peak_tflops"] if chip else None
-    result = {
-        "config": args.config,
-        "batch": args.batch,
-        "method": config.method,
-        "frames": frames,
-        "devices": jax.device_count(),
-        "backend": jax.default_backend(),
-        "compile_s": compile_s,
-        "step_s_median": med,
-        "step_s_min": min(times),
-        "step_s_max": max(times),
-        "clips_per_s": args.batch / med,
-        "tflops_per_device": tflops,
-        "chip": chip,
-        "mfu": mfu,
-    }
-    print(
-        f"{args.config} batch {args.batch} x {frames} frames on {result['devices']} {result['backend']} device(s): "
-        f"{med:.3f} s/step (min {min(times):.3f}, max {max(times):.3f}, {args.steps} steps), "
-        f"{result['clips_per_s']:.2f} clips/s, {tflops:.2f} TFLOP/s per device"
-        + (f", MFU {mfu:.1%} of {chip}'s bf16 peak" if chip else "")
-        + f", compile {compile_s:.1f} s"
-    )
-    return result
+SUITES = {
+    "step": ("bench_step", "time the full train step"),
+    "data": ("bench_data", "input pipeline and preparation throughput"),
+    "gpu": ("bench_gpu", "accelerator suite: bf16 step variants, official PyTorch step"),
+    "parity": ("bench_parity", "one step of ours against the official PyTorch step, same weights and inputs"),
+}
 
 
 def main(argv=None):
-    from atst_jax.cli import ArgumentParser, fail
+    from atst_jax.cli import ArgumentParser
 
     parser = ArgumentParser(prog="python -m atst_jax.bench")
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("step", help="time the full train step")
-    p.add_argument("--config", required=True)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chip", default="", help="peak for the MFU: v4 v5e v5p v6e h100 h200 (default: detect)")
-    p.add_argument("--set", action="append", help="config override KEY=VALUE (e.g. model.scan_layers=false)")
-    sub.add_parser(
-        "data",
-        help="input pipeline and preparation throughput (see atst_jax/data/bench_data.py)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "gpu",
-        help="accelerator suite: bf16 step variants, official PyTorch step (bench_gpu.py)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "parity",
-        help="one step of ours against the official PyTorch step, same weights and inputs (bench_parity.py)",
-        add_help=False,
-    )
+    for name, (module, help_) in SUITES.items():
+        # Each suite parses its own flags (``python -m atst_jax.bench NAME --help``).
+        sub.add_parser(name, help=f"{help_} (atst_jax/tools/{module}.py)", add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.what == "data":
-        from atst_jax.data import bench_data
-
-        return bench_data.main(rest)
-    if args.what == "gpu":
-        from atst_jax import bench_gpu
-
-        return bench_gpu.main(rest)
-    if args.what == "parity":
-        from atst_jax import bench_parity
-
-        return bench_parity.main(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    from atst_jax.sharding import ConfigError
-
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        return fail("--batch and --steps must be positive, --warmup >= 0")
-    try:
-        bench_step(args)
-    except ConfigError as e:
-        return fail(e)
-    return 0
+    module = importlib.import_module(f"atst_jax.tools.{SUITES[args.what][0]}")
+    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ import pytest
 from conftest import ROOT, cli_env
 from flax import nnx
 
-from atst_jax import bench_gpu
 from atst_jax.models.attention import Attention, key_bias
 from atst_jax.models.encoder import EncoderConfig, FrameAST
+from atst_jax.tools import bench_gpu
 
 # A bare git mirror of Audio-WestlakeU/audiossl, from the environment only (no machine path in the project).
 MIRROR = os.environ.get("ATST_OFFICIAL_MIRROR", "")

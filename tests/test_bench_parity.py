@@ -16,7 +16,8 @@ import sys
 import pytest
 from conftest import ROOT, cli_env, config_path
 
-from atst_jax import bench, bench_parity
+from atst_jax import bench
+from atst_jax.tools import bench_parity
 
 
 def _checkout(var: str, what: str) -> str:

@@ -259,7 +259,7 @@ def test_stop_and_resume_gives_the_digest_of_an_uninterrupted_run(name, tmp_path
 def test_the_official_step_inputs_come_from_the_method_contract():
     """``bench_gpu`` times the official PyTorch step only for a method that names its inputs; the others get
     a one-line refusal, whatever the method is called."""
-    from atst_jax import bench_gpu
+    from atst_jax.tools import bench_gpu
 
     for name in METHODS:
         config = tiny(name)

@@ -65,11 +65,11 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 from conftest import config_path  # noqa: E402
 
-from atst_jax import bench_parity  # noqa: E402
 from atst_jax import sharding as shd  # noqa: E402
 from atst_jax.checkpoint import from_pure, to_pure  # noqa: E402
 from atst_jax.export import convert, torch_encoder  # noqa: E402
 from atst_jax.methods.atst_clip import CROPS  # noqa: E402
+from atst_jax.tools import bench_parity  # noqa: E402
 from atst_jax.train import Trainer, ema_update, load_config  # noqa: E402
 
 OFFICIAL_VERSION = "0.1"

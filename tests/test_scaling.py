@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from atst_jax import scaling, sweep
+from atst_jax.tools import scaling, sweep
 
 CONFIG = "configs/atst_frame.py:tiny"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from atst_jax import sweep
+from atst_jax.tools import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/atst_frame.py:tiny"

@@ -1,6 +1,6 @@
 """Data benchmarks: the host input pipeline and dataset preparation, per CPU core.
 
-    python -m atst_jax.data.bench_data [--clips 512] [--batch 64] [--crops spec:1001] \\
+    python -m atst_jax.bench data [--clips 512] [--batch 64] [--crops spec:1001] \\
         [--prep_files 48] [--audio_format wav|flac] [--audio_sr 16000] [--repeats 3]
 
 (a) pipeline: clips/s of `make_dataset` (decode record → random crops → normalise → batch) over 10 s 64-mel
@@ -175,7 +175,7 @@ def bench_prepare(workdir: str, files: int, audio_format: str, sample_rate: int,
 def main(argv=None) -> int:
     from atst_jax.cli import ArgumentParser, fail
 
-    p = ArgumentParser(prog="python -m atst_jax.data.bench_data", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m atst_jax.bench data", description=__doc__.split("\n\n")[0])
     p.add_argument("--what", choices=("all", "pipeline", "prepare"), default="all")
     p.add_argument("--clips", type=int, default=2048, help="(a) records in the benchmark dataset")
     p.add_argument("--batch", type=int, default=64)

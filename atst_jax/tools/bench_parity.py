@@ -6,7 +6,7 @@
         --set model.depth=2 --set asit.crop_frames=64
 
 ``PATH`` is the user's checkout of the official code: github.com/Audio-WestlakeU/audiossl for ATST-Frame
-(its modules are imported through ``atst_jax.bench_official.load_official``), github.com/Sara-Ahmed/ASiT for
+(its modules are imported through ``atst_jax.tools.bench_official.load_official``), github.com/Sara-Ahmed/ASiT for
 ASiT (``vision_transformer.py``, ``losses.py``, ``utils.py`` and ``FullPipeline`` of ``main_ASiT.py``).
 Nothing of either is part of this project. Keep the model small (``:tiny`` or ``:small`` at
 ``--set model.depth=2``, short crops): the official side runs on the CPU.
@@ -180,7 +180,7 @@ def recording(fn, sink: list):
 
 def our_config(config_spec: str, batch: int, sets):
     """The config at ``batch`` with the overrides, drop-path 0, float32 (identity views for ATST-Frame)."""
-    from atst_jax.bench import make_config
+    from atst_jax.tools.bench_step import make_config
 
     config = make_config(config_spec, batch, sets)
     if config.method not in METHODS:
@@ -388,7 +388,7 @@ def atst_frame_export(tree, stats) -> dict:
 def atst_frame_official(path: str, trainer, ours: dict, host: dict, step: int) -> Theirs:
     import torch
 
-    from atst_jax import bench_official
+    from atst_jax.tools import bench_official
 
     adamw, which = _transformers_adamw(torch)  # before load_official stubs transformers
     model_mod, byol, common, stubs = bench_official.load_official(path)
@@ -567,7 +567,7 @@ def load_official_asit(path: str):
     (``utils``, ``losses``) are taken off ``sys.modules`` again afterwards. Raises ``OfficialError``."""
     import torch  # noqa: F401  (the official modules import it)
 
-    from atst_jax.bench_official import OfficialError, _stub
+    from atst_jax.tools.bench_official import OfficialError, _stub
 
     root = Path(path).expanduser().resolve()
     missing = [f for f in ASIT_FILES if not (root / f).is_file()]
@@ -1005,7 +1005,7 @@ def print_report(result: dict) -> None:
 def run(args) -> dict:
     import jax
 
-    from atst_jax.bench_official import OfficialError
+    from atst_jax.tools.bench_official import OfficialError
 
     try:
         import torch
@@ -1019,7 +1019,7 @@ def run(args) -> dict:
     method = load_config(args.config).method
     # A wrong checkout fails before anything is built or compiled.
     if method == "atst_frame":
-        from atst_jax.bench_official import MODEL_FILE
+        from atst_jax.tools.bench_official import MODEL_FILE
 
         if not (official / MODEL_FILE).is_file():
             raise OfficialError(
@@ -1076,9 +1076,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    from atst_jax.bench_official import OfficialError
     from atst_jax.cli import ArgumentParser, fail
     from atst_jax.sharding import ConfigError
+    from atst_jax.tools.bench_official import OfficialError
 
     parser = ArgumentParser(prog="python -m atst_jax.bench parity")
     add_arguments(parser)

@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FRAME_CONFIG = str(ROOT / "configs" / "atst_frame.py")
 RESULT = "BENCH_GPU_RESULT "  # a child's result line on stdout
 BF16_RTOL = 1e-2  # per-step loss tolerance of bf16 compute vs fp32 (tests/test_scale.py)
@@ -144,9 +144,9 @@ def run_variant(spec: dict) -> dict:
         return dict(
             out, status="no_accelerator", error="JAX found no accelerator (backend cpu); use --dry-run"
         )
-    from atst_jax import bench
     from atst_jax.flops import CHIPS, chip_from_device
-    from atst_jax.plan import xla_memory
+    from atst_jax.tools import bench_step as bench
+    from atst_jax.tools.plan import xla_memory
 
     config, trainer = bench.make_trainer(spec["config"], spec["batch"], spec["sets"])
     state = trainer.init(config.seed)
@@ -211,8 +211,8 @@ def run_variant(spec: dict) -> dict:
 
 def run_plans(spec: dict):
     """The planner's rows (``plan.plan`` on CPU devices, one per config), one result line each."""
-    from atst_jax import bench
-    from atst_jax.plan import plan
+    from atst_jax.tools import bench_step as bench
+    from atst_jax.tools.plan import plan
 
     for row in spec["rows"]:
         t = time.perf_counter()
@@ -231,10 +231,11 @@ def run_plans(spec: dict):
 def run_official(spec: dict) -> dict:
     """The official step at our config's crop, mel bins and mask ratio (this process has JAX on the CPU
     only, so that JAX never takes GPU memory from PyTorch)."""
-    from atst_jax import bench_official
+    from atst_jax.tools import bench_official
 
     if "frames" not in spec:  # no main variant reported them: read the config (imports the trainer)
-        from atst_jax import bench, methods
+        from atst_jax import methods
+        from atst_jax.tools import bench_step as bench
 
         config = bench.make_config(spec["config"], spec["batch"], spec["sets"])
         inputs = methods.build(config).official_step_inputs()
@@ -279,7 +280,7 @@ def _child_env(args, profile: str | None, platform_cpu: bool) -> dict:
 
 def _spawn(kind: str, spec: dict, env: dict, timeout: float) -> tuple[list[dict], str]:
     """Runs a child to completion (or ``timeout``): its result lines and the tail of its stderr."""
-    cmd = [sys.executable, "-m", "atst_jax.bench_gpu", "--child", kind, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "atst_jax.tools.bench_gpu", "--child", kind, json.dumps(spec)]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
     except subprocess.TimeoutExpired as e:
@@ -528,7 +529,7 @@ class Suite:
     def _start_planner(self, rows):
         spec = {"config": self.args.config, "rows": rows}
         env = _child_env(self.args, None, platform_cpu=True)
-        cmd = [sys.executable, "-m", "atst_jax.bench_gpu", "--child", "plan", json.dumps(spec)]
+        cmd = [sys.executable, "-m", "atst_jax.tools.bench_gpu", "--child", "plan", json.dumps(spec)]
         out = open(Path(self.args.out).with_suffix(".planner.log"), "w")  # noqa: SIM115 -- closed in _finish
         self.log(f"planner: {len(rows)} configs on the CPU, in the background")
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True), out
@@ -762,7 +763,7 @@ def parse_args(argv):
     if not modes or modes - {"fp32", "bf16", "tf32"}:
         raise SuiteError(f"--official-modes {args.official_modes!r}: choose from fp32,bf16,tf32")
     if args.official:
-        from atst_jax.bench_official import MODEL_FILE
+        from atst_jax.tools.bench_official import MODEL_FILE
 
         if not (Path(args.official).expanduser() / MODEL_FILE).is_file():
             raise SuiteError(
