@@ -8,8 +8,8 @@ voiced bursts (speech, dog bark) and a low buzz (engine) — and they differ in 
 over 0.1-1 s: order, rhythm, grouping, glide. One 40 ms step of a tonal event is "a note sounding" whatever
 the class; a few steps of context name it. That is the structure a frame-level encoder's context can learn
 and per-step log-mel statistics cannot see, so probes on this data show what pretraining adds (BENCHMARKS.md,
-"Evaluation, session 27": an earlier set of classes told apart mostly by modulations faster than a 40 ms
-token, which the log-mel baseline's within-step standard deviation sees for free, left every encoder behind
+"The `tiny` recipe on the earlier embedded classes": an earlier set of classes told apart mostly by
+modulations faster than a 40 ms token, which the log-mel baseline's within-step standard deviation sees for free, left every encoder behind
 that baseline).
 
 Everything about clip ``index`` comes from ``np.random.default_rng([seed, index])``: clips can be generated in

@@ -6,7 +6,7 @@ nearly the same vector (the clip's background, which predicts any masked span), 
 The projector's BatchNorm rescales whatever variation is left, so the loss and the usual collapse monitor
 (the std of the L2-normalised *projector* outputs, ``byol.normalized_std``) look healthy while the encoder's
 features, the thing a downstream probe reads, have lost what happens inside the clip. Measured on the
-embedded data (BENCHMARKS.md, "Evaluation, session 27"): after 1,500 ATST-Frame ``tiny`` steps (the recipe's
+embedded data (BENCHMARKS.md, "The demo recipe: within-clip variance and covariance terms"): after 1,500 ATST-Frame ``tiny`` steps (the recipe's
 views, peak LR 2.5e-4) the teacher's last-block tokens kept 0.8 % of their variance within clips (24.5 % at
 initialisation) in 1.7 effective dimensions (3.7), and the frozen-feature SED probe fell from 0.43 frame mAP
 (the same encoder at initialisation) to 0.34, while ``std_frm_tea`` stayed at 0.074 (0.070 at step 10).
