@@ -3,7 +3,7 @@
     python -m atst_jax.finetune (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
         --train DATA --test DATA [--val DATA] --out DIR \\
         [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
-        [--teacher_mode official|eval|train] \\
+        [--teacher_mode official|eval|train] [--recipe TASK] \\
         [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.16] [--layer_decay 0.75] \\
         [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
 
@@ -69,10 +69,21 @@ logit of the clip-wide mean, the head being affine); SED logits are concatenated
 the validation split (``--val``, else ``--val_fraction`` of ``--train`` held out by id hash) after every
 epoch; the best epoch's parameters (accuracy / mAP / frame mAP, as the probe) are kept, tested and saved.
 
-Output ``DIR``: ``RESULTS.json`` (task, classes, options, per model its test metrics, per-class numbers,
-selected epoch and the validation history), ``model/`` (``model.json`` + ``params.msgpack``: the fine-tuned
-encoder and head, loadable by :func:`load_finetuned` and usable as ``--teacher``). Bad inputs stop with one
-line, exit 2, before any compilation.
+**Presets**, ``--recipe TASK`` (:mod:`atst_jax.finetune_recipes`: ``audioset``, ``audioset_b``, ``fsd50k``,
+``nsynth``, ``spcv2``, ``us8k``, ``voxceleb1``, ``as_strong``, ``dcase`` — the tasks the official fine-tuning
+scripts define): the official learning rate, batch, epochs, warm-up, layer decay, mixup α, crop (and for SED
+the median filter, for C2F λ) of that task, **keyed by (family, task)**, since the official scripts differ
+between ATST-Clip, ATST-Frame and the distilled C2F Frame model. Each model takes its own family's values: a
+plain run by its encoder (a CLS token: the ATST-Clip values, none: ATST-Frame), ``--c2f_clip`` its ``clip/``,
+``frame/`` and ``frame_distilled/`` runs from the Clip, Frame and C2F entries (``--teacher``: the distilled
+run from C2F). Flags given on the command line win over the preset. The values each model runs with, the
+recipe, its family, source script and the flags given are printed when the model starts and recorded in
+``RESULTS.json`` and ``model.json``.
+
+Output ``DIR``: ``RESULTS.json`` (task, classes, recipe, options — the first model's —, per model its options,
+recipe entry, test metrics, per-class numbers, selected epoch and the validation history), ``model/``
+(``model.json`` + ``params.msgpack``: the fine-tuned encoder and head, loadable by :func:`load_finetuned` and
+usable as ``--teacher``). Bad inputs stop with one line, exit 2, before any compilation.
 """
 
 from __future__ import annotations
@@ -93,6 +104,7 @@ from flax import nnx
 
 from atst_jax import evaluate as ev
 from atst_jax import features as feature_sets
+from atst_jax import finetune_recipes as recipes
 from atst_jax import inference
 from atst_jax.data import views
 from atst_jax.models.encoder import EncoderConfig, FrameAST
@@ -715,8 +727,10 @@ def finetune(
     source: dict | None = None,
     name: str = "finetuned",
     log=print,
+    recipe: dict | None = None,
 ) -> dict:
-    """Fine-tunes ``encoder`` (modified in place), saves ``out/model`` and returns its results entry."""
+    """Fine-tunes ``encoder`` (modified in place), saves ``out/model`` and returns its results entry
+    (``recipe``: the ``--recipe`` record of :func:`resolve_options`, kept with the options in both)."""
     given = {"--train": train, "--test": test} | ({"--val": val} if val is not None else {})
     ev.check_sets(given, features, encoder.cfg.n_mels)
     task = ev.task_of(list(given.values()), opts.task)
@@ -774,6 +788,8 @@ def finetune(
         "time_step_s": step_s,
         "drop_path": encoder.cfg.drop_path,  # the rate it trained with: its drop-path as a train-mode teacher
         "source": source or {},
+        "options": dataclasses.asdict(opts),
+        "recipe": recipe,
     }
     model.chunk_frames = frames
     encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=0.0)
@@ -789,6 +805,8 @@ def finetune(
         "seconds": seconds,
         "model": str(out / "model"),
         "source": source or {},
+        "options": dataclasses.asdict(opts),
+        "recipe": recipe,
     }
 
 
@@ -813,7 +831,7 @@ def _parser():
     dist = p.add_mutually_exclusive_group()
     dist.add_argument("--teacher", default=None, help="a fine-tuned model directory to distil from")
     dist.add_argument("--c2f_clip", default=None, help="an ATST-Clip run (or file): the whole C2F recipe")
-    p.add_argument("--distill_lambda", type=float, default=0.5)
+    p.add_argument("--distill_lambda", type=float, default=None, help="(default 0.5)")
     p.add_argument("--no_undistilled", action="store_true", help="with a teacher: skip the λ = 0 run")
     p.add_argument(
         "--teacher_mode",
@@ -822,40 +840,125 @@ def _parser():
         help="the teacher's mode while distilling (official: train at clip level, eval at frame level)",
     )
     defaults = FinetuneOptions()
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="TASK",
+        help=f"the official per-task values ({', '.join(recipes.names())}); flags given win",
+    )
     p.add_argument("--task", choices=("auto", "clip", "sed"), default="auto")
+
+    # A flag a preset may set defaults to None (= not given): given flags win over the preset, the preset
+    # over the FinetuneOptions default.
+    def dflt(name):
+        return None if name in recipes.FIELDS else getattr(defaults, name)
+
     for name in ("epochs", "batch"):
-        p.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+        p.add_argument(f"--{name}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
     for name in ("lr", "layer_decay", "momentum", "clip_norm", "warmup_epochs", "mixup", "val_fraction"):
-        p.add_argument(f"--{name}", type=float, default=getattr(defaults, name))
-    p.add_argument("--median_s", type=float, default=defaults.median_s)
-    p.add_argument("--crop_s", type=float, default=None)
+        shown = f"(default {getattr(defaults, name)})"
+        p.add_argument(f"--{name}", type=float, default=dflt(name), help=shown)
+    p.add_argument("--median_s", type=float, default=None, help=f"(default {defaults.median_s})")
+    p.add_argument("--crop_s", type=float, default=None, help="(default: the encoder's chunk)")
     p.add_argument("--drop_path", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
     return p
 
 
-def _options(args) -> FinetuneOptions:
+def _options(args, preset: dict | None = None) -> FinetuneOptions:
+    """The options of ``args``: a preset-able flag not given (None) takes ``preset``'s value, else the
+    default."""
+    defaults = FinetuneOptions()
+    # Every option but ``progress`` is a flag of the same name.
+    fields = [f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "progress"]
+    v = {}
+    for name in fields:
+        v[name] = getattr(args, name)
+        if v[name] is None and name in recipes.FIELDS:
+            v[name] = (preset or {}).get(name, getattr(defaults, name))
     checks = [
-        (args.epochs >= 1, "--epochs must be >= 1"),
-        (args.batch >= 1, "--batch must be >= 1"),
-        (args.lr > 0, "--lr must be > 0"),
-        (0 < args.layer_decay <= 1, "--layer_decay must be in (0, 1]"),
-        (0 <= args.momentum < 1, "--momentum must be in [0, 1)"),
-        (args.clip_norm >= 0, "--clip_norm must be >= 0 (0 = no clipping)"),
-        (args.warmup_epochs >= 0, "--warmup_epochs must be >= 0"),
-        (args.mixup >= 0, "--mixup must be >= 0 (0 = off)"),
-        (0 <= args.distill_lambda <= 1, "--distill_lambda must be in [0, 1]"),
-        (0 < args.val_fraction < 1, "--val_fraction must be in (0, 1)"),
-        (args.crop_s is None or args.crop_s > 0, "--crop_s must be > 0"),
-        (args.drop_path is None or 0 <= args.drop_path < 1, "--drop_path must be in [0, 1)"),
+        (v["epochs"] >= 1, "--epochs must be >= 1"),
+        (v["batch"] >= 1, "--batch must be >= 1"),
+        (v["lr"] > 0, "--lr must be > 0"),
+        (0 < v["layer_decay"] <= 1, "--layer_decay must be in (0, 1]"),
+        (0 <= v["momentum"] < 1, "--momentum must be in [0, 1)"),
+        (v["clip_norm"] >= 0, "--clip_norm must be >= 0 (0 = no clipping)"),
+        (v["warmup_epochs"] >= 0, "--warmup_epochs must be >= 0"),
+        (v["mixup"] >= 0, "--mixup must be >= 0 (0 = off)"),
+        (0 <= v["distill_lambda"] <= 1, "--distill_lambda must be in [0, 1]"),
+        (0 < v["val_fraction"] < 1, "--val_fraction must be in (0, 1)"),
+        (v["crop_s"] is None or v["crop_s"] > 0, "--crop_s must be > 0"),
+        (v["drop_path"] is None or 0 <= v["drop_path"] < 1, "--drop_path must be in [0, 1)"),
     ]
     for ok, msg in checks:
         if not ok:
             raise FinetuneError(msg)
-    # Every option but ``progress`` is a flag of the same name.
-    fields = [f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "progress"]
-    return FinetuneOptions(**{name: getattr(args, name) for name in fields}, progress=not args.no_progress)
+    return FinetuneOptions(**v, progress=not args.no_progress)
+
+
+def family_of(cfg: EncoderConfig) -> str:
+    """The recipe family of a plain fine-tuning run of an encoder: ``clip`` with a CLS token (the ATST-Clip
+    layout), ``frame`` without."""
+    return "clip" if cfg.use_cls else "frame"
+
+
+def recipe_task(args) -> str | None:
+    """The official task name of ``--recipe`` (None without it); an unknown name, or a distillation run of a
+    task without official C2F values, is a :class:`FinetuneError`."""
+    name = getattr(args, "recipe", None)
+    if name is None:
+        return None
+    task = recipes.canonical(name)
+    if task is None:
+        raise FinetuneError(f"unknown --recipe {name!r}; known: {recipes.known_text()}")
+    distilled = getattr(args, "teacher", None) or getattr(args, "c2f_clip", None)
+    if distilled and recipes.preset(task, "c2f") is None:
+        have = ", ".join(t for t in recipes.names() if recipes.preset(t, "c2f"))
+        raise FinetuneError(
+            f"--recipe {task}: the official scripts give no ATST-C2F (distillation) values for it; "
+            f"those with C2F values: {have}"
+        )
+    return task
+
+
+def resolve_options(args, family: str | None = None) -> tuple[FinetuneOptions, dict | None]:
+    """The options of a model of ``family`` (``clip`` | ``frame`` | ``c2f``; see :mod:`finetune_recipes`):
+    each preset-able flag as given on the command line, else the ``--recipe`` preset's value for that
+    family, else the default; and the recipe record (name, family, source script, the preset's values, the
+    flags given), None without ``--recipe``."""
+    task = recipe_task(args)
+    if task is None or family is None:
+        return _options(args), None
+    preset = recipes.preset(task, family)
+    if preset is None:
+        label = recipes.FAMILIES[family]
+        raise FinetuneError(f"--recipe {task}: the official scripts give no {label} values")
+    given = [f"--{n}" for n in recipes.FIELDS if getattr(args, n, None) is not None]
+    record = {
+        "name": task,
+        "family": family,
+        "source": preset.source,
+        "note": preset.note,
+        "preset": dict(preset.values),
+        "given": given,
+    }
+    return _options(args, preset.values), record
+
+
+def recipe_line(name: str, opts: FinetuneOptions, record: dict) -> str:
+    """One line: the recipe, its family and source, and the values the model runs with."""
+
+    def val(k):
+        x = getattr(opts, k)
+        return "the encoder's chunk" if x is None else f"{x:g}"
+
+    shown = ", ".join(f"{k} {val(k)}" for k in recipes.FIELDS)
+    given = ", ".join(record["given"]) or "none"
+    return (
+        f"{name}: recipe {record['name']} ({recipes.FAMILIES[record['family']]} values, {record['source']}): "
+        f"{shown} (peak lr {peak_lr(opts):g}); flags given: {given}"
+    )
 
 
 def _load(workdir, weights, step, encoder, what):
@@ -866,7 +969,10 @@ def _load(workdir, weights, step, encoder, what):
 
 
 def run(args, log=print) -> dict:
-    opts = _options(args)
+    task = recipe_task(args)
+    _options(args)  # the flags' own checks, before any data is read
+    for family in recipes.families_of(task) if task else ():
+        resolve_options(args, family)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FinetuneError(f"--out {out}: exists and is not a directory")
@@ -877,10 +983,13 @@ def run(args, log=print) -> dict:
     }
     what = f"--workdir {args.workdir}" if args.workdir else f"--weights {args.weights}"
     student_src = (args.workdir, args.weights, args.step, args.encoder)
-    results: dict = {"options": dataclasses.asdict(opts), "models": {}}
+    results: dict = {"recipe": task, "options": None, "models": {}}
 
-    def job(src, name, teacher=None, o=opts):
+    def job(src, name, teacher=None, family=None):
         enc, chunk, feats, source = _load(*src, what if src is student_src else f"--c2f_clip {src[0]}")
+        o, record = resolve_options(args, family or family_of(enc.cfg))
+        if record is not None:
+            log(recipe_line(name, o, record))
         return finetune(
             enc,
             chunk,
@@ -894,6 +1003,7 @@ def run(args, log=print) -> dict:
             source,
             name,
             log,
+            record,
         )
 
     teacher = None
@@ -903,16 +1013,16 @@ def run(args, log=print) -> dict:
         clip_src = (args.c2f_clip, None, None, "teacher")
         if os.path.isfile(args.c2f_clip):
             clip_src = (None, args.c2f_clip, None, "teacher")
-        results["models"]["clip"] = job(clip_src, "clip")
+        results["models"]["clip"] = job(clip_src, "clip", family="clip")
         teacher = load_finetuned(out / "clip")
     if teacher is not None:
         if not args.no_undistilled:
             results["models"]["frame"] = job(student_src, "frame")
-        results["models"]["frame_distilled"] = job(student_src, "frame_distilled", teacher)
+        results["models"]["frame_distilled"] = job(student_src, "frame_distilled", teacher, family="c2f")
     else:
         results["models"]["finetuned"] = job(student_src, "finetuned")
     first = next(iter(results["models"].values()))
-    results.update(task=first["task"], classes=list(sets["train"].classes))
+    results.update(task=first["task"], classes=list(sets["train"].classes), options=first["options"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".RESULTS.json.tmp"
     tmp.write_text(json.dumps(results, indent=1, default=ev._num))

@@ -284,6 +284,72 @@ def test_mixup_is_the_official_mixup_training_with_resize_crop_and_bce():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# --recipe: the official per-task presets
+# ----------------------------------------------------------------------------------------------------------
+
+_PATHS = ["--weights", "enc.msgpack", "--train", "tr", "--test", "te", "--out", "out"]
+
+
+def test_recipe_fills_each_family_s_official_values_and_given_flags_win():
+    from atst_jax import finetune_recipes as recipes
+
+    args = ft._parser().parse_args(_PATHS + ["--recipe", "spcv2"])
+    want = {
+        "clip": dict(lr=0.5, batch=512, epochs=50, warmup_epochs=5, layer_decay=0.75, mixup=0.5, crop_s=6.0),
+        "frame": dict(
+            lr=1.0, batch=512, epochs=50, warmup_epochs=5, layer_decay=0.75, mixup=10.0, crop_s=10.0
+        ),
+        "c2f": dict(lr=2.0, batch=512, epochs=50, mixup=0.5, crop_s=10.0, distill_lambda=0.5),
+    }
+    for family, values in want.items():
+        opts, record = ft.resolve_options(args, family)
+        assert {k: getattr(opts, k) for k in values} == values, family
+        assert record["name"] == "spcv2" and record["family"] == family and record["given"] == []
+        assert record["source"].startswith("audiossl/methods/")
+    # Options a preset does not set keep their defaults; so does every option without --recipe.
+    opts, _ = ft.resolve_options(args, "frame")
+    assert (opts.momentum, opts.clip_norm, opts.median_s) == (0.9, 3.0, 0.28)
+    plain = ft._parser().parse_args(_PATHS)
+    assert ft.resolve_options(plain, "frame") == (ft.FinetuneOptions(), None)
+    # Flags given win over the preset — 0 included (given, not "unset") —, and are recorded as given.
+    args = ft._parser().parse_args(
+        _PATHS + ["--recipe", "SPCV2", "--lr", "0.3", "--mixup", "0", "--batch", "64"]
+    )
+    opts, record = ft.resolve_options(args, "frame")
+    assert (opts.lr, opts.mixup, opts.batch, opts.epochs, opts.crop_s) == (0.3, 0.0, 64, 50, 10.0)
+    assert record["given"] == ["--batch", "--lr", "--mixup"] and record["preset"]["lr"] == 1.0
+    line = ft.recipe_line("finetuned", opts, record)
+    assert "recipe spcv2 (ATST-Frame values" in line and "flags given: --batch, --lr, --mixup" in line
+    assert "\n" not in line
+    # Frame-level tasks translate the unscaled official rate to the rate of 256 (AS-strong Frame: 1e-3 at
+    # a batch of 32), and set the median filter; aliases name the official tasks.
+    args = ft._parser().parse_args(_PATHS + ["--recipe", "audioset_strong"])
+    opts, record = ft.resolve_options(args, "frame")
+    assert (opts.batch, opts.median_s, record["name"]) == (32, 0.28, "as_strong")
+    assert ft.peak_lr(opts) == pytest.approx(1e-3)
+    assert ft.resolve_options(ft._parser().parse_args(_PATHS + ["--recipe", "as20k"]), "clip")[1]["name"] == (
+        "audioset_b"
+    )
+    # Every preset passes the flags' own checks and sets only preset-able options.
+    for task in recipes.names():
+        for family in recipes.families_of(task):
+            assert set(recipes.preset(task, family).values) <= set(recipes.FIELDS)
+            ft.resolve_options(ft._parser().parse_args(_PATHS + ["--recipe", task]), family)
+    # The family of a plain run: a CLS token takes the ATST-Clip values.
+    assert ft.family_of(EncoderConfig(use_cls=True)) == "clip" and ft.family_of(EncoderConfig()) == "frame"
+
+
+def test_unknown_recipe_or_one_without_c2f_values_is_one_line_exit_2(capsys):
+    assert ft.main(_PATHS + ["--recipe", "esc50", "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown --recipe 'esc50'" in err and "spcv2" in err and "as20k" in err
+    # US8K has no official C2F script: a distillation run with it stops before reading anything.
+    assert ft.main(_PATHS + ["--recipe", "us8k", "--c2f_clip", "clip_run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no ATST-C2F" in err and "voxceleb1" in err
+
+
+# ----------------------------------------------------------------------------------------------------------
 # End to end: C2F on the embedded data
 # ----------------------------------------------------------------------------------------------------------
 
@@ -329,9 +395,17 @@ def test_c2f_runs_end_to_end_and_reports_distilled_beside_undistilled(tmp_path, 
     argv = ["--workdir", str(frame_run), "--c2f_clip", str(clip_run), "--train", weak[0], "--test", weak[1]]
     argv += ["--out", str(out), "--epochs", "3", "--batch", "8", "--crop_s", "2", "--lr", "1.6"]
     argv += ["--no_progress", "--distill_lambda", "0.5"]
+    # A recipe whose remaining values are the defaults: the run is the plain one, recorded per model.
+    argv += ["--recipe", "spcv2", "--warmup_epochs", "1", "--mixup", "0"]
     assert ft.main(argv) == 0
     res = json.loads((out / "RESULTS.json").read_text())
     assert res["task"] == "clip_multi" and list(res["models"]) == ["clip", "frame", "frame_distilled"]
+    assert res["recipe"] == "spcv2" and res["options"] == res["models"]["clip"]["options"]
+    families = {n: m["recipe"]["family"] for n, m in res["models"].items()}
+    assert families == {"clip": "clip", "frame": "frame", "frame_distilled": "c2f"}
+    assert res["models"]["frame"]["options"]["lr"] == 1.6 and res["models"]["frame"]["options"]["batch"] == 8
+    doc = json.loads((out / "frame_distilled" / "model" / "model.json").read_text())
+    assert doc["recipe"]["family"] == "c2f" and doc["options"]["distill_lambda"] == 0.5
     for name, m in res["models"].items():
         assert 0.0 <= m["metrics"]["mAP"] <= 1.0, (name, m["metrics"])
         assert len(m["selection"]["history"]) == 3
