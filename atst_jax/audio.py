@@ -41,6 +41,8 @@ F_MIN = 60.0
 F_MAX = 7800.0
 TOP_DB = 80.0
 AMIN = 1e-10
+# dB of digital silence before any top-db floor: 10 · log10(AMIN), the lowest value an unfloored log-mel takes.
+SILENCE_DB = -100.0
 # Fixed dB statistics of AudioSet used by ATST to map log-mels to roughly [-1, 1].
 NORM_MIN = -79.6482
 NORM_MAX = 50.6842

@@ -27,7 +27,10 @@ Recipe steps around the fbank proper:
   the per-frame DC removal, which comes before pre-emphasis, already cancels any constant offset: the step
   changes only round-off.
 * The model sees ``(x − NORM_MEAN) / (2 · NORM_STD)`` = ``(x + 4.2677393) / (2 · 4.5689974)``
-  (:func:`normalize`), AudioSet statistics of this front end at 32 kHz / 128 bins as AST / ASiT publish them.
+  (:func:`normalize`), AudioSet statistics of this front end at 128 bins as AST / ASiT publish them (ASiT
+  applies them at 32 kHz). EAT computes the fbank at 16 kHz and normalises with the same statistics rounded
+  to three decimals, ``(x + 4.268) / (2 · 4.569)`` (``EAT_NORM_MEAN`` / ``EAT_NORM_STD``; the feature set
+  ``kaldi_fbank128_16k``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,10 @@ LOG_EPSILON = math.log(EPSILON)  # -15.942385...
 # AudioSet statistics of the 32 kHz / 128-bin fbank (AST, ASiT): model input = (x - mean) / (2 * std).
 NORM_MEAN = -4.2677393
 NORM_STD = 4.5689974
+# EAT's: the same AudioSet statistics rounded to three decimals, with its fbank at 16 kHz (EAT's data code and
+# its inference / feature-extraction scripts: model input = (x + 4.268) / (2 * 4.569)).
+EAT_NORM_MEAN = -4.268
+EAT_NORM_STD = 4.569
 
 _MS = 0.001  # Kaldi's millisecond factor: window = int(sample_rate * ms * 0.001), truncated like Kaldi's cast
 

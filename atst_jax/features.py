@@ -11,16 +11,31 @@ set. Preparation, the embedded dataset and inference compute the stored values w
   centred, 64 HTK mels 60–7800 Hz, dB with an 80 dB floor per clip; ``frames = samples // 160 + 1``. Stored as
   dB, normalised with the fixed AudioSet MinMax ``(x + 79.6482) / (50.6842 + 79.6482) · 2 − 1``. Short crops are
   padded with the clip's own minimum (its floor: the clip's silence level), empty clips with ``audio.NORM_MIN``.
+- ``atst_logmel64_unfloored``: the same front end and normalisation without the 80 dB floor: dB down to
+  ``10 · log10(amin) = −100`` (``audio.SILENCE_DB``). For methods that floor each *crop* at its own maximum − 80
+  dB, as the official ATST-Clip does on the log-mel of each cropped waveform (``atst_clip.crop_floor_db``).
+  Padding (short crops and empty clips alike) is −100 dB, what a zero waveform gives before any floor (the
+  official code zero-pads a short waveform, whose padding the crop's floor then lifts).
 - ``kaldi_fbank128``: the ASiT / AST front end (``atst_jax.fbank``): 32 kHz, the whole wave's mean removed,
   Kaldi fbank of 25 ms frames every 10 ms (snip edges: ``frames = 1 + (samples − 800) // 320``; a wave shorter
   than one frame is zero-padded to one), 128 Kaldi mel bins 20 Hz–16 kHz, natural log floored at float32 eps.
   Stored as the raw log fbank, normalised ``(x + 4.2677393) / (2 · 4.5689974)``. Padding (short crops and empty
   clips alike) is ``ln(eps) ≈ −15.94``, what a zero waveform gives.
+- ``kaldi_fbank128_16k``: EAT's front end: the same fbank at 16 kHz (25 ms / 10 ms = 400 / 160 samples, FFT
+  512, ``frames = 1 + (samples − 400) // 160``, so 100 frames a second as at 32 kHz), 128 bins 20 Hz–8 kHz,
+  the whole wave's mean removed; normalised with EAT's constants ``(x + 4.268) / (2 · 4.569)``. Padding
+  ``ln(eps)`` (EAT itself zero-pads the raw log fbank to its 1024-frame target, a model input of ≈ 0.467
+  there; here padding is excluded by the crop's length).
+
+Fields every method may read: ``clip_floor_db`` (the per-clip top-db floor preparation baked into the stored
+values, 0 = none) and ``db_per_unit`` (dB per stored unit: 1 for the dB log-mels, ``10 / ln 10`` for the
+natural-log fbanks), so ``db_span(d)`` is ``d`` dB in model-input units.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -46,6 +61,10 @@ class FeatureSet:
     # ``pad_with_clip_min`` (then a short crop is padded with its clip's own minimum over its valid frames).
     silence: float = audio.NORM_MIN
     pad_with_clip_min: bool = True
+    # The top-db floor below each clip's maximum that the stored values already have (0: none).
+    clip_floor_db: float = 0.0
+    # Decibels per stored unit: 1 for dB values, 10 / ln 10 for a natural log of power.
+    db_per_unit: float = 1.0
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of the stored features of a wave of ``num_samples`` samples at ``sample_rate``."""
@@ -73,6 +92,11 @@ class FeatureSet:
         """Model input from stored values, ``x · scale + offset`` (numpy or jax, dtype kept)."""
         return x * self.scale + self.offset
 
+    def db_span(self, db: float) -> float:
+        """A difference of ``db`` decibels in model-input units (the normalisation is affine: its offset
+        cancels in a difference), e.g. the depth of a floor ``db`` below a crop's maximum."""
+        return float(db) / self.db_per_unit * self.scale
+
 
 def _atst_logmel(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
     # The float32 scipy path preparation has always used (records stay byte-identical); imported lazily
@@ -80,6 +104,12 @@ def _atst_logmel(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
     from atst_jax.data import prepare
 
     return prepare.log_mel_db_fast(wave)
+
+
+def _atst_logmel_unfloored(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
+    from atst_jax.data import prepare
+
+    return prepare.log_mel_db_fast(wave, top_db=None)
 
 
 def _kaldi_fbank(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
@@ -92,35 +122,63 @@ def _kaldi_fbank(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
     return np.ascontiguousarray(x.T)
 
 
-_EXTRACTORS = {"atst_logmel": _atst_logmel, "kaldi_fbank": _kaldi_fbank}
+_EXTRACTORS = {
+    "atst_logmel": _atst_logmel,
+    "atst_logmel_unfloored": _atst_logmel_unfloored,
+    "kaldi_fbank": _kaldi_fbank,
+}
 
 
-def _kaldi_set(name: str, sample_rate: int, n_mels: int, description: str) -> FeatureSet:
+def _atst_set(name: str, **kw) -> FeatureSet:
+    return FeatureSet(
+        name=name,
+        n_mels=audio.N_MELS,
+        sample_rate=audio.SAMPLE_RATE,
+        hop_length=audio.HOP_LENGTH,
+        scale=2.0 / (audio.NORM_MAX - audio.NORM_MIN),
+        offset=-1.0 - 2.0 * audio.NORM_MIN / (audio.NORM_MAX - audio.NORM_MIN),
+        **kw,
+    )
+
+
+def _kaldi_set(
+    name: str,
+    sample_rate: int,
+    n_mels: int,
+    description: str,
+    mean: float = fbank.NORM_MEAN,
+    std: float = fbank.NORM_STD,
+) -> FeatureSet:
     window, hop, _ = fbank.frame_geometry(sample_rate)
     return FeatureSet(
         name=name,
         n_mels=n_mels,
         sample_rate=sample_rate,
         hop_length=hop,
-        scale=1.0 / (2.0 * fbank.NORM_STD),
-        offset=-fbank.NORM_MEAN / (2.0 * fbank.NORM_STD),
+        scale=1.0 / (2.0 * std),
+        offset=-mean / (2.0 * std),
         description=description,
         kind="kaldi_fbank",
         window_length=window,
         silence=fbank.LOG_EPSILON,
         pad_with_clip_min=False,
+        db_per_unit=10.0 / math.log(10.0),
     )
 
 
 FEATURE_SETS = {
-    "atst_logmel64": FeatureSet(
-        name="atst_logmel64",
-        n_mels=audio.N_MELS,
-        sample_rate=audio.SAMPLE_RATE,
-        hop_length=audio.HOP_LENGTH,
-        scale=2.0 / (audio.NORM_MAX - audio.NORM_MIN),
-        offset=-1.0 - 2.0 * audio.NORM_MIN / (audio.NORM_MAX - audio.NORM_MIN),
+    "atst_logmel64": _atst_set(
+        "atst_logmel64",
         description="ATST log-mel: 16 kHz, n_fft 1024, hop 160, 64 HTK mels 60-7800 Hz, dB, 80 dB floor",
+        clip_floor_db=audio.TOP_DB,
+    ),
+    "atst_logmel64_unfloored": _atst_set(
+        "atst_logmel64_unfloored",
+        description="ATST log-mel without the per-clip 80 dB floor: 16 kHz, n_fft 1024, hop 160, 64 HTK mels "
+        "60-7800 Hz, dB down to -100 (amin 1e-10); floor each crop at its own max - 80 dB",
+        kind="atst_logmel_unfloored",
+        silence=audio.SILENCE_DB,
+        pad_with_clip_min=False,
     ),
     "kaldi_fbank128": _kaldi_set(
         "kaldi_fbank128",
@@ -128,6 +186,15 @@ FEATURE_SETS = {
         fbank.N_MELS,
         "Kaldi fbank (ASiT/AST): 32 kHz, wave mean removed, 25 ms / 10 ms frames, 128 mel bins 20 Hz-16 kHz, "
         "natural log, (x + 4.2677393) / (2 * 4.5689974)",
+    ),
+    "kaldi_fbank128_16k": _kaldi_set(
+        "kaldi_fbank128_16k",
+        16000,
+        fbank.N_MELS,
+        "Kaldi fbank (EAT): 16 kHz, wave mean removed, 25 ms / 10 ms frames, 128 mel bins 20 Hz-8 kHz, "
+        "natural log, (x + 4.268) / (2 * 4.569)",
+        mean=fbank.EAT_NORM_MEAN,
+        std=fbank.EAT_NORM_STD,
     ),
 }
 

@@ -279,3 +279,23 @@ def test_feature_set_compute_resamples_and_stores_mel_major():
     default = features.get(features.DEFAULT_FEATURES)
     np.testing.assert_array_equal(default.compute(clip), prepare.log_mel_db_fast(clip))
     assert default.num_frames(len(clip)) == audio.num_frames(len(clip)) == default.compute(clip).shape[1]
+
+
+def test_eat_feature_set_matches_torchaudio_at_16k(kaldi):
+    """``kaldi_fbank128_16k`` is EAT's input: ``waveform − waveform.mean()``, then torchaudio's fbank with
+    EAT's arguments (those of :func:`reference`) at 16 kHz, then ``(x + 4.268) / (2 · 4.569)``."""
+    torch, _ = kaldi
+    fs = features.get("kaldi_fbank128_16k")
+    assert (fs.sample_rate, fs.n_mels, fs.hop_length, fs.window_length) == (16000, 128, 160, 400)
+    assert fs.silence == fbank.LOG_EPSILON and not fs.pad_with_clip_min
+    for name, wave in audio_like(16000).items():
+        wave = np.asarray(wave, np.float32) + np.float32(0.05)  # a DC offset: EAT removes the wave's mean
+        t = torch.from_numpy(wave)
+        theirs = reference(kaldi, (t - t.mean()).numpy(), 16000, 128).T  # float32, as EAT runs it
+        ours = fs.compute(wave)
+        assert ours.shape == theirs.shape == (128, fs.num_frames(len(wave))) == (128, 98), name
+        assert np.abs(ours - theirs).max() <= TOL, (name, np.abs(ours - theirs).max())
+        np.testing.assert_allclose(fs.normalize(ours), (theirs + 4.268) / (2 * 4.569), rtol=0, atol=TOL)
+    # A 32 kHz wave is resampled to 16 kHz first (as preparation does).
+    clip = audio.resample(audio_like(16000)["synthetic0"], 16000, 32000)
+    np.testing.assert_array_equal(fs.compute(clip, 32000), fs.compute(audio.resample(clip, 32000, 16000)))

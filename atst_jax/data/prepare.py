@@ -19,18 +19,21 @@ Inputs
             `--labels_from_subdirs` the first sub-folder is the class (files at the top are reported).
 
 Front end (`--features`, a name in `atst_jax.features`): `atst_logmel64` (default; ATST, 16 kHz, described
-below) or `kaldi_fbank128` (ASiT/AST Kaldi fbank: 32 kHz, float16 raw log fbank [128, frames], frames =
-1 + (samples − 800) // 320); the name goes into metadata.json ("features") and into the shard fingerprints.
+below), `atst_logmel64_unfloored` (the same dB log-mel without the 80 dB floor, down to −100 dB: for ATST-Clip's
+per-crop floor), `kaldi_fbank128` (ASiT/AST Kaldi fbank: 32 kHz, float16 raw log fbank [128, frames], frames =
+1 + (samples − 800) // 320) or `kaldi_fbank128_16k` (EAT's: the same at 16 kHz, frames = 1 + (samples − 400)
+// 160); the name goes into metadata.json ("features") and into the shard fingerprints.
 
 Each file is decoded with `atst_jax.audio.load_audio` (mono, resampled with soxr to the front end's rate),
 split into clips of at most `--clip_seconds` (10 s; `--long crop` keeps only the first clip; a trailing piece
 shorter than `--min_tail_seconds` is dropped, so a 10.02 s AudioSet file gives one clip), and each clip
 becomes one record (format: `atst_jax/data/records.py`): float16 dB log-mel [64, frames] with its own 80 dB
-floor (with kaldi_fbank128: the raw log fbank [128, frames]), frames, id (YTID / file path without extension;
-`id@start_seconds` for the pieces of a split file), class indices, and for strong labels the events (onset,
-offset, class; seconds) relative to the clip. Short files are kept at their length (one shorter than a 25 ms
-Kaldi frame gives that one frame, zero-padded). A file that cannot be used (empty, not audio, truncated,
-NaN/Inf, a directory, a broken link, a crashing decoder) is skipped and reported; it never stops the run.
+floor (atst_logmel64_unfloored: without it; the Kaldi sets: the raw log fbank [128, frames]), frames, id
+(YTID / file path without extension; `id@start_seconds` for the pieces of a split file), class indices, and
+for strong labels the events (onset, offset, class; seconds) relative to the clip. Short files are kept at
+their length (one shorter than a 25 ms Kaldi frame gives that one frame, zero-padded). A file that cannot be
+used (empty, not audio, truncated, NaN/Inf, a directory, a broken link, a crashing decoder) is skipped and
+reported; it never stops the run.
 
 Output OUT
   {name}-{split}.array_record-XXXXX-of-NNNNN   shards; shard j holds files [j*n/N, (j+1)*n/N) in input order
@@ -472,8 +475,11 @@ _WINDOW32 = audio.hann_window().astype(np.float32)
 _MEL_FB32 = audio.mel_filterbank()  # float32 [513, n_mels]
 
 
-def log_mel_db_fast(wave: np.ndarray) -> np.ndarray:
+def log_mel_db_fast(wave: np.ndarray, top_db: float | None = audio.TOP_DB) -> np.ndarray:
     """`audio.log_mel_db_np` in float32 with scipy's FFT: float32 [n_mels, frames], same frames and floor.
+
+    `top_db`: the floor below the wave's maximum (80 dB, ATST's); None: no floor, only the `audio.AMIN` limit
+    (values down to `audio.SILENCE_DB` = −100 dB; the `atst_logmel64_unfloored` feature set).
 
     Why not the float64 reference: preparation is CPU-bound and the float64 FFT is ~3x slower, while the
     records store float16 dB (steps of 1/32 dB around ±40 dB). float32 round-off is relative to the loudest
@@ -495,7 +501,8 @@ def log_mel_db_fast(wave: np.ndarray) -> np.ndarray:
     power += np.square(spec.imag)
     db = np.log10(np.maximum(power @ _MEL_FB32, np.float32(audio.AMIN)))
     db *= np.float32(10.0)
-    np.maximum(db, db.max() - np.float32(audio.TOP_DB), out=db)
+    if top_db is not None:
+        np.maximum(db, db.max() - np.float32(top_db), out=db)
     return np.ascontiguousarray(db.T)
 
 
