@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.fft
 import soundfile as sf
 import soxr
 
@@ -335,3 +336,38 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{path}: contains NaN or Inf samples")
     mono = data.mean(axis=0, dtype=np.float32) if data.shape[0] > 1 else data[0]
     return np.ascontiguousarray(resample(mono, sample_rate, target_sr), dtype=np.float32)
+
+
+_WINDOW32 = hann_window().astype(np.float32)
+_MEL_FB32 = mel_filterbank()  # float32 [513, n_mels]
+
+
+def log_mel_db_fast(wave: np.ndarray, top_db: float | None = TOP_DB) -> np.ndarray:
+    """`log_mel_db_np` in float32 with scipy's FFT: float32 [n_mels, frames], same frames and floor.
+
+    `top_db`: the floor below the wave's maximum (80 dB, ATST's); None: no floor, only the `AMIN` limit
+    (values down to `SILENCE_DB` = −100 dB; the `atst_logmel64_unfloored` feature set).
+
+    Why not the float64 reference: preparation is CPU-bound and the float64 FFT is ~3x slower, while the
+    records store float16 dB (steps of 1/32 dB around ±40 dB). float32 round-off is relative to the loudest
+    bin (~1e-7), i.e. ~140 dB down, far below the 80 dB floor: the two agree to ~1e-3 dB (tests check it).
+    Short waves are zero-padded to the 513 samples reflect padding needs and cut back, as the reference does.
+    """
+    wave = np.asarray(wave, np.float32)
+    n = wave.shape[-1]
+    if n < 1:
+        raise ValueError("cannot compute a spectrogram of an empty wave")
+    frames_out = num_frames(n)
+    if n < N_FFT // 2 + 1:
+        wave = np.pad(wave, (0, N_FFT // 2 + 1 - n))
+    padded = np.pad(wave, N_FFT // 2, mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:frames_out]
+    # complex64 [T, 513]. (Not overwrite_x=True: scipy then takes an in-place path measured 4x slower.)
+    spec = scipy.fft.rfft(frames * _WINDOW32, axis=-1)
+    power = np.square(spec.real)
+    power += np.square(spec.imag)
+    db = np.log10(np.maximum(power @ _MEL_FB32, np.float32(AMIN)))
+    db *= np.float32(10.0)
+    if top_db is not None:
+        np.maximum(db, db.max() - np.float32(top_db), out=db)
+    return np.ascontiguousarray(db.T)

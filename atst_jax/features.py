@@ -99,17 +99,12 @@ class FeatureSet:
 
 
 def _atst_logmel(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
-    # The float32 scipy path preparation has always used (records stay byte-identical); imported lazily
-    # because prepare imports this module.
-    from atst_jax.data import prepare
-
-    return prepare.log_mel_db_fast(wave)
+    # The float32 scipy path preparation has always used (records stay byte-identical).
+    return audio.log_mel_db_fast(wave)
 
 
 def _atst_logmel_unfloored(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:
-    from atst_jax.data import prepare
-
-    return prepare.log_mel_db_fast(wave, top_db=None)
+    return audio.log_mel_db_fast(wave, top_db=None)
 
 
 def _kaldi_fbank(wave: np.ndarray, fs: FeatureSet) -> np.ndarray:

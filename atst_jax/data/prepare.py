@@ -83,7 +83,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.fft
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from atst_jax import audio
@@ -471,40 +470,6 @@ def plan_folder(audio_dir: str, labels_from_subdirs: bool = False) -> Plan:
 # One file → records (runs in the worker processes)
 # ======================================================================================================
 
-_WINDOW32 = audio.hann_window().astype(np.float32)
-_MEL_FB32 = audio.mel_filterbank()  # float32 [513, n_mels]
-
-
-def log_mel_db_fast(wave: np.ndarray, top_db: float | None = audio.TOP_DB) -> np.ndarray:
-    """`audio.log_mel_db_np` in float32 with scipy's FFT: float32 [n_mels, frames], same frames and floor.
-
-    `top_db`: the floor below the wave's maximum (80 dB, ATST's); None: no floor, only the `audio.AMIN` limit
-    (values down to `audio.SILENCE_DB` = −100 dB; the `atst_logmel64_unfloored` feature set).
-
-    Why not the float64 reference: preparation is CPU-bound and the float64 FFT is ~3x slower, while the
-    records store float16 dB (steps of 1/32 dB around ±40 dB). float32 round-off is relative to the loudest
-    bin (~1e-7), i.e. ~140 dB down, far below the 80 dB floor: the two agree to ~1e-3 dB (tests check it).
-    Short waves are zero-padded to the 513 samples reflect padding needs and cut back, as the reference does.
-    """
-    wave = np.asarray(wave, np.float32)
-    n = wave.shape[-1]
-    if n < 1:
-        raise ValueError("cannot compute a spectrogram of an empty wave")
-    frames_out = audio.num_frames(n)
-    if n < audio.N_FFT // 2 + 1:
-        wave = np.pad(wave, (0, audio.N_FFT // 2 + 1 - n))
-    padded = np.pad(wave, audio.N_FFT // 2, mode="reflect")
-    frames = np.lib.stride_tricks.sliding_window_view(padded, audio.N_FFT)[:: audio.HOP_LENGTH][:frames_out]
-    # complex64 [T, 513]. (Not overwrite_x=True: scipy then takes an in-place path measured 4x slower.)
-    spec = scipy.fft.rfft(frames * _WINDOW32, axis=-1)
-    power = np.square(spec.real)
-    power += np.square(spec.imag)
-    db = np.log10(np.maximum(power @ _MEL_FB32, np.float32(audio.AMIN)))
-    db *= np.float32(10.0)
-    if top_db is not None:
-        np.maximum(db, db.max() - np.float32(top_db), out=db)
-    return np.ascontiguousarray(db.T)
-
 
 def clip_ranges(
     num_samples: int, options: Options, sample_rate: int = audio.SAMPLE_RATE
@@ -553,7 +518,7 @@ def process_item(item: Item, audio_dir: str, options: Options) -> tuple[list[byt
         ranges = clip_ranges(len(wave), options, sr)
         out = []
         for start, stop in ranges:
-            mel = fs.compute(wave[start:stop])  # atst_logmel64: log_mel_db_fast
+            mel = fs.compute(wave[start:stop])  # atst_logmel64: audio.log_mel_db_fast
             ex: dict[str, Any] = {
                 "mel": mel.astype(np.float16),
                 "length": mel.shape[1],
