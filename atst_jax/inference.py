@@ -197,6 +197,7 @@ def config_from_params(enc_params, heads: int | None = None, **overrides) -> Enc
         num_pos=enc_params["pos_embed"].shape[1],
         use_cls=_has_cls(enc_params),
         qkv_bias=enc_params["blocks"]["attn"]["qkv"].get("bias") is not None,
+        norm_style="post" if "embed_norm" in enc_params else "pre",  # EAT's layout has an embedding norm
     )
     fields.update(overrides)
     return _for_inference(EncoderConfig(**fields))

@@ -9,7 +9,10 @@ at 80 %, global batch 48 (EAT: 12 clips per GPU × 4 GPUs), peak LR 5e-4 after 5
 400k, cosine to 0, Adam with decoupled weight decay, β (0.9, 0.95), eps 1e-8, constant weight decay 0.05,
 global gradient-norm clipping at 4, no drop-path, teacher momentum 0.9998 → 0.99999 over the first 100k
 steps. The encoder is the 2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and
-the AaPE branch (``model.aape``, every field a knob: ``--config.model.aape.kernels=8``).
+the AaPE branch (``model.aape``, every field a knob: ``--config.model.aape.kernels=8``). Its blocks are
+this project's pre-norm ones with a final LayerNorm (``model.norm_style="pre"``);
+``--config.model.norm_style=post`` runs EAT's layout (a LayerNorm on the embedded patches, post-norm
+blocks, no final norm).
 """
 
 import importlib.util
@@ -54,6 +57,8 @@ def get_config(variant: str = "tiny"):
     c.model.drop_path = 0.0
     c.optim.update(eps=1e-8, final_lr=0.0)
     c.model.aape = aape_defaults()
+    # pre: this project's pre-norm blocks + final LayerNorm (existing runs); post: EAT's post-norm trunk.
+    c.model.norm_style = "pre"
     if c.variant == "tiny":
         # CPU-sized: 16 × 8 tokens, 4 copies, a 1-block predictor, a teacher that moves within 300 steps.
         c.aasp.update(crop_frames=frames, num_masks=4, pred_dim=64, pred_depth=1, pred_heads=2, ema_end=0.999)

@@ -56,6 +56,7 @@ def base(variant: str, method: str) -> ml_collections.ConfigDict:
             scan_layers=True,
             remat="none",  # none | full | save_dots
             attention="xla",  # xla | dot_product_attention | cudnn (GPU, bf16): same parameters for all
+            norm_style="pre",  # pre | post (EAT / data2vec 2.0: LayerNorm after each residual add)
         )
     )
     # The method's section: every field of its config dataclass, at the dataclass defaults.

@@ -420,6 +420,57 @@ def test_teacher_targets_are_eat_s_ffn_targets_by_default():
     assert float(jnp.abs(yb - y).max()) > 0.1
 
 
+def test_post_norm_trunk_gives_eat_s_t_targets_and_a_finite_step():
+    """``model.norm_style="post"`` (EAT's trunk; the block order itself is checked against a NumPy EAT
+    reference in test_model.py): the teacher's "ffn" targets are built from EAT's ``t`` (the trunk's "ffn"
+    stacks), and a loss + gradient step is finite, with gradients reaching the embedding LayerNorm."""
+    assert load_config(CONFIG + ":base").model.norm_style == "pre"  # the default stays this project's layout
+    c = _plain_config(num_masks=2)
+    c.model.norm_style = "post"
+    method = Aasp(c)
+    method.check()
+    # Built abstractly and filled from NumPy (an init compile costs more than this test's checks need).
+    rng = np.random.default_rng(0)
+
+    def fill(module):
+        graphdef, state = nnx.split(module)
+        pure = nnx.to_pure_dict(state)
+
+        def draw(path, a):
+            value = np.ones(a.shape) if path[-1].key == "scale" else 0.02 * rng.normal(size=a.shape)
+            return value.astype(a.dtype)
+
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, pure))
+        return nnx.merge(graphdef, state)
+
+    student, teacher = (fill(m) for m in nnx.eval_shape(lambda: method.init(jax.random.key(0)))[:2])
+    assert "embed_norm" in nnx.state(student.encoder, nnx.Param) and "norm" not in nnx.state(teacher.encoder)
+    spec = rng.normal(size=(2, 128, 96)).astype(np.float32)
+    batch = {"spec": jnp.asarray(spec), "spec_length": jnp.full((2,), 96)}
+
+    @nnx.jit
+    def step(s, t, batch):
+        y, utt = method.teacher_targets(t, batch["spec"], batch["spec_length"])[:2]
+        _, ffn = t.encoder(batch["spec"], batch["spec_length"], collect_layers="ffn")
+
+        def objective(s):
+            total, metrics, _ = method.loss(s, t, {}, batch, jax.random.key(2), 0)
+            return total, metrics
+
+        (total, metrics), grads = nnx.value_and_grad(objective, has_aux=True)(s)
+        return y, utt, ffn, total, metrics, grads
+
+    y, utt, ffn, total, metrics, grads = step(student, teacher, batch)
+    p = teacher.encoder.n_prefix
+    want = _np_targets(np.asarray(ffn, np.float64)[:, :, p:], c.model.depth, 1e-5)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(utt), want.mean(1), rtol=2e-3, atol=2e-3)
+    assert np.isfinite(float(total)) and float(metrics["loss_reg"]) > 0 and float(metrics["loss_utt"]) > 0
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert float(jnp.abs(grads["encoder"]["embed_norm"]["scale"][...]).max()) > 0
+
+
 def test_loss_weights_frame_and_utterance_terms_as_eat():
     """EAT's reduction, written out for random errors: per GPU the frame errors summed × 1/√D plus cls_loss
     × that GPU's masked count × the CLS errors summed × 1/√D; gradients summed over GPUs and divided by the

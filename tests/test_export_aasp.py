@@ -93,3 +93,58 @@ def test_aape_frame_ast_matches_jax():
     with torch.no_grad():
         got = model(torch.from_numpy(x), torch.from_numpy(length)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_post_norm_vit_exports_loads_and_matches_jax(tmp_path):
+    """A post-norm (EAT-trunk) 2-D encoder: the CLI's ViT writer puts ``embed_norm.*`` where ``norm.*`` was
+    (``format=asit_encoder+postnorm``); the file reads back to the same JAX params and a post-norm JAX
+    encoder, loads ``strict=True`` into torch_vit's post-norm ViT, and all three agree. The ATST FrameAST
+    layout refuses such an encoder."""
+    from safetensors import safe_open
+
+    from atst_jax.export import __main__ as export_cli
+    from atst_jax.export import load
+    from atst_jax.export.torch_vit import VisionTransformer
+    from atst_jax.inference import encoder_from_params
+
+    model_cfg = dict(width=32, depth=2, heads=2, stem="patch2d", n_mels=32, use_cls=True, qkv_bias=True,
+                     pos_embed="sincos2d", drop_path=0.0, norm_style="post")  # fmt: skip
+    cfg = EncoderConfig(**model_cfg)
+    # Random values everywhere (LayerNorm affines included), drawn in NumPy: no init compile.
+    rng = np.random.default_rng(0)
+    shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: FrameAST(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: ((path[-1].key == "scale") + 0.1 * rng.normal(size=a.shape)).astype(np.float32),
+        shapes,
+    )
+    assert "embed_norm" in params and "norm" not in params
+    with pytest.raises(ValueError, match="model.norm_style='post'"):
+        convert.encoder_to_torch(params)
+
+    out = tmp_path / "post.safetensors"
+    export_cli._export_vit(
+        {"model": model_cfg}, {"teacher": {"encoder": params}}, 7, "safetensors", out, "teacher"
+    )
+    with safe_open(str(out), framework="np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "asit_encoder+postnorm" and meta["norm_style"] == "post"
+    file = load.read_encoder_file(out)
+    assert file.vit and set(file.sd) == set(convert.vit_keys(2, "post")) and "norm.weight" not in file.sd
+    loaded = load.load_encoder_params(out)
+    assert list(convert.vit_to_torch(loaded)) == convert.vit_keys(2, "post")  # state_dict order
+    for part in ("embed_norm", "blocks", "patch_embed", "cls_token"):
+        jax.tree.map(np.testing.assert_array_equal, loaded[part], params[part])
+    assert file.config().norm_style == "post"
+
+    x = rng.normal(size=(2, 32, 64)).astype(np.float32)  # 4 columns of 2 patches
+    length = np.array([64, 48], np.int32)
+    want = np.asarray(encoder_from_params(params, cfg)(jnp.asarray(x), jnp.asarray(length)))
+    from_file = np.asarray(file.jax_encoder()(jnp.asarray(x), jnp.asarray(length)))
+    model = VisionTransformer.from_state_dict(file.sd, heads=2, n_mels=32, strict=True).eval()
+    assert model.norm_style == "post" and list(model.state_dict()) == convert.vit_keys(2, "post")
+    with torch.no_grad():
+        got = model(torch.from_numpy(x.transpose(0, 2, 1).copy())[:, None], torch.from_numpy(length)).numpy()
+    valid = 1 + (48 // 16) * 2  # CLS + the second clip's 3 valid columns
+    for ours in (from_file, got):
+        np.testing.assert_allclose(ours[0], want[0], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(ours[1, :valid], want[1, :valid], atol=1e-4, rtol=1e-4)

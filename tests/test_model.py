@@ -440,3 +440,74 @@ def test_cross_block_params_axes_dtypes():
     assert block.attn.kv.kernel[...].shape == (48, 2, 8, 4) and block.attn.q.bias is not None
     out = block(jnp.ones((2, 3, 32), jnp.bfloat16), jnp.ones((2, 4, 48), jnp.bfloat16))
     assert out.dtype == jnp.bfloat16 and out.shape == (2, 3, 32)
+
+
+# --- EAT's post-norm trunk (norm_style="post") ------------------------------------------------------------
+def _np_eat_trunk(p, x, bias, cfg):
+    """EAT's encoder from its stated order (data2vec 2.0 ``AltBlock`` with ``layer_norm_first=False``): a
+    LayerNorm on the embedded tokens, then per block ``x = x + attn(x); r = x = norm1(x); t = mlp(x);
+    x = norm2(r + t)``, and no final norm. Returns ``(output, block outputs [L, ...], t [L, ...])``."""
+    bsz, n, d = x.shape
+    h, hd = cfg.heads, d // cfg.heads
+    x = _np_layernorm(x, p["embed_norm"]["scale"], p["embed_norm"]["bias"])
+    outs, ts = [], []
+    for layer in range(cfg.depth):
+        g = jax.tree.map(lambda a, layer=layer: a[layer], p["blocks"])
+        qkv = x @ g["attn"]["qkv"]["kernel"].reshape(d, 3 * d) + g["attn"]["qkv"]["bias"].reshape(3 * d)
+        q, k, v = (qkv[..., i * d : (i + 1) * d].reshape(bsz, n, h, hd) for i in range(3))
+        att = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd) + bias[:, None, None, :]
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("bhqk,bkhd->bqhd", att, v).reshape(bsz, n, d)
+        x = x + o @ g["attn"]["proj"]["kernel"].reshape(d, d) + g["attn"]["proj"]["bias"]
+        r = x = _np_layernorm(x, g["norm1"]["scale"], g["norm1"]["bias"])
+        hid = x @ g["mlp"]["fc1"]["kernel"] + g["mlp"]["fc1"]["bias"]
+        t = 0.5 * hid * (1 + erf(hid / np.sqrt(2))) @ g["mlp"]["fc2"]["kernel"] + g["mlp"]["fc2"]["bias"]
+        x = _np_layernorm(r + t, g["norm2"]["scale"], g["norm2"]["bias"])
+        outs.append(x), ts.append(t)
+    return x, np.stack(outs), np.stack(ts)
+
+
+def test_post_norm_trunk_is_eat_s_block_order():
+    from atst_jax.inference import encoder_from_params
+
+    cfg = EncoderConfig(**{**TINY.__dict__, "qkv_bias": True, "norm_style": "post"})
+    # EAT's tree: an embed_norm, no final norm; the blocks keep their names.
+    shapes = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: FrameAST(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    assert sorted(shapes) == ["blocks", "embed_norm", "mask_embed", "patch_embed", "pos_embed"]
+    assert sorted(shapes["blocks"]) == ["attn", "mlp", "norm1", "norm2"]
+    # Random values everywhere (LayerNorm affines, biases included), so the reference checks each one's place;
+    # drawn in NumPy, which keeps the test to one compile.
+    rng = np.random.default_rng(3)
+
+    def draw(path, a):
+        noise = rng.normal(size=a.shape)
+        return (1.0 + 0.2 * noise if path[-1].key == "scale" else 0.1 * noise).astype(np.float32)
+
+    p = jax.tree_util.tree_map_with_path(draw, shapes)
+    model = encoder_from_params(p, cfg)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+
+    spec = np.random.default_rng(0).normal(size=(2, 64, 48)).astype(np.float32)
+    length = np.array([48, 30])  # 12 and 7 valid tokens
+    run = nnx.jit(  # one compile for every read
+        lambda m, s, n: (
+            m.embed(s),
+            m(s, n, collect_layers="ffn"),
+            m(s, n, collect_layers="block"),
+            m.intermediate_features(s, n, n=2),
+        )
+    )
+    x, (out, ffn), (out_b, blocks), feats = run(model, jnp.asarray(spec), jnp.asarray(length))
+    bias = np.where(np.arange(12)[None, :] < (length // 4)[:, None], 0.0, -10000.0)
+    want, want_blocks, want_t = _np_eat_trunk(p, np.asarray(x, np.float64), bias, cfg)
+    tol = dict(rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(np.asarray(out), want, **tol)
+    np.testing.assert_allclose(np.asarray(blocks), want_blocks, **tol)
+    np.testing.assert_allclose(np.asarray(ffn), want_t, **tol)  # EAT's t: the MLP output before the add
+    # No final norm: the encoder's output is the last block's, and so are the "final-normed" features.
+    np.testing.assert_array_equal(np.asarray(out_b), np.asarray(blocks[-1]))
+    np.testing.assert_array_equal(np.asarray(feats), np.concatenate(list(np.asarray(blocks)), axis=-1))
+
+    with pytest.raises(ValueError, match=r"model.norm_style must be one of pre\|post, got 'sandwich'"):
+        EncoderConfig(norm_style="sandwich")

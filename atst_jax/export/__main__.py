@@ -24,6 +24,10 @@ A 2-D patch encoder (``model.stem="patch2d"``, ASiT's ViT) has one layout, ``saf
 ``strict=True`` into that ``VisionTransformer(in_chans=1, audio_size=[592, 128])`` and into
 ``atst_jax.export.torch_vit.VisionTransformer``; metadata ``format=asit_encoder``, ``features``
 (``kaldi_fbank128``), ``chunk_frames`` (592), ``patch_size``, ``n_mels``. The FrameAST formats are refused.
+A post-norm 2-D encoder (``model.norm_style="post"``, EAT's trunk) writes ``embed_norm.*`` in place of
+``norm.*`` (``format=asit_encoder+postnorm``, metadata ``norm_style=post``; ``torch_vit.VisionTransformer``
+loads it, the official pre-norm ViT does not); a post-norm frame-stem encoder is refused (the ATST layouts
+are pre-norm).
 
 Every file holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` opens it.
 Errors (missing run or step, unknown format) are reported on one line with exit status 2.
@@ -112,8 +116,10 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
             f"model.stem='patch2d' with pos_embed={cfg.pos_embed!r}, use_cls={cfg.use_cls}: {e}"
         ) from e
     qkv = enc["blocks"]["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]
+    post = convert.norm_style(enc) == "post"
     meta = {
-        "format": VIT_FORMAT,
+        # The post-norm layout's keys differ (embed_norm.*, no norm.*): the official ViT's loaders refuse it.
+        "format": f"{VIT_FORMAT}+postnorm" if post else VIT_FORMAT,
         "width": str(qkv.shape[1]),
         "depth": str(qkv.shape[0]),
         "heads": str(qkv.shape[3]),
@@ -126,7 +132,9 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
         "features": inference.run_features(config, cfg),
         "chunk_frames": str(chunk),
     }
-    _add_aape(sd, meta, enc, cfg, VIT_FORMAT)
+    if post:
+        meta["norm_style"] = "post"
+    _add_aape(sd, meta, enc, cfg, meta["format"])
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.astype(np.float32) for k, v in sd.items()}, str(out), metadata=meta)
     return []
@@ -182,6 +190,11 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
         raise ExportError(f"model.stem={stem!r}: only frame-stem (ATST FrameAST) encoders have these layouts")
     out.parent.mkdir(parents=True, exist_ok=True)
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
+    if convert.norm_style(enc) == "post":
+        raise ExportError(
+            "model.norm_style='post': the ATST FrameAST layouts are pre-norm; only 2-D patch encoders "
+            "(model.stem='patch2d') export post-norm"
+        )
     if convert.has_qkv_bias(enc):
         raise ExportError("this frame-stem encoder has a qkv bias, which the ATST FrameAST layouts lack")
     qkv = enc["blocks"]["attn"]["qkv"]["kernel"]  # [L, D, 3, H, hd]

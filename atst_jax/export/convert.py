@@ -17,6 +17,10 @@ JAX side (stacked blocks, leading axis L)             PyTorch side (one entry pe
   patch_embed/kernel [p_t·p_f, D]                       patch_embed.proj.weight [D, 1, p_t, p_f] (Conv2d)
   blocks/attn/qkv/bias [L, 3, H, hd]                    blocks.i.attn.qkv.bias [3·H·hd]
   cls_token, pos_embed, norm                            cls_token, pos_embed, norm.*  (no mask_embed)
+  embed_norm (``norm_style="post"``, EAT; no norm)      embed_norm.*  (no norm.*; torch_vit's post-norm ViT)
+
+A post-norm encoder (``EncoderConfig.norm_style="post"``) exports in the ViT layout only: the ATST FrameAST
+layouts are the official pre-norm ones, and :func:`encoder_to_torch` refuses it.
 
 Flattening ``[D, 3, H, hd]`` to ``[D, 3·H·hd]`` in C order puts q/k/v outermost, then heads, then the head
 dimension, which is exactly the official row order after the transpose (head h of q = rows h·hd … h·hd+hd−1).
@@ -82,6 +86,11 @@ def _t(x):
 def is_clip(enc_params) -> bool:
     """ATST-Clip encoders carry a ``cls_token``; ATST-Frame's is absent (or ``None``)."""
     return enc_params.get("cls_token") is not None
+
+
+def norm_style(enc_params) -> str:
+    """``"post"`` for an EAT-style post-norm encoder (an ``embed_norm``, no final ``norm``), else ``"pre"``."""
+    return "post" if enc_params.get("embed_norm") is not None else "pre"
 
 
 def has_qkv_bias(enc_params) -> bool:
@@ -158,6 +167,11 @@ def encoder_to_torch(enc_params) -> dict:
     """
     p = enc_params
     blocks = p["blocks"]
+    if norm_style(p) == "post":
+        raise ValueError(
+            "model.norm_style='post' (EAT's post-norm trunk) has no ATST FrameAST layout: only the 2-D patch "
+            "ViT layout (vit_to_torch) exports it"
+        )
     if has_qkv_bias(p):
         raise ValueError("this encoder has a qkv bias, which the ATST FrameAST layout lacks")
     clip = is_clip(p)
@@ -249,13 +263,16 @@ def is_vit_state_dict(sd) -> bool:
     return "patch_embed.proj.weight" in sd
 
 
-def vit_keys(depth: int = 12) -> list[str]:
+def vit_keys(depth: int = 12, norm_style: str = "pre") -> list[str]:
     """The official ViT key names in ``state_dict`` order (parameters of the module itself first, then its
     children in registration order): 12 per block + 6 = 150 at depth 12. The classifier ``head`` is an
-    ``nn.Identity`` (``num_classes=0``) and holds nothing."""
+    ``nn.Identity`` (``num_classes=0``) and holds nothing. ``norm_style="post"`` (torch_vit's EAT-style
+    layout): ``embed_norm.*`` after the patch projection and no final ``norm.*`` (the same count)."""
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    if norm_style == "post":
+        keys += ["embed_norm.weight", "embed_norm.bias"]
     keys += [f"blocks.{i}.{n}" for i in range(depth) for n in _VIT_BLOCK_ORDER]
-    return keys + ["norm.weight", "norm.bias"]
+    return keys + (["norm.weight", "norm.bias"] if norm_style == "pre" else [])
 
 
 def vit_to_torch(enc_params, patch_size=(16, 16)) -> dict:
@@ -267,6 +284,8 @@ def vit_to_torch(enc_params, patch_size=(16, 16)) -> dict:
     conv weight's ``[:, 0, dt, df]`` over an input ``[B, 1, T, n_mels]``. Both token orders are time-major
     (the conv output ``[B, D, T/p_t, n_mels/p_f]`` flattened), so ``pos_embed`` is copied as is.
     ``mask_embed`` is left out: the official ViT has none (a mask token is a training-time device).
+    A post-norm encoder (``embed_norm``, no ``norm``) gives torch_vit's post-norm layout (``vit_keys(…,
+    "post")``).
     """
     p = enc_params
     if p.get("cls_token") is None or p.get("pos_embed") is None:
@@ -283,9 +302,14 @@ def vit_to_torch(enc_params, patch_size=(16, 16)) -> dict:
         "patch_embed.proj.weight": _t(kernel).reshape(kernel.shape[1], 1, p_t, p_f),
         "patch_embed.proj.bias": p["patch_embed"]["bias"],
     }
+    final = "embed_norm" if norm_style(p) == "post" else "norm"
+    if final == "embed_norm":  # registered before the blocks in torch_vit (state_dict order)
+        out["embed_norm.weight"] = p["embed_norm"]["scale"]
+        out["embed_norm.bias"] = p["embed_norm"]["bias"]
     out.update(_blocks_to_torch(p["blocks"], _VIT_BLOCK_ORDER))
-    out["norm.weight"] = p["norm"]["scale"]
-    out["norm.bias"] = p["norm"]["bias"]
+    if final == "norm":
+        out["norm.weight"] = p["norm"]["scale"]
+        out["norm.bias"] = p["norm"]["bias"]
     return out
 
 
@@ -295,11 +319,14 @@ def torch_to_vit(sd, heads: int | None = None) -> dict:
 
     ``mask_embed`` (a parameter of our encoder that the official ViT lacks) is returned as zeros; inference
     never uses it. Heads default to ``D // 64``. A classifier ``head.*`` (fine-tuned checkpoints) is ignored.
+    ``embed_norm.*`` keys (torch_vit's post-norm layout) give a post-norm encoder's params (``embed_norm``, no
+    ``norm``), for ``norm_style="post"``.
     Raises ``KeyError`` naming missing or unexpected keys, ``ValueError`` for more than one input channel.
     """
     sd = {k: np.asarray(v) for k, v in sd.items() if not k.startswith("head.")}
     depth = encoder_depth(sd)
-    expected = set(vit_keys(depth))
+    style = "post" if "embed_norm.weight" in sd else "pre"
+    expected = set(vit_keys(depth, style))
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
         raise KeyError(f"not an official ViT state_dict: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -313,9 +340,10 @@ def torch_to_vit(sd, heads: int | None = None) -> dict:
         "pos_embed": sd["pos_embed"],
         "mask_embed": np.zeros((1, 1, d), sd["cls_token"].dtype),
         "patch_embed": {"kernel": _t(weight.reshape(d, p_t * p_f)), "bias": sd["patch_embed.proj.bias"]},
-        "norm": {"scale": sd["norm.weight"], "bias": sd["norm.bias"]},
         "blocks": _blocks_from_torch(sd, depth, h, d // h, qkv_bias=True),
     }
+    final = "embed_norm" if style == "post" else "norm"
+    out[final] = {"scale": sd[f"{final}.weight"], "bias": sd[f"{final}.bias"]}
     return as_contiguous(out)
 
 

@@ -3,7 +3,8 @@
 Accepted files, detected by content (not by name):
 
 * a safetensors file of the bare 138 (139 for ATST-Clip) encoder keys, or of the official ViT keys
-  (``patch_embed.proj``, a 2-D patch export) — read with ``safetensors.numpy``, no torch needed;
+  (``patch_embed.proj``, a 2-D patch export; ``embed_norm.*`` instead of ``norm.*`` for a post-norm
+  encoder, ``model.norm_style="post"``) — read with ``safetensors.numpy``, no torch needed;
 * an official ASiT checkpoint (``{"student": …, "teacher": …, "args": Namespace, …}``; encoders under
   ``teacher.backbone.`` / ``student.module.backbone.``);
 * a ``torch.save`` file: an ATST-SED style ``{"state_dict": {"model.teacher.encoder.<key>": …}}``, a
@@ -211,9 +212,12 @@ class EncoderFile:
         return params
 
     def config(self, params=None):
-        """The inference ``EncoderConfig`` (a 2-D patch encoder for the ViT layout)."""
+        """The inference ``EncoderConfig`` (a 2-D patch encoder for the ViT layout; post-norm, EAT's trunk,
+        where the file has ``embed_norm.*`` keys)."""
         params = self.params() if params is None else params
         extra = {"aape": self.aape} if self.aape is not None else {}
+        if convert.norm_style(params) == "post":
+            extra["norm_style"] = "post"
         if not self.vit:
             return inference.config_from_params(params, self.heads, **extra)
         return inference.config_from_params(

@@ -18,6 +18,14 @@ zero-padded last chunk gives the same valid outputs as the JAX encoder. The offi
 ``audio_size[0]`` frames (its positions are added whole); shorter inputs use the first positions here, as
 the JAX encoder does.
 
+``norm_style="post"`` is EAT's trunk (``EncoderConfig.norm_style="post"``, data2vec 2.0's
+``layer_norm_first=False``): a LayerNorm ``embed_norm`` on the embedded tokens (positions added, CLS in
+front), post-norm blocks (``x = norm1(x + attn(x))``, then ``norm2(x + mlp(x))``) and no final LayerNorm
+(``norm`` is an ``nn.Identity``). Its ``state_dict`` is the layout above with ``embed_norm.{weight,bias}``
+after ``patch_embed.proj.*`` and no ``norm.*`` (what the export writes for such an encoder; metadata
+``format=asit_encoder+postnorm``); ``from_state_dict`` tells the two layouts apart by those keys. It does not
+load into the official ASiT ViT, which is pre-norm.
+
 The inference conventions (whole-clip front end with the wave's mean removed, chunks of the positions' length
 — 592 frames — on a global grid, time step = one column of patches = 16 frames, timestamp embedding = the mean
 of the column's frequency patches, ``160·c + 87.5`` ms, scene = ``[CLS ‖ mean of patch tokens]``) are
@@ -88,17 +96,29 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm block; drop-path is the identity at inference and left out (it holds no parameters)."""
+NORM_STYLES = ("pre", "post")
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
+
+class Block(nn.Module):
+    """Pre-norm (``norm_style="pre"``) or EAT's post-norm block; drop-path is the identity at inference and
+    left out (it holds no parameters)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, norm_style: str = "pre"
+    ):
         super().__init__()
+        if norm_style not in NORM_STYLES:
+            raise ValueError(f"norm_style must be pre or post, got {norm_style!r}")
+        self.post_norm = norm_style == "post"
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, key_bias=None):
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, key_bias))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), key_bias)
         return x + self.mlp(self.norm2(x))
 
@@ -116,19 +136,25 @@ class VisionTransformer(nn.Module):
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        norm_style: str = "pre",
     ):
         super().__init__()
         self.audio_size = tuple(int(a) for a in audio_size)
         self.embed_dim = self.width = embed_dim
         self.depth = depth
+        self.norm_style = norm_style
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         p_t, p_f = self.patch_embed.patch_size
         self.n_freq_patches = self.audio_size[1] // p_f
         num_patches = (self.audio_size[0] // p_t) * self.n_freq_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        # Post-norm (EAT): a LayerNorm on the embedded tokens, no final norm (the identity holds no keys).
+        self.embed_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if norm_style == "post" else None
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_style) for _ in range(depth)]
+        )
+        self.norm = nn.Identity() if norm_style == "post" else nn.LayerNorm(embed_dim, eps=LN_EPS)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
@@ -148,7 +174,7 @@ class VisionTransformer(nn.Module):
 
         Neither the head count nor the mel bins can be read off the weights: heads default to
         ``width // 64`` (every official ViT), ``n_mels`` to 128; the frames of ``audio_size`` follow from
-        ``pos_embed``.
+        ``pos_embed``; ``embed_norm.*`` keys make it the post-norm (EAT) layout.
         """
         depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
         width, in_chans, p_t, p_f = (int(x) for x in sd["patch_embed.proj.weight"].shape)
@@ -168,6 +194,7 @@ class VisionTransformer(nn.Module):
             num_heads=heads,
             mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / width,
             qkv_bias="blocks.0.attn.qkv.bias" in sd,
+            norm_style="post" if "embed_norm.weight" in sd else "pre",
         )
         model.load_state_dict({k: torch.as_tensor(v) for k, v in sd.items()}, strict=strict)
         return model
@@ -177,7 +204,8 @@ class VisionTransformer(nn.Module):
         return torch.div(length, self.patch_t, rounding_mode="floor") * self.n_freq_patches
 
     def prepare_tokens(self, x, length=None):
-        """``(tokens [B, 1 + N, D] with positions, key_bias [B, 1 + N] or None)``."""
+        """``(tokens [B, 1 + N, D] as the first block takes them: positions added, post-norm also through
+        embed_norm; key_bias [B, 1 + N] or None)``."""
         if x.dim() == 3:  # [B, T, F]
             x = x[:, None]
         if x.shape[-1] != self.n_mels:
@@ -190,6 +218,8 @@ class VisionTransformer(nn.Module):
         if n + 1 > self.pos_embed.shape[1]:
             raise ValueError(f"{n} tokens exceed the {self.pos_embed.shape[1] - 1} positional slots")
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed[:, : n + 1]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         if length is None:
             return x, None
         valid = self.valid_tokens(torch.as_tensor(length, device=x.device)) + 1
@@ -198,14 +228,16 @@ class VisionTransformer(nn.Module):
         return x, key_bias
 
     def forward(self, x, length=None):
-        """Final-normed tokens ``[B, 1 + N, D]`` (CLS first); without ``length``, the official ViT's output."""
+        """Final-normed tokens ``[B, 1 + N, D]`` (CLS first; post-norm: the last block's output); without
+        ``length``, the official ViT's output."""
         x, key_bias = self.prepare_tokens(x, length)
         for blk in self.blocks:
             x = blk(x, key_bias)
         return self.norm(x)
 
     def block_outputs(self, x, length=None, n: int = 1):
-        """The last ``n`` blocks, each through the final norm, concatenated on channels: ``[B, 1 + N, n·D]``."""
+        """The last ``n`` blocks, each through the final norm (post-norm: as they are), concatenated on
+        channels: ``[B, 1 + N, n·D]``."""
         if not 1 <= n <= self.depth:
             raise ValueError(f"n={n} must be between 1 and the depth {self.depth}")
         x, key_bias = self.prepare_tokens(x, length)

@@ -15,10 +15,11 @@ default wherever the AaSP paper is silent, each an option:
   512 for 1024 frames), fixed 2-D sin-cos positions, a CLS token, qkv bias, no drop-path.
 - Teacher = EMA of the student encoder; it encodes each **clean clip once**. Targets
   (``target_source="ffn"``): for each of the top ``top_k_layers`` (12 = all) blocks, the block's
-  feed-forward output (after ``fc2``, before the residual add; ``FrameAST.trunk(collect_layers="ffn")``),
-  instance-normalised per channel over the clip's tokens, averaged over the layers, then a LayerNorm without
-  affine parameters (eps 1e-5). ``target_source="block"`` takes the blocks' outputs (the residual stream)
-  instead. The utterance target is the targets' mean over the clip's tokens.
+  feed-forward output (after ``fc2``, before the residual add; ``FrameAST.trunk(collect_layers="ffn")``;
+  EAT's ``t`` under ``model.norm_style="post"``), instance-normalised per channel over the clip's tokens,
+  averaged over the layers, then a LayerNorm without affine parameters (eps 1e-5).
+  ``target_source="block"`` takes the blocks' outputs (the residual stream) instead. The utterance target
+  is the targets' mean over the clip's tokens.
 - Masks (``mask_sampler="eat"``, ``views.eat_inverse_block_mask``): ``num_masks`` = 16 copies of each clip
   (``clone_batch``), each keeping ``int(N·(1 − mask_ratio))`` = 102 of 512 tokens (``mask_ratio`` = 0.8):
   ``int(N·(1 − r + mask_prob_adjust) / 25)`` = 5 block centres drawn uniformly with replacement, a
@@ -57,9 +58,13 @@ default wherever the AaSP paper is silent, each an option:
   that copy's visible tokens only (its SBLU filter and whole-clip envelope statistics would otherwise carry
   the dropped tokens' content into the kept ones, which the student must then predict without having seen).
   So the costly encoder work is one teacher pass on ``B × N`` plus the student's ``B·M × visible``.
-- The trunk is this project's pre-norm ViT with a final LayerNorm. EAT's blocks are post-norm (a LayerNorm
-  after each residual add, one on the embedded patches, no final norm): in both the feed-forward input is a
-  LayerNorm of the post-attention residual stream, but the block outputs are normalised only in EAT's.
+- The trunk layout is a knob, ``model.norm_style``: ``"pre"`` (the default, kept for the existing runs and
+  checkpoints) is this project's pre-norm ViT with a final LayerNorm; ``"post"`` is EAT's (data2vec 2.0's
+  ``AltBlock`` with ``layer_norm_first=False``): a LayerNorm on the embedded tokens (positions added, CLS in
+  front, so on the student's visible tokens only), each block ``x = LN1(x + Attn(x))``, ``t = MLP(x)``,
+  ``LN2(x + t)``, and no final norm (``models/encoder.py``). ``target_source="ffn"`` is each block's
+  feed-forward output before the residual add either way (post-norm: EAT's ``t`` exactly), and ``"block"``
+  the blocks' outputs (post-norm: after their ``LN2``, as EAT's with ``end_of_block_targets``).
 - Padding: tokens past a clip's valid frames are never visible while enough real tokens remain (the EAT
   sampler draws its centres among the real tokens), and are left out of the teacher's instance-norm
   statistics, the regression and the utterance target.
@@ -103,7 +108,7 @@ class AaspConfig:
     mask_block: tuple[int, int] = (5, 5)  # (time, freq) tokens of one visible block
     mask_sampler: str = "eat"  # eat (views.eat_inverse_block_mask) | blocks (views.inverse_block_mask)
     mask_prob_adjust: float = 0.07  # eat: extra block centres, N·(1 − r + adjust)/|block| of them
-    # targets
+    # targets (the trunk they come from: model.norm_style, "pre" by default, "post" = EAT's post-norm blocks)
     target_source: str = "ffn"  # ffn (each block's feed-forward output, EAT) | block (the block outputs)
     top_k_layers: int = 12  # clipped to the encoder depth
     instance_norm_targets: bool = True

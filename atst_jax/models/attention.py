@@ -1,7 +1,8 @@
 """Transformer blocks shared by every encoder and predictor: self-attention, cross-attention, MLP, drop-path.
 
-Conventions (spec/methods.md §0): pre-norm, LayerNorm eps 1e-6, exact (erf) GELU, head dim = width / heads
-with the 1/√head_dim scale, output projection with bias, and key padding as an additive −10000 on the
+Conventions (spec/methods.md §0): pre-norm (the self-attention ``Block`` also has EAT's post-norm layout,
+``norm_style="post"``), LayerNorm eps 1e-6, exact (erf) GELU, head dim = width / heads with the 1/√head_dim
+scale, output projection with bias, and key padding as an additive −10000 on the
 logits (not −inf, so a fully padded row stays finite). Parameters are float32 and carry logical axis names;
 matmuls run in ``x.dtype`` while the softmax runs in float32.
 
@@ -155,10 +156,31 @@ def drop_path(x, rate, key):
     return x * (mask / keep).astype(x.dtype)
 
 
-class Block(nnx.Module):
-    """Pre-norm self-attention block: ``x + DropPath(Attn(LN(x)))``, then ``x + DropPath(MLP(LN(x)))``."""
+NORM_STYLES = ("pre", "post")
 
-    def __init__(self, dim: int, heads: int, mlp_dim: int, *, qkv_bias: bool = False, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+    """Self-attention block in one of two layouts (``norm_style``; the parameters and their names are the same):
+
+    - ``"pre"`` (ATST, ASiT, ViT; data2vec 2.0's ``layer_norm_first=True``):
+      ``x + DropPath(Attn(LN1(x)))``, then ``x + DropPath(MLP(LN2(x)))``;
+    - ``"post"`` (EAT; data2vec 2.0's ``AltBlock`` with ``layer_norm_first=False``):
+      ``x = LN1(x + DropPath(Attn(x)))``, then ``LN2(x + DropPath(MLP(x)))``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        *,
+        qkv_bias: bool = False,
+        norm_style: str = "pre",
+        rngs: nnx.Rngs,
+    ):
+        if norm_style not in NORM_STYLES:
+            raise ValueError(f"norm_style must be pre or post, got {norm_style!r}")
+        self.norm_style = norm_style
         self.norm1 = LayerNorm(dim)
         self.attn = Attention(dim, heads, qkv_bias=qkv_bias, rngs=rngs)
         self.norm2 = LayerNorm(dim)
@@ -168,11 +190,22 @@ class Block(nnx.Module):
         return self.with_ffn(x, key_bias, rate, key, train, attention)[0]
 
     def with_ffn(self, x, key_bias, rate, key, train: bool, attention: str = "xla"):
-        """``(block output, feed-forward branch)``: the branch after drop-path and before the residual add
-        (data2vec 2.0 / EAT's targets). XLA drops the second output where only the first is used."""
-        y = self.attn(self.norm1(x), key_bias, attention)
+        """``(block output, feed-forward branch)``, the branch being data2vec 2.0 / EAT's target: pre-norm,
+        ``MLP(LN2(x))`` after its drop-path, before the residual add; post-norm, EAT's ``t = MLP(LN1(·))``,
+        before its drop-path and the residual add (without drop-path, as in a teacher, before and after are
+        the same). XLA drops the second output where only the first is used."""
         if train:
             k1, k2 = jax.random.split(key)
+        if self.norm_style == "post":
+            y = self.attn(x, key_bias, attention)
+            if train:
+                y = drop_path(y, rate, k1)
+            x = self.norm1(x + y)
+            t = self.mlp(x)
+            y = drop_path(t, rate, k2) if train else t
+            return self.norm2(x + y), t
+        y = self.attn(self.norm1(x), key_bias, attention)
+        if train:
             y = drop_path(y, rate, k1)
         x = x + y
         y = self.mlp(self.norm2(x))

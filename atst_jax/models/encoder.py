@@ -8,6 +8,15 @@ Input is a normalised log-mel ``[B, n_mels, T]``. The stem (``atst_jax.models.st
 positions. The trunk is pre-norm blocks (exact GELU, LayerNorm eps 1e-6, qkv bias off for ATST, on for
 ASiT, −10000 on padded keys) and a final LayerNorm.
 
+``EncoderConfig.norm_style="post"`` is EAT's trunk instead (data2vec 2.0's ``layer_norm_first=False``): a
+LayerNorm ``embed_norm`` on the embedded tokens (positions added, CLS in front) as the trunk's first step,
+post-norm blocks (``models/attention.Block``: ``x = LN1(x + Attn(x))``, then ``LN2(x + MLP(x))``) and no
+final LayerNorm: ``norm`` is a parameter-free identity, so everything that reads "final-normed tokens"
+(``trunk``'s output, ``intermediate_features``, ``inference.block_features``, the probes and the health
+monitors) reads the blocks' outputs as they are, which the blocks' own ``norm2`` has normalised — the
+features EAT's encoder returns. The parameter tree then has ``embed_norm`` and no ``norm``; the pre-norm
+tree is unchanged.
+
 ``trunk(collect_layers=...)`` also returns one stack per block: the blocks' outputs, or (``"ffn"``) their
 feed-forward outputs before the residual add, which data2vec 2.0 / EAT / AaSP average into teacher targets.
 
@@ -24,7 +33,8 @@ either way.
 For ``stem="frame"`` the parameter tree (names, shapes, and the order of random draws, hence the values
 for a given key) is ATST's: ``patch_embed``, ``mask_embed``, ``pos_embed``, ``cls_token`` (Clip only),
 ``blocks``, ``norm`` — existing checkpoints and the PyTorch export depend on it (tests/test_model.py
-pins it with a golden hash).
+pins it with a golden hash). ``norm_style="post"`` has ``embed_norm`` in place of ``norm`` and the same
+draws.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from flax import nnx
 from atst_jax.models.aape import AapeConfig, make_aape
 from atst_jax.models.attention import (  # noqa: F401
     ATTENTION_IMPLS,
+    NORM_STYLES,
     PAD_LOGIT,
     Attention,
     Block,
@@ -46,9 +57,9 @@ from atst_jax.models.attention import (  # noqa: F401
     drop_path,
     key_bias,
 )
-from atst_jax.models.layers import LayerNorm
+from atst_jax.models.layers import Identity, LayerNorm
 from atst_jax.models.stems import POS_EMBEDS, STEMS, make_stem
-from atst_jax.sharding import constrain
+from atst_jax.sharding import ConfigError, constrain
 
 RESIDUAL = ("act_batch", "act_length", "act_embed")
 
@@ -71,6 +82,10 @@ class EncoderConfig:
     patch_size: tuple[int, int] = (16, 16)  # patch2d: (time, mel)
     pos_embed: str = "learned"  # learned | sincos2d (patch2d only)
     qkv_bias: bool = False  # ASiT's ViT has a qkv bias; ATST has none
+    # Block layout: pre (ATST / ASiT / ViT: LayerNorm before attention and MLP, a final LayerNorm ``norm``) |
+    # post (EAT: a LayerNorm ``embed_norm`` on the embedded tokens, LayerNorm after each residual add, no
+    # final norm; see the module docstring).
+    norm_style: str = "pre"
     # Self-attention implementation (models/attention.py): xla | dot_product_attention | cudnn. A compute
     # choice only: the parameters and checkpoints are the same for all three.
     attention: str = "xla"
@@ -105,6 +120,10 @@ class EncoderConfig:
                     f"model.aape.subband_bins={self.aape.subband_bins} must divide n_mels={self.n_mels} and the "
                     f"{token_bins} mel bins of a token"
                 )
+        if self.norm_style not in NORM_STYLES:
+            raise ConfigError(
+                f"model.norm_style must be one of {'|'.join(NORM_STYLES)}, got {self.norm_style!r}"
+            )
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(
                 f"model.attention must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention!r}"
@@ -138,17 +157,26 @@ class FrameAST(nnx.Module):
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         # Draw order (checkpoint parity): stem (patch kernel, mask, positions, CLS), then one key split into
-        # per-block keys, then the final norm (no draws).
+        # per-block keys, then the final norm (no draws; nor has the post-norm embed_norm).
         self.stem.init_params(self, rngs)
         keys = jax.random.split(rngs.params(), cfg.depth)
         self.blocks = nnx.vmap(
             lambda k: Block(
-                cfg.width, cfg.heads, cfg.mlp_dim, qkv_bias=cfg.qkv_bias, rngs=nnx.Rngs(params=k)
+                cfg.width,
+                cfg.heads,
+                cfg.mlp_dim,
+                qkv_bias=cfg.qkv_bias,
+                norm_style=cfg.norm_style,
+                rngs=nnx.Rngs(params=k),
             ),
             in_axes=0,
             out_axes=0,
         )(keys)
-        self.norm = LayerNorm(cfg.width)  # "norm_frame" (Frame) / "norm" (Clip) in the PyTorch export
+        if cfg.norm_style == "post":  # EAT: a LayerNorm on the embedded tokens, no final norm
+            self.embed_norm = LayerNorm(cfg.width)
+            self.norm = Identity()
+        else:
+            self.norm = LayerNorm(cfg.width)  # "norm_frame" (Frame) / "norm" (Clip) in the PyTorch export
         if cfg.aape is not None:  # drawn last: the other parameters equal those of the plain encoder
             self.aape = make_aape(cfg, rngs)
 
@@ -201,7 +229,8 @@ class FrameAST(nnx.Module):
 
     # --- trunk: blocks ----------------------------------------------------------------------------------
     def trunk(self, x, valid=None, *, train: bool = False, key=None, collect_layers: bool | str = False):
-        """Runs the blocks and the final norm on embedded tokens ``x [B, K, D]`` (positions already added).
+        """Runs the blocks and the final norm on embedded tokens ``x [B, K, D]`` (positions already added;
+        post-norm: ``embed_norm`` first, and the final norm is the identity).
 
         ``K`` is any token count: the full sequence, or a gathered subset of it. ``valid [B, K]`` (bool)
         marks the real tokens; the others are padding, excluded as keys by a −10000 logit bias (None = all
@@ -209,12 +238,15 @@ class FrameAST(nnx.Module):
         ``[B, K, D]``; with ``collect_layers`` also one ``[L, B, K, D]`` stack per block:
 
         - ``True`` or ``"block"``: each block's output (the residual stream after the block, before the
-          final norm);
-        - ``"ffn"``: each block's feed-forward output, ``fc2(GELU(fc1(LN(h))))`` after its drop-path and
-          before the residual add (data2vec 2.0 / EAT's teacher targets; ``Block.with_ffn``).
+          final norm; post-norm: after the block's ``norm2``);
+        - ``"ffn"``: each block's feed-forward output before the residual add (data2vec 2.0 / EAT's teacher
+          targets; ``Block.with_ffn``): pre-norm ``fc2(GELU(fc1(LN2(h))))`` after its drop-path; post-norm
+          EAT's ``t = fc2(GELU(fc1(LN1(h + attn))))``, before its drop-path.
         """
         collect = _collect_kind(collect_layers)
         cfg = self.cfg
+        if cfg.norm_style == "post":
+            x = self.embed_norm(x)
         x = constrain(x, RESIDUAL)
         if valid is None:
             valid = jnp.ones(x.shape[:2], bool)
@@ -257,9 +289,10 @@ class FrameAST(nnx.Module):
         """Encodes ``spec [B, F, T]`` with valid frames ``length [B]``: ``trunk(embed(spec, mask))``.
 
         ``mask [B, N]`` (bool) replaces those tokens by ``mask_embed``. With ``train`` and a ``key``,
-        drop-path is active. Returns final-normed tokens ``[B, N(+1), D]``; with ``collect_layers`` also
-        every block's output ``[L, B, N(+1), D]`` (``True`` / ``"block"``: before the final norm;
-        ``"ffn"``: the feed-forward outputs before the residual add, see ``trunk``).
+        drop-path is active. Returns final-normed tokens ``[B, N(+1), D]`` (post-norm: the last block's
+        output); with ``collect_layers`` also every block's output ``[L, B, N(+1), D]`` (``True`` /
+        ``"block"``: before the final norm; ``"ffn"``: the feed-forward outputs before the residual add, see
+        ``trunk``).
         """
         x = self.embed(spec, mask, length)
         valid = self.valid_mask(length, x.shape[1])
@@ -267,7 +300,7 @@ class FrameAST(nnx.Module):
 
     def intermediate_features(self, spec, length, n: int = 1):
         """The official ``get_intermediate_layers(scene=False)``: the last ``n`` blocks' outputs, each through
-        the final norm, concatenated on channels: ``[B, N, n * D]`` (CLS removed)."""
+        the final norm (post-norm: as they are), concatenated on channels: ``[B, N, n * D]`` (CLS removed)."""
         _, layers = self(spec, length, collect_layers=True)
         feats = [self.norm(layers[i])[:, self.n_prefix :] for i in range(self.cfg.depth - n, self.cfg.depth)]
         return jnp.concatenate(feats, axis=-1)

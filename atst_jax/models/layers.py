@@ -1,4 +1,4 @@
-"""Small building blocks shared by every model: Linear, LayerNorm, BatchNorm over masked tokens, init.
+"""Small building blocks shared by every model: Linear, LayerNorm, Identity, BatchNorm over masked tokens, init.
 
 Each parameter carries logical axis names in its ``axes`` metadata (see ``atst_jax.sharding``).
 Parameters are stored in float32; ``x.dtype`` decides the compute dtype of matmuls, while normalisations
@@ -78,6 +78,14 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * self.scale[...] + self.bias[...]).astype(dtype)
+
+
+class Identity(nnx.Module):
+    """A parameter-free stand-in for a LayerNorm that a layout does not have (the post-norm encoder's final
+    ``norm``): returns its input, and adds nothing to the parameter tree."""
+
+    def __call__(self, x):
+        return x
 
 
 class MaskedBatchNorm(nnx.Module):
