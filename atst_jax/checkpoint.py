@@ -45,6 +45,7 @@ from flax import nnx
 
 from atst_jax import distributed
 from atst_jax.cli import ArgumentParser
+from atst_jax.errors import UserError
 from atst_jax.optim import HFAdamWState
 from atst_jax.sharding import ConfigError
 
@@ -100,7 +101,7 @@ def run_metadata(mesh=None) -> dict:
     }
 
 
-class CheckpointRestoreError(ValueError):
+class CheckpointRestoreError(UserError):
     """A checkpoint step that cannot be read (missing, empty or damaged files); the message is one line."""
 
 
@@ -444,6 +445,102 @@ class Checkpointer:
 
 
 # --- read-only access (export, digests, init_from) -------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------
+# The workdir lifecycle
+# ------------------------------------------------------------------------------------------------------
+def check_workdir(workdir) -> None:
+    """One line, before anything is built, for a workdir that is a file or cannot be created or written."""
+    if "://" in str(workdir):  # object stores: Orbax reports what it cannot write
+        return
+    existing = Path(workdir)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--workdir {workdir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {existing} is not writable")
+
+
+def make_workdir(workdir) -> None:
+    """Creates the workdir (after every config check passed, so a refused run leaves nothing behind) and
+    proves it writable."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if "://" not in str(workdir):
+            probe = workdir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror or e})") from None
+
+
+def set_aside_run(workdir):
+    """``train.fresh``: moves the previous run's checkpoints, metrics and TensorBoard logs to
+    ``WORKDIR/set_aside/run-<time>/`` (kept, never deleted). Returns that directory."""
+    target = workdir / "set_aside" / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    k = 1
+    while target.exists():
+        target, k = target.with_name(f"{target.name}.{k}"), k + 1
+    if distributed.is_main():
+        target.mkdir(parents=True)
+        for name in ("checkpoints", "metrics.jsonl", "tensorboard"):
+            if (workdir / name).exists():
+                (workdir / name).rename(target / name)
+    distributed.barrier("set_aside_run")
+    return target
+
+
+def resume_or_start(workdir, train_config, trainer, data_iter, run_config: dict, start, log=print):
+    """The workdir lifecycle at start-up: ``(checkpointer, state)``.
+
+    - **resume**: the newest checkpoint of this run (same config, same state tree) is restored, data position
+      included;
+    - **refuse**: a checkpoint of another config raises ``IncompatibleCheckpointError`` (one line naming the
+      fields that differ), unless ``train.fresh``;
+    - **fresh**: no checkpoint: ``start()`` gives the initial state;
+    - **set aside**: with ``train.fresh``, another run's checkpoints, metrics and TensorBoard logs move to
+      ``WORKDIR/set_aside/run-<time>/`` after ``start()`` (which may read them: ``init_from`` may point at
+      the old run) and the run starts from step 0. Its own checkpoints resume as usual (requeue-safe).
+    """
+    t = train_config
+
+    def checkpointer():
+        return Checkpointer(
+            workdir, save_every=t.ckpt_every, keep=t.keep_checkpoints, keep_period=t.keep_every
+        )
+
+    ckpt = checkpointer()
+    foreign = None
+    try:
+        latest, state = ckpt.restore_latest(
+            trainer.abstract_state, trainer.state_shardings, data_iter, run_config
+        )
+    except IncompatibleCheckpointError as e:
+        if not t.get("fresh", False):
+            ckpt.close()
+            raise
+        latest, state, foreign = None, None, e
+    if state is not None:
+        log(f"resumed from {ckpt.directory / str(latest)}")
+        if t.get("fresh", False):
+            log(
+                "train.fresh: the checkpoints here are this run's own, so it resumes (requeue-safe); move "
+                f"{ckpt.directory} away to start over"
+            )
+        return ckpt, state
+    try:
+        state = start()
+    except BaseException:
+        ckpt.close()
+        raise
+    if foreign is not None:
+        ckpt.close()
+        moved = set_aside_run(workdir)
+        ckpt = checkpointer()
+        log(f"train.fresh: the previous run in {workdir} was moved to {moved}; starting from step 0")
+    return ckpt, state
+
+
 def _read_manager(workdir: str | Path) -> ocp.CheckpointManager:
     _silence_closed_loop_callbacks()
     directory = run_dir(workdir) / "checkpoints"

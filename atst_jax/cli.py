@@ -1,5 +1,9 @@
 """What every command-line tool here shares: a user error is one line on stderr and exit status 2.
 
+``run(main)`` is the guard every ``python -m atst_jax.*`` entry goes through last: a ``UserError`` (the one
+error root, ``atst_jax.errors``) that escaped the command's own handling becomes that line, and Ctrl-C exits
+130 without a traceback.
+
 ``ArgumentParser`` is ``argparse.ArgumentParser`` whose usage errors (a missing or unknown option, a bad
 value) print ``PROG: error: MESSAGE (see PROG --help)`` on one line instead of the usage block plus the
 message; sub-command parsers inherit it.
@@ -9,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from atst_jax.errors import UserError
 
 EXIT_USAGE = 2  # bad arguments, bad paths, bad configs: the user's to fix
 
@@ -23,3 +29,14 @@ def fail(message: str, prefix: str = "error: ") -> int:
     """Prints ``message`` as one line on stderr; returns the usage exit status."""
     print(prefix + " ".join(str(message).split()), file=sys.stderr, flush=True)
     return EXIT_USAGE
+
+
+def run(main, argv=None) -> int:
+    """``main(argv)``'s exit status, with a ``UserError`` as one line (exit 2) and Ctrl-C as exit 130."""
+    try:
+        return main(argv) if argv is not None else main()
+    except UserError as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130

@@ -13,6 +13,7 @@ Called once, before anything touches a JAX backend. Three cases:
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 
@@ -65,3 +66,69 @@ def barrier(name: str) -> None:
 def is_main() -> bool:
     """Process 0 writes logs, metrics and shared files."""
     return jax.process_index() == 0
+
+
+class StopSignal:
+    """SIGTERM (preemption notice, ``scancel``, Kubernetes) and SIGINT (Ctrl-C) → finish the current step,
+    save, exit 0. A second Ctrl-C aborts at once (``KeyboardInterrupt``; the CLI exits 130).
+
+    The handler only sets a flag; the loop acts on it at the next step boundary, so a signal that arrives
+    during start-up, compilation or a long evaluation is honoured right after it, at the first step boundary.
+    """
+
+    def __init__(self):
+        self.requested = None
+        self.interrupts = 0
+        self._previous = {}
+
+    def __enter__(self):
+        import signal
+
+        handlers = {signal.SIGTERM: self._handle, signal.SIGINT: self._handle}
+        if jax.process_count() > 1:
+            # Several processes must stop at the same step, or the ones still stepping hang in a collective.
+            # JAX's preemption service (started by jax.distributed.initialize) catches SIGTERM itself and
+            # agrees on a common step, which the loop reads through ``ckpt.reached_preemption``; a Python
+            # handler here would replace it. Ctrl-C is passed to it as a SIGTERM to this process.
+            handlers = {signal.SIGINT: self._interrupt_to_sigterm}
+        for sig, handler in handlers.items():
+            try:
+                self._previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test harness thread): no handler
+                pass
+        return self
+
+    def _count_interrupt(self, signum):
+        import signal
+
+        if signum != signal.SIGINT:
+            return
+        self.interrupts += 1
+        if self.interrupts > 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a third one interrupts the clean-up
+            raise KeyboardInterrupt
+        print(
+            "interrupted: finishing the current step, saving it and exiting (Ctrl-C again to abort without "
+            "saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _handle(self, signum, frame):
+        del frame
+        self._count_interrupt(signum)
+        self.requested = signum
+
+    def _interrupt_to_sigterm(self, signum, frame):
+        import signal
+
+        del frame
+        self._count_interrupt(signum)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -19,11 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+# The error root lives in atst_jax.errors; ConfigError is re-exported here, where most modules import it.
+from atst_jax.errors import ConfigError  # noqa: F401
+
 MESH_AXES = ("data", "fsdp", "tensor")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before anything is compiled."""
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:

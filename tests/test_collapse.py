@@ -102,7 +102,7 @@ def test_health_warning_needs_the_whole_patience_under_the_floor(capsys):
     """The progress line warns only once a monitor has been under its floor at every logged step for
     ``health_patience`` steps; a recovery starts the count again; a floor of 0 is off; TensorBoard gets
     ``health/warning``."""
-    from atst_jax.train import Progress
+    from atst_jax.metrics import Progress
 
     class Sink:
         rows = []

@@ -67,10 +67,11 @@ from conftest import config_path  # noqa: E402
 
 from atst_jax import sharding as shd  # noqa: E402
 from atst_jax.checkpoint import from_pure, to_pure  # noqa: E402
+from atst_jax.config import load_config  # noqa: E402
 from atst_jax.export import convert, torch_encoder  # noqa: E402
 from atst_jax.methods.atst_clip import CROPS  # noqa: E402
 from atst_jax.tools import bench_parity  # noqa: E402
-from atst_jax.train import Trainer, ema_update, load_config  # noqa: E402
+from atst_jax.trainer import Trainer, ema_update  # noqa: E402
 
 OFFICIAL_VERSION = "0.1"
 DEPTH = 2  # AST_small's width (384) and heads (6); two blocks instead of twelve

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import run_train
 
-from atst_jax.train import ema_update
+from atst_jax.trainer import ema_update
 
 
 def _assert_one_line_error(proc, needle):
@@ -107,7 +107,7 @@ def test_cli_runs_20_steps_and_writes_checkpoint(tmp_path, embedded_cache):
 
 
 def test_progress_reports_mfu_against_the_chip_peak_and_data_wait():
-    from atst_jax.train import Progress
+    from atst_jax.metrics import Progress
 
     class Sink:
         rows = []
@@ -137,7 +137,7 @@ def test_metrics_for_a_remote_workdir_are_staged_locally_and_uploaded_whole(tmp_
     uploaded on sync/close. A Path whose str() is a URL stands in for gs://."""
     from pathlib import PosixPath
 
-    from atst_jax.train import MetricsWriter
+    from atst_jax.metrics import MetricsWriter
 
     class FakeBucketPath(PosixPath):
         def __str__(self):

@@ -1,0 +1,225 @@
+"""What a run reports while it trains: the progress line, ``metrics.jsonl`` and TensorBoard.
+
+- ``log``: status lines, printed by process 0 only.
+- ``MetricsWriter``: scalars and pictures, process 0 only; resumes without duplicate steps; object-store
+  workdirs supported.
+- ``Progress``: every ``log_every`` steps the line (loss, the method's monitors, LR, clips/s, ETA), the
+  ``perf/*`` scalars (clips/s, step time, data wait, TFLOP/s, MFU) and the encoder-health warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from atst_jax import distributed
+
+
+def fetch(tree):
+    """Host copies of replicated scalars. ``jax.device_get`` refuses arrays that span other processes'
+    devices; a replicated value is whole on any local device, so read this process's first shard."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), tree)
+
+
+def log(message: str) -> None:
+    """Progress and status lines: printed by process 0 only (every process runs the same loop)."""
+    if distributed.is_main():
+        print(message, flush=True)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """``metrics.jsonl`` and TensorBoard scalars, written by process 0 only.
+
+    Object stores (a ``gs://`` workdir) cannot append, so for a remote workdir the JSONL lines go to a local
+    copy (started from the remote file when resuming) that ``sync`` uploads whole at every checkpoint and at
+    the end. TensorBoard writes ``gs://`` itself (with ``google-cloud-storage`` installed).
+
+    ``resume_step``: the step the run (re)starts from. Lines of later steps (logged after the last checkpoint
+    by a run that was then killed) are dropped and TensorBoard purges its later events, so after any restart
+    each step appears once.
+    """
+
+    def __init__(self, workdir, resume_step: int | None = None):
+        self.enabled = distributed.is_main()
+        self.jsonl = None
+        self.tb = None
+        self.remote = workdir / "metrics.jsonl" if "://" in str(workdir) else None
+        if self.enabled:
+            local = workdir / "metrics.jsonl"
+            if self.remote is not None:
+                import hashlib
+                import tempfile
+
+                tag = hashlib.sha1(str(workdir).encode()).hexdigest()[:16]
+                local = Path(tempfile.gettempdir()) / "atst_jax_metrics" / tag / "metrics.jsonl"
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_text(self.remote.read_text() if self.remote.exists() else "")
+            self.local = local
+            if resume_step is not None and local.exists():
+                truncate_jsonl(local, resume_step)
+            self.jsonl = open(local, "a")  # noqa: SIM115 - closed in close()
+            try:
+                from tensorboardX import SummaryWriter
+
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+            except ImportError:  # optional: jsonl alone is enough
+                self.tb = None
+
+    def write(self, step: int, scalars: dict):
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, panels, step: int):
+        """A TensorBoard image of spectrogram panels ``[(title, spec, overlay)]`` (``plots.spectrogram_image``)."""
+        if self.enabled and self.tb is not None:
+            from atst_jax import plots
+
+            self.tb.add_image(tag, plots.spectrogram_image(panels), step, dataformats="HWC")
+            self.tb.add_text(f"{tag}/panels", " | ".join(title for title, _, _ in panels), step)
+
+    def sync(self):
+        """Uploads the JSONL for a remote workdir (no-op for a local one)."""
+        if self.enabled and self.remote is not None:
+            self.jsonl.flush()
+            self.remote.write_text(self.local.read_text())
+
+    def close(self):
+        if self.jsonl:
+            self.sync()
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keeps the lines of steps <= ``last_step`` (and drops a torn last line), rewriting the file atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+            continue
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    os.replace(tmp, path)
+
+
+class Progress:
+    """The progress line and scalars: every ``log_every`` steps, the first step, and the last."""
+
+    def __init__(
+        self,
+        total: int,
+        global_batch: int,
+        start_step: int,
+        flops_per_device: float = 0.0,
+        peak_tflops: float = 0.0,
+        monitors: tuple[str, ...] = (),
+        health_min: dict[str, float] | None = None,
+        health_patience: int = 200,
+    ):
+        self.total, self.global_batch, self.start_step = total, global_batch, start_step
+        self.monitors = monitors  # the method's collapse monitors, shown on the progress line
+        # Encoder health (models/collapse.py): a monitor under its floor at every logged step for at least
+        # ``health_patience`` steps puts a warning on the progress line (and ``health/warning`` = 1 in the
+        # scalars); a single dip does not. Floors ≤ 0 are off.
+        self.health_min = {k: float(v) for k, v in (health_min or {}).items() if float(v) > 0}
+        self.health_patience = int(health_patience)
+        self.below_since: dict[str, int] = {}  # monitor → first logged step of its run under the floor
+        self.warned: set[str] = set()
+        self.flops_per_device = flops_per_device  # analytic, per step
+        self.peak_tflops = peak_tflops  # of the chip (flops.CHIPS); 0 = unknown (CPU): no MFU
+        self.t0 = time.perf_counter()
+        self.last_time, self.last_step = None, start_step  # the first window holds compilation: no rate
+        # Host time spent waiting for the next batch (input pipeline + host→device transfer), summed over the
+        # current logging window. The step itself is dispatched asynchronously, so this is data stall only
+        # when the device is already idle; a large share means the input pipeline is the bottleneck.
+        self.data_wait = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def pause(self, fn):
+        """Runs ``fn()`` (e.g. a probe) off the clock: the step-time window does not count it."""
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            if self.last_time is not None:
+                self.last_time += time.perf_counter() - started
+
+    def maybe_log(self, step, metrics, writer, log_every, force=False):
+        if not (force or step % log_every == 0 or step == self.start_step + 1):
+            return None
+        scalars = {k: float(v) for k, v in fetch(metrics).items()}  # the guard is check_finite
+        now = time.perf_counter()
+        rate = float("nan")
+        if self.last_time is not None and step > self.last_step:
+            rate = (step - self.last_step) * self.global_batch / (now - self.last_time)
+            step_time = (now - self.last_time) / (step - self.last_step)
+            scalars["perf/clips_per_s"] = rate
+            scalars["perf/step_time_s"] = step_time
+            scalars["perf/data_wait_s"] = self.data_wait / (step - self.last_step)
+            scalars["perf/data_wait_frac"] = self.data_wait / (now - self.last_time)
+            if self.flops_per_device:
+                tflops = self.flops_per_device / step_time / 1e12
+                scalars["perf/tflops_per_device"] = tflops
+                if self.peak_tflops:
+                    scalars["perf/mfu"] = tflops / self.peak_tflops
+        self.last_time, self.last_step = now, step
+        self.data_wait = 0.0
+        alarms = self.health_alarms(step, scalars)
+        if self.health_min:
+            scalars["health/warning"] = float(bool(alarms))
+        writer.write(step, scalars)
+        eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")
+        log(
+            f"step {step:>6}/{self.total} | loss {scalars['loss']:.4f} | "
+            + "".join(f"{name} {scalars[name]:.4f} | " for name in self.monitors if name in scalars)
+            + f"lr {scalars['lr']:.2e} | {rate:7.1f} clips/s | "
+            f"ETA {fmt_time(eta) if eta == eta else '--'} | elapsed {fmt_time(self.elapsed())}"
+            + "".join(f" | WARNING {a}" for a in alarms),
+        )
+        return {"step": step, "loss": scalars["loss"]}
+
+    def health_alarms(self, step: int, scalars: dict) -> list[str]:
+        """The encoder-health warnings due at ``step``: each monitor that has been under its floor at every
+        logged step since ``step − health_patience`` or earlier. The first warning of each monitor also gets
+        a line of its own that says what it means."""
+        alarms = []
+        for name, floor in self.health_min.items():
+            value = scalars.get(name)
+            if value is None or not value < floor:
+                self.below_since.pop(name, None)
+                continue
+            since = self.below_since.setdefault(name, step)
+            if step - since < self.health_patience:
+                continue
+            alarms.append(f"{name} {value:.4f} < {floor:g} since step {since}")
+            if name not in self.warned:
+                self.warned.add(name)
+                log(
+                    f"warning: {name} has stayed under {floor:g} since step {since}: the teacher's tokens are "
+                    "collapsing (within_tea: their variance within clips; dim_tea: the directions they use) "
+                    "while the loss may still look healthy. Set train.health_min.NAME=0 to silence."
+                )
+        return alarms
