@@ -33,6 +33,8 @@ import scipy.fft
 import soundfile as sf
 import soxr
 
+from atst_jax.errors import UserError
+
 SAMPLE_RATE = 16000
 N_FFT = 1024
 WIN_LENGTH = 1024
@@ -228,7 +230,7 @@ def denormalize_db(x):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """An audio file that cannot be turned into a usable wave; the message names the file and the reason."""
 
 

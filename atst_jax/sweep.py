@@ -2,7 +2,8 @@
 
 import sys
 
+from atst_jax.cli import run
 from atst_jax.tools.sweep import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

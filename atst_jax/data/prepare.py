@@ -88,6 +88,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from atst_jax import audio
 from atst_jax import features as feature_sets
 from atst_jax.data import records
+from atst_jax.errors import UserError
 from atst_jax.features import DEFAULT_FEATURES
 
 # Bump when the per-file processing changes in a way that changes record bytes (it is part of the shard
@@ -101,7 +102,7 @@ AUDIO_EXTENSIONS = frozenset(
 _PROGRESS_DIR = "_progress"
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """A problem with the inputs or the request (malformed CSV line, nothing usable...): one clear line."""
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from atst_jax import inference
+from atst_jax.errors import UserError
 from atst_jax.export import convert
 
 FORMATS = ("safetensors", "atst_sed", "lightning")
@@ -55,7 +56,7 @@ VIT_FORMAT = "asit_encoder"  # the safetensors "format" metadata of that layout
 LIGHTNING_VERSION = "1.9.5"
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A user error: printed as one line."""
 
 

@@ -46,6 +46,8 @@ import sys
 import time
 from pathlib import Path
 
+from atst_jax.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[2]
 FRAME_CONFIG = str(ROOT / "configs" / "atst_frame.py")
 RESULT = "BENCH_GPU_RESULT "  # a child's result line on stdout
@@ -110,7 +112,7 @@ GPU = dict(
 )
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError):
     """A bad command line; one line, exit 2."""
 
 
@@ -714,11 +716,17 @@ def print_table(report: dict):
 
 def parse_args(argv):
     from atst_jax.cli import ArgumentParser
+    from atst_jax.tools import bench_step as bench
 
     p = ArgumentParser(prog="python -m atst_jax.bench gpu", description=__doc__.split("\n")[0])
     p.add_argument("--dry-run", action="store_true", help="tiny config on the CPU (what CI runs)")
     p.add_argument("--config", default=None, help="config spec (default base; tiny with --dry-run)")
-    p.add_argument("--set", action="append", default=None, help="config override KEY=VALUE (all variants)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=None,
+        help="config override KEY=VALUE (all variants), as --config.KEY=VALUE",
+    )
     p.add_argument("--batches", default=None, help="batch sizes, comma-separated (default 64,128,256)")
     p.add_argument("--compare-batch", type=int, default=None, help="batch of main, official and ablations")
     p.add_argument("--official", default="", help="checkout of github.com/Audio-WestlakeU/audiossl")
@@ -736,12 +744,18 @@ def parse_args(argv):
     p.add_argument("--official-steps", type=int, default=None, help="official steps per window (GPU: 5)")
     p.add_argument("--official-windows", type=int, default=None, help="official timed windows (GPU: 2)")
     p.add_argument("--no-plan", action="store_true", help="skip the planner's memory rows")
-    args = p.parse_args(argv)
+    args = bench.parse_args(p, argv)  # + --config.KEY=VALUE overrides, into args.set
     defaults = DRY if args.dry_run else GPU
     for k, v in defaults.items():
         if k not in ("sets", "official_arch") and getattr(args, k, None) is None:
             setattr(args, k, v)
     args.set = list(defaults["sets"]) + list(args.set or [])
+    # Every override names a field of the config, checked here in one line rather than in each variant's child.
+    from atst_jax.config import apply_overrides, load_config
+
+    apply_overrides(
+        load_config(args.config), [tuple(s.split("=", 1)) if "=" in s else (s, "") for s in args.set]
+    )
     if args.official_arch is None:  # the official model of the same size as --config, where there is one
         variant = args.config.rsplit(":", 1)[-1]
         args.official_arch = variant if variant in ("small", "base") else defaults["official_arch"]
@@ -785,7 +799,7 @@ def main(argv=None) -> int:
 
     try:
         args = parse_args(argv)
-    except SuiteError as e:
+    except UserError as e:  # SuiteError, ConfigError
         return fail(e)
     suite = Suite(args)
     status = suite.run()

@@ -37,10 +37,12 @@ import time
 import types
 from pathlib import Path
 
+from atst_jax.errors import UserError
+
 MODEL_FILE = "audiossl/methods/atstframe/model.py"
 
 
-class OfficialError(RuntimeError):
+class OfficialError(UserError):
     """The official code cannot be imported or built; reported as one line."""
 
 

@@ -88,6 +88,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atst_jax.errors import UserError
+
 LOSS_ATOL = 1e-5
 GRAD_RTOL = 1e-4
 PARAM_RTOL = 1e-5
@@ -97,7 +99,7 @@ METHODS = ("atst_frame", "asit")
 ASIT_FILES = ("vision_transformer.py", "losses.py", "utils.py", "main_ASiT.py")
 
 
-class UserError(ValueError):
+class ParityError(UserError):
     """A bad argument or an unsupported configuration: one line, exit status 2."""
 
 
@@ -184,7 +186,7 @@ def our_config(config_spec: str, batch: int, sets):
 
     config = make_config(config_spec, batch, sets)
     if config.method not in METHODS:
-        raise UserError(
+        raise ParityError(
             f"--config {config_spec}: method {config.method!r}; parity covers {', '.join(METHODS)}"
         )
     config.model.update(drop_path=0.0, dtype="float32")
@@ -198,7 +200,7 @@ def our_trainer(config):
     import jax
 
     from atst_jax import sharding as shd
-    from atst_jax.train import Trainer
+    from atst_jax.trainer import Trainer
 
     return Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
 
@@ -216,7 +218,7 @@ def our_step(trainer, host, step: int, seed: int, draw_names):
     from atst_jax.checkpoint import from_pure, to_pure
     from atst_jax.data import views
     from atst_jax.optim import HFAdamWState
-    from atst_jax.train import ema_update
+    from atst_jax.trainer import ema_update
 
     rng = np.random.default_rng(seed)
     abstract = trainer.abstract_state
@@ -658,12 +660,14 @@ def asit_official(path: str, trainer, ours: dict, host: dict, step: int) -> Thei
     cfg, enc, config = trainer.method.cfg, trainer.enc_cfg, trainer.config
     p_t, p_f = (int(x) for x in enc.patch_size)
     if p_t != p_f:
-        raise UserError(
+        raise ParityError(
             f"model.patch_size={tuple(enc.patch_size)}: the official RECHead takes square patches"
         )
     frames, n_mels = int(cfg.crop_frames), int(enc.n_mels)
     if frames % p_t:
-        raise UserError(f"asit.crop_frames={frames} is not a multiple of the patch ({p_t}): the official ViT")
+        raise ParityError(
+            f"asit.crop_frames={frames} is not a multiple of the patch ({p_t}): the official ViT"
+        )
     n_pos = (frames // p_t) * (n_mels // p_f) + 1
     stand_ins = [f"stubbed module {s}" for s in stubs]
     arch = "vit_base" if enc.width == 768 else "vit_small"
@@ -1014,7 +1018,7 @@ def run(args) -> dict:
     official = Path(args.official).expanduser()
     if not official.is_dir():
         raise OfficialError(f"--official {args.official}: no such directory")
-    from atst_jax.train import load_config
+    from atst_jax.config import load_config
 
     method = load_config(args.config).method
     # A wrong checkout fails before anything is built or compiled.
@@ -1038,7 +1042,7 @@ def run(args) -> dict:
     total = int(config.train.steps)
     step = int(config.optim.warmup_steps) if args.step is None else int(args.step)
     if not 0 <= step < total:
-        raise UserError(f"--step {step}: must be in [0, {total})")
+        raise ParityError(f"--step {step}: must be in [0, {total})")
     host = make_batch(trainer, args.seed)
     draws = ("span_mask",) if method == "atst_frame" else ("gmml_corrupt",)
     ours = our_step(trainer, host, step, args.seed, draws)
@@ -1071,23 +1075,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="float32",
         help="the official side's precision (float64: a reference for both float32 sides' rounding)",
     )
-    p.add_argument("--set", action="append", help="config override KEY=VALUE (e.g. model.depth=2)")
+    p.add_argument("--set", action="append", help="config override KEY=VALUE, as --config.KEY=VALUE")
     p.add_argument("--json", default="", help="write the numbers here")
 
 
 def main(argv=None) -> int:
     from atst_jax.cli import ArgumentParser, fail
-    from atst_jax.sharding import ConfigError
-    from atst_jax.tools.bench_official import OfficialError
+    from atst_jax.tools import bench_step
 
     parser = ArgumentParser(prog="python -m atst_jax.bench parity")
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = bench_step.parse_args(parser, argv)  # + --config.KEY=VALUE overrides, into args.set
     if args.batch < 2:
         return fail("--batch must be at least 2 (BatchNorm / centres need a batch)")
     try:
         result = run(args)
-    except (OfficialError, ConfigError, UserError) as e:
+    except UserError as e:  # ConfigError, OfficialError, ParityError
         return fail(e)
     print_report(result)
     if args.json:

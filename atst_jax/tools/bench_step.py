@@ -18,29 +18,22 @@ import jax
 
 
 def make_config(config_spec: str, batch: int, sets=()):
-    """The config at ``batch`` clips with ``KEY=VALUE`` overrides, checked for all devices (also used by
-    ``bench_gpu`` and its planner rows, and by ``bench_parity``)."""
+    """The config at ``batch`` clips with ``KEY=VALUE`` overrides (the command line's ``--config.KEY=VALUE``,
+    or ``--set KEY=VALUE``), checked for all devices (also used by ``bench_gpu`` and its planner rows, and by
+    ``bench_parity``)."""
+    from atst_jax.config import apply_overrides, check_config, load_config
     from atst_jax.sharding import ConfigError
-    from atst_jax.train import check_config, load_config
 
     config = load_config(config_spec)
     config.train.global_batch = batch
     config.train.steps = max(config.train.steps, 1000)
+    overrides = []
     for override in sets or []:
         key, sep, value = override.partition("=")
-        node = config
-        *parents, leaf = key.split(".")
-        try:
-            for p in parents:
-                node = node[p]
-            current = node[leaf]
-            node[leaf] = type(current)(value) if not isinstance(current, bool) else value.lower() == "true"
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            if not sep:
-                raise ConfigError(
-                    f"--set {override!r}: want KEY=VALUE, e.g. model.scan_layers=false"
-                ) from None
-            raise ConfigError(f"--set {override!r}: {type(e).__name__}: {e}") from None
+        if not sep:
+            raise ConfigError(f"--set {override!r}: want KEY=VALUE, e.g. model.scan_layers=false")
+        overrides.append((key, value))
+    apply_overrides(config, overrides)
     check_config(config, jax.device_count())
     return config
 
@@ -48,7 +41,7 @@ def make_config(config_spec: str, batch: int, sets=()):
 def make_trainer(config_spec: str, batch: int, sets=()):
     """``(config, trainer)`` for timing: ``make_config`` on a mesh of all devices."""
     from atst_jax import sharding as shd
-    from atst_jax.train import Trainer
+    from atst_jax.trainer import Trainer
 
     config = make_config(config_spec, batch, sets)
     return config, Trainer(config, shd.make_mesh(config.mesh))
@@ -106,6 +99,15 @@ def bench_step(args) -> dict:
     return result
 
 
+def parse_args(parser, argv):
+    """The suite's flags plus ``--config.KEY=VALUE`` overrides, which join ``args.set`` as ``KEY=VALUE``."""
+    from atst_jax.config import parse_with_overrides
+
+    args, overrides = parse_with_overrides(parser, argv)
+    args.set = list(args.set or []) + [f"{k}={v}" for k, v in overrides]
+    return args
+
+
 def main(argv=None):
     from atst_jax.cli import ArgumentParser, fail
     from atst_jax.sharding import ConfigError
@@ -116,8 +118,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chip", default="", help="peak for the MFU: v4 v5e v5p v6e h100 h200 (default: detect)")
-    p.add_argument("--set", action="append", help="config override KEY=VALUE (e.g. model.scan_layers=false)")
-    args = p.parse_args(argv)
+    p.add_argument("--set", action="append", help="config override KEY=VALUE, as --config.KEY=VALUE")
+    args = parse_args(p, argv)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         return fail("--batch and --steps must be positive, --warmup >= 0")
     try:

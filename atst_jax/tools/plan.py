@@ -4,7 +4,8 @@ renting the chips, and report per-device memory, FLOPs and the implied step time
     python -m atst_jax.plan --config configs/atst_frame.py:base --mesh data=64,fsdp=4 [--chip v5p] [--mfu 0.5]
         [--devices N] [--json plan.json] [--config.FIELD=VALUE ...]
 
-``--mesh`` replaces ``config.mesh`` (axes not named are 1). The number of simulated devices is the product
+``--mesh`` replaces ``config.mesh`` (axes not named are 1); the trainer's spelling ``--config.mesh.data=64
+--config.mesh.fsdp=4`` does the same. The number of simulated devices is the product
 of its sizes, or ``--devices N`` (then one axis may be -1). Exit codes: 0 = planned (and fits the chip's HBM
 when ``--chip`` is given), 2 = bad mesh or config, 3 = the step does not fit the chip's HBM.
 
@@ -23,6 +24,8 @@ import time
 
 from absl import flags
 
+from atst_jax.errors import UserError
+
 # JAX must not be imported at module level: the simulated device count has to be in XLA_FLAGS before JAX
 # starts, and it is only known once --mesh is parsed. For the same reason the --config flag (and --workdir)
 # come from atst_jax.train, imported inside main(): defining "config" here too would collide with it.
@@ -38,14 +41,16 @@ MESH_AXES = ("data", "fsdp", "tensor")  # = atst_jax.sharding.MESH_AXES (that mo
 EXIT_CONFIG, EXIT_NO_FIT = 2, 3
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """A bad command line; reported as one line, exit 2."""
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:
     """``"data=64,fsdp=4"`` → ``{"data": 64, "fsdp": 4, "tensor": 1}``; sizes positive, or one -1."""
     if not text:
-        raise PlanError("--mesh is required, e.g. --mesh data=64,fsdp=4")
+        raise PlanError(
+            "--mesh is required, e.g. --mesh data=64,fsdp=4 (or --config.mesh.data=64 --config.mesh.fsdp=4)"
+        )
     sizes: dict[str, int] = {}
     for entry in text.split(","):
         name, sep, value = (s.strip() for s in entry.partition("="))
@@ -64,6 +69,21 @@ def parse_mesh(text: str | None) -> dict[str, int]:
     if list(sizes.values()).count(-1) > 1:
         raise PlanError(f"--mesh={text}: at most one axis may be -1")
     return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def mesh_text(flag: str | None, argv: list[str]) -> str | None:
+    """The target mesh as ``--mesh`` spells it, from ``--mesh`` or from the trainer's own overrides
+    ``--config.mesh.AXIS=SIZE`` (one or the other; axes not named are 1 either way)."""
+    from atst_jax.config import split_overrides
+
+    axes = [
+        f"{path[len('mesh.') :]}={text}"
+        for path, text in split_overrides(argv)[1]
+        if path.startswith("mesh.")
+    ]
+    if flag and axes:
+        raise PlanError("give the target mesh once: --mesh AXIS=SIZE,... or --config.mesh.AXIS=SIZE")
+    return flag or ",".join(axes) or None
 
 
 def device_count(mesh: dict[str, int], devices: int | None) -> int:
@@ -143,7 +163,7 @@ def compile_step(config):
     import numpy as np
 
     from atst_jax import sharding as shd
-    from atst_jax.train import Trainer
+    from atst_jax.trainer import Trainer
 
     mesh = shd.make_mesh(config.mesh)
     trainer = Trainer(config, mesh)
@@ -387,7 +407,7 @@ def main() -> int:
         return 0
     try:
         flags.FLAGS(argv, known_only=True)  # --mesh and --devices, before JAX exists
-        mesh = parse_mesh(_MESH.value)
+        mesh = parse_mesh(mesh_text(_MESH.value, argv[1:]))
         num_devices = device_count(mesh, _DEVICES.value)
     except (flags.Error, PlanError) as e:
         _fail(str(e))

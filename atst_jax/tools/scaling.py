@@ -52,11 +52,12 @@ import sys
 from pathlib import Path
 
 from atst_jax.cli import ArgumentParser, fail
+from atst_jax.errors import UserError
 
 FIT_PARAMETERS = 2  # a and b of y = a·x^b
 
 
-class FitError(ValueError):
+class FitError(UserError):
     """A fit that cannot be made (too few or non-positive points): one line."""
 
 
@@ -612,7 +613,7 @@ def ladder(args, overrides: list[str]) -> int:
 
     from absl import logging as absl_logging
 
-    from atst_jax import train
+    from atst_jax.config import check_config, load_config
     from atst_jax.flops import CHIPS
     from atst_jax.sharding import ConfigError
     from atst_jax.tools import sweep
@@ -642,10 +643,10 @@ def ladder(args, overrides: list[str]) -> int:
         for variant in variants:
             spec = f"{cfg_path}:{variant}"
             try:
-                config = sweep.apply_overrides(train.load_config(str(repo / cfg_path) + f":{variant}"), fixed)
+                config = sweep.apply_overrides(load_config(str(repo / cfg_path) + f":{variant}"), fixed)
                 for axis, size in mesh.items():
                     config.mesh[axis] = size
-                train.check_config(config, devices)
+                check_config(config, devices)
                 print(
                     f"[ladder] planning {spec} on mesh {mesh_arg} ({devices} simulated devices) ...",
                     file=sys.stderr,

@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 from atst_jax.cli import ArgumentParser, fail
+from atst_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 PLAN_FILE, RUNS_FILE, ARGS_FILE, STATE_FILE, LOCK_FILE = (
@@ -68,7 +69,7 @@ PLAN_FILE, RUNS_FILE, ARGS_FILE, STATE_FILE, LOCK_FILE = (
 LAUNCHERS = ("local", "slurm", "tpu")
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """Bad input: reported as one line, exit 2."""
 
 
@@ -141,61 +142,17 @@ def expand(axes: list[tuple[str, list[str]]]) -> list[tuple[str, dict[str, str]]
 # ======================================================================================================
 # Config overrides (typed like the config's own field, the way config_flags parses them)
 # ======================================================================================================
-def _parse_value(field: str, text: str, current):
-    import ast
-
-    if isinstance(current, bool):
-        low = text.lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise SweepError(f"{field}={text}: expected true or false")
-    if isinstance(current, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise SweepError(f"{field}={text}: expected an integer") from None
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise SweepError(f"{field}={text}: expected a number") from None
-    if isinstance(current, str):
-        return text
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    return tuple(value) if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)) else value
-
-
 def apply_overrides(config, overrides: dict[str, str]):
-    """Sets ``field=value`` strings on a ConfigDict; an unknown field is one line (with the closest match)."""
-    import difflib
+    """Sets ``field=value`` strings on a ConfigDict, as the trainer's ``--config.FIELD=VALUE`` does (typed by
+    the field's value; an unknown field is one line with the closest match)."""
+    from atst_jax import config as config_lib
 
-    import ml_collections
-
-    for field, text in overrides.items():
-        node, parts = config, field.split(".")
-        for i, part in enumerate(parts):
-            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                close = difflib.get_close_matches(part, options, n=1)
-                hint = f" (did you mean {'.'.join(parts[:i] + close)!r}?)" if close else ""
-                raise SweepError(f"unknown config field {field!r}{hint}")
-            if i < len(parts) - 1:
-                node = node[part]
-        current = node[parts[-1]]
-        if isinstance(current, ml_collections.ConfigDict):
-            raise SweepError(f"{field} is a section, not a field")
-        node[parts[-1]] = _parse_value(field, text, current)
-    return config
+    return config_lib.apply_overrides(config, list(overrides.items()))
 
 
 def run_config(spec: str, overrides: dict[str, str]):
     """The ConfigDict of one run: the config file's variant with the sweep's and the run's overrides."""
-    from atst_jax.train import load_config
+    from atst_jax.config import load_config
 
     return apply_overrides(load_config(_config_path(spec)), overrides)
 
@@ -267,7 +224,7 @@ class Plan:
 def make_plan(root: str, spec: str, grid_text: str | None, fixed: dict[str, str], probe=None) -> Plan:
     """Expands the grid and validates every run's config (one line for the first bad one) before anything
     is written or started."""
-    from atst_jax import train
+    from atst_jax.config import check_config
     from atst_jax.sharding import ConfigError
 
     stored = _stored_spec(spec)
@@ -283,7 +240,7 @@ def make_plan(root: str, spec: str, grid_text: str | None, fixed: dict[str, str]
             devices = 1
             for v in mesh:
                 devices *= v
-            train.check_config(config, devices)
+            check_config(config, devices)
         except ConfigError as e:
             where = f"run {name}: " if overrides else ""
             raise SweepError(f"{where}{' '.join(str(e).split())}") from None
@@ -818,21 +775,11 @@ def _parser():
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    rest, fixed = [], {}
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--config."):
-            field, sep, value = a[len("--config.") :].partition("=")
-            if not sep:  # --config.FIELD VALUE
-                if i + 1 >= len(argv):
-                    raise SweepError(f"{a} needs a value")
-                value, i = argv[i + 1], i + 1
-            fixed[field] = value
-        else:
-            rest.append(a)
-        i += 1
-    return rest, fixed
+    """The trainer's ``--config.FIELD=VALUE`` (or ``--config.FIELD VALUE``) overrides: fixed in every run."""
+    from atst_jax.config import split_overrides
+
+    rest, fixed = split_overrides(argv)
+    return rest, dict(fixed)
 
 
 def plan_summary(plan: Plan) -> str:
@@ -861,7 +808,7 @@ def main(argv=None) -> int:
         return main_status(argv[1:])
     try:
         rest, fixed = _split_overrides(argv)
-    except SweepError as e:
+    except UserError as e:  # ConfigError: an override without a value
         return fail(e)
     args = _parser().parse_args(rest)
     import logging
