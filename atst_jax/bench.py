@@ -21,7 +21,7 @@ SUITES = {
 
 
 def main(argv=None):
-    from atst_jax.cli import ArgumentParser
+    from atst_jax.cli import ArgumentParser, run
 
     parser = ArgumentParser(prog="python -m atst_jax.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -30,10 +30,8 @@ def main(argv=None):
         sub.add_parser(name, help=f"{help_} (atst_jax/tools/{module}.py)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(f"atst_jax.tools.{SUITES[args.what][0]}")
-    return module.main(rest)
+    return run(module.main, rest)
 
 
 if __name__ == "__main__":
-    from atst_jax.cli import run
-
-    sys.exit(run(main))
+    sys.exit(main())

@@ -105,6 +105,12 @@ def parse_args(parser, argv):
 
     args, overrides = parse_with_overrides(parser, argv)
     args.set = list(args.set or []) + [f"{k}={v}" for k, v in overrides]
+    if getattr(args, "config", None):  # every override names a field: one line now, before any other work
+        from atst_jax.config import apply_overrides, load_config
+
+        apply_overrides(
+            load_config(args.config), [tuple(s.split("=", 1)) if "=" in s else (s, "") for s in args.set]
+        )
     return args
 
 

@@ -1,0 +1,132 @@
+"""One front door: every ``python -m atst_jax.*`` command answers a mistyped config field and a mistyped flag
+with the same shape — exit status 2 and one line on stderr naming the mistake — and the commands that read a
+config take the trainer's ``--config.a.b=value`` overrides (typed, with "did you mean").
+
+The argparse commands run in-process (``main(argv)``); the absl ones (``train``, ``plan``) parse their flags at
+start-up, so they run as processes. Nothing here compiles a step: every mistake is caught before that.
+"""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, cli_env, config_path
+
+from atst_jax.config import apply_overrides, load_config, split_overrides
+from atst_jax.sharding import ConfigError
+
+FRAME = config_path("atst_frame") + ":tiny"
+ASIT = config_path("asit") + ":tiny"
+TYPO_FIELD = "--config.model.widht=3"
+FIELD_LINE = "unknown config field 'model.widht' (did you mean 'model.width'?)"
+
+
+def _one_line(code, err, needle):
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "error" in lines[0] and needle in lines[0], lines[0]
+
+
+def _in_process(module, argv, capsys):
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(module).main(argv)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _process(module, argv):
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv],
+        capture_output=True,
+        text=True,
+        env=cli_env(1),
+        cwd=ROOT,
+        timeout=120,
+    )
+    return proc.returncode, proc.stderr
+
+
+# The commands that read a config: a mistyped field is named with its closest match.
+CONFIG_COMMANDS = {
+    "bench step": ("atst_jax.bench", ["step", "--config", FRAME, "--batch", "8", TYPO_FIELD]),
+    "bench gpu": ("atst_jax.bench", ["gpu", "--dry-run", "--out", "{tmp}/gpu.json", TYPO_FIELD]),
+    "bench parity": ("atst_jax.bench", ["parity", "--official", "{tmp}", "--config", ASIT, TYPO_FIELD]),
+    "sweep": ("atst_jax.tools.sweep", ["--config", FRAME, "--root", "{tmp}/sweep", "--dry-run", TYPO_FIELD]),
+}
+# The commands that read a run, data or files instead: a config override is not theirs, in one line.
+OTHER_COMMANDS = {
+    "bench data": ("atst_jax.bench", ["data"]),
+    "scaling": ("atst_jax.tools.scaling", ["{tmp}"]),
+    "evaluate": (
+        "atst_jax.evaluate",
+        ["--workdir", "{tmp}", "--train", "{tmp}", "--test", "{tmp}", "--out", "{tmp}/r"],
+    ),
+    "finetune": (
+        "atst_jax.finetune",
+        ["--workdir", "{tmp}", "--train", "{tmp}", "--test", "{tmp}", "--out", "{tmp}/f"],
+    ),
+    "embed": ("atst_jax.embed", ["--workdir", "{tmp}", "--audio", "{tmp}", "--out", "{tmp}/e"]),
+    "export": (
+        "atst_jax.export.__main__",
+        ["--workdir", "{tmp}", "--format", "safetensors", "--out", "{tmp}/e"],
+    ),
+    "checkpoint": ("atst_jax.checkpoint", ["list", "--workdir", "{tmp}"]),
+    "data.prepare": ("atst_jax.data.prepare", ["folder", "--audio_dir", "{tmp}", "--out", "{tmp}/o"]),
+}
+
+
+def _argv(argv, tmp_path):
+    return [a.format(tmp=tmp_path) for a in argv]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_COMMANDS))
+def test_a_mistyped_config_field_is_one_line_with_the_closest_field(name, tmp_path, capsys):
+    module, argv = CONFIG_COMMANDS[name]
+    _one_line(*_in_process(module, _argv(argv, tmp_path), capsys), FIELD_LINE)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_COMMANDS) + sorted(OTHER_COMMANDS))
+def test_a_mistyped_flag_is_one_line(name, tmp_path, capsys):
+    module, argv = {**CONFIG_COMMANDS, **OTHER_COMMANDS}[name]
+    argv = [a for a in _argv(argv, tmp_path) if a != TYPO_FIELD]
+    _one_line(*_in_process(module, [*argv, "--batchh", "2"], capsys), "--batchh")
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_COMMANDS))
+def test_a_config_override_where_no_config_is_read_is_one_line(name, tmp_path, capsys):
+    module, argv = OTHER_COMMANDS[name]
+    _one_line(*_in_process(module, [*_argv(argv, tmp_path), TYPO_FIELD], capsys), TYPO_FIELD)
+
+
+@pytest.mark.parametrize("module", ["atst_jax.train", "atst_jax.plan"])
+def test_the_absl_commands_answer_alike(module, tmp_path):
+    base = ["--config", FRAME] + (["--workdir", str(tmp_path / "run")] if module.endswith("train") else [])
+    base += ["--mesh", "data=1"] if module.endswith("plan") else []
+    _one_line(*_process(module, [*base, TYPO_FIELD]), FIELD_LINE)
+    _one_line(*_process(module, [*base, "--batchh=2"]), "batchh")
+
+
+def test_overrides_are_typed_as_the_field():
+    config = load_config(FRAME)
+    rest, overrides = split_overrides(
+        ["--batch", "2", "--config.model.width=64", "--config.model.scan_layers", "false"]
+        + ["--config.atst_frame.freq_scale=(0.5, 2)"]
+    )
+    assert rest == ["--batch", "2"]
+    apply_overrides(config, overrides)
+    assert config.model.width == 64 and config.model.scan_layers is False
+    assert config.atst_frame.freq_scale == (0.5, 2)
+    for bad, needle in [
+        ("model.width=3.5", "expected an integer"),
+        ("model.scan_layers=maybe", "expected true or false"),
+        ("model=3", "a section, not a field"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            apply_overrides(config, [tuple(bad.split("=", 1))])
+    with pytest.raises(ConfigError, match="needs a value"):
+        split_overrides(["--config.model.width"])
