@@ -35,6 +35,7 @@ def get_config(variant: str = "tiny"):
     c.atst_clip.positive_seconds = positive
     if c.variant == "tiny":
         c.atst_clip.update(common.TINY_HEADS)
+        c.atst_clip.mixup_bank = 0  # mixup within the batch (the official 2,000-crop bank: see atst_frame.py)
     if c.variant == "small":
         c.data.subset = 200_000
     return c

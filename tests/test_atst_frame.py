@@ -170,3 +170,51 @@ def test_eval_mode_teacher_uses_running_statistics_and_no_drop_path():
     t2 = teacher.encoder(x, lengths, None, train=False, key=jax.random.key(99))
     np.testing.assert_array_equal(np.asarray(t1), np.asarray(t2))
     assert np.isfinite(float(loss_a))
+
+
+def test_per_group_batchnorm_and_loss_equal_the_mean_over_groups_of_each_alone(monkeypatch):
+    """``bn_groups = loss_groups = G``: the loss is the mean over G equal blocks of clips of the loss each
+    block gives alone (DDP without SyncBN), and the running statistics move by the mean of the blocks' moves.
+    ``loss_groups`` alone averages per-block token means."""
+    # One fixed span pattern for every clip (the same on a slice as on the batch), no view randomness.
+    fixed = lambda key, batch, n, **kw: jnp.broadcast_to((jnp.arange(n) // 5) % 2 == 0, (batch, n))
+    monkeypatch.setattr(atst_frame.views, "span_mask", fixed)
+    fields = dict(aug_view2=False, mixup_bank=0)
+    grouped, alone = _method(bn_groups=2, loss_groups=2, **fields), _method(**fields)
+    batch = _batch(b=4, frames=101)  # clip 3 is 30 frames short: the blocks have unequal token counts
+    key = jax.random.key(5)
+    loss = jax.jit(lambda m, s, t, b: m.loss(s, t, {}, b, key, 0)[0], static_argnums=0)
+
+    student, teacher = _perturbed(grouped)
+    got = float(loss(grouped, student, teacher, batch))
+    bn = student.projector.bn
+    ref, running = [], []
+    for g in (slice(0, 2), slice(2, 4)):
+        s_g, t_g = _perturbed(alone)
+        ref.append(float(loss(alone, s_g, t_g, {k: v[g] for k, v in batch.items()})))
+        running.append(np.asarray(s_g.projector.bn.running_mean[...]))
+    np.testing.assert_allclose(got, np.mean(ref), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.running_mean[...]), np.mean(running, 0), rtol=1e-5, atol=1e-7)
+
+    # loss_groups alone: 2 − 2·(mean over blocks of each block's mean cosine).
+    from atst_jax.models.byol import byol_pair, cosine
+
+    rng = np.random.default_rng(0)
+    p, z = rng.normal(size=(2, 4, 6, 8)).astype(np.float32)
+    w = (rng.random((4, 6)) < 0.7).astype(np.float32)
+    cos = np.asarray(cosine(jnp.asarray(p), jnp.asarray(z)))
+    blocks = [(cos[i : i + 2] * w[i : i + 2]).sum() / w[i : i + 2].sum() for i in (0, 2)]
+    np.testing.assert_allclose(float(byol_pair(p, z, w, 2)), 2 - 2 * np.mean(blocks), rtol=1e-6)
+
+
+def test_groups_must_divide_the_clips_of_a_loss_call():
+    from atst_jax.sharding import ConfigError
+
+    config = load_config(CONFIG + ":tiny")  # global batch 16
+    config.train.grad_accum_steps = 2
+    config.atst_frame.loss_groups = 16
+    with pytest.raises(ConfigError, match=r"atst_frame.loss_groups=16 must be >= 1 and divide the 8 clips"):
+        build(config).check()
+    config.atst_frame.update(loss_groups=8, bn_groups=3)
+    with pytest.raises(ConfigError, match=r"atst_frame.bn_groups=3"):
+        build(config).check()

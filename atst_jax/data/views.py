@@ -6,9 +6,19 @@ pure function of (seed, step) — so a resumed run repeats it exactly — and le
 - ``span_mask``: fairseq ``compute_mask_indices(mask_type="static", no_overlap=False)`` as the official ATST
   code calls it per example: ``int(ratio·N/span + U(0,1))`` spans (at least ``min_spans``), starts drawn
   without replacement from ``[0, N − span)``, spans may overlap (real masked fraction ≈ 0.50 at ratio 0.65).
-- ``mixup``: BYOL-A log-mixup-exp, ``log((1−λ)·e^x + λ·e^z + eps)`` with λ ~ U(0, ratio). The official code
-  draws z from a FIFO bank of 2,000 earlier inputs; here z is another clip of the same global batch (a
-  random cyclic shift ≥ 1, so never the clip itself) — the JAX-native equivalent, documented in the spec.
+- ``mixup``: BYOL-A log-mixup-exp, ``log((1−λ)·e^x + λ·e^z + eps)`` with λ ~ U(0, ratio). The partner z is
+  either given (drawn from the mixup bank below, with rows left unmixed while the bank is empty) or another
+  clip of the same batch (a random cyclic shift ≥ 1, so never the clip itself). z is the partner's whole
+  padded crop and the mixed example keeps its own valid length, as the official transform mixes fixed-size
+  crops (its short clips are zero-padded waveforms, whose floor-level frames enter the mix too).
+- Mixup bank (``mixup_bank_*``): the official BYOL-A ``Mixup(ratio=0.4, n_memory=2000)`` draws z uniformly from
+  a FIFO memory of the last 2,000 inputs it saw (before their own mixing), and leaves x unmixed while that
+  memory is empty. Here the memory is method state: ``[B, S, F, T]`` for a global batch of B, S =
+  ``⌈size / B⌉`` whole batches (at least ``size`` inputs), a ring filled one global batch per step. A loss
+  call first draws its partners uniformly from the completed batches in it (every entry once it is full),
+  then writes its own inputs. The batch axis is sharded like the global batch, so the bank costs 1/devices of
+  its size per device and the writes stay on the devices that hold those rows; a draw costs one all-reduce
+  of the drawn partners (``[b, F, T]``, as XLA partitions the gather from the sharded bank).
 - ``freq_warp``: BYOL-A RandomResizeCrop as ATST-Frame configures it (virtual canvas 1×, time untouched): crop
   ``h = clip(int(U(lo, hi)·F), 1, F)`` mel bins at a random offset and resize back to F bins with PyTorch's
   bicubic (A = −0.75, ``align_corners=True``, border-clamped taps). Expressed as one ``[F, F]`` matrix per
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient (jax.image uses the Keys kernel with A = -0.5)
 
@@ -79,18 +90,100 @@ def take_tokens(x, idx):
 
 
 # --- augmentations --------------------------------------------------------------------------------------
-def mixup(key, x, ratio: float = 0.4):
-    """Log-mixup-exp of each example with another example of the batch. ``x [B, F, T]``."""
+def mixup(key, x, ratio: float = 0.4, partner=None, use=None):
+    """Log-mixup-exp of each example of ``x [B, F, T]`` with ``partner [B, F, T]`` (default: another example of
+    the batch); ``use [B]`` (bool) leaves the rows where it is False unmixed (an empty mixup bank)."""
     b = x.shape[0]
-    if b < 2 or ratio <= 0:
+    if ratio <= 0 or (partner is None and b < 2):
         return x
     k_lam, k_shift = jax.random.split(key)
     lam = ratio * jax.random.uniform(k_lam, (b, 1, 1), jnp.float32)
-    shift = jax.random.randint(k_shift, (), 1, b)
-    z = jnp.roll(x, shift, axis=0)
+    if partner is None:
+        z = jnp.roll(x, jax.random.randint(k_shift, (), 1, b), axis=0)
+    else:
+        z = partner
     x32, z32 = x.astype(jnp.float32), z.astype(jnp.float32)
     eps = jnp.finfo(jnp.float32).eps
-    return jnp.log((1 - lam) * jnp.exp(x32) + lam * jnp.exp(z32) + eps).astype(x.dtype)
+    y = jnp.log((1 - lam) * jnp.exp(x32) + lam * jnp.exp(z32) + eps)
+    if use is not None:
+        y = jnp.where(use[:, None, None], y, x32)
+    return y.astype(x.dtype)
+
+
+# --- mixup bank (ATST-Frame, ATST-Clip) -----------------------------------------------------------------
+def bank_slots(size: int, global_batch: int) -> int:
+    """Whole global batches a mixup bank of ``size`` inputs keeps: ``⌈size / global_batch⌉``."""
+    return -(-int(size) // int(global_batch))
+
+
+def mixup_bank_init(size: int, global_batch: int, shapes) -> dict:
+    """Method state of an empty mixup bank of at least ``size`` inputs, one ``[B, S, F, T]`` array per named
+    input (``shapes``: ``{name: (F, T)}``; all written together), its batch axis sharded like the batch:
+    ``mixup_bank`` (an ``nnx.State``, so checkpoints store plain arrays), ``mixup_pos`` (rows written, modulo
+    the ring's ``S·B``) and ``mixup_filled`` (completed global batches, at most S)."""
+    slots = bank_slots(size, global_batch)
+    axes = ("batch", None, None, None)
+    bank = {
+        name: nnx.Variable(jnp.zeros((global_batch, slots, *shape), jnp.float32), axes=axes)
+        for name, shape in shapes.items()
+    }
+    zero = jnp.zeros((), jnp.int32)
+    return {"mixup_bank": nnx.State(bank), "mixup_pos": zero, "mixup_filled": zero}
+
+
+def has_mixup_bank(state) -> bool:
+    return isinstance(state, dict) and "mixup_bank" in state
+
+
+def bank_partners(key, bank, filled, rows: int):
+    """``rows`` partners ``[rows, F, T]`` drawn uniformly (with replacement) from the completed batches of
+    ``bank [B, S, F, T]`` (slots ``0 … filled−1``; all S once full), and whether each row has one (bool
+    ``[rows]``: False while the bank is empty)."""
+    gb, slots = bank.shape[:2]
+    n = jnp.maximum(filled, 1) * gb
+    u = jax.random.randint(key, (rows,), 0, n)  # slot u // B, row u % B
+    idx = (u % gb) * slots + u // gb  # the flat index of [B·S]: each device's rows stay contiguous
+    z = jnp.take(bank.reshape(gb * slots, *bank.shape[2:]), idx, axis=0)
+    return z, jnp.broadcast_to(filled > 0, (rows,))
+
+
+def bank_write(bank, pos, filled, x):
+    """Writes one loss call's inputs ``x [b, F, T]`` into ``bank [B, S, F, T]``; returns ``(bank, pos, filled)``.
+
+    ``b = B / k`` with gradient accumulation over k microbatches: microbatch j holds global rows ``j, j+k, …``
+    (train.py), and it is written to exactly those rows of the current slot, so after a step the slot holds
+    the global batch in its own order, whatever k (a resumable setting), and every write stays on the devices
+    that hold those rows. A slot counts as filled once its last microbatch is written."""
+    gb, slots = bank.shape[:2]
+    b = x.shape[0]
+    if gb % b:
+        raise ValueError(f"a mixup bank of global batch {gb} cannot take batches of {b} (not a divisor)")
+    slot, col = pos // gb, (pos % gb) // b
+    view = bank.reshape(b, gb // b, slots, *bank.shape[2:])
+    zero = jnp.zeros((), jnp.int32)
+    update = x.astype(bank.dtype)[:, None, None]
+    view = jax.lax.dynamic_update_slice(view, update, (zero, col, slot, zero, zero))
+    end = pos + b
+    filled = jnp.where(end % gb == 0, jnp.minimum(filled + 1, slots), filled)
+    return view.reshape(bank.shape), end % (gb * slots), filled
+
+
+def mixup_bank_partners(key, state, sources, rows: int) -> list:
+    """``[(partner, use)]``: independent draws of ``rows`` partners, one per entry of ``sources`` (the bank's
+    input names; a name may repeat: ATST-Frame's two views mix from the one bank of their common crop)."""
+    bank, filled = state["mixup_bank"], state["mixup_filled"]
+    keys = jax.random.split(key, len(sources))
+    return [bank_partners(k, bank[name][...], filled, rows) for name, k in zip(sources, keys, strict=True)]
+
+
+def mixup_bank_update(state, inputs) -> dict:
+    """``state`` with this call's pre-mixup ``inputs`` (``{name: [b, F, T]}``, one per bank) written."""
+    pos, filled = state["mixup_pos"], state["mixup_filled"]
+    banks = {}
+    for name, var in state["mixup_bank"].items():
+        value, new_pos, new_filled = bank_write(var[...], pos, filled, inputs[name])
+        banks[name] = var.replace(value)
+    return {**state, "mixup_bank": nnx.State(banks), "mixup_pos": new_pos, "mixup_filled": new_filled}
 
 
 def _cubic_weights(t):

@@ -5,9 +5,10 @@ Recipe, as the official audiossl code (``audiossl/methods/atst``) runs it:
 - Two **independent** random crops of one clip: an ``anchor`` (``anchor_seconds``; 6 s in the base recipe,
   9 s in the newer small one) and a ``positive`` (6 s). The pipeline draws both (``inputs()``); shorter clips
   are padded and masked by length.
-- Each crop gets its own log-mixup-exp (λ ~ U(0, 0.4), partner = another clip of the global batch, as in
-  ATST-Frame) and its own RandomResizeCrop on both axes (virtual canvas 1× frequency, 1.5× time, scales
-  U(0.6, 1.5) on each axis, PyTorch bicubic back to the crop's size).
+- Each crop gets its own log-mixup-exp (λ ~ U(0, 0.4); partner drawn from a FIFO bank of earlier crops of
+  its kind, ``mixup_bank`` = official ``n_memory=2000``, first step unmixed — as in ATST-Frame; 0 = another
+  clip of the global batch) and its own RandomResizeCrop on both axes (virtual canvas 1× frequency, 1.5×
+  time, scales U(0.6, 1.5) on each axis, PyTorch bicubic back to the crop's size).
 - No masking. The encoder has a CLS token (positional slot 0) and the final ``norm``; the representation is
   the CLS output. Crops of equal length go through an encoder together, as the official MultiCropWrapper
   concatenates them; the heads always see both crops' CLS outputs in one batch ``[anchor; positive]``, so
@@ -18,6 +19,16 @@ Recipe, as the official audiossl code (``audiossl/methods/atst``) runs it:
   student prediction of one crop and the teacher projection of the other, averaged over the two pairs.
 - Teacher = EMA of the student's encoder and projector parameters; optimizer and schedules as ATST-Frame.
 - Collapse monitors ``std_cls_stu`` / ``std_cls_tea``: std of the L2-normalised outputs over the ``2B`` rows.
+- The 80 dB floor per crop (``crop_floor_db``). The official code computes the log-mel of each *cropped
+  waveform*, so ``AmplitudeToDB(top_db=80)`` floors each crop at its own maximum − 80 dB, before the MinMax
+  normalisation, mixup and RandomResizeCrop. Stored ``atst_logmel64`` (``features``, the default) is already
+  floored per clip at the clip's maximum − 80 dB: a crop's own floor lies at or below that, so on it the floor
+  changes nothing and is skipped (a quiet crop of a loud clip keeps detail only down to the clip's floor).
+  With ``features="atst_logmel64_unfloored"`` (prepare the data with ``--features atst_logmel64_unfloored``)
+  each crop is floored at the maximum of its valid frames − ``crop_floor_db`` (padding frames do not enter the
+  maximum, and are lifted to the floor as the official zero-padded waveform is), in the normalised domain
+  (``FeatureSet.db_span``), before mixup: the official transform up to the STFT's reflect padding at the
+  crop's edges. 0 turns it off.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from atst_jax import features as feature_sets
 from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
@@ -42,9 +54,14 @@ class AtstClipConfig:
     anchor_seconds: float = 6.0
     positive_seconds: float = 6.0
     mixup_ratio: float = 0.4
+    mixup_bank: int = 2000  # FIFO bank of >= this many earlier crops per crop kind; 0 = partner in the batch
     freq_scale: tuple[float, float] = (0.6, 1.5)
     time_scale: tuple[float, float] = (0.6, 1.5)
     virtual_time: float = 1.5  # virtual crop canvas along time (frequency: 1×)
+    # The crops' feature set, and the floor below each crop's own maximum (dB; 0 = none), applied when the
+    # stored values are not floored already (see the module docstring).
+    features: str = feature_sets.DEFAULT_FEATURES
+    crop_floor_db: float = 80.0
     proj_hidden: int = 4096
     proj_dim: int = 256
     teacher_train_mode: bool = True
@@ -64,26 +81,50 @@ class AtstClip(Method):
         }
 
     def inputs(self):
-        return tuple(Crop(name, frames) for name, frames in self.crop_frames().items())
+        return tuple(Crop(name, frames, self.cfg.features) for name, frames in self.crop_frames().items())
+
+    def crop_floor_depth(self) -> float:
+        """The per-crop floor's depth below the crop's maximum in model-input units; 0 when none is applied:
+        ``crop_floor_db`` 0, or features already floored per clip at that depth or less (a no-op there)."""
+        fs, db = feature_sets.get(self.cfg.features), float(self.cfg.crop_floor_db)
+        if db <= 0 or (fs.clip_floor_db and db >= fs.clip_floor_db):
+            return 0.0
+        return fs.db_span(db)
+
+    def floor_crops(self, batch):
+        """``batch`` with each crop floored at its own valid maximum − ``crop_floor_db`` (when applied)."""
+        depth = self.crop_floor_depth()
+        if not depth:
+            return batch
+        floored = {name: floor_below_peak(batch[name], batch[f"{name}_length"], depth) for name in CROPS}
+        return {**batch, **floored}
 
     def init(self, rng):
         student, teacher = init_byol(rng, self.enc_cfg, self.cfg, self.ema_covers)
-        return student, teacher, {}
+        state = {}
+        if self.cfg.mixup_bank > 0 and self.cfg.mixup_ratio > 0:  # one bank per crop, as the official
+            shapes = {name: (self.enc_cfg.n_mels, frames) for name, frames in self.crop_frames().items()}
+            state = views.mixup_bank_init(self.cfg.mixup_bank, self.config.train.global_batch, shapes)
+        return student, teacher, state
 
-    def make_views(self, key, batch):
-        """Each crop's own mixup + 2-D RandomResizeCrop: ``{name: [B, F, T_name]}``."""
+    def make_views(self, key, batch, partners=None):
+        """Each crop's own mixup + 2-D RandomResizeCrop: ``{name: [B, F, T_name]}``. ``partners``: per crop
+        ``(partner, use)`` from the mixup bank (else another clip of the batch); with them, also returns the
+        crops as mixup received them (what the bank stores)."""
         cfg = self.cfg
+        batch = self.floor_crops(batch)
         out = {}
         for name, k in zip(CROPS, jax.random.split(key, len(CROPS)), strict=True):
             k_mix, k_crop = jax.random.split(k)
             x = batch[name]
             if cfg.mixup_ratio > 0:
-                x = views.mixup(k_mix, x, cfg.mixup_ratio)
+                x = views.mixup(k_mix, x, cfg.mixup_ratio, *(partners or {}).get(name, ()))
             out[name] = views.random_resize_crop(k_crop, x, cfg.freq_scale, cfg.time_scale, cfg.virtual_time)
-        return out
+        return out if partners is None else (out, {name: batch[name] for name in CROPS})
 
     def pictures(self, batch, key, step):
-        """The first clip's two crops before and after their augmentation, as the step drew them."""
+        """The first clip's two crops before and after their augmentation, as the step drew them (with the
+        mixup bank, which pictures cannot see, the mixup partner is another clip of the batch)."""
         del step
         crops = self.make_views(jax.random.split(key, 3)[0], batch)
         out = []
@@ -116,7 +157,12 @@ class AtstClip(Method):
         cfg = self.cfg
         b = batch["anchor"].shape[0]
         k_view, k_stu, k_tea = jax.random.split(key, 3)
-        crops = self.make_views(k_view, batch)
+        if views.has_mixup_bank(method_state):  # partners from the bank, then this batch's crops into it
+            partners = views.mixup_bank_partners(jax.random.fold_in(key, 3), method_state, CROPS, b)
+            crops, sources = self.make_views(k_view, batch, dict(zip(CROPS, partners, strict=True)))
+            method_state = views.mixup_bank_update(method_state, sources)
+        else:  # no bank (mixup_bank=0, or a direct call with {}): partners from the batch
+            crops = self.make_views(k_view, batch)
         lengths = {name: batch[f"{name}_length"] for name in CROPS}
         rows = jnp.ones((2 * b,), jnp.float32)
 
@@ -165,6 +211,21 @@ class AtstClip(Method):
     def check(self):
         if not self.enc_cfg.use_cls:
             raise ConfigError("atst_clip reads the CLS token: set model.use_cls=True")
+        if self.cfg.mixup_bank < 0:
+            raise ConfigError(
+                f"atst_clip.mixup_bank={self.cfg.mixup_bank}: a bank size >= 0 (0 = partner in the batch)"
+            )
+        if self.cfg.features not in feature_sets.FEATURE_SETS:
+            raise ConfigError(
+                f"atst_clip.features={self.cfg.features!r}: choose from {sorted(feature_sets.FEATURE_SETS)}"
+            )
+        clip_floor = feature_sets.get(self.cfg.features).clip_floor_db
+        if clip_floor and 0 < self.cfg.crop_floor_db < clip_floor:
+            raise ConfigError(
+                f"atst_clip.crop_floor_db={self.cfg.crop_floor_db} is below the {clip_floor:g} dB floor that "
+                f"{self.cfg.features!r} already has per clip: use features='atst_logmel64_unfloored' (data "
+                "prepared with --features atst_logmel64_unfloored), or crop_floor_db=0"
+            )
         for name, frames in self.crop_frames().items():
             if frames // self.enc_cfg.patch_w < 1:
                 raise ConfigError(f"atst_clip.{name}_seconds gives no whole token ({frames} frames)")
@@ -184,3 +245,11 @@ class AtstClip(Method):
             )
         )
         return hp, warnings
+
+
+def floor_below_peak(x, length, depth):
+    """``max(x, peak − depth)`` per example of ``x [B, F, T]``, ``peak`` the maximum over its valid frames
+    (``t < length[b]``), so padding never sets the floor but is lifted to it; an empty example is unchanged."""
+    valid = (jnp.arange(x.shape[-1]) < length[:, None])[:, None, :]
+    peak = jnp.max(jnp.where(valid, x, -jnp.inf), axis=(1, 2), keepdims=True)
+    return jnp.maximum(x, peak - depth)

@@ -3,15 +3,26 @@
 Recipe, as the official audiossl code runs it:
 
 - One 10 s crop per clip gives **two time-aligned views**: view 1 clean, view 2 = log-mixup-exp with another
-  clip + frequency warp (official ``aug_tea=False, aug_stu=True``; both switchable).
+  clip + frequency warp (official ``aug_tea=False, aug_stu=True``; both switchable). The mixup partner comes
+  from a FIFO bank of earlier crops (``mixup_bank``, official ``n_memory=2000``; method state, see
+  ``views.mixup_bank_init``): the clips of the first step are left unmixed, as the official transform leaves
+  its first inputs; each augmented view draws its own partners from the one bank of the (pre-mixup) crops.
+  ``mixup_bank=0``: the partner is another clip of the same global batch.
 - One span mask per clip (≈50 % of the 250 tokens), **shared by both views**. The student sees masked input
   (``mask_embed``); the teacher sees the unmasked views. Both are read out only at masked positions.
 - Symmetric (the released recipe): both views go through both networks in one batch ``[view 1; view 2]``.
   Student: encoder → projector → predictor; teacher: encoder → projector (stop-gradient). BatchNorm
-  statistics are taken over all masked tokens of both views of the global batch (SyncBN). Loss:
-  ``2 − 2·cos`` between the student prediction of one view and the teacher projection of the other, mean
-  over masked tokens, averaged over the two pairs. ``symmetric=False`` is the official single-pair path: the
-  teacher sees view 1 only, the student view 2 only (so each network's BN statistics cover one view).
+  statistics are taken over all masked tokens of both views of the global batch (the official trainer runs
+  DDP with ``sync_batchnorm=True``). Loss: ``2 − 2·cos`` between the student prediction of one view and the
+  teacher projection of the other, mean over masked tokens, averaged over the two pairs. ``symmetric=False``
+  is the official single-pair path: the teacher sees view 1 only, the student view 2 only (so each network's
+  BN statistics cover one view).
+- Per-GPU means: the official loss is a mean over one GPU's masked tokens, and DDP averages the GPUs'
+  gradients, so GPUs weigh equally whatever their token counts. ``loss_groups=G`` reproduces that: the clips
+  of a loss call are cut into G equal consecutive blocks (the devices' shards when G is the data-parallel
+  size), the loss is the mean over blocks of each block's token mean (official: G = the number of GPUs, 4
+  for the small recipe, 7 for base). ``bn_groups=G`` (not official: SyncBN is on there) takes the projector
+  and predictor BatchNorm statistics per block too, as DDP without SyncBN would; 1 = the whole batch.
 - Teacher mode: the official teacher runs in train mode (drop-path on, BN batch statistics) —
   ``teacher_train_mode=True``, the default. ``False`` puts the teacher in eval mode: no drop-path, and its
   projector BatchNorm normalises with running statistics instead of batch statistics. The teacher's own
@@ -38,7 +49,7 @@ from atst_jax import flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method, crop_frames, official_schedule_hparams
 from atst_jax.models import collapse
-from atst_jax.models.byol import byol_pair, init_byol, normalized_std, use_student_bn_stats
+from atst_jax.models.byol import bn_head, byol_pair, init_byol, normalized_std, use_student_bn_stats
 from atst_jax.models.encoder import FrameAST
 from atst_jax.models.stems import make_stem
 from atst_jax.sharding import ConfigError
@@ -65,27 +76,36 @@ class AtstFrameConfig:
     var_weight: float = 0.0
     cov_weight: float = 0.0
     var_target: float = 0.5
+    # Mixup partners from a FIFO bank of at least this many earlier crops (official BYOL-A ``n_memory``); 0 = a
+    # partner from the same global batch. The bank is method state (``B·⌈N/B⌉`` crops, sharded like the batch).
+    mixup_bank: int = 2000
+    # Equal blocks of clips the loss mean (official: one per GPU) and the head BatchNorm statistics (official:
+    # 1, SyncBN) are taken over; each must divide the clips of a loss call (global batch / grad_accum_steps).
+    loss_groups: int = 1
+    bn_groups: int = 1
 
 
-def make_views(key, spec, cfg: AtstFrameConfig):
-    """Two time-aligned views of the same crop ``spec [B, F, T]``."""
+def make_views(key, spec, cfg: AtstFrameConfig, partners=None):
+    """Two time-aligned views of the same crop ``spec [B, F, T]``. ``partners``: per view ``(partner, use)``
+    for its mixup (the mixup bank's draws); None: another clip of the batch."""
 
-    def augment(k, x):
+    def augment(k, x, partner):
         k_mix, k_warp = jax.random.split(k)
         if cfg.mixup_ratio > 0:
-            x = views.mixup(k_mix, x, cfg.mixup_ratio)
+            x = views.mixup(k_mix, x, cfg.mixup_ratio, *partner)
         return views.freq_warp(k_warp, x, cfg.freq_scale)
 
+    p1, p2 = ((), ()) if partners is None else partners
     k1, k2 = jax.random.split(key)
-    v1 = augment(k1, spec) if cfg.aug_view1 else spec
-    v2 = augment(k2, spec) if cfg.aug_view2 else spec
+    v1 = augment(k1, spec, p1) if cfg.aug_view1 else spec
+    v2 = augment(k2, spec, p2) if cfg.aug_view2 else spec
     return v1, v2
 
 
-def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
+def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST, partners=None):
     """Views and masks of one step (symmetric path): ``x [2B, F, T]`` = [view 1; view 2], their lengths, the
     token mask ``[2B, N]`` (the same mask for both views of a clip) and the indices/validity of the masked
-    tokens."""
+    tokens. ``partners``: see ``make_views``."""
     spec, length = batch["spec"], batch["spec_length"]
     b, _, frames = spec.shape
     n_tok = encoder.num_tokens(frames)
@@ -94,7 +114,7 @@ def prepare_inputs(key, batch, cfg: AtstFrameConfig, encoder: FrameAST):
         k_mask, b, n_tok, ratio=cfg.mask_ratio, span=cfg.mask_span, min_spans=cfg.min_spans
     )
     mask = mask & (jnp.arange(n_tok)[None, :] < encoder.token_lengths(length)[:, None])
-    v1, v2 = make_views(k_view, spec, cfg)
+    v1, v2 = make_views(k_view, spec, cfg, partners)
     x = jnp.concatenate([v1, v2], axis=0)  # both views through both networks in one batch
     lengths = jnp.concatenate([length, length], axis=0)
     mask2 = jnp.concatenate([mask, mask], axis=0)
@@ -117,18 +137,35 @@ class AtstFrame(Method):
     def inputs(self):
         return (Crop("spec", self.frames),)
 
+    @property
+    def uses_mixup_bank(self) -> bool:
+        cfg = self.cfg
+        return cfg.mixup_bank > 0 and cfg.mixup_ratio > 0 and (cfg.aug_view1 or cfg.aug_view2)
+
     def init(self, rng):
         student, teacher = init_byol(rng, self.enc_cfg, self.cfg, self.ema_covers)
-        return student, teacher, {}
+        state = {}
+        if self.uses_mixup_bank:
+            shapes = {"spec": (self.enc_cfg.n_mels, self.frames)}
+            state = views.mixup_bank_init(self.cfg.mixup_bank, self.config.train.global_batch, shapes)
+        return student, teacher, state
 
     def loss(self, student, teacher, method_state, batch, key, step):
-        """One ATST-Frame loss evaluation on a global batch ``{"spec": [B, F, T], "spec_length": [B]}``."""
+        """One ATST-Frame loss evaluation on a global batch ``{"spec": [B, F, T], "spec_length": [B]}``.
+
+        With the mixup bank in ``method_state``, the partners are drawn from it and then this batch's crops are
+        written to it; a state without it (a direct call with ``{}``) mixes within the batch."""
         del step
         cfg = self.cfg
         b = batch["spec"].shape[0]
         enc = student.encoder
         k_in, k_stu, k_tea = jax.random.split(key, 3)
-        x, lengths, mask2, idx, valid = prepare_inputs(k_in, batch, cfg, enc)
+        partners = None
+        if views.has_mixup_bank(method_state):
+            k_bank = jax.random.fold_in(key, 3)
+            partners = views.mixup_bank_partners(k_bank, method_state, ("spec", "spec"), b)
+            method_state = views.mixup_bank_update(method_state, {"spec": batch["spec"]})
+        x, lengths, mask2, idx, valid = prepare_inputs(k_in, batch, cfg, enc, partners)
         # Rows of the teacher / student batch: both views for the symmetric loss, else view 1 / view 2.
         t_rows = slice(None) if cfg.symmetric else slice(0, b)
         s_rows = slice(None) if cfg.symmetric else slice(b, 2 * b)
@@ -138,20 +175,21 @@ class AtstFrame(Method):
         if not train_mode:
             use_student_bn_stats(student, teacher)
         t_tok = teacher.encoder(x[t_rows], lengths[t_rows], None, train=train_mode, key=k_tea)
-        z = teacher.projector(
-            views.take_tokens(t_tok, idx[t_rows]), valid[t_rows], use_running_average=not train_mode
-        )
+        g_bn, g_loss = cfg.bn_groups, cfg.loss_groups
+        t_in = views.take_tokens(t_tok, idx[t_rows])
+        z = bn_head(teacher.projector, t_in, valid[t_rows], g_bn, b, use_running_average=not train_mode)
         z = jax.lax.stop_gradient(z)
 
         s_tok = student.encoder(x[s_rows], lengths[s_rows], mask2[s_rows], train=True, key=k_stu)
         v_s = valid[s_rows]
-        p = student.predictor(student.projector(views.take_tokens(s_tok, idx[s_rows]), v_s), v_s)
+        s_proj = bn_head(student.projector, views.take_tokens(s_tok, idx[s_rows]), v_s, g_bn, b)
+        p = bn_head(student.predictor, s_proj, v_s, g_bn, b)
 
         w1 = valid[:b].astype(jnp.float32)  # identical masks for both views
         if cfg.symmetric:
-            total = 0.5 * (byol_pair(p[b:], z[:b], w1) + byol_pair(p[:b], z[b:], w1))
+            total = 0.5 * (byol_pair(p[b:], z[:b], w1, g_loss) + byol_pair(p[:b], z[b:], w1, g_loss))
         else:
-            total = byol_pair(p, z, w1)
+            total = byol_pair(p, z, w1, g_loss)
         tok_valid = enc.valid_mask(lengths, t_tok.shape[1])  # [2B, N]: tokens over real frames (no CLS)
         t_valid = tok_valid[t_rows]
         metrics = {
@@ -170,7 +208,8 @@ class AtstFrame(Method):
 
     def pictures(self, batch, key, step):
         """Both views of the first clip as the step drew them, the shared span mask over each (the student
-        sees the masked tokens replaced by ``mask_embed``; the teacher sees the unmasked view)."""
+        sees the masked tokens replaced by ``mask_embed``; the teacher sees the unmasked view). With the mixup
+        bank the step's partner came from the bank, which pictures cannot see: they mix within the batch."""
         del step
         k_in = jax.random.split(key, 3)[0]
         stem = make_stem(self.enc_cfg)
@@ -210,6 +249,19 @@ class AtstFrame(Method):
         cfg = self.cfg
         if self.enc_cfg.use_cls:
             raise ConfigError("atst_frame has no CLS token: set model.use_cls=False")
+        if cfg.mixup_bank < 0:
+            raise ConfigError(
+                f"atst_frame.mixup_bank={cfg.mixup_bank}: a bank size >= 0 (0 = partner in the batch)"
+            )
+        train = self.config.train
+        rows = int(train.global_batch) // max(int(train.get("grad_accum_steps", 1)), 1)
+        for field in ("loss_groups", "bn_groups"):
+            groups = int(getattr(cfg, field))
+            if groups < 1 or rows % groups:
+                raise ConfigError(
+                    f"atst_frame.{field}={groups} must be >= 1 and divide the {rows} clips of a loss call "
+                    "(train.global_batch / train.grad_accum_steps)"
+                )
         n = self.frames // self.enc_cfg.patch_w
         if n <= cfg.mask_span:
             raise ConfigError(

@@ -13,6 +13,7 @@ from flax import nnx
 
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 from atst_jax.models.heads import BNMLP
+from atst_jax.models.layers import BN_EPS, BN_MOMENTUM
 
 
 class Student(nnx.Module):
@@ -39,10 +40,47 @@ def init_byol(rng, enc: EncoderConfig, cfg, covers):
     return student, teacher
 
 
-def byol_pair(pred, target, weights):
-    """``2 − 2·cos(pred, target)`` averaged over the rows with weight 1 (stop-gradient is the caller's)."""
-    denom = jnp.maximum(jnp.sum(weights), 1.0)
-    return 2.0 - 2.0 * jnp.sum(cosine(pred, target) * weights) / denom
+def byol_pair(pred, target, weights, groups: int = 1):
+    """``2 − 2·cos(pred, target)`` averaged over the rows with weight 1 (stop-gradient is the caller's).
+
+    ``groups > 1``: the leading axis is cut into that many equal consecutive blocks, each averaged over its
+    own rows, and the loss is the mean over blocks — DDP's gradient average of per-GPU means."""
+    if groups == 1:
+        denom = jnp.maximum(jnp.sum(weights), 1.0)
+        return 2.0 - 2.0 * jnp.sum(cosine(pred, target) * weights) / denom
+    sims = (cosine(pred, target) * weights).reshape(groups, -1)
+    count = jnp.maximum(jnp.sum(weights.reshape(groups, -1), axis=1), 1.0)
+    return 2.0 - 2.0 * jnp.mean(jnp.sum(sims, axis=1) / count)
+
+
+def bn_head(mlp: BNMLP, x, weights, groups: int = 1, clips: int | None = None, *, use_running_average=False):
+    """``mlp(x, weights)`` with the BatchNorm statistics taken per group of clips (``groups > 1``).
+
+    ``x [R, ..., C]``: R rows = one or more stacked views of ``clips`` clips each (``[view 1; view 2]``); the
+    clips are cut into ``groups`` equal consecutive blocks and a block's statistics cover its clips in every
+    view — what one GPU's plain BatchNorm sees under DDP without SyncBN. Running statistics: each group's
+    update (PyTorch's: biased variance normalises, unbiased variance is tracked), averaged over the groups —
+    a stand-in for DDP, where every GPU tracks its own and rank 0's are the ones saved."""
+    if groups == 1 or use_running_average:
+        return mlp(x, weights, use_running_average=use_running_average)
+    h = mlp.fc1(x)
+    bn, shape, dtype = mlp.bn, h.shape, h.dtype
+    clips = shape[0] if clips is None else clips
+    hg = h.astype(jnp.float32).reshape(shape[0] // clips, groups, clips // groups, -1, shape[-1])
+    wg = weights.astype(jnp.float32).reshape(hg.shape[:-1])
+    count = jnp.maximum(jnp.sum(wg, axis=(0, 2, 3)), 1.0)  # [G]
+    mean = jnp.einsum("vgck,vgckd->gd", wg, hg) / count[:, None]
+    centred = hg - mean[None, :, None, None]
+    var = jnp.einsum("vgck,vgckd->gd", wg, jnp.square(centred)) / count[:, None]
+    unbiased = var * (count / jnp.maximum(count - 1.0, 1.0))[:, None]
+    m = BN_MOMENTUM
+    bn.running_mean[...] = (1 - m) * bn.running_mean[...] + m * jax.lax.stop_gradient(jnp.mean(mean, 0))
+    bn.running_var[...] = (1 - m) * bn.running_var[...] + m * jax.lax.stop_gradient(jnp.mean(unbiased, 0))
+    bn.num_batches_tracked[...] = bn.num_batches_tracked[...] + 1
+    y = centred * jax.lax.rsqrt(var + BN_EPS)[None, :, None, None]
+    if bn.scale is not None:
+        y = y * bn.scale[...] + bn.bias[...]
+    return mlp.fc2(jax.nn.relu(y.reshape(shape).astype(dtype)))
 
 
 def cosine(a, b):
