@@ -133,7 +133,7 @@ FILE_SECONDS = {
     "test_aape.py": 120, "test_collapse.py": 140, "test_model.py": 90, "test_aasp.py": 90, "test_bench_gpu.py": 60, "test_plan.py": 60,
     "test_pretrain_probe.py": 60, "test_evaluate.py": 95, "test_cli_errors.py": 55, "test_sweep.py": 50,
     "test_finetune.py": 80, "test_stems.py": 35, "test_atst_frame.py": 35, "test_export.py": 30,
-    "test_prepare.py": 30,
+    "test_prepare.py": 30, "test_mixup_bank.py": 35, "test_front_door.py": 25,
 }  # fmt: skip
 
 
