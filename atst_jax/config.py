@@ -15,7 +15,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from atst_jax import methods, optim
+from atst_jax import knobs, methods, optim
 from atst_jax import sharding as shd
 from atst_jax.flops import CHIPS
 from atst_jax.models.encoder import FrameAST
@@ -53,6 +53,26 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"--config {spec}: {type(e).__name__}: {e}") from None
 
 
+# Ranges of the shared knobs (the methods' and the encoder's are declared beside their fields, ``RANGES``).
+OPTIM_RANGES = {
+    "base_lr": "[0, inf)",
+    "final_lr": "[0, inf)",
+    "warmup_steps": "[0, inf)",
+    "b1": "[0, 1)",
+    "b2": "[0, 1)",
+    "eps": "(0, inf)",
+    "ema": "[0, 1]",
+}
+TRAIN_RANGES = {
+    "steps": "[1, inf)",
+    "log_every": "[1, inf)",
+    "ckpt_every": "[1, inf)",
+    "keep_checkpoints": "[1, inf)",
+    "grad_accum_steps": "[1, inf)",
+    "max_skipped": "[0, inf)",
+}
+
+
 def check_config(config, num_devices: int, process_count: int = 1) -> methods.Method:
     """Raises ``ConfigError`` (one line) for configs that cannot run; returns the built method."""
     mesh_sizes = shd.mesh_shape(config.mesh, num_devices)
@@ -86,6 +106,8 @@ def check_config(config, num_devices: int, process_count: int = 1) -> methods.Me
         raise ConfigError(f"model.remat={m.remat!r}: choose none, full or save_dots")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: choose float32 or bfloat16")
+    knobs.check(config.optim, "optim", OPTIM_RANGES)
+    knobs.check(config.train, "train", {k: v for k, v in TRAIN_RANGES.items() if k in config.train})
     optim.check_config(config.optim)
     method = methods.build(config)
     # The token rule belongs to the encoder's patch stem; an abstract encoder answers it without allocating.

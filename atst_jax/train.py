@@ -284,7 +284,9 @@ def _lookup(tree, path):
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:  # e.g. "--config configs/compose.py:tiny, patch2d": the shell split the value
+        print(f"error: unexpected arguments {' '.join(argv[1:])!r} (flags are --name=value)", file=sys.stderr)
+        sys.exit(2)
     if not flags.FLAGS["verbosity"].present:  # Orbax/JAX INFO chatter would drown the progress line
         logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value is None:

@@ -109,6 +109,43 @@ def test_the_absl_commands_answer_alike(module, tmp_path):
     base += ["--mesh", "data=1"] if module.endswith("plan") else []
     _one_line(*_process(module, [*base, TYPO_FIELD]), FIELD_LINE)
     _one_line(*_process(module, [*base, "--batchh=2"]), "batchh")
+    # A value the shell split ("--config configs/compose.py:tiny, patch2d") is not silently dropped.
+    _one_line(*_process(module, [*base, "patch2d"]), "unexpected arguments")
+
+
+# Out-of-range knobs: the ranges declared beside the fields (knobs.py), every method, before any compile.
+OUT_OF_RANGE = [
+    ("atst_frame", "atst_frame.mask_ratio=1.5", "config.atst_frame.mask_ratio=1.5: must be in (0, 1)"),
+    ("atst_frame", "atst_frame.mask_span=0", "config.atst_frame.mask_span=0: must be in [1, inf)"),
+    ("atst_frame", "optim.base_lr=-1", "optim.base_lr=-1.0: must be in [0, inf)"),
+    ("atst_frame", "model.width=0", "model.width=0: must be in [1, inf)"),
+    ("atst_clip", "model.depth=0", "model.depth=0: must be in [1, inf)"),
+    ("asit", "asit.paste_prob=2", "config.asit.paste_prob=2.0: must be in [0, 1]"),
+    ("aasp", "aasp.mask_block=(0, 0)", "config.aasp.mask_block=(0, 0): must be in [1, inf)"),
+    (
+        "compose",
+        "compose.corrupt_area=(0.7, 0.5)",
+        "config.compose.corrupt_area=(0.7, 0.5): must be in (0, 1) ordered",
+    ),
+    ("compose", "compose.corrupt_area=(1, 1)", "config.compose.corrupt_area=(1, 1)"),
+    ("compose", "compose.paste_prob=2", "config.compose.paste_prob=2.0"),
+    ("compose", "compose.max_block=0", "config.compose.max_block=0.0: must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize("method,override,needle", OUT_OF_RANGE)
+def test_an_out_of_range_knob_is_refused_before_compiling(method, override, needle):
+    from atst_jax.config import check_config
+
+    config = apply_overrides(load_config(config_path(method) + ":tiny"), [tuple(override.split("=", 1))])
+    with pytest.raises(ConfigError) as e:
+        check_config(config, 1)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_grid_value_spelled_twice_is_one_line_not_two_runs(tmp_path, capsys):
+    argv = ["--config", FRAME, "--grid", "model.width=64,064", "--root", str(tmp_path / "s"), "--dry-run"]
+    _one_line(*_in_process("atst_jax.tools.sweep", argv, capsys), "repeats a value (64,064 reads as 64,64)")
 
 
 def test_overrides_are_typed_as_the_field():

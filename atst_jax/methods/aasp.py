@@ -77,6 +77,7 @@ for the predictor outputs), ``nce_acc`` (how often a view's nearest other view i
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,26 @@ class AaspConfig:
     # teacher momentum: linear optim.ema → ema_end over ema_anneal_steps
     ema_end: float = 0.99999
     ema_anneal_steps: int = 100_000
+    # Allowed values, checked before anything compiles (atst_jax.knobs).
+    RANGES: ClassVar[dict[str, str]] = {
+        "crop_frames": "[1, inf)",
+        "num_masks": "[1, inf)",
+        "mask_ratio": "(0, 1)",
+        "mask_block": "[1, inf)",
+        "mask_prob_adjust": "[0, 1)",
+        "top_k_layers": "[1, inf)",
+        "final_norm_eps": "(0, inf)",
+        "pred_dim": "[1, inf)",
+        "pred_depth": "[1, inf)",
+        "pred_heads": "[1, inf)",
+        "pred_mlp_ratio": "(0, inf)",
+        "loss_scale": "[0, inf)",
+        "utterance_weight": "[0, inf)",
+        "contrast_weight": "[0, inf)",
+        "contrast_temp": "(0, inf)",
+        "ema_end": "[0, 1]",
+        "ema_anneal_steps": "[0, inf)",
+    }
 
 
 class Student(nnx.Module):

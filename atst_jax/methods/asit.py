@@ -50,6 +50,7 @@ and ``tea_mean_entropy`` (entropy of its batch mean: → 0 when every clip picks
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,27 @@ class AsitConfig:
     teacher_temp_warmup_steps: int = 0  # 0 = τ_t at ``teacher_temp`` from the start
     centre_momentum: float = 0.9
     rec_weight: float = 2.0
+    # Allowed values, checked before anything compiles (atst_jax.knobs).
+    RANGES: ClassVar[dict[str, str]] = {
+        "crop_frames": "[1, inf)",
+        "corrupt_area": "(0, 1) ordered",
+        "paste_prob": "[0, 1]",
+        "paste_area": "(0, 1) ordered",
+        "max_block": "(0, 1]",
+        "paste_pool": "[0, inf)",
+        "head_hidden": "[1, inf)",
+        "head_bottleneck": "[1, inf)",
+        "cls_prototypes": "[1, inf)",
+        "data_prototypes": "[1, inf)",
+        "rec_hidden": "[1, inf)",
+        "rec_bottleneck": "[1, inf)",
+        "student_temp": "(0, inf)",
+        "teacher_temp_start": "(0, inf)",
+        "teacher_temp": "(0, inf)",
+        "teacher_temp_warmup_steps": "[0, inf)",
+        "centre_momentum": "[0, 1)",
+        "rec_weight": "[0, inf)",
+    }
 
 
 def reconstruction_l1(rec, clean, mask, length, *, patch_t: int):

@@ -34,6 +34,7 @@ Recipe, as the official audiossl code (``audiossl/methods/atst``) runs it:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,19 @@ class AtstClipConfig:
     proj_hidden: int = 4096
     proj_dim: int = 256
     teacher_train_mode: bool = True
+    # Allowed values, checked before anything compiles (atst_jax.knobs).
+    RANGES: ClassVar[dict[str, str]] = {
+        "anchor_seconds": "(0, inf)",
+        "positive_seconds": "(0, inf)",
+        "mixup_ratio": "[0, 1]",
+        "mixup_bank": "[0, inf)",
+        "freq_scale": "(0, inf) ordered",
+        "time_scale": "(0, inf) ordered",
+        "virtual_time": "[1, inf)",
+        "crop_floor_db": "[0, inf)",
+        "proj_hidden": "[1, inf)",
+        "proj_dim": "[1, inf)",
+    }
 
 
 class AtstClip(Method):

@@ -41,6 +41,7 @@ tokens' variance inside clips) and ``dim_tea`` (their effective dimension) that 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,23 @@ class AtstFrameConfig:
     # 1, SyncBN) are taken over; each must divide the clips of a loss call (global batch / grad_accum_steps).
     loss_groups: int = 1
     bn_groups: int = 1
+    # Allowed values, checked before anything compiles (atst_jax.knobs).
+    RANGES: ClassVar[dict[str, str]] = {
+        "crop_seconds": "(0, inf)",
+        "mask_ratio": "(0, 1)",
+        "mask_span": "[1, inf)",
+        "min_spans": "[0, inf)",
+        "mixup_ratio": "[0, 1]",
+        "freq_scale": "(0, inf) ordered",
+        "proj_hidden": "[1, inf)",
+        "proj_dim": "[1, inf)",
+        "var_weight": "[0, inf)",
+        "cov_weight": "[0, inf)",
+        "var_target": "[0, inf)",
+        "mixup_bank": "[0, inf)",
+        "loss_groups": "[1, inf)",
+        "bn_groups": "[1, inf)",
+    }
 
 
 def make_views(key, spec, cfg: AtstFrameConfig, partners=None):

@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-from atst_jax import optim
+from atst_jax import knobs, optim
 from atst_jax.features import DEFAULT_FEATURES
 from atst_jax.models.collapse import HEALTH_MONITORS
 from atst_jax.models.encoder import EncoderConfig
@@ -80,7 +80,9 @@ def dataclass_from_section(cls, section, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in section.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    knobs.check(obj, where)  # the ranges declared beside the fields (``cls.RANGES``)
+    return obj
 
 
 def dataclass_defaults(cls) -> dict[str, Any]:

@@ -61,6 +61,7 @@ collapse) and ``std_pred`` (the same for the student's answers at the masked pos
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,43 @@ class ComposeConfig:
     rec_bottleneck: int = 128
     contrast_temp: float = 0.1
     teacher_drop_path: bool = False  # ATST's teacher runs with drop-path on; data2vec / EAT / AaSP's without
+    # Allowed values, checked before anything compiles (atst_jax.knobs).
+    RANGES: ClassVar[dict[str, str]] = {
+        "crop_frames": "[1, inf)",
+        "num_masks": "[1, inf)",
+        "mask_ratio": "(0, 1)",
+        "mask_span": "[1, inf)",
+        "min_spans": "[0, inf)",
+        "mask_block": "[1, inf)",
+        "corrupt_area": "(0, 1) ordered",
+        "paste_prob": "[0, 1]",
+        "paste_area": "(0, 1) ordered",
+        "max_block": "(0, 1]",
+        "pred_hidden": "[1, inf)",
+        "pred_dim": "[1, inf)",
+        "pred_depth": "[1, inf)",
+        "pred_heads": "[1, inf)",
+        "pred_mlp_ratio": "(0, inf)",
+        "frame_byol": "[0, inf)",
+        "clip_byol": "[0, inf)",
+        "dino": "[0, inf)",
+        "reconstruction": "[0, inf)",
+        "regression": "[0, inf)",
+        "contrastive": "[0, inf)",
+        "proj_hidden": "[1, inf)",
+        "proj_dim": "[1, inf)",
+        "top_k_layers": "[1, inf)",
+        "dino_hidden": "[1, inf)",
+        "dino_bottleneck": "[1, inf)",
+        "dino_prototypes": "[1, inf)",
+        "dino_token_prototypes": "[1, inf)",
+        "student_temp": "(0, inf)",
+        "teacher_temp": "(0, inf)",
+        "centre_momentum": "[0, 1)",
+        "rec_hidden": "[1, inf)",
+        "rec_bottleneck": "[1, inf)",
+        "contrast_temp": "(0, inf)",
+    }
 
 
 def _on(cfg: ComposeConfig, objective: str) -> bool:

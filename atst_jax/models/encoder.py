@@ -40,12 +40,14 @@ draws.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from atst_jax import knobs
 from atst_jax.models.aape import AapeConfig, make_aape
 from atst_jax.models.attention import (  # noqa: F401
     ATTENTION_IMPLS,
@@ -94,11 +96,25 @@ class EncoderConfig:
     # parameter tree is unchanged.
     aape: AapeConfig | None = None
 
+    # Allowed values, checked before anything compiles (atst_jax.knobs).
+    RANGES: ClassVar[dict[str, str]] = {
+        "width": "[1, inf)",
+        "depth": "[1, inf)",
+        "heads": "[1, inf)",
+        "mlp_ratio": "(0, inf)",
+        "n_mels": "[1, inf)",
+        "patch_w": "[1, inf)",
+        "num_pos": "[1, inf)",
+        "drop_path": "[0, 1)",
+        "patch_size": "[1, inf)",
+    }
+
     def __post_init__(self):
         object.__setattr__(self, "aape", AapeConfig.coerce(self.aape))
         # Configs arrive as ConfigDicts / JSON, where tuples become lists; the config must stay hashable
         # (it is static metadata of the module).
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        knobs.check(self, "model")
         if self.stem not in STEMS:
             raise ValueError(f"model.stem must be one of {'|'.join(STEMS)}, got {self.stem!r}")
         if self.pos_embed not in POS_EMBEDS:

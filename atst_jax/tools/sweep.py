@@ -113,6 +113,30 @@ def parse_grid(text: str | None) -> list[tuple[str, list[str]]]:
     return axes
 
 
+def normalise_axes(config, axes: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """Each grid value read as its field's type (``064`` = ``64``, ``1e-3`` = ``0.001``, ``True`` = ``true``),
+    so one value spelled two ways is a repeat (one line) instead of two runs of the same config; a value the
+    field cannot take is refused here too. The runs keep the values as written (their names, and the plan of a
+    sweep already on disk, stay as they were)."""
+    from atst_jax.config import _field, parse_value
+    from atst_jax.sharding import ConfigError
+
+    out = []
+    for field, values in axes:
+        try:
+            node, leaf = _field(config, field)
+            typed = [parse_value(node[leaf], v, field) for v in values]
+        except ConfigError as e:
+            raise SweepError(f"--grid: {' '.join(str(e).split())}") from None
+        canonical = [str(v).lower() if isinstance(v, bool) else str(v) for v in typed]
+        if len(set(canonical)) != len(canonical):
+            raise SweepError(
+                f"--grid: axis {field!r} repeats a value ({','.join(values)} reads as {','.join(canonical)})"
+            )
+        out.append((field, values))
+    return out
+
+
 def _short_names(fields: list[str]) -> dict[str, str]:
     """The last component of each field (``model.width`` → ``width``), or the whole path where two share it."""
     last = [f.rsplit(".", 1)[-1] for f in fields]
@@ -232,6 +256,7 @@ def make_plan(root: str, spec: str, grid_text: str | None, fixed: dict[str, str]
     clash = sorted(set(fixed) & {f for f, _ in axes})
     if clash:
         raise SweepError(f"{clash[0]} is both a --grid axis and a --config override")
+    axes = normalise_axes(run_config(stored, {}), axes)
     runs = []
     for index, (name, overrides) in enumerate(expand(axes)):
         try:
