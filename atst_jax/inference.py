@@ -1,4 +1,4 @@
-"""Inference conventions shared by the JAX embedder (``atst_jax.embed``) and the PyTorch side
+"""Inference conventions shared by the JAX embedder (``atst_jax.eval.embed``) and the PyTorch side
 (``atst_jax.export``): the block-wise front end, the chunk grid, timestamps, the Clip scene embedding, and
 building an encoder (config and parameters) for inference.
 
@@ -49,6 +49,7 @@ from flax import nnx
 
 from atst_jax import audio
 from atst_jax.models.encoder import EncoderConfig, FrameAST
+from atst_jax.models.stems import make_stem
 
 CHUNK_FRAMES = 1000
 # The official ATST-Clip downstream code assumes train_len = 6 s when a checkpoint does not record it.
@@ -249,7 +250,7 @@ def block_features(encoder: FrameAST, spec, length, n: int):
 # ----------------------------------------------------------------------------------------------------------
 #
 # A 2-D patch ViT (``stem="patch2d"``: ASiT) sees a Kaldi fbank (32 kHz, 128 bins, 25 ms windows every
-# 10 ms) cut into 16 × 16 patches, tokens time-major. Its conventions, shared by ``atst_jax.embed`` and
+# 10 ms) cut into 16 × 16 patches, tokens time-major. Its conventions, shared by ``atst_jax.eval.embed`` and
 # ``atst_jax.export.torch_vit``:
 #
 # * Front end on the whole clip: the feature set ``kaldi_fbank128`` (``atst_jax.features``: the wave's mean
@@ -319,14 +320,14 @@ def front_end(features: str) -> FrontEnd:
 
 
 def default_features(cfg: EncoderConfig) -> str:
-    """The feature set an encoder is assumed to take when nothing records it: ATST's log-mel for the frame
-    stem, the Kaldi fbank for 2-D patches (what the official ViT layout's models were trained on)."""
-    return "kaldi_fbank128" if cfg.stem == "patch2d" else "atst_logmel64"
+    """The feature set an encoder is assumed to take when nothing records it, its stem's: ATST's log-mel for
+    the frame stem, the Kaldi fbank for 2-D patches (what the official ViT layout's models were trained on)."""
+    return make_stem(cfg).default_features
 
 
 def time_patch(cfg: EncoderConfig) -> int:
-    """Frames per time step of tokens: ``patch_w`` (frame stem) or ``patch_size[0]`` (2-D patches)."""
-    return cfg.patch_size[0] if cfg.stem == "patch2d" else cfg.patch_w
+    """Frames per time step of tokens, the stem's: ``patch_w`` (frame stem) or ``patch_size[0]`` (2-D patches)."""
+    return make_stem(cfg).time_patch
 
 
 def _run_crop(config):
@@ -385,10 +386,8 @@ def timestep_features(encoder: FrameAST, spec, length, n: int):
     (prefix = the CLS row, kept). The frame stem has one token per step (unchanged); a 2-D patch encoder
     averages the ``n_mels / p_f`` frequency patches of each column (time-major tokens)."""
     feats = block_features(encoder, spec, length, n)
-    if encoder.cfg.stem != "patch2d":
+    stem = encoder.stem
+    if stem.freq_patches == 1:  # one token per step: the tokens are the steps
         return feats
     prefix = encoder.n_prefix
-    b, n_tok, c = feats.shape
-    n_f = encoder.cfg.n_mels // encoder.cfg.patch_size[1]
-    cols = feats[:, prefix:].reshape(b, (n_tok - prefix) // n_f, n_f, c).mean(axis=2)
-    return jnp.concatenate([feats[:, :prefix], cols], axis=1)
+    return jnp.concatenate([feats[:, :prefix], stem.time_steps(feats[:, prefix:])], axis=1)

@@ -88,11 +88,11 @@ class MetricsWriter:
                 self.tb.add_scalar(k, v, step)
 
     def image(self, tag: str, panels, step: int):
-        """A TensorBoard image of spectrogram panels ``[(title, spec, overlay)]`` (``plots.spectrogram_image``)."""
+        """A TensorBoard image of spectrogram panels ``[(title, spec, overlay)]`` (``eval.report.spectrogram_image``)."""
         if self.enabled and self.tb is not None:
-            from atst_jax import plots
+            from atst_jax.eval import report
 
-            self.tb.add_image(tag, plots.spectrogram_image(panels), step, dataformats="HWC")
+            self.tb.add_image(tag, report.spectrogram_image(panels), step, dataformats="HWC")
             self.tb.add_text(f"{tag}/panels", " | ".join(title for title, _, _ in panels), step)
 
     def sync(self):

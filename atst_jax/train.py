@@ -193,7 +193,7 @@ def _pictures_hook(trainer, writer):
 def _probe_hook(config, workdir, run_config, feature_set, start_step, writer):
     """The pretraining-time probe (``config.probe``), off the step-time clock; each probe appears once in
     ``probe.jsonl`` after a resume."""
-    from atst_jax import pretrain_probe
+    from atst_jax.eval import pretrain_probe
 
     probe_log = Path(str(workdir)) / "probe.jsonl"
     if distributed.is_main() and probe_log.exists():

@@ -198,7 +198,7 @@ def test_atst_frame_aape_cli_learns_and_exports(tmp_path, embedded_cache):
     emb, ts = hear.get_timestamp_embeddings(torch.from_numpy(wave), h)
     assert emb.shape == (1, ts.shape[1], h.timestamp_embedding_size) and np.isfinite(emb.numpy()).all()
     # The JAX embedder on the run gives what HEAR gives on the export.
-    from atst_jax.embed import Embedder, read_run_encoder
+    from atst_jax.eval.embed import Embedder, read_run_encoder
 
     frames, _ = Embedder(read_run_encoder(tmp_path)[0]).frame_embeddings(wave[0])
     np.testing.assert_allclose(frames, emb[0].numpy(), atol=2e-4, rtol=2e-4)

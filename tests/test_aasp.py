@@ -239,7 +239,7 @@ def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tm
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from atst_jax.embed import Embedder, read_run_encoder
+    from atst_jax.eval.embed import Embedder, read_run_encoder
     from atst_jax.export import __main__ as export_cli
     from atst_jax.export import hear
     from atst_jax.export.torch_aape import AaPEViT

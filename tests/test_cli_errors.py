@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from conftest import CONFIG, ROOT, cli_env, run_train, tiny_config
 
-from atst_jax import bench, embed
+from atst_jax import bench
 from atst_jax import checkpoint as ckpt_lib
 from atst_jax.data import prepare
 from atst_jax.data.records import write_records
+from atst_jax.eval import embed
 from atst_jax.export import __main__ as export_cli
 from atst_jax.sharding import ConfigError
 from atst_jax.tools import bench_data

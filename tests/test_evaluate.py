@@ -1,4 +1,4 @@
-"""Frozen-encoder probes (``atst_jax.evaluate``): the probe on a separable toy task, PSDS of perfect and of
+"""Frozen-encoder probes (``atst_jax.eval``): the probe on a separable toy task, PSDS of perfect and of
 empty predictions, and the CLI end to end on weak and strong DCASE-format data prepared from the embedded
 generator (64 clips: the first 40 train, the other 24 test), with a one-block ATST-Frame checkpoint written
 directly (no training: the numbers are not the point, the three encoders and the metrics are)."""
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from conftest import prepare_dcase
 
-from atst_jax import evaluate as ev
+from atst_jax.eval import probe as ev
+from atst_jax.eval.data import LabelledSet, frame_targets
+from atst_jax.eval.metrics import average_precision, clip_metrics, mean_ap, sed_metrics
 
 N_TRAIN = 40
 FAST = ["--epochs", "4", "--lrs", "1e-2", "--eval_every", "2", "--no_progress"]
@@ -36,7 +38,7 @@ def test_probe_separable_toy_task():
         return float((probe.predict(xv).argmax(1) == yv.argmax(1)).mean())
 
     probe = ev.train_probe(x, y, val_acc, softmax=True, lrs=(1e-3, 1e-2), epochs=10, batch=64)
-    metrics, per = ev.clip_metrics(yt, probe.predict(xt), "clip_single", [str(j) for j in range(k)])
+    metrics, per = clip_metrics(yt, probe.predict(xt), "clip_single", [str(j) for j in range(k)])
     assert metrics["accuracy"] >= 0.99 and metrics["mAP"] >= 0.99, metrics
     assert probe.selection["lr"] in (1e-3, 1e-2) and len(probe.selection["history"]) == 2 * 10
     # Deterministic: the same seed gives the same probe.
@@ -47,9 +49,9 @@ def test_probe_separable_toy_task():
     y2, yt2 = np.clip(y + np.roll(y, 1, axis=1), 0, 1), np.clip(yt + np.roll(yt, 1, axis=1), 0, 1)
     yv2 = np.clip(yv + np.roll(yv, 1, axis=1), 0, 1)
     probe = ev.train_probe(
-        x, y2, lambda p: ev.mean_ap(yv2, p.predict(xv))[0], softmax=False, lrs=(1e-2,), epochs=10
+        x, y2, lambda p: mean_ap(yv2, p.predict(xv))[0], softmax=False, lrs=(1e-2,), epochs=10
     )
-    metrics, _ = ev.clip_metrics(yt2, probe.predict(xt), "clip_multi", [str(j) for j in range(k)])
+    metrics, _ = clip_metrics(yt2, probe.predict(xt), "clip_multi", [str(j) for j in range(k)])
     assert metrics["mAP"] >= 0.99 and metrics["accuracy"] >= 0.95, metrics
 
 
@@ -59,7 +61,7 @@ def test_average_precision_matches_the_definition():
     rng = np.random.default_rng(1)
     y = rng.random(200) < 0.3
     s = np.round(rng.random(200), 1)  # many ties
-    assert ev.average_precision(y, s) == pytest.approx(sklearn_metrics.average_precision_score(y, s))
+    assert average_precision(y, s) == pytest.approx(sklearn_metrics.average_precision_score(y, s))
 
 
 def _events(rng, clips, classes, seconds=10.0):
@@ -80,20 +82,20 @@ def test_psds_of_perfect_predictions_is_one_and_of_empty_predictions_zero():
     rng = np.random.default_rng(0)
     classes = [f"c{j}" for j in range(4)]
     events = _events(rng, 8, len(classes))
-    data = ev.LabelledSet(
+    data = LabelledSet(
         "toy", list(events), [None] * 8, [np.unique(e[:, 2]).astype(int) for e in events.values()],
         list(events.values()), classes, "atst_logmel64",
     )  # fmt: skip
     step = 0.04
-    perfect = [ev.frame_targets(e, 250, step, len(classes)) for e in events.values()]
-    metrics, per = ev.sed_metrics(data, perfect, step, median=1)
+    perfect = [frame_targets(e, 250, step, len(classes)) for e in events.values()]
+    metrics, per = sed_metrics(data, perfect, step, median=1)
     assert all(v == pytest.approx(1.0) for v in metrics.values()), metrics
     # The default median filter (7 steps) joins events of a class less than 3 steps apart (clip 3 has a
     # 53 ms gap): the event F1 drops, PSDS barely moves.
-    metrics, per = ev.sed_metrics(data, perfect, step, median=7)
+    metrics, per = sed_metrics(data, perfect, step, median=7)
     assert metrics["psds1"] > 0.98 and metrics["psds2"] > 0.98, metrics
     empty = [np.zeros_like(p) for p in perfect]
-    metrics, per = ev.sed_metrics(data, empty, step, median=7)
+    metrics, per = sed_metrics(data, empty, step, median=7)
     assert metrics["psds1"] == 0.0 and metrics["psds2"] == 0.0 and metrics["event_f1"] == 0.0, metrics
     assert metrics["frame_macro_f1"] == 0.0 and all(v["frame_f1"] == 0.0 for v in per.values())
 
@@ -245,7 +247,7 @@ def test_cli_weak_end_to_end(run, data, tmp_path):
 
 def test_embedder_batches_clips_like_one_at_a_time(run):
     """``Embedder.spec_features`` (chunks of several clips in one call) equals embedding each clip alone."""
-    from atst_jax.embed import Embedder, read_run_encoder
+    from atst_jax.eval.embed import Embedder, read_run_encoder
 
     encoder, _, _ = read_run_encoder(run)
     emb = Embedder(encoder, max_chunks=4)
@@ -441,7 +443,7 @@ def test_official_centre_crop_and_chunk_averaging():
 
     # A dataset crop moves the events with it: 20 s of 10 ms frames (2001) cropped to the centre 10 s
     # (1001 frames from frame 500, 5 s): an event at 4-7 s becomes 0-2 s; one at 16-18 s falls outside.
-    data = ev.LabelledSet(
+    data = LabelledSet(
         "toy", ["a", "b"], [np.zeros((64, 2001), np.float16), np.zeros((64, 300), np.float16)],
         [np.array([0, 1]), np.array([1])],
         [np.array([[4.0, 7.0, 0], [16.0, 18.0, 1]], np.float32), np.array([[1.0, 2.0, 1]], np.float32)],

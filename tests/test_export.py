@@ -23,8 +23,9 @@ import soundfile as sf  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.torch import load_file as st_load_torch  # noqa: E402
 
-from atst_jax import audio, embed, inference  # noqa: E402
+from atst_jax import audio, inference  # noqa: E402
 from atst_jax.checkpoint import Checkpointer, read_checkpoint  # noqa: E402
+from atst_jax.eval import embed  # noqa: E402
 from atst_jax.export import __main__ as export_cli  # noqa: E402
 from atst_jax.export import convert, hear, load, torch_encoder  # noqa: E402
 from atst_jax.methods import build, get_class  # noqa: E402

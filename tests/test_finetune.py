@@ -18,8 +18,8 @@ import pytest
 from conftest import prepare_dcase
 from flax import nnx
 
-from atst_jax import finetune as ft
 from atst_jax.data import views
+from atst_jax.eval import finetune as ft
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 
 N_TRAIN = 40
@@ -291,7 +291,7 @@ _PATHS = ["--weights", "enc.msgpack", "--train", "tr", "--test", "te", "--out", 
 
 
 def test_recipe_fills_each_family_s_official_values_and_given_flags_win():
-    from atst_jax import finetune_recipes as recipes
+    from atst_jax.eval import recipes
 
     args = ft._parser().parse_args(_PATHS + ["--recipe", "spcv2"])
     want = {

@@ -1,5 +1,5 @@
 """What a run shows besides its loss: the frozen-encoder probe during and after pretraining
-(``atst_jax.pretrain_probe``), and TensorBoard images of the views and masks each method drew
+(``atst_jax.eval.pretrain_probe``), and TensorBoard images of the views and masks each method drew
 (``Method.pictures``, ``train.image_every``). Both only read the state: a run with them is bit-identical to
 one without (the shared 3-step ``tiny_run``)."""
 

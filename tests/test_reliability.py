@@ -19,12 +19,14 @@ import pytest
 from conftest import ROOT, cli_env, tiny_config, train_cmd
 
 from atst_jax import checkpoint as ckpt_lib
-from atst_jax import embed
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import Checkpointer, IncompatibleCheckpointError, read_checkpoint
 from atst_jax.data import pipeline, prepare
+from atst_jax.distributed import StopSignal
+from atst_jax.eval import embed
 from atst_jax.sharding import ConfigError
-from atst_jax.train import Trainer, _StopSignal, load_config, make_data_iterator, train
+from atst_jax.train import Trainer, load_config, train
+from atst_jax.trainer import make_data_iterator
 
 
 def _copy(run, tmp_path, name="run"):
@@ -245,7 +247,7 @@ def test_a_second_ctrl_c_aborts_at_once():
         for _ in range(100):  # the handler runs in the main thread at the next bytecode boundary
             time.sleep(0.001)
 
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         deliver(signal.SIGINT)
         assert stop.requested == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):

@@ -62,7 +62,15 @@ class _Stem:
         """Tokens before the patch tokens (the CLS token)."""
         return 1 if self.cfg.use_cls else 0
 
-    # Subclasses define: patch_dim, grid(frames), patchify(spec), unpatchify(patches), _patch_kernel_init.
+    # Subclasses define: patch_dim, grid(frames), patchify(spec), unpatchify(patches), _patch_kernel_init,
+    # default_features, time_patch, freq_patches.
+    def time_steps(self, tokens):
+        """Patch tokens ``[B, n_t · n_f, D]`` (time-major) → one vector per time step ``[B, n_t, D]``: the
+        mean over each step's ``freq_patches`` tokens."""
+        n_f = self.freq_patches
+        b, n, d = tokens.shape
+        return tokens.reshape(b, n // n_f, n_f, d).mean(axis=2)
+
     def num_tokens(self, frames: int) -> int:
         """Patch tokens of a crop of ``frames`` frames (CLS not counted)."""
         n_t, n_f = self.grid(frames)
@@ -164,6 +172,21 @@ class FrameStem(_Stem):
     """ATST frame patches: all ``n_mels`` bins × ``patch_w`` frames per token (one token per 40 ms)."""
 
     _patch_kernel_init = "trunc_normal"
+    default_features = "atst_logmel64"  # the feature set assumed when nothing records one: ATST's log-mel
+
+    @property
+    def time_patch(self) -> int:
+        """Frames per time step of tokens."""
+        return self.cfg.patch_w
+
+    @property
+    def freq_patches(self) -> int:
+        """Tokens per time step."""
+        return 1
+
+    def time_steps(self, tokens):
+        """One token per time step: the tokens themselves."""
+        return tokens
 
     @property
     def patch_dim(self) -> int:
@@ -201,6 +224,17 @@ class PatchStem2D(_Stem):
     """
 
     _patch_kernel_init = "torch_default"
+    default_features = "kaldi_fbank128"  # what the official ViT layout's models were trained on
+
+    @property
+    def time_patch(self) -> int:
+        """Frames per time step of tokens (a column of patches)."""
+        return self.cfg.patch_size[0]
+
+    @property
+    def freq_patches(self) -> int:
+        """Tokens per time step: the column's frequency patches."""
+        return self.cfg.n_mels // self.cfg.patch_size[1]
 
     @property
     def patch_dim(self) -> int:

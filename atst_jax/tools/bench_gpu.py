@@ -753,9 +753,7 @@ def parse_args(argv):
     # Every override names a field of the config, checked here in one line rather than in each variant's child.
     from atst_jax.config import apply_overrides, load_config
 
-    apply_overrides(
-        load_config(args.config), [tuple(s.split("=", 1)) if "=" in s else (s, "") for s in args.set]
-    )
+    apply_overrides(load_config(args.config), bench.set_pairs(args.set))
     if args.official_arch is None:  # the official model of the same size as --config, where there is one
         variant = args.config.rsplit(":", 1)[-1]
         args.official_arch = variant if variant in ("small", "base") else defaults["official_arch"]

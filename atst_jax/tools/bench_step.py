@@ -22,20 +22,26 @@ def make_config(config_spec: str, batch: int, sets=()):
     or ``--set KEY=VALUE``), checked for all devices (also used by ``bench_gpu`` and its planner rows, and by
     ``bench_parity``)."""
     from atst_jax.config import apply_overrides, check_config, load_config
-    from atst_jax.sharding import ConfigError
 
     config = load_config(config_spec)
     config.train.global_batch = batch
     config.train.steps = max(config.train.steps, 1000)
-    overrides = []
+    apply_overrides(config, set_pairs(sets))
+    check_config(config, jax.device_count())
+    return config
+
+
+def set_pairs(sets) -> list[tuple[str, str]]:
+    """``["a.b=v", ...]`` → ``[("a.b", "v"), ...]``, one line for an entry without ``=``."""
+    from atst_jax.sharding import ConfigError
+
+    pairs = []
     for override in sets or []:
         key, sep, value = override.partition("=")
         if not sep:
             raise ConfigError(f"--set {override!r}: want KEY=VALUE, e.g. model.scan_layers=false")
-        overrides.append((key, value))
-    apply_overrides(config, overrides)
-    check_config(config, jax.device_count())
-    return config
+        pairs.append((key, value))
+    return pairs
 
 
 def make_trainer(config_spec: str, batch: int, sets=()):
@@ -108,9 +114,7 @@ def parse_args(parser, argv):
     if getattr(args, "config", None):  # every override names a field: one line now, before any other work
         from atst_jax.config import apply_overrides, load_config
 
-        apply_overrides(
-            load_config(args.config), [tuple(s.split("=", 1)) if "=" in s else (s, "") for s in args.set]
-        )
+        apply_overrides(load_config(args.config), set_pairs(args.set))
     return args
 
 

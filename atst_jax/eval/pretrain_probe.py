@@ -1,7 +1,7 @@
 """The frozen-encoder probe during and after pretraining (config section ``probe``), so a run shows what its
 representation is worth, not only its SSL loss.
 
-``probe.train`` / ``probe.test``: prepared labelled datasets (``atst_jax.evaluate``'s inputs), or
+``probe.train`` / ``probe.test``: prepared labelled datasets (``atst_jax.eval.probe``'s inputs), or
 ``probe.train=embedded`` for the **held-out embedded probe split**: clips drawn by the embedded generator
 with another seed (``PROBE_SEED``; pretraining never sees them), ``PROBE_TRAIN`` clips to train the probe on
 (20 % of them held out for its model selection) and ``PROBE_TEST`` to test on, strong labels, in the run's
@@ -12,7 +12,7 @@ feature set; built once next to the embedded dataset's cache.
   ``WORKDIR/probe.jsonl`` (one line per probe, with the step).
 * ``probe.final = True``: after the last step, the full probe (``probe.lrs``, ``probe.epochs``) with the
   baselines (``probe.baselines``: random init and log-mel statistics), the table printed, and
-  ``WORKDIR/probe/RESULTS.json`` + its PNGs written (``atst_jax.evaluate``'s formats).
+  ``WORKDIR/probe/RESULTS.json`` + its PNGs written (``atst_jax.eval.probe``'s formats).
 
 The probe reads the teacher's parameters off the train state and never changes it, the data iterator or
 any random stream, so a run with probes is bit-identical to one without. It runs on one process (multi-host
@@ -90,7 +90,7 @@ class PretrainProbe:
     """Built by the trainer when ``probe.train`` is set; ``maybe_run(state, step, writer, last=...)``."""
 
     def __init__(self, config, workdir, run_config: dict, features: str, log=print):
-        from atst_jax import evaluate as ev
+        from atst_jax.eval.data import EvalError
 
         p = config.probe
         self.every, self.final = int(p.every), bool(p.final)
@@ -106,14 +106,15 @@ class PretrainProbe:
             return
         try:
             self._load(config, p, features)
-        except ev.EvalError as e:  # bad probe data: one line, as every config error
+        except EvalError as e:  # bad probe data: one line, as every config error
             from atst_jax.sharding import ConfigError
 
             raise ConfigError(f"probe: {e}") from None
         self.jsonl = self.workdir / "probe.jsonl"
 
     def _load(self, config, p, features):
-        from atst_jax import evaluate as ev
+        from atst_jax.eval.data import EvalError, check_sets, read_labelled
+        from atst_jax.eval.probe import Options
 
         if p.train == "embedded":
             cache = config.data.cache_dir or os.path.join(
@@ -123,15 +124,15 @@ class PretrainProbe:
         else:
             train_dir, test_dir = p.train, p.test
             if not p.test:
-                raise ev.EvalError("probe.train names a dataset: give probe.test too")
-        self.train = ev.read_labelled(train_dir, "probe.train")
-        self.test = ev.read_labelled(test_dir, "probe.test")
+                raise EvalError("probe.train names a dataset: give probe.test too")
+        self.train = read_labelled(train_dir, "probe.train")
+        self.test = read_labelled(test_dir, "probe.test")
         layers = int(p.layers) or None
         common = dict(task=p.task, layers=layers, seed=int(p.seed), progress=False)
-        self.quick = ev.Options(lrs=tuple(p.quick_lrs), epochs=int(p.quick_epochs), **common)
-        self.full = ev.Options(lrs=tuple(p.lrs), epochs=int(p.epochs), **common)
+        self.quick = Options(lrs=tuple(p.quick_lrs), epochs=int(p.quick_epochs), **common)
+        self.full = Options(lrs=tuple(p.lrs), epochs=int(p.epochs), **common)
         self.baselines = tuple(p.baselines)
-        ev.check_sets({"--train": self.train, "--test": self.test}, features, int(config.model.n_mels))
+        check_sets({"--train": self.train, "--test": self.test}, features, int(config.model.n_mels))
 
     def _encoder(self, state):
         from atst_jax import inference
@@ -148,13 +149,14 @@ class PretrainProbe:
     def maybe_run(self, state, step: int, writer, last: bool = False) -> dict | None:
         if not self.due(step, last):
             return None
-        from atst_jax import evaluate as ev
+        from atst_jax.eval.probe import evaluate
+        from atst_jax.eval.report import fmt, table, write_results
 
         t0 = time.perf_counter()
         enc, chunk = self._encoder(state)
         full = last and self.final
         quiet = lambda *a, **k: None  # noqa: E731
-        results = ev.evaluate(
+        results = evaluate(
             enc,
             chunk,
             self.features,
@@ -175,15 +177,13 @@ class PretrainProbe:
                 writer.tb.add_scalar(k, v, step)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, "final": full, **scalars, "seconds": round(seconds, 2)}) + "\n")
-        shown = ", ".join(f"{k} {ev._fmt(v)}" for k, v in metrics.items())
+        shown = ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
         if full:
             out = self.workdir / "probe" / "RESULTS.json"
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(results, indent=1) + "\n")
-            os.replace(tmp, out)
+            write_results(out, results)
             self.log(
                 f"probe at step {step} on the held-out {results['task']} split "
-                f"({len(self.train)} train / {len(self.test)} test clips, {seconds:.0f} s):\n{ev.table(results)}\n"
+                f"({len(self.train)} train / {len(self.test)} test clips, {seconds:.0f} s):\n{table(results)}\n"
                 f"wrote {out}" + "".join(f", {p}" for p in results.get("plots", []))
             )
         else:

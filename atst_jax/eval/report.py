@@ -1,5 +1,7 @@
-"""Pictures a person looks at instead of the numbers: SED posteriors against the ground truth, per-class
-results of every encoder side by side, and a spectrogram with what a method hides or corrupts in it.
+"""What an evaluation hands a person: ``RESULTS.json`` (``write_results``), the metrics table (``table``) and
+the pictures a person looks at instead of the numbers: SED posteriors against the ground truth, per-class
+results of every encoder side by side (``write_plots``), and a spectrogram with what a method hides or
+corrupts in it.
 
 Rendering uses matplotlib's Agg backend (no display needed); every function writes one PNG atomically and
 returns its path. ``spectrogram_image`` returns an RGB array for TensorBoard instead.
@@ -7,10 +9,14 @@ returns its path. ``spectrogram_image`` returns an RGB array for TensorBoard ins
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
+
+from atst_jax.eval.data import LabelledSet
 
 # One colour per encoder, the same in every picture.
 ENCODER_COLOURS = {"checkpoint": "#1f77b4", "random_init": "#ff7f0e", "logmel": "#2ca02c"}
@@ -145,3 +151,56 @@ def spectrogram_image(
         rows.append(np.ones((3, width_px, 3), np.float32))  # a white separator
     img = np.concatenate(rows[:-1], axis=0) if rows else np.zeros((1, width_px, 3), np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RESULTS.json, its table and its pictures
+# ----------------------------------------------------------------------------------------------------------
+
+
+PLOT_CLIPS = 3  # test clips drawn in the SED picture
+
+
+def write_plots(results: dict, test: LabelledSet, posteriors: dict, step_s: float, prefix) -> list[str]:
+    """``<prefix>_per_class.png`` (every encoder's per-class score) and, for SED, ``<prefix>_sed.png``: the
+    posteriors of every encoder against the ground truth on the first test clips with the most events."""
+    prefix = str(prefix)
+    written = [str(per_class_png(prefix + "_per_class.png", results))]
+    if results["task"] == "sed" and test.events is not None:
+        busiest = sorted(range(len(test)), key=lambda i: (-len(test.events[i]), test.ids[i]))[:PLOT_CLIPS]
+        clips = [
+            {
+                "id": test.ids[i],
+                "events": [tuple(e) for e in test.events[i]],
+                "posteriors": {n: p[i] for n, p in posteriors.items() if p is not None},
+            }
+            for i in sorted(busiest)
+        ]
+        written.append(str(sed_posteriors_png(prefix + "_sed.png", clips, test.classes, step_s)))
+    return written
+
+
+def fmt(v) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def table(results: dict) -> str:
+    """The metrics table: one row per metric, one column per encoder."""
+    names = list(results["encoders"])
+    metrics = list(next(iter(results["encoders"].values()))["metrics"])
+    w = max(len(m) for m in metrics + ["metric"]) + 2
+    cols = [max(12, len(n) + 2) for n in names]
+    lines = ["metric".ljust(w) + "".join(n.rjust(c) for n, c in zip(names, cols, strict=True))]
+    for m in metrics:
+        row = m.ljust(w)
+        for n, c in zip(names, cols, strict=True):
+            row += fmt(results["encoders"][n]["metrics"].get(m)).rjust(c)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def write_results(out: Path, results: dict) -> None:
+    """``results`` as indented JSON at ``out``, written atomically (a temporary file, then a rename)."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out)

@@ -1,0 +1,1066 @@
+"""Full fine-tuning of a pretrained encoder on a labelled task, and ATST-C2F (clip → frame distillation).
+
+    python -m atst_jax.finetune (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
+        --train DATA --test DATA [--val DATA] --out DIR \\
+        [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
+        [--teacher_mode official|eval|train] [--recipe TASK] \\
+        [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.16] [--layer_decay 0.75] \\
+        [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
+
+DATA are prepared datasets as for ``atst_jax.evaluate`` (records + ``labels.json``; strong labels → SED on the
+encoder's time grid, weak → clip classification, single- or multi-label).
+
+**The model** (spec §3): the encoder (every parameter trained) and a head on the **last block's** final-normed
+tokens: clip tasks ``BatchNorm (no affine) → Linear`` on ``[CLS ‖ mean of the valid tokens]`` when the encoder
+has a CLS token (ATST-Clip, ASiT) and on the mean of the valid tokens otherwise (ATST-Frame); SED a ``Linear``
+(no BatchNorm, as the official frame-level heads) on every time step (a 40 ms token, or the mean of a
+16-frame column of 2-D patches). Drop-path ``--drop_path`` while training (the encoder's pretraining rate by
+default).
+
+**The optimisation** (the official ``FineTuningPLModule``): SGD, momentum 0.9, no weight decay; learning rate
+``--lr · --batch / 256`` (``--lr`` is the base rate of a batch of 256, as the official scripts scale it; the
+default 0.16 gives 0.01 at the default batch of 16), linear warm-up from 0 over ``--warmup_epochs`` then
+cosine to 1e-6, per step; gradients clipped to a global norm of ``--clip_norm`` (3.0) before the per-layer
+scaling; **layer-wise LR decay** ``d = --layer_decay`` with the official indexing for depth L, block ``b``
+(0-based) ``d^(L−b)`` and the head 1 at both levels; clip tasks (the clip fine-tuning code): the stem (patch
+projection, positions, mask token, CLS) ``d^L`` — the same factor as block 0 — and the final norm ``d``; SED
+(the official frame-level code): the stem ``d^(L+1)`` and the final norm 1. Loss: softmax cross-entropy for
+single-label tasks, binary cross-entropy for multi-label and SED (mean over valid steps). ``--mixup ALPHA``
+(off by default) is the official ``mixup_training``: each example mixed with another of the batch,
+``λ ~ Beta(α, α)``, on the normalised spectrogram, targets mixed alike, then (clip tasks) BYOL-A's
+RandomResizeCrop on both axes (:func:`augment`; on the whole crop, so a clip shorter than the crop is warped
+with its padding, where the official transform sees the clip alone); and with it **every** loss is BCE on
+(mixed one-hot, or sigmoid teacher) targets, single-label tasks included.
+
+**ATST-C2F**: ``λ·L_distill + (1 − λ)·L_task`` with a frozen teacher — a model fine-tuned on the same task by
+this command (``--teacher FT_DIR``; its ``model/``) — run on the same (mixed, cropped) input: ``L_distill`` =
+BCE(student logits, sigmoid(teacher logits)) for multi-label tasks (and any with ``--mixup``), the soft-target
+cross-entropy with softmax(teacher logits) for single-label tasks, and for SED the per-step BCE on the
+teacher's per-step sigmoid outputs (the frame-level variant). λ = ``--distill_lambda`` (0.5, the spec's value
+outside AS-2M). ``--c2f_clip RUN`` runs the whole recipe: fine-tune that ATST-Clip run into ``DIR/clip/``,
+then the given (ATST-Frame) encoder without distillation (``DIR/frame/``, unless ``--no_undistilled``) and
+with it (``DIR/frame_distilled/``), and reports the three side by side.
+
+*The teacher's chunks.* The student's crop (10 s for ATST-Frame) is longer than the crop the Clip teacher was
+pretrained and fine-tuned on (6 s base, 9 s small); its positional slots past that crop never received a
+gradient. So, as the official distillation (``get_intermediate_layers_chunks``), the teacher sees the crop in
+consecutive chunks of the crop it was fine-tuned and evaluated with (``chunk_frames`` of its ``model.json``,
+through the inference chunk rules), all chunks of a batch as one batch (:func:`chunked_logits`). Clip level:
+its ``[CLS ‖ mean]`` features averaged over the chunks, then its head. The official code averages the chunks
+with equal weights and drops a trailing chunk of at most half a chunk; here each chunk is weighted by its
+valid tokens — as the teacher's own evaluation averages its chunks (below) and as the inference scene
+embedding does — so a short last chunk counts for the audio it holds. Both agree when the chunks are full,
+and for a crop of one chunk. Frame level: the chunks' per-step logits, end to end on the student's grid.
+
+*The teacher's mode*, ``--teacher_mode``: ``official`` (default) = the official code's — **train mode at clip
+level** (its clip-level distillation never calls ``.eval()`` on the teacher: drop-path at the rate the teacher
+was fine-tuned with, on keys folded from the step's key, and its head's BatchNorm normalising the
+chunk-averaged features with the statistics of the batch), **eval mode at frame level** (the frame-level code
+puts the teacher in ``eval()``); ``eval`` / ``train``: that mode at both levels. Either way the teacher gets
+no gradient, and its BatchNorm running statistics are never updated: PyTorch's train mode moves them, but the
+official code reads them only for a logged validation loss, never for training or a reported metric, and the
+teacher is not saved.
+
+**Crops and evaluation**: training examples are random crops of ``--crop_s`` seconds (default: the encoder's
+chunk, e.g. the 10 s positional table of ATST; shorter clips are padded and masked), the start on the token
+grid so SED targets stay aligned. Evaluation runs each whole clip as consecutive chunks: clip logits are the
+chunks' logits averaged with their valid-token counts as weights (for a mean-of-tokens feature this is the
+logit of the clip-wide mean, the head being affine); SED logits are concatenated. The model is evaluated on
+the validation split (``--val``, else ``--val_fraction`` of ``--train`` held out by id hash) after every
+epoch; the best epoch's parameters (accuracy / mAP / frame mAP, as the probe) are kept, tested and saved.
+
+**Presets**, ``--recipe TASK`` (:mod:`atst_jax.eval.recipes`: ``audioset``, ``audioset_b``, ``fsd50k``,
+``nsynth``, ``spcv2``, ``us8k``, ``voxceleb1``, ``as_strong``, ``dcase`` — the tasks the official fine-tuning
+scripts define): the official learning rate, batch, epochs, warm-up, layer decay, mixup α, crop (and for SED
+the median filter, for C2F λ) of that task, **keyed by (family, task)**, since the official scripts differ
+between ATST-Clip, ATST-Frame and the distilled C2F Frame model. Each model takes its own family's values: a
+plain run by its encoder (a CLS token: the ATST-Clip values, none: ATST-Frame), ``--c2f_clip`` its ``clip/``,
+``frame/`` and ``frame_distilled/`` runs from the Clip, Frame and C2F entries (``--teacher``: the distilled
+run from C2F). Flags given on the command line win over the preset. The values each model runs with, the
+recipe, its family, source script and the flags given are printed when the model starts and recorded in
+``RESULTS.json`` and ``model.json``.
+
+Output ``DIR``: ``RESULTS.json`` (task, classes, recipe, options — the first model's —, per model its options,
+recipe entry, test metrics, per-class numbers, selected epoch and the validation history), ``model/``
+(``model.json`` + ``params.msgpack``: the fine-tuned encoder and head, loadable by :func:`load_finetuned` and
+usable as ``--teacher``). Bad inputs stop with one line, exit 2, before any compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from atst_jax import features as feature_sets
+from atst_jax import inference
+from atst_jax.data import views
+from atst_jax.eval import recipes
+from atst_jax.eval.data import (
+    EvalError,
+    LabelledSet,
+    check_sets,
+    clip_targets,
+    frame_targets,
+    hold_out,
+    read_labelled,
+    task_of,
+)
+from atst_jax.eval.metrics import clip_metrics, json_num, mean_ap, median_steps, sed_metrics
+from atst_jax.eval.probe import _bar_factory, load_encoder
+from atst_jax.eval.report import fmt
+from atst_jax.models.encoder import EncoderConfig, FrameAST
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # running = m · running + (1 − m) · batch (PyTorch's momentum 0.1)
+FINAL_LR = 1e-6
+LR_REF_BATCH = 256  # --lr is the learning rate of a batch of this size
+MODEL_FORMAT = "atst_jax finetuned v1"
+
+
+class FinetuneError(EvalError):
+    """A user error: one line, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneOptions:
+    task: str = "auto"
+    epochs: int = 10
+    batch: int = 16
+    lr: float = 0.16  # base LR for a batch of 256: 0.01 at the default batch of 16
+    layer_decay: float = 0.75
+    momentum: float = 0.9
+    clip_norm: float = 3.0
+    warmup_epochs: float = 1.0
+    mixup: float = 0.0  # Beta(α, α); 0 = off
+    crop_s: float | None = None  # None: the encoder's chunk
+    drop_path: float | None = None  # None: the pretraining rate
+    distill_lambda: float = 0.5
+    teacher_mode: str = "official"  # official | eval | train (the C2F teacher; see the module docstring)
+    val_fraction: float = 0.2
+    median_s: float = 0.28
+    seed: int = 0
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: encoder + BatchNorm (no affine) + Linear
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_dims(cfg: EncoderConfig, level: str) -> int:
+    return 2 * cfg.width if (level == "clip" and cfg.use_cls) else cfg.width
+
+
+class FinetuneModel(nnx.Module):
+    """``logits, valid = model(spec, length)``: clip logits ``[B, K]`` (valid ``[B]`` = valid tokens) or
+    per-step logits ``[B, S, K]`` (valid ``[B, S]`` bool). ``features`` and ``head`` are the two halves, for a
+    caller that pools features across chunks before the head (the C2F teacher).
+
+    ``chunk_frames`` is the crop the model was fine-tuned and is evaluated with (set by :func:`load_finetuned`
+    from its metadata; None for a fresh model): the longest input it has trained positions for."""
+
+    def __init__(
+        self,
+        encoder: FrameAST,
+        num_classes: int,
+        level: str,
+        *,
+        rngs: nnx.Rngs,
+        chunk_frames: int | None = None,
+    ):
+        self.encoder = encoder
+        self.level = level
+        self.chunk_frames = chunk_frames
+        dims = head_dims(encoder.cfg, level)
+        # Clip level: BatchNorm (no affine) → Linear. Frame level: the Linear alone, as the official SED heads
+        # (``LinearHead(use_norm=False)`` of the AudioSet-strong and DCASE code).
+        # Two-pass batch variance: a feature nearly constant across a batch (a CLS output) has a variance far
+        # below its square, which E[x²] − E[x]² in float32 would lose.
+        bn = dict(momentum=BN_MOMENTUM, epsilon=BN_EPS, use_fast_variance=False, rngs=rngs)
+        self.bn = (
+            nnx.BatchNorm(dims, use_scale=False, use_bias=False, **bn) if level == "clip" else nnx.data(None)
+        )
+        self.linear = nnx.Linear(dims, num_classes, rngs=rngs)
+
+    def time_steps(self, frames: int) -> int:
+        return frames // inference.time_patch(self.encoder.cfg)
+
+    def features(self, spec, length, *, train: bool = False, key=None):
+        """The head's input and its validity: clip level ``([B, dims], [B] valid steps)`` — ``[CLS ‖ mean of
+        the valid steps]`` or the mean alone —, frame level ``([B, S, D] steps, [B, S] bool)``."""
+        enc = self.encoder
+        tokens = enc(spec, length, train=train, key=key)  # [B, prefix + N, D], final-normed last block
+        prefix = enc.n_prefix
+        patches = tokens[:, prefix:]
+        n_valid = enc.token_lengths(length)  # [B] valid patch tokens
+        stem = enc.stem
+        steps = stem.time_steps(patches)  # [B, S, D]: the mean over each step's frequency patches
+        step_valid = n_valid // stem.freq_patches if stem.freq_patches > 1 else n_valid
+        valid = jnp.arange(steps.shape[1])[None, :] < step_valid[:, None]  # [B, S]
+        if self.level == "clip":
+            w = valid.astype(steps.dtype)[..., None]
+            mean = (steps * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+            feats = jnp.concatenate([tokens[:, 0], mean], axis=-1) if prefix else mean
+            return feats, step_valid
+        return steps, valid
+
+    def head(self, feats, valid=None, *, train: bool = False):
+        """Logits of :meth:`features`' output; clip level with ``train``: BatchNorm on batch statistics, which
+        also moves its running statistics. Frame level: per step, ``valid`` unused (no batch statistics)."""
+        if self.level == "clip":
+            return self.linear(self.bn(feats, use_running_average=not train))
+        return self.linear(feats)
+
+    def __call__(self, spec, length, *, train: bool = False, key=None):
+        feats, valid = self.features(spec, length, train=train, key=key)
+        return self.head(feats, valid, train=train), valid
+
+
+def teacher_chunk_frames(model: FinetuneModel) -> int:
+    """The chunk a fine-tuned model runs in: its fine-tuning crop (``chunk_frames``) through the inference
+    chunk rules (whole time patches, within its positional table), or, unknown, the encoder's default
+    chunk."""
+    cfg = model.encoder.cfg
+    if cfg.stem == "patch2d":
+        return inference.vit_chunk_frames(cfg, model.chunk_frames)
+    return inference.default_chunk_frames(cfg.use_cls, model.chunk_frames, cfg.patch_w, cfg.num_pos)
+
+
+def chunked_logits(
+    model: FinetuneModel, spec, length, chunk: int, *, train: bool = False, key=None, steps=None
+):
+    """``model``'s logits on a crop ``spec [B, F, T]`` of any length, run as consecutive chunks of at most
+    ``chunk`` frames (the C2F teacher; traceable, static shapes).
+
+    The crop is cut at ``0, w, 2w, …`` (``w = min(chunk, T)`` in whole time patches; the chunks of
+    :func:`atst_jax.inference.chunk_bounds`), the last zero-padded, each chunk's valid frames from ``length``;
+    the ``C`` chunks run as one batch ``[B·C, F, w]``. Clip level: the chunks' features are averaged,
+    **weighted by their valid steps** (a chunk without audio counts 0), then the head: ``[B, K]``. Frame
+    level: the chunks' per-step logits laid back end to end on the crop's grid, cut to ``steps`` (default
+    ``T`` / patch): ``[B, steps, K]``. With ``train``, BatchNorm runs on batch statistics (of the pooled clip
+    features, or of every valid step) and drop-path on ``key``, chunk by chunk."""
+    tp = inference.time_patch(model.encoder.cfg)
+    b, f, t = spec.shape
+    width = min(chunk, -(-t // tp) * tp)
+    c = max(1, len(inference.chunk_bounds(t, width, tp)))
+    total = c * width
+    x = spec[..., :total] if total <= t else jnp.pad(spec, ((0, 0), (0, 0), (0, total - t)))
+    x = x.reshape(b, f, c, width).transpose(0, 2, 1, 3).reshape(b * c, f, width)
+    starts = jnp.arange(c, dtype=length.dtype) * width
+    lens = jnp.clip(length[:, None] - starts[None, :], 0, width).reshape(b * c)
+    feats, valid = model.features(x, lens, train=train, key=key)
+    if model.level == "clip":
+        w = valid.reshape(b, c, 1).astype(feats.dtype)
+        pooled = (feats.reshape(b, c, -1) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
+        return model.head(pooled, train=train)
+    logits = model.head(feats, valid, train=train)  # [B·C, w / patch, K]
+    logits = logits.reshape(b, -1, logits.shape[-1])
+    steps = t // tp if steps is None else steps
+    if logits.shape[1] < steps:  # only when chunk_bounds dropped a trailing partial patch
+        logits = jnp.pad(logits, ((0, 0), (0, steps - logits.shape[1]), (0, 0)))
+    return logits[:, :steps]
+
+
+def layer_scales(params: dict, depth: int, decay: float, level: str = "clip") -> dict:
+    """Per-parameter LR factors (a tree like ``params``; stacked block parameters get ``[L, 1, …]``), with
+    the official indexing: block b ``d^(L−b)``, head 1; clip level stem ``d^L``, final norm ``d``; frame
+    level stem ``d^(L+1)``, final norm 1."""
+    stem, norm = (decay ** (depth + 1), 1.0) if level == "frame" else (decay**depth, decay)
+
+    def name(entry) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    def of(path, x):
+        if name(path[0]) != "encoder":
+            return jnp.ones((), jnp.float32)  # the head
+        part = name(path[1])
+        if part == "blocks":
+            f = decay ** (depth - np.arange(depth, dtype=np.float64))
+            return jnp.asarray(f, jnp.float32).reshape((depth,) + (1,) * (np.ndim(x) - 1))
+        if part == "norm":
+            return jnp.asarray(norm, jnp.float32)
+        return jnp.asarray(stem, jnp.float32)  # stem: patch projection, positions, mask, CLS
+
+    return jax.tree_util.tree_map_with_path(of, params)
+
+
+def scale_by_tree(factors) -> optax.GradientTransformation:
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, f: u * f, updates, factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def peak_lr(opts: FinetuneOptions) -> float:
+    """The peak learning rate: ``--lr`` is the base rate of a batch of 256 (the official fine-tuning scripts'
+    ``learning_rate · batch / 256``), scaled to the global batch ``--batch``."""
+    return opts.lr * opts.batch / LR_REF_BATCH
+
+
+def make_optimizer(
+    params, depth: int, opts: FinetuneOptions, total_steps: int, warmup_steps: int, level: str = "clip"
+):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, peak_lr(opts), max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=FINAL_LR
+    )
+    parts = [scale_by_tree(layer_scales(params, depth, opts.layer_decay, level))]
+    if opts.clip_norm > 0:
+        parts.insert(0, optax.clip_by_global_norm(opts.clip_norm))
+    parts.append(optax.sgd(schedule, momentum=opts.momentum if opts.momentum > 0 else None))
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses (C2F)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def task_loss(logits, targets, softmax: bool, valid=None):
+    """Softmax CE with (soft) targets, or mean BCE (over valid steps × classes for SED)."""
+    if softmax:
+        return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(-1).mean()
+    bce = optax.sigmoid_binary_cross_entropy(logits, targets)
+    if valid is None:
+        return bce.mean()
+    w = valid.astype(bce.dtype)[..., None]
+    return (bce * w).sum() / jnp.maximum(w.sum() * bce.shape[-1], 1.0)
+
+
+def distill_loss(logits, teacher_logits, softmax: bool, valid=None):
+    """ATST-C2F's distillation term: soft-target CE on softmax(teacher) (single-label) or BCE on
+    sigmoid(teacher) (multi-label, per step for SED). The teacher is a constant."""
+    t = jax.lax.stop_gradient(teacher_logits)
+    target = jax.nn.softmax(t, axis=-1) if softmax else jax.nn.sigmoid(t)
+    return task_loss(logits, target, softmax, valid)
+
+
+def c2f_loss(logits, targets, teacher_logits, lam: float, softmax: bool, valid=None):
+    """``λ·L_distill + (1 − λ)·L_task``."""
+    return lam * distill_loss(logits, teacher_logits, softmax, valid) + (1.0 - lam) * task_loss(
+        logits, targets, softmax, valid
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentation (--mixup)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mixup_batch(key, spec, length, y, alpha: float):
+    """Each example mixed with another of the batch, ``λ ~ Beta(α, α)``, on the normalised spectrogram, the
+    targets alike; the mix is valid as far as the longer of the two."""
+    lam = jax.random.beta(key, alpha, alpha, (spec.shape[0],))
+    perm = jax.random.permutation(jax.random.fold_in(key, 1), spec.shape[0])
+    ls = lam[:, None, None]
+    spec = ls * spec + (1 - ls) * spec[perm]
+    length = jnp.maximum(length, length[perm])
+    ly = lam.reshape((-1,) + (1,) * (y.ndim - 1))
+    return spec, length, ly * y + (1 - ly) * y[perm]
+
+
+def augment(key, spec, length, y, alpha: float, level: str):
+    """``--mixup``: the official ``mixup_training`` — mixup, then at clip level BYOL-A's RandomResizeCrop on
+    both axes (canvas 1× frequency, 1.5× time, scales U(0.6, 1.5); its defaults) on ``fold_in(key, 2)``.
+    Frame level keeps mixup alone: a time warp would move the events off their labelled steps."""
+    spec, length, y = mixup_batch(key, spec, length, y, alpha)
+    if level == "clip":
+        spec = views.random_resize_crop(jax.random.fold_in(key, 2), spec)
+    return spec, length, y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A split in memory, normalised, with targets on the encoder's time grid."""
+
+    data: LabelledSet
+    specs: list[np.ndarray]  # float32 [F, T]
+    targets: list[np.ndarray]  # clip: [K]; sed: [steps, K]
+
+
+def task_data(data: LabelledSet, level: str, step_s: float, patch: int) -> TaskData:
+    fs = feature_sets.get(data.features)
+    specs = [np.asarray(fs.normalize(m.astype(np.float32)), np.float32) for m in data.mels]
+    if level == "clip":
+        y = clip_targets(data)
+        targets = list(y)
+    else:
+        k = len(data.classes)
+        targets = [
+            frame_targets(e, s.shape[1] // patch, step_s, k) for e, s in zip(data.events, specs, strict=True)
+        ]
+    return TaskData(data, specs, targets)
+
+
+def crop_batch(td: TaskData, idx, frames: int, patch: int, level: str, rng: np.random.Generator):
+    """``spec [B, F, frames]``, ``length [B]``, targets (``[B, K]`` or ``[B, frames/patch, K]``)."""
+    f = td.specs[0].shape[0]
+    spec = np.zeros((len(idx), f, frames), np.float32)
+    length = np.zeros((len(idx),), np.int32)
+    k = len(td.data.classes)
+    steps = frames // patch
+    y = np.zeros((len(idx), k) if level == "clip" else (len(idx), steps, k), np.float32)
+    for row, i in enumerate(idx):
+        s = td.specs[i]
+        t = s.shape[1]
+        start = 0
+        if t > frames:
+            start = int(rng.integers(0, (t - frames) // patch + 1)) * patch
+        piece = s[:, start : start + frames]
+        spec[row, :, : piece.shape[1]] = piece
+        length[row] = piece.shape[1]
+        if level == "clip":
+            y[row] = td.targets[i]
+        else:
+            tgt = td.targets[i][start // patch : start // patch + steps]
+            y[row, : len(tgt)] = tgt
+    return spec, length, y
+
+
+def chunks_of(spec: np.ndarray, frames: int, patch: int):
+    """Consecutive chunks of ``frames`` (the last padded): ``[(chunk [F, frames], valid frames)]``."""
+    t = spec.shape[1] // patch * patch
+    out = []
+    for a in range(0, max(t, 1), frames):
+        piece = spec[:, a : min(a + frames, t)]
+        pad = np.zeros((spec.shape[0], frames), np.float32)
+        pad[:, : piece.shape[1]] = piece
+        out.append((pad, piece.shape[1]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+TEACHER_MODES = ("official", "eval", "train")
+TEACHER_STREAM = 0x7EAC  # fold_in constant: the teacher's drop-path keys, apart from the student's
+
+
+def teacher_trains(mode: str, level: str) -> bool:
+    """Whether the C2F teacher runs in train mode: ``official`` = at clip level only (the official clip-level
+    distillation never calls ``.eval()`` on its teacher; the frame-level one does)."""
+    if mode not in TEACHER_MODES:
+        raise FinetuneError(f"--teacher_mode must be one of {'|'.join(TEACHER_MODES)}, got {mode!r}")
+    return mode == "train" or (mode == "official" and level == "clip")
+
+
+def _pure(state):
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+
+
+class Finetuner:
+    """One fine-tuning run (optionally distilled from a frozen teacher ``FinetuneModel``)."""
+
+    def __init__(self, model: FinetuneModel, task: str, frames: int, opts: FinetuneOptions, teacher=None):
+        self.model, self.task, self.frames, self.opts, self.teacher = model, task, frames, opts, teacher
+        self.level = model.level
+        self.softmax = task == "clip_single"  # the posteriors: softmax for a single-label task
+        # The loss: softmax CE for a single-label task unless with mixup, where both terms are BCE on sigmoid
+        # targets (the official ``mixup_training``: one-hot labels mixed, BCE with logits).
+        self.loss_softmax = self.softmax and opts.mixup <= 0
+        self.patch = inference.time_patch(model.encoder.cfg)
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        if teacher is not None:
+            self.t_graphdef, self.t_state = nnx.split(teacher)
+            self.t_chunk = teacher_chunk_frames(teacher)
+            self.t_train = teacher_trains(opts.teacher_mode, teacher.level)
+            self.teacher_logits = jax.jit(self._teacher_fn())
+
+    def _teacher_fn(self):
+        """``f(t_state, spec, length, key) -> teacher logits``: the teacher in chunks of its own crop, in the
+        mode ``--teacher_mode`` gives it, drop-path on ``fold_in(key, TEACHER_STREAM)``. Its BatchNorm
+        statistics are never written back (the teacher is constant)."""
+        t_gd, chunk, train, patch = self.t_graphdef, self.t_chunk, self.t_train, self.patch
+
+        def fn(t_state, spec, length, key):
+            tm = nnx.merge(t_gd, t_state, copy=True)
+            k = jax.random.fold_in(key, TEACHER_STREAM)
+            steps = spec.shape[-1] // patch
+            return chunked_logits(tm, spec, length, chunk, train=train, key=k, steps=steps)
+
+        return fn
+
+    def _build(self, total_steps: int, warmup_steps: int):
+        tx, self.schedule = make_optimizer(
+            self.params,
+            self.model.encoder.cfg.depth,
+            self.opts,
+            total_steps,
+            warmup_steps,
+            self.level,
+        )
+        gd, softmax, lam = self.graphdef, self.loss_softmax, self.opts.distill_lambda
+        teacher = self.teacher is not None
+        t_fn = self._teacher_fn() if teacher else None
+        mixup, level = self.opts.mixup, self.level
+
+        def loss_fn(params, rest, t_state, spec, length, y, key):
+            k_mix, k_drop = jax.random.split(key)
+            if mixup > 0:
+                spec, length, y = augment(k_mix, spec, length, y, mixup, level)
+            m = nnx.merge(gd, params, rest, copy=True)
+            logits, valid = m(spec, length, train=True, key=k_drop)
+            v = None if m.level == "clip" else valid
+            if teacher:
+                t_logits = t_fn(t_state, spec, length, key)
+                loss = c2f_loss(logits, y, t_logits, lam, softmax, v)
+            else:
+                loss = task_loss(logits, y, softmax, v)
+            return loss, nnx.state(m, nnx.BatchStat)
+
+        def step(params, rest, opt_state, t_state, spec, length, y, key):
+            (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                params, rest, t_state, spec, length, y, key
+            )
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, new_rest, opt_state, loss, optax.tree.norm(grads)
+
+        def predict(params, rest, spec, length):
+            m = nnx.merge(gd, params, rest, copy=True)
+            return m(spec, length, train=False)
+
+        self.tx = tx
+        self._step = jax.jit(step, donate_argnums=(0, 1, 2))
+        self._predict = jax.jit(predict)
+
+    def predict(self, td: TaskData, params=None, rest=None, batch: int | None = None) -> list[np.ndarray]:
+        """Posteriors per clip: ``[K]`` (clip) or ``[steps, K]`` (SED)."""
+        params = self.params if params is None else params
+        rest = self.rest if rest is None else rest
+        batch = batch or self.opts.batch
+        pieces, owner = [], []
+        for i, s in enumerate(td.specs):
+            for chunk, n in chunks_of(s, self.frames, self.patch):
+                pieces.append((chunk, n))
+                owner.append(i)
+        logits_all, valid_all = [], []
+        for a in range(0, len(pieces), batch):
+            group = pieces[a : a + batch]
+            spec = np.zeros((batch, *group[0][0].shape), np.float32)
+            length = np.zeros((batch,), np.int32)
+            for r, (c, n) in enumerate(group):
+                spec[r], length[r] = c, n
+            logits, valid = self._predict(params, rest, jnp.asarray(spec), jnp.asarray(length))
+            logits_all.append(np.asarray(logits)[: len(group)])
+            valid_all.append(np.asarray(valid)[: len(group)])
+        logits = np.concatenate(logits_all) if logits_all else np.zeros((0,))
+        valid = np.concatenate(valid_all) if valid_all else np.zeros((0,))
+        out: list[list] = [[] for _ in td.specs]
+        for j, i in enumerate(owner):
+            out[i].append((logits[j], valid[j]))
+        posteriors = []
+        for i, parts in enumerate(out):
+            if self.level == "clip":
+                w = np.array([float(v) for _, v in parts])
+                z = (np.stack([lg for lg, _ in parts]) * w[:, None]).sum(0) / max(w.sum(), 1.0)
+                posteriors.append(_activate(z, self.softmax))
+            else:
+                z = np.concatenate([lg[v] for lg, v in parts])
+                steps = td.specs[i].shape[1] // self.patch
+                posteriors.append(_activate(z[:steps], False))
+        return posteriors
+
+    def score(self, td: TaskData, posteriors) -> tuple[dict, dict]:
+        if self.level == "clip":
+            return clip_metrics(np.stack(td.targets), np.stack(posteriors), self.task, td.data.classes)
+        step_s = self.patch * feature_sets.get(td.data.features).hop_length
+        step_s /= feature_sets.get(td.data.features).sample_rate
+        return sed_metrics(td.data, posteriors, step_s, median_steps(self.opts.median_s, step_s))
+
+    def selection_score(self, td: TaskData, posteriors) -> float:
+        if self.task == "clip_single":
+            y = np.stack(td.targets)
+            return float((np.stack(posteriors).argmax(1) == y.argmax(1)).mean())
+        if self.level == "clip":
+            m = mean_ap(np.stack(td.targets), np.stack(posteriors))[0]
+        else:
+            m = mean_ap(np.concatenate(td.targets), np.concatenate(posteriors))[0]
+        return -1.0 if math.isnan(m) else m
+
+    def fit(self, train: TaskData, val: TaskData, log=print, bar=None) -> dict:
+        opts = self.opts
+        n = len(train.specs)
+        batch = min(opts.batch, n)
+        per_epoch = max(1, n // batch)
+        total = per_epoch * opts.epochs
+        self._build(total, int(round(opts.warmup_epochs * per_epoch)))
+        opt_state = self.tx.init(self.params)
+        params, rest = self.params, self.rest
+        t_state = self.t_state if self.teacher is not None else None
+        rng = np.random.default_rng(opts.seed)
+        key = jax.random.key(opts.seed)
+        best = (-math.inf, -1, None, None)
+        history = []
+        step = 0
+        for epoch in range(opts.epochs):
+            order = rng.permutation(n)
+            losses = []
+            for b in range(per_epoch):
+                idx = order[b * batch : (b + 1) * batch]
+                spec, length, y = crop_batch(train, idx, self.frames, self.patch, self.level, rng)
+                params, rest, opt_state, loss, gnorm = self._step(
+                    params,
+                    rest,
+                    opt_state,
+                    t_state,
+                    jnp.asarray(spec),
+                    jnp.asarray(length),
+                    jnp.asarray(y),
+                    jax.random.fold_in(key, step),
+                )
+                losses.append(loss)
+                step += 1
+            loss = float(np.mean([float(x) for x in losses]))
+            if not math.isfinite(loss):
+                raise FinetuneError(f"epoch {epoch + 1}: the loss is {loss}; lower --lr (now {opts.lr:g})")
+            host = (_pure(params), _pure(rest))
+            val_score = self.selection_score(val, self.predict(val, params, rest))
+            history.append({"epoch": epoch + 1, "loss": loss, "val": val_score})
+            if val_score > best[0]:
+                best = (val_score, epoch + 1, *host)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_score:.4f}")
+        _, best_epoch, p_best, r_best = best
+        nnx.replace_by_pure_dict(self.params, p_best)
+        nnx.replace_by_pure_dict(self.rest, r_best)
+        nnx.update(self.model, self.params, self.rest)
+        return {"epoch": best_epoch, "val_score": best[0], "history": history}
+
+
+def _activate(z: np.ndarray, softmax: bool) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    if softmax:
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving and loading a fine-tuned model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def save_finetuned(model: FinetuneModel, out: Path, meta: dict) -> None:
+    from flax import serialization
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = _pure(nnx.state(model))
+    tmp = out / ".params.msgpack.tmp"
+    tmp.write_bytes(serialization.msgpack_serialize(state))
+    os.replace(tmp, out / "params.msgpack")
+    cfg = dataclasses.asdict(model.encoder.cfg)
+    doc = {"format": MODEL_FORMAT, "encoder": cfg, "level": model.level, **meta}
+    (out / "model.json").write_text(json.dumps(doc, indent=1))
+
+
+def load_finetuned(path) -> tuple[FinetuneModel, dict]:
+    """``(model, meta)`` from a fine-tune output directory (``DIR`` or ``DIR/model``)."""
+    from flax import serialization
+
+    path = Path(path)
+    if (path / "model").is_dir():
+        path = path / "model"
+    try:
+        meta = json.loads((path / "model.json").read_text())
+        raw = (path / "params.msgpack").read_bytes()
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"--teacher {path}: not a fine-tuned model directory ({e})") from None
+    if meta.get("format") != MODEL_FORMAT:
+        raise FinetuneError(f"--teacher {path}: unknown format {meta.get('format')!r}")
+    # The saved encoder config has drop-path 0; the rate fine-tuning used is in the metadata (drop-path acts
+    # only with ``train`` and a key: a train-mode C2F teacher). Models saved without it: the official default.
+    rate = float(meta.get("drop_path", EncoderConfig.drop_path))
+    cfg = EncoderConfig(**{**meta["encoder"], "drop_path": rate})
+    k = len(meta["classes"])
+    chunk = meta.get("chunk_frames")
+    abstract = nnx.eval_shape(
+        lambda: FinetuneModel(
+            FrameAST(cfg, rngs=nnx.Rngs(0)), k, meta["level"], rngs=nnx.Rngs(0), chunk_frames=chunk
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    restored = serialization.msgpack_restore(raw)
+    if abstract.bn is None and "bn" in restored:
+        raise FinetuneError(
+            f"--teacher {path}: an SED model with a BatchNorm in its head (an older version of this "
+            "command); fine-tune it again"
+        )
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
+    return nnx.merge(graphdef, state), meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One fine-tuning job
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_teacher(t_meta: dict, train: LabelledSet, task: str, features: str, level: str, step_s: float):
+    """Refuses a ``--teacher`` fine-tuned on another task, feature set or (frame level) time grid."""
+    if t_meta["classes"] != list(train.classes) or t_meta["task"] != task:
+        raise FinetuneError(
+            f"--teacher was fine-tuned on another task ({t_meta['task']}, {len(t_meta['classes'])} "
+            f"classes) than this one ({task}, {len(train.classes)} classes)"
+        )
+    if t_meta["features"] != features:
+        raise FinetuneError(
+            f"--teacher takes feature set {t_meta['features']!r}, the student {features!r}: "
+            "distillation runs both on the same input"
+        )
+    if level == "frame" and abs(t_meta["time_step_s"] - step_s) > 1e-9:
+        raise FinetuneError(
+            f"frame-level distillation needs one time grid: the teacher's steps are "
+            f"{t_meta['time_step_s'] * 1000:g} ms, the student's {step_s * 1000:g} ms"
+        )
+
+
+def _crop_frames(opts: FinetuneOptions, chunk_frames: int, patch: int, fs, train: LabelledSet) -> int:
+    """The training crop in frames: ``--crop_s`` (default: the chunk), at most the chunk and the longest
+    training clip, a whole number of time steps."""
+    frames = chunk_frames
+    if opts.crop_s:
+        frames = max(patch, int(round(opts.crop_s * fs.sample_rate / fs.hop_length)) // patch * patch)
+        frames = min(frames, chunk_frames // patch * patch)
+    longest = max(m.shape[1] for m in train.mels) // patch * patch
+    return max(patch, min(frames, longest)) // patch * patch
+
+
+def finetune(
+    encoder: FrameAST,
+    chunk_frames: int,
+    features: str,
+    train: LabelledSet,
+    test: LabelledSet,
+    val: LabelledSet | None,
+    opts: FinetuneOptions,
+    out: Path,
+    teacher: tuple[FinetuneModel, dict] | None = None,
+    source: dict | None = None,
+    name: str = "finetuned",
+    log=print,
+    recipe: dict | None = None,
+) -> dict:
+    """Fine-tunes ``encoder`` (modified in place), saves ``out/model`` and returns its results entry
+    (``recipe``: the ``--recipe`` record of :func:`resolve_options`, kept with the options in both)."""
+    given = {"--train": train, "--test": test} | ({"--val": val} if val is not None else {})
+    check_sets(given, features, encoder.cfg.n_mels)
+    task = task_of(list(given.values()), opts.task)
+    level = "frame" if task == "sed" else "clip"
+    if val is None:
+        train, val = hold_out(train, opts.val_fraction)
+    patch = inference.time_patch(encoder.cfg)
+    fs = feature_sets.get(features)
+    step_s = patch * fs.hop_length / fs.sample_rate
+    if teacher is not None:
+        _check_teacher(teacher[1], train, task, features, level, step_s)
+    frames = _crop_frames(opts, chunk_frames, patch, fs, train)
+    if opts.drop_path is not None:
+        encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=opts.drop_path)
+    model = FinetuneModel(encoder, len(train.classes), level, rngs=nnx.Rngs(params=opts.seed))
+    tuner = Finetuner(model, task, frames, opts, teacher=teacher[0] if teacher is not None else None)
+    splits = {
+        s: task_data(d, level, step_s, patch) for s, d in (("train", train), ("val", val), ("test", test))
+    }
+    log(
+        f"{name}: {task}, {len(train.classes)} classes; train {len(train)} / val {len(val)} / test "
+        f"{len(test)} clips; crops of {frames} frames; {opts.epochs} epochs of {max(1, len(train) // min(opts.batch, len(train)))} steps"
+        + (f"; distilled (λ = {opts.distill_lambda:g})" if teacher is not None else "")
+    )
+    t0 = time.perf_counter()
+    with _bar_factory(opts.progress)(opts.epochs, f"{name}: fine-tune", "epoch") as bar:
+        selection = tuner.fit(splits["train"], splits["val"], log=log, bar=bar)
+    metrics, per = tuner.score(splits["test"], tuner.predict(splits["test"]))
+    seconds = round(time.perf_counter() - t0, 2)
+    meta = {
+        "task": task,
+        "classes": list(train.classes),
+        "features": features,
+        "chunk_frames": frames,
+        "time_step_s": step_s,
+        "drop_path": encoder.cfg.drop_path,  # the rate it trained with: its drop-path as a train-mode teacher
+        "source": source or {},
+        "options": dataclasses.asdict(opts),
+        "recipe": recipe,
+    }
+    model.chunk_frames = frames
+    encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=0.0)
+    save_finetuned(model, out / "model", meta)
+    shown = ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
+    log(f"{name}: {shown} (best epoch {selection['epoch']}, {seconds:.1f} s)")
+    return {
+        "task": task,
+        "metrics": metrics,
+        "per_class": per,
+        "selection": selection,
+        "distilled": teacher is not None,
+        "seconds": seconds,
+        "model": str(out / "model"),
+        "source": source or {},
+        "options": dataclasses.asdict(opts),
+        "recipe": recipe,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _parser():
+    from atst_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="python -m atst_jax.finetune", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a pretraining run directory")
+    src.add_argument("--weights", help="an exported or official encoder file")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--val", default=None)
+    p.add_argument("--out", required=True, help="output directory (RESULTS.json, model/)")
+    dist = p.add_mutually_exclusive_group()
+    dist.add_argument("--teacher", default=None, help="a fine-tuned model directory to distil from")
+    dist.add_argument("--c2f_clip", default=None, help="an ATST-Clip run (or file): the whole C2F recipe")
+    p.add_argument("--distill_lambda", type=float, default=None, help="(default 0.5)")
+    p.add_argument("--no_undistilled", action="store_true", help="with a teacher: skip the λ = 0 run")
+    p.add_argument(
+        "--teacher_mode",
+        choices=TEACHER_MODES,
+        default="official",
+        help="the teacher's mode while distilling (official: train at clip level, eval at frame level)",
+    )
+    defaults = FinetuneOptions()
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="TASK",
+        help=f"the official per-task values ({', '.join(recipes.names())}); flags given win",
+    )
+    p.add_argument("--task", choices=("auto", "clip", "sed"), default="auto")
+
+    # A flag a preset may set defaults to None (= not given): given flags win over the preset, the preset
+    # over the FinetuneOptions default.
+    def dflt(name):
+        return None if name in recipes.FIELDS else getattr(defaults, name)
+
+    for name in ("epochs", "batch"):
+        p.add_argument(f"--{name}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
+    for name in ("lr", "layer_decay", "momentum", "clip_norm", "warmup_epochs", "mixup", "val_fraction"):
+        shown = f"(default {getattr(defaults, name)})"
+        p.add_argument(f"--{name}", type=float, default=dflt(name), help=shown)
+    p.add_argument("--median_s", type=float, default=None, help=f"(default {defaults.median_s})")
+    p.add_argument("--crop_s", type=float, default=None, help="(default: the encoder's chunk)")
+    p.add_argument("--drop_path", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def _options(args, preset: dict | None = None) -> FinetuneOptions:
+    """The options of ``args``: a preset-able flag not given (None) takes ``preset``'s value, else the
+    default."""
+    defaults = FinetuneOptions()
+    # Every option but ``progress`` is a flag of the same name.
+    fields = [f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "progress"]
+    v = {}
+    for name in fields:
+        v[name] = getattr(args, name)
+        if v[name] is None and name in recipes.FIELDS:
+            v[name] = (preset or {}).get(name, getattr(defaults, name))
+    checks = [
+        (v["epochs"] >= 1, "--epochs must be >= 1"),
+        (v["batch"] >= 1, "--batch must be >= 1"),
+        (v["lr"] > 0, "--lr must be > 0"),
+        (0 < v["layer_decay"] <= 1, "--layer_decay must be in (0, 1]"),
+        (0 <= v["momentum"] < 1, "--momentum must be in [0, 1)"),
+        (v["clip_norm"] >= 0, "--clip_norm must be >= 0 (0 = no clipping)"),
+        (v["warmup_epochs"] >= 0, "--warmup_epochs must be >= 0"),
+        (v["mixup"] >= 0, "--mixup must be >= 0 (0 = off)"),
+        (0 <= v["distill_lambda"] <= 1, "--distill_lambda must be in [0, 1]"),
+        (0 < v["val_fraction"] < 1, "--val_fraction must be in (0, 1)"),
+        (v["crop_s"] is None or v["crop_s"] > 0, "--crop_s must be > 0"),
+        (v["drop_path"] is None or 0 <= v["drop_path"] < 1, "--drop_path must be in [0, 1)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise FinetuneError(msg)
+    return FinetuneOptions(**v, progress=not args.no_progress)
+
+
+def family_of(cfg: EncoderConfig) -> str:
+    """The recipe family of a plain fine-tuning run of an encoder: ``clip`` with a CLS token (the ATST-Clip
+    layout), ``frame`` without."""
+    return "clip" if cfg.use_cls else "frame"
+
+
+def recipe_task(args) -> str | None:
+    """The official task name of ``--recipe`` (None without it); an unknown name, or a distillation run of a
+    task without official C2F values, is a :class:`FinetuneError`."""
+    name = getattr(args, "recipe", None)
+    if name is None:
+        return None
+    task = recipes.canonical(name)
+    if task is None:
+        raise FinetuneError(f"unknown --recipe {name!r}; known: {recipes.known_text()}")
+    distilled = getattr(args, "teacher", None) or getattr(args, "c2f_clip", None)
+    if distilled and recipes.preset(task, "c2f") is None:
+        have = ", ".join(t for t in recipes.names() if recipes.preset(t, "c2f"))
+        raise FinetuneError(
+            f"--recipe {task}: the official scripts give no ATST-C2F (distillation) values for it; "
+            f"those with C2F values: {have}"
+        )
+    return task
+
+
+def resolve_options(args, family: str | None = None) -> tuple[FinetuneOptions, dict | None]:
+    """The options of a model of ``family`` (``clip`` | ``frame`` | ``c2f``; see :mod:`atst_jax.eval.recipes`):
+    each preset-able flag as given on the command line, else the ``--recipe`` preset's value for that
+    family, else the default; and the recipe record (name, family, source script, the preset's values, the
+    flags given), None without ``--recipe``."""
+    task = recipe_task(args)
+    if task is None or family is None:
+        return _options(args), None
+    preset = recipes.preset(task, family)
+    if preset is None:
+        label = recipes.FAMILIES[family]
+        raise FinetuneError(f"--recipe {task}: the official scripts give no {label} values")
+    given = [f"--{n}" for n in recipes.FIELDS if getattr(args, n, None) is not None]
+    record = {
+        "name": task,
+        "family": family,
+        "source": preset.source,
+        "note": preset.note,
+        "preset": dict(preset.values),
+        "given": given,
+    }
+    return _options(args, preset.values), record
+
+
+def recipe_line(name: str, opts: FinetuneOptions, record: dict) -> str:
+    """One line: the recipe, its family and source, and the values the model runs with."""
+
+    def val(k):
+        x = getattr(opts, k)
+        return "the encoder's chunk" if x is None else f"{x:g}"
+
+    shown = ", ".join(f"{k} {val(k)}" for k in recipes.FIELDS)
+    given = ", ".join(record["given"]) or "none"
+    return (
+        f"{name}: recipe {record['name']} ({recipes.FAMILIES[record['family']]} values, {record['source']}): "
+        f"{shown} (peak lr {peak_lr(opts):g}); flags given: {given}"
+    )
+
+
+def _load(workdir, weights, step, encoder, what):
+    try:
+        return load_encoder(workdir=workdir, step=step, weights=weights, encoder=encoder)
+    except (FileNotFoundError, ValueError) as e:
+        raise FinetuneError(f"{what}: {e}") from None
+
+
+def run(args, log=print) -> dict:
+    task = recipe_task(args)
+    _options(args)  # the flags' own checks, before any data is read
+    for family in recipes.families_of(task) if task else ():
+        resolve_options(args, family)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out}: exists and is not a directory")
+    sets = {
+        "train": read_labelled(args.train, "--train"),
+        "test": read_labelled(args.test, "--test"),
+        "val": read_labelled(args.val, "--val") if args.val else None,
+    }
+    what = f"--workdir {args.workdir}" if args.workdir else f"--weights {args.weights}"
+    student_src = (args.workdir, args.weights, args.step, args.encoder)
+    results: dict = {"recipe": task, "options": None, "models": {}}
+
+    def job(src, name, teacher=None, family=None):
+        enc, chunk, feats, source = _load(*src, what if src is student_src else f"--c2f_clip {src[0]}")
+        o, record = resolve_options(args, family or family_of(enc.cfg))
+        if record is not None:
+            log(recipe_line(name, o, record))
+        return finetune(
+            enc,
+            chunk,
+            feats,
+            sets["train"],
+            sets["test"],
+            sets["val"],
+            o,
+            out / name,
+            teacher,
+            source,
+            name,
+            log,
+            record,
+        )
+
+    teacher = None
+    if args.teacher:
+        teacher = load_finetuned(args.teacher)
+    if args.c2f_clip:
+        clip_src = (args.c2f_clip, None, None, "teacher")
+        if os.path.isfile(args.c2f_clip):
+            clip_src = (None, args.c2f_clip, None, "teacher")
+        results["models"]["clip"] = job(clip_src, "clip", family="clip")
+        teacher = load_finetuned(out / "clip")
+    if teacher is not None:
+        if not args.no_undistilled:
+            results["models"]["frame"] = job(student_src, "frame")
+        results["models"]["frame_distilled"] = job(student_src, "frame_distilled", teacher, family="c2f")
+    else:
+        results["models"]["finetuned"] = job(student_src, "finetuned")
+    first = next(iter(results["models"].values()))
+    results.update(task=first["task"], classes=list(sets["train"].classes), options=first["options"])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".RESULTS.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=json_num))
+    os.replace(tmp, out / "RESULTS.json")
+    log(table(results))
+    return results
+
+
+def table(results: dict) -> str:
+    models = results["models"]
+    keys = list(next(iter(models.values()))["metrics"])
+    rows = [["model", *keys]] + [[n, *(fmt(m["metrics"][k]) for k in keys)] for n, m in models.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def main(argv=None) -> int:
+    from atst_jax.cli import fail
+
+    args = _parser().parse_args(argv)
+    try:
+        run(args)
+    except (FinetuneError, EvalError) as e:
+        return fail(str(e))
+    return 0

@@ -1,0 +1,199 @@
+"""Evaluation metrics in pure NumPy (no JAX): average precision and mAP, clip accuracy, the median filter on
+posteriors, frame-level F1, and the SED event metrics (PSDS1 / PSDS2 and the collar-based F1 through
+``sed_scores_eval``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from atst_jax.eval.data import EvalError, LabelledSet, frame_targets
+
+THRESHOLD = 0.5
+# The PSDS scenarios of DCASE task 4 (2021-2023); alpha_st = 1 and max_efpr = 100 / hour in both.
+PSDS1 = dict(dtc_threshold=0.7, gtc_threshold=0.7, cttc_threshold=None, alpha_ct=0.0, alpha_st=1.0)
+PSDS2 = dict(dtc_threshold=0.1, gtc_threshold=0.1, cttc_threshold=0.3, alpha_ct=0.5, alpha_st=1.0)
+MAX_EFPR = 100.0
+COLLAR = dict(onset_collar=0.2, offset_collar=0.2, offset_collar_rate=0.2)
+
+
+def average_precision(y: np.ndarray, s: np.ndarray) -> float:
+    """Area under the precision-recall curve as the mean of the precisions at each positive (ties in the
+    scores ranked together, as scikit-learn's ``average_precision_score``); NaN without positives."""
+    y = np.asarray(y, bool)
+    pos = int(y.sum())
+    if pos == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(s, np.float64), kind="stable")
+    s_sorted, y_sorted = np.asarray(s)[order], y[order]
+    # The last index of every run of equal scores: a threshold admits a whole tie group at once.
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), len(s_sorted) - 1]
+    tp = np.cumsum(y_sorted)[last]
+    precision = tp / (last + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / pos
+    return float((precision * recall_gain).sum())
+
+
+def mean_ap(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(mAP over classes with positives, per-class AP [K] with NaN where a class has none)``."""
+    ap = np.array([average_precision(y[:, j], s[:, j]) for j in range(y.shape[1])])
+    return (float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")), ap
+
+
+def clip_metrics(y: np.ndarray, p: np.ndarray, task: str, classes: list[str]) -> tuple[dict, dict]:
+    """``(metrics, per-class)`` for clip classification."""
+    m, ap = mean_ap(y, p)
+    if task == "clip_single":
+        accuracy = float((p.argmax(1) == y.argmax(1)).mean())
+        truth = y.argmax(1)
+        per_acc = [
+            float((p.argmax(1)[truth == j] == j).mean()) if (truth == j).any() else None
+            for j in range(len(classes))
+        ]
+    else:
+        accuracy = float(((p >= THRESHOLD) == (y > 0.5)).all(axis=1).mean())
+        per_acc = [float(((p[:, j] >= THRESHOLD) == (y[:, j] > 0.5)).mean()) for j in range(len(classes))]
+    per = {
+        c: {"ap": json_num(ap[j]), "accuracy": per_acc[j], "test_positives": int(y[:, j].sum())}
+        for j, c in enumerate(classes)
+    }
+    return {"accuracy": accuracy, "mAP": m}, per
+
+
+def median_steps(seconds: float, step_s: float) -> int:
+    """The median filter's length in time steps: ``seconds`` rounded to an odd count, at least 1."""
+    return int(round(seconds / step_s)) // 2 * 2 + 1 if seconds > 0 else 1
+
+
+def median_filter(p: np.ndarray, size: int) -> np.ndarray:
+    """Median over ``size`` steps (odd) per class, edges padded with the nearest value."""
+    if size <= 1 or len(p) == 0:
+        return p
+    import scipy.ndimage
+
+    return scipy.ndimage.median_filter(p, size=(size, 1), mode="nearest")
+
+
+def frame_f1(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
+    """``(macro F1 over classes with positives, per-class F1 [K], NaN without positives)`` at 0.5."""
+    pred = p >= THRESHOLD
+    truth = y > 0.5
+    tp = (pred & truth).sum(0)
+    fp = (pred & ~truth).sum(0)
+    fn = (~pred & truth).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(truth.any(0), 2 * tp / (2 * tp + fp + fn), np.nan)
+    return (float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")), f1
+
+
+def _sed_scores_eval():
+    try:
+        with warnings.catch_warnings():  # dcase_util (under sed_eval) imports the deprecated pkg_resources
+            warnings.simplefilter("ignore")
+            import sed_scores_eval
+    except ImportError as e:
+        raise EvalError(
+            f"PSDS needs sed_scores_eval ({e}): pip install -r requirements.txt (sed_scores_eval==0.0.4, "
+            "pandas<3, setuptools<82)"
+        ) from None
+    return sed_scores_eval
+
+
+def event_metrics(
+    scores: dict, ground_truth: dict, durations: dict, step_s: float, classes: list[str]
+) -> dict:
+    """PSDS1, PSDS2 and collar-based event F1 (``sed_scores_eval``) from per-clip posteriors ``[T, K]`` on a
+    grid of ``step_s`` seconds, ground truth ``{id: [(onset, offset, class name), ...]}`` and durations (s).
+
+    Over the classes with at least one test event (``sed_scores_eval`` refuses a class without any: its
+    true-positive rate is undefined); the others are reported as None."""
+    sse = _sed_scores_eval()
+    from sed_scores_eval.base_modules.scores import create_score_dataframe
+
+    gt = {cid: [(float(a), float(b), str(c)) for a, b, c in ground_truth[cid]] for cid in scores}
+    seen = {c for evs in gt.values() for _, _, c in evs}
+    present = [j for j, c in enumerate(classes) if c in seen]
+    none = dict(psds1=None, psds2=None, event_f1=None, event_f1_per_class={c: None for c in classes})
+    if not present:  # no event in the test set: PSDS is undefined
+        return none
+    names = [classes[j] for j in present]
+    frames = {
+        cid: create_score_dataframe(
+            np.asarray(s, np.float64)[:, present], np.arange(len(s) + 1) * step_s, names
+        )
+        for cid, s in scores.items()
+    }
+    dur = {cid: float(durations[cid]) for cid in frames}
+    out = {}
+    for name, settings in (("psds1", PSDS1), ("psds2", PSDS2)):
+        value, *_ = sse.intersection_based.psds(
+            scores=frames,
+            ground_truth=gt,
+            audio_durations=dur,
+            max_efpr=MAX_EFPR,
+            unit_of_time="hour",
+            **settings,
+        )
+        out[name] = float(value)
+    f, *_ = sse.collar_based.fscore(scores=frames, ground_truth=gt, threshold=THRESHOLD, **COLLAR)
+    out["event_f1"] = float(f["macro_average"])
+    out["event_f1_per_class"] = {c: (json_num(f[c]) if c in seen else None) for c in classes}
+    return out
+
+
+def merge_events(events) -> list[tuple[float, float, str]]:
+    """Events of one clip with those of a class that overlap or touch merged into one (``sed_scores_eval``
+    refuses overlapping ground truth of a class; the union is what a frame-level view of the clip shows);
+    empty events (offset <= onset) dropped. Sorted by class, then onset."""
+    out = []
+    for cls in sorted({c for _, _, c in events}):
+        spans = sorted((a, b) for a, b, c in events if c == cls and b > a)
+        for a, b in spans:
+            if out and out[-1][2] == cls and a <= out[-1][1]:
+                out[-1] = (out[-1][0], max(out[-1][1], b), cls)
+            else:
+                out.append((a, b, cls))
+    return out
+
+
+def sed_metrics(
+    data: LabelledSet, posteriors: list[np.ndarray], step_s: float, median: int
+) -> tuple[dict, dict]:
+    """``(metrics, per-class)`` of SED posteriors (one ``[T, K]`` per clip of ``data``)."""
+    k = len(data.classes)
+    filtered = [median_filter(p, median) for p in posteriors]
+    ys = [frame_targets(ev, len(p), step_s, k) for ev, p in zip(data.events, filtered, strict=True)]
+    y_all = np.concatenate(ys) if ys else np.zeros((0, k))
+    p_all = np.concatenate(filtered) if filtered else np.zeros((0, k))
+    f1, f1_per = frame_f1(y_all, p_all)
+    m, ap = mean_ap(y_all, p_all)
+    scores, gt, durations = {}, {}, {}
+    for cid, ev, p in zip(data.ids, data.events, filtered, strict=True):
+        if not len(p):
+            continue
+        end = len(p) * step_s
+        scores[cid] = p
+        gt[cid] = merge_events(
+            [(max(0.0, float(a)), min(end, float(b)), data.classes[int(c)]) for a, b, c in ev]
+        )
+        durations[cid] = end
+    ev_metrics = event_metrics(scores, gt, durations, step_s, data.classes)
+    per_event = ev_metrics.pop("event_f1_per_class")
+    metrics = {"frame_macro_f1": f1, "psds1": ev_metrics["psds1"], "psds2": ev_metrics["psds2"]}
+    metrics.update(event_f1=ev_metrics["event_f1"], frame_mAP=m)
+    per = {
+        c: {"frame_f1": json_num(f1_per[j]), "event_f1": per_event[c], "frame_ap": json_num(ap[j])}
+        for j, c in enumerate(data.classes)
+    }
+    return metrics, per
+
+
+def json_num(v):
+    """JSON-friendly: NaN/None → None, NumPy scalars → float."""
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
