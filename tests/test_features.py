@@ -190,7 +190,7 @@ def test_pipeline_pads_kaldi_crops_with_silence():
 
 
 def test_train_builds_the_embedded_data_of_the_method_crops(monkeypatch, tmp_path):
-    from atst_jax import methods, train
+    from atst_jax import methods, trainer
     from atst_jax.methods import Crop
 
     calls = []
@@ -200,11 +200,11 @@ def test_train_builds_the_embedded_data_of_the_method_crops(monkeypatch, tmp_pat
     )
     stub = types.SimpleNamespace(inputs=lambda: (Crop("a", 592, KALDI), Crop("b", 592, KALDI)))
     monkeypatch.setattr(methods, "build", lambda cfg: stub)
-    assert train.data_files(config) == ["f"]
+    assert trainer.data_files(config) == ["f"]
     assert calls and all(kw["features"] == KALDI and kw["num_clips"] == 8 for kw in calls)
     calls.clear()
-    assert train.data_files(config, features_name="atst_logmel64") == ["f"]
+    assert trainer.data_files(config, features_name="atst_logmel64") == ["f"]
     assert all(kw["features"] == "atst_logmel64" for kw in calls)
     stub.inputs = lambda: (Crop("a", 10, KALDI), Crop("b", 10, "atst_logmel64"))
     with pytest.raises(Exception, match="several feature sets"):
-        train.data_files(config)
+        trainer.data_files(config)

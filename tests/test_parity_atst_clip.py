@@ -16,7 +16,7 @@ Compared:
   crops' outputs, ours on ``[anchor; positive]``);
 - the teacher after the EMA update, given the same updated student (ours moved along its gradient, loaded
   into the official student): the official ``update_teacher`` with the momentum of the official
-  ``cosine_scheduler_step`` against our ``train.ema_update`` with ours (relative 1e-6 per tensor), so the
+  ``cosine_scheduler_step`` against our ``trainer.ema_update`` with ours (relative 1e-6 per tensor), so the
   optimisers do not enter.
 
 Official (imported from the wheel, unchanged): ``ATST`` (``audiossl/models/atst/atst.py``) built by its own

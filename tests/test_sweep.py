@@ -133,7 +133,7 @@ def reference(tmp_path_factory, embedded_cache, compile_cache):
 def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests(
     tmp_path, embedded_cache, reference, monkeypatch, capsys
 ):
-    from atst_jax import train
+    from atst_jax.checkpoint import Checkpointer
 
     ref_root, ref_digests = reference
     assert set(ref_digests) == {"seed0", "seed1"} and ref_digests["seed0"][1] != ref_digests["seed1"][1]
@@ -141,7 +141,7 @@ def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests
     overrides = _tiny_overrides(embedded_cache)
 
     # Kill the sweep right after run 2 (seed1) has saved its step 2 of 4.
-    save = train.Checkpointer.save
+    save = Checkpointer.save
 
     def save_then_die(self, step, *args, **kwargs):
         saved = save(self, step, *args, **kwargs)
@@ -150,7 +150,7 @@ def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests
             raise Killed
         return saved
 
-    monkeypatch.setattr(train.Checkpointer, "save", save_then_die)
+    monkeypatch.setattr(Checkpointer, "save", save_then_die)
     with pytest.raises(Killed):
         _sweep(root, "--in-process", overrides=overrides)
     monkeypatch.undo()
