@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
 
 import numpy as np
 import pytest
@@ -102,7 +103,8 @@ def fake_sweep(tmp_path_factory):
             "task": "clip_multi",
             "encoders": {"checkpoint": {"metrics": {"mAP": 1 - 0.9 * (run.index + 1) ** -0.3}}},
         }
-        (wd / "probe.json").write_text(json.dumps({**probe, "_step": run.steps}))
+        inputs = {"step": run.steps, "train": "unused", "test": "unused", "args": []}
+        (wd / "probe.json").write_text(json.dumps({**probe, "_inputs": inputs}))
     return root
 
 
@@ -181,3 +183,28 @@ def test_method_configs_accept_the_whole_size_ladder(method):
         c = load_config(f"{sweep.REPO}/configs/{method}.py:{variant}")
         assert (c.model.width, c.model.depth, c.model.heads) == (width, depth, heads)
         assert width % heads == 0
+
+
+def test_the_probe_cache_is_keyed_by_every_input_of_the_probe(fake_sweep, monkeypatch):
+    """A cached probe score is reused only for the same step, train / test sets and evaluate arguments;
+    another of any of them runs the probe again (here a stand-in evaluate that fails, so reuse would pass)."""
+    calls = []
+
+    def fake_evaluate(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2, "", "error: stand-in evaluate")
+
+    monkeypatch.setattr(scaling.subprocess, "run", fake_evaluate)
+    wd = sorted(p for p in fake_sweep.iterdir() if (p / "probe.json").exists())[0]
+    step = json.loads((wd / "probe.json").read_text())["_inputs"]["step"]
+    probe = {"train": "unused", "test": "unused"}
+    assert scaling.probe_score(wd, step, probe, None, [])["score"] > 0 and not calls
+    for args in [
+        (step, {"train": "other", "test": "unused"}, []),
+        (step, {"train": "unused", "test": "other"}, []),
+        (step, probe, ["--epochs", "20"]),
+        (step + 1, probe, []),
+    ]:
+        with pytest.raises(scaling.FitError, match="stand-in evaluate"):
+            scaling.probe_score(wd, args[0], args[1], None, args[2])
+    assert len(calls) == 4

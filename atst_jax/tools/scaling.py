@@ -228,16 +228,23 @@ def final_loss(metrics: list[dict], steps_done: int, window: float) -> float:
 
 
 def probe_score(workdir: Path, step: int, probe: dict, metric: str | None, extra: list[str]) -> dict:
-    """Runs ``python -m atst_jax.evaluate`` on the run's final checkpoint (cached in ``RUN/probe.json`` for that
-    step) and returns ``{"metric", "score", "error"}``."""
+    """Runs ``python -m atst_jax.evaluate`` on the run's final checkpoint and returns ``{"metric", "score",
+    "error"}``. The result is cached in ``RUN/probe.json`` under every input of the probe (the step, the train
+    and test sets, the extra evaluate arguments): another step, set or argument runs the probe again."""
     out = Path(workdir) / "probe.json"
+    inputs = {
+        "step": int(step),
+        "train": str(probe["train"]),
+        "test": str(probe["test"]),
+        "args": list(extra),
+    }
     cached = None
     if out.exists():
         try:
             cached = json.loads(out.read_text())
         except ValueError:
             cached = None
-    if not cached or cached.get("_step") != step:  # none yet, or of an earlier checkpoint
+    if not cached or cached.get("_inputs") != inputs:  # none yet, or made from other inputs
         cmd = [
             sys.executable,
             "-m",
@@ -263,7 +270,7 @@ def probe_score(workdir: Path, step: int, probe: dict, metric: str | None, extra
             lines = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()
             raise FitError(f"evaluate failed on {workdir} (exit {done.returncode}): {lines[-1]}")
         cached = json.loads(out.read_text())
-        cached["_step"] = step
+        cached["_inputs"] = inputs
         out.write_text(json.dumps(cached, indent=1) + "\n")
     return _score(cached, metric, workdir)
 
