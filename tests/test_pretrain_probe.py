@@ -134,3 +134,14 @@ def test_method_pictures_show_what_the_student_sees(name):
         np.testing.assert_array_equal(np.asarray(pics[0][0]), batch["anchor"][0])
         assert np.asarray(pics[1][0]).shape == batch["anchor"][0].shape
         assert not np.allclose(np.asarray(pics[1][0]), batch["anchor"][0])
+
+
+def test_the_embedded_probe_split_refuses_a_test_set_it_would_not_use(tmp_path):
+    """``probe.train=embedded`` brings its own test half; a ``probe.test`` beside it used to be ignored."""
+    from atst_jax.eval.pretrain_probe import PretrainProbe
+    from atst_jax.sharding import ConfigError
+
+    config = tiny_config(str(tmp_path / "cache"))
+    config.probe.update(train="embedded", test=str(tmp_path / "my_test_set"))
+    with pytest.raises(ConfigError, match="probe.train=embedded brings its own test split"):
+        PretrainProbe(config, tmp_path, {}, "atst_logmel64")

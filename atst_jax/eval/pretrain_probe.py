@@ -117,6 +117,8 @@ class PretrainProbe:
         from atst_jax.eval.probe import Options
 
         if p.train == "embedded":
+            if p.test:  # the split brings its own test half: a second test set would be silently unused
+                raise EvalError(f"probe.train=embedded brings its own test split: drop probe.test={p.test!r}")
             cache = config.data.cache_dir or os.path.join(
                 os.path.expanduser("~"), ".cache", "atst_jax", "embedded"
             )
