@@ -301,22 +301,10 @@ class Asit(Method):
             raise ConfigError(
                 f"asit.crop_frames={c.crop_frames} is shorter than one patch ({enc.patch_size[0]})"
             )
-        lo, hi = c.corrupt_area
-        plo, phi = c.paste_area
-        if not (0 < lo <= hi < 1 and 0 < plo <= phi < 1):
-            raise ConfigError(
-                f"asit.corrupt_area={c.corrupt_area} / paste_area={c.paste_area}: need 0 < lo <= hi < 1"
-            )
-        if not 0 <= c.paste_prob <= 1:
-            raise ConfigError(f"asit.paste_prob={c.paste_prob} must be in [0, 1]")
         t = self.config.train
         micro = int(t.global_batch) // max(int(t.get("grad_accum_steps", 1)), 1)  # the batch one loss sees
-        if c.paste_pool < 0 or (0 < c.paste_pool < micro and micro % c.paste_pool):
+        if 0 < c.paste_pool < micro and micro % c.paste_pool:
             raise ConfigError(
                 f"asit.paste_pool={c.paste_pool} must be 0 (the whole batch) or divide the (micro)batch of "
                 f"{micro} clips, so that no pool straddles the two crops"
             )
-        if not (c.student_temp > 0 and c.teacher_temp > 0 and c.teacher_temp_start > 0):
-            raise ConfigError("asit temperatures must be positive")
-        if not 0 <= c.centre_momentum < 1:
-            raise ConfigError(f"asit.centre_momentum={c.centre_momentum} must be in [0, 1)")

@@ -225,10 +225,6 @@ class AtstClip(Method):
     def check(self):
         if not self.enc_cfg.use_cls:
             raise ConfigError("atst_clip reads the CLS token: set model.use_cls=True")
-        if self.cfg.mixup_bank < 0:
-            raise ConfigError(
-                f"atst_clip.mixup_bank={self.cfg.mixup_bank}: a bank size >= 0 (0 = partner in the batch)"
-            )
         if self.cfg.features not in feature_sets.FEATURE_SETS:
             raise ConfigError(
                 f"atst_clip.features={self.cfg.features!r}: choose from {sorted(feature_sets.FEATURE_SETS)}"

@@ -267,15 +267,11 @@ class AtstFrame(Method):
         cfg = self.cfg
         if self.enc_cfg.use_cls:
             raise ConfigError("atst_frame has no CLS token: set model.use_cls=False")
-        if cfg.mixup_bank < 0:
-            raise ConfigError(
-                f"atst_frame.mixup_bank={cfg.mixup_bank}: a bank size >= 0 (0 = partner in the batch)"
-            )
         train = self.config.train
         rows = int(train.global_batch) // max(int(train.get("grad_accum_steps", 1)), 1)
         for field in ("loss_groups", "bn_groups"):
             groups = int(getattr(cfg, field))
-            if groups < 1 or rows % groups:
+            if rows % groups:  # >= 1: RANGES
                 raise ConfigError(
                     f"atst_frame.{field}={groups} must be >= 1 and divide the {rows} clips of a loss call "
                     "(train.global_batch / train.grad_accum_steps)"
