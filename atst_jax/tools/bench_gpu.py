@@ -744,7 +744,7 @@ def parse_args(argv):
     p.add_argument("--official-steps", type=int, default=None, help="official steps per window (GPU: 5)")
     p.add_argument("--official-windows", type=int, default=None, help="official timed windows (GPU: 2)")
     p.add_argument("--no-plan", action="store_true", help="skip the planner's memory rows")
-    args = bench.parse_args(p, argv)  # + --config.KEY=VALUE overrides, into args.set
+    args = bench.parse_args(p, argv, check=False)  # + --config.KEY=VALUE overrides, checked below
     defaults = DRY if args.dry_run else GPU
     for k, v in defaults.items():
         if k not in ("sets", "official_arch") and getattr(args, k, None) is None:
