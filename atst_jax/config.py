@@ -154,13 +154,13 @@ def check_overrides(argv: list[str]) -> None:
         return
     config = load_config(config_spec)
     for path in overrides:
-        _field(config, path)
+        find_field(config, path)
 
 
 # ------------------------------------------------------------------------------------------------------
 # Overrides: one syntax for every command, ``--config.a.b=value`` (also ``--config.a.b value``)
 # ------------------------------------------------------------------------------------------------------
-def _field(config, path: str):
+def find_field(config, path: str):
     """``(parent ConfigDict, leaf name)`` of ``a.b.c``, or a one-line error with the closest field."""
     import difflib
 
@@ -207,7 +207,7 @@ def parse_value(current, text: str, path: str = "value"):
 def apply_overrides(config, overrides) -> ml_collections.ConfigDict:
     """Sets ``[(path, text), ...]`` on ``config`` (typed as each field's current value); returns it."""
     for path, text in overrides:
-        node, leaf = _field(config, path)
+        node, leaf = find_field(config, path)
         if isinstance(node[leaf], ml_collections.ConfigDict):
             raise ConfigError(f"--config.{path} is a section, not a field (set one of its fields)")
         node[leaf] = parse_value(node[leaf], text, path)

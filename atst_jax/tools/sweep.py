@@ -118,13 +118,13 @@ def normalise_axes(config, axes: list[tuple[str, list[str]]]) -> list[tuple[str,
     so one value spelled two ways is a repeat (one line) instead of two runs of the same config; a value the
     field cannot take is refused here too. The runs keep the values as written (their names, and the plan of a
     sweep already on disk, stay as they were)."""
-    from atst_jax.config import _field, parse_value
+    from atst_jax.config import find_field, parse_value
     from atst_jax.sharding import ConfigError
 
     out = []
     for field, values in axes:
         try:
-            node, leaf = _field(config, field)
+            node, leaf = find_field(config, field)
             typed = [parse_value(node[leaf], v, field) for v in values]
         except ConfigError as e:
             raise SweepError(f"--grid: {' '.join(str(e).split())}") from None
