@@ -105,6 +105,11 @@ class CheckpointRestoreError(UserError):
     """A checkpoint step that cannot be read (missing, empty or damaged files); the message is one line."""
 
 
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """A run, or the step asked for, has no finished checkpoint (a ``FileNotFoundError`` too, for callers that
+    treat it as a missing file)."""
+
+
 class IncompatibleCheckpointError(ConfigError):
     """The workdir's checkpoint belongs to another run (another config or state structure)."""
 
@@ -281,6 +286,32 @@ def run_dir(workdir):
     return Path(text).absolute()
 
 
+# Orbax splits the writing of a replicated array between its replicas (replica-parallel saving): each device
+# slices out its part. Every slice is an op compiled per shape and device, so the first save of a model with
+# many small replicated arrays (norms, biases, heads) on 8 devices compiled ~100 slices (7 s on XLA:CPU) —
+# for parts of a few hundred bytes, where splitting saves nothing. Slices under this size are not split: one
+# replica writes the whole array; large replicated arrays are still written in parallel.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _write_small_replicated_arrays_whole() -> None:
+    current = ocp.type_handlers.get_type_handler(jax.Array)
+    if getattr(current, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
+        return
+    handler = ocp.type_handlers.ArrayHandler(
+        # Orbax's default handler records per-array metadata in this store; keep it, so the format is the same.
+        array_metadata_store=getattr(current, "_array_metadata_store", None),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+    )
+    absl_log = logging.getLogger("absl")  # Orbax warns on stderr when a handler is replaced, as it is here
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_log.setLevel(level)
+
+
 class Checkpointer:
     """Saves every ``save_every`` steps (plus forced saves), keeps the newest ``keep`` and every
     ``keep_period``-th step (0 = none)."""
@@ -289,6 +320,7 @@ class Checkpointer:
         self, workdir: str | Path, *, save_every: int, keep: int, keep_period: int = 0, async_save=True
     ):
         _silence_closed_loop_callbacks()
+        _write_small_replicated_arrays_whole()
         self.directory = run_dir(workdir) / "checkpoints"
         self.save_every = max(1, save_every)
         options = ocp.CheckpointManagerOptions(
@@ -545,12 +577,18 @@ def _read_manager(workdir: str | Path) -> ocp.CheckpointManager:
     _silence_closed_loop_callbacks()
     directory = run_dir(workdir) / "checkpoints"
     if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
+        raise CheckpointNotFoundError(f"{workdir} has no checkpoints (expected {directory})")
     return ocp.CheckpointManager(
         directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True),
     )
+
+
+def _missing_step(workdir, step: int | None, have: list[int]) -> str:
+    if not have:
+        return f"{workdir} has no finished checkpoint yet"
+    return f"{workdir} has no checkpoint at step {step}; its checkpoints are at steps {', '.join(map(str, have))}"
 
 
 def read_checkpoint(workdir: str | Path, step: int | None = None):
@@ -563,9 +601,7 @@ def read_checkpoint(workdir: str | Path, step: int | None = None):
     try:
         step = manager.latest_step() if step is None else step
         if step is None or step not in manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {workdir} (have {sorted(manager.all_steps())})"
-            )
+            raise CheckpointNotFoundError(_missing_step(workdir, step, sorted(manager.all_steps())))
         # Restore onto this process's first device whatever mesh wrote the checkpoint (a read-only tool may
         # run with fewer devices than the training job had).
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -575,7 +611,7 @@ def read_checkpoint(workdir: str | Path, step: int | None = None):
         if (manager.directory / str(step) / "config").is_dir():  # runs save it; bare state saves may not
             items["config"] = ocp.args.JsonRestore()
         restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except (FileNotFoundError, CheckpointRestoreError):
+    except (FileNotFoundError, UserError):
         raise
     except Exception as e:  # noqa: BLE001 - truncated, empty or missing files: one line, not a traceback
         raise CheckpointRestoreError(
@@ -606,7 +642,7 @@ def list_steps(workdir: str | Path) -> list[tuple[str, str]]:
     moved to ``set_aside/`` (``set aside``)."""
     directory = run_dir(workdir) / "checkpoints"
     if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {workdir}")
+        raise CheckpointNotFoundError(f"{workdir} has no checkpoints")
     rows = []
     for p in sorted(
         directory.iterdir(), key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0)
@@ -664,4 +700,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))
