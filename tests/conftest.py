@@ -19,14 +19,19 @@ TEST_XLA_FLAGS = (
 )
 if TEST_XLA_FLAGS and TEST_XLA_FLAGS not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
-# A persistent compilation cache for the session (one per xdist worker; CLI subprocesses inherit it): the
+# A persistent compilation cache for the session (CLI subprocesses inherit it): the
 # same train step is compiled by many tests (tiny configs, kill + resume, CLI runs), and XLA:CPU compiles are
 # most of the suite's time. Only compiles over 1 s are stored. ATST_JAX_TEST_CACHE=0 turns it off.
 if os.environ.get("ATST_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
-    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"atst_jax_xla_cache_{_worker}_")
+    # Made by the first process to import this file (xdist's controller, before it starts the workers), so the
+    # workers and their CLI subprocesses share one cache; removed when that process exits.
+    _cache_dir = tempfile.mkdtemp(prefix="atst_jax_xla_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -122,18 +127,18 @@ def prepare_dcase(cache, rows, out, strong):
     return out
 
 
-# Seconds each file took in a full run (`pytest -n 2 --dist loadfile --durations=0`, 2 cores, 2026-12-03),
+# Seconds each file takes in a full run (`pytest -n 2 --dist loadfile --durations=0`, 2 cores, 2026-12-07),
 # rounded; a file not listed counts as 20 s. Only the order matters: ``--dist loadfile`` hands files to the two
 # workers in collection order as each worker frees up, so the longest go first and the short ones fill in at
 # the end (longest-processing-time-first; with xdist's own order, by test count, a long file with few tests
 # started last and the other worker sat idle until it finished).
 FILE_SECONDS = {
-    "test_methods.py": 850, "test_checkpoint.py": 220, "test_multihost.py": 220, "test_compose.py": 210,
-    "test_scale.py": 190, "test_reliability.py": 170, "test_methods_learning.py": 150, "test_train.py": 140,
-    "test_aape.py": 120, "test_collapse.py": 140, "test_model.py": 90, "test_aasp.py": 90, "test_bench_gpu.py": 60, "test_plan.py": 60,
-    "test_pretrain_probe.py": 60, "test_evaluate.py": 95, "test_cli_errors.py": 55, "test_sweep.py": 50,
-    "test_finetune.py": 80, "test_stems.py": 35, "test_atst_frame.py": 35, "test_export.py": 30,
-    "test_prepare.py": 30, "test_mixup_bank.py": 35, "test_front_door.py": 25,
+    "test_methods.py": 560, "test_checkpoint.py": 220, "test_multihost.py": 220, "test_compose.py": 210,
+    "test_reliability.py": 170, "test_methods_learning.py": 150, "test_train.py": 110, "test_scale.py": 150,
+    "test_aape.py": 120, "test_collapse.py": 140, "test_evaluate.py": 125, "test_model.py": 90, "test_aasp.py": 90,
+    "test_cli_errors.py": 75, "test_pretrain_probe.py": 70, "test_finetune_resume.py": 65, "test_bench_gpu.py": 60,
+    "test_plan.py": 60, "test_sweep.py": 60, "test_finetune.py": 45, "test_stems.py": 35, "test_atst_frame.py": 35,
+    "test_mixup_bank.py": 35, "test_export.py": 30, "test_prepare.py": 30, "test_front_door.py": 25,
 }  # fmt: skip
 
 

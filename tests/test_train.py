@@ -63,7 +63,7 @@ def test_ema_update_matches_formula():
     )
 
 
-def test_loss_decreases_on_embedded_data_without_collapse(tmp_path, embedded_cache):
+def test_cli_loss_decreases_on_embedded_data_without_collapse(tmp_path, embedded_cache):
     # The demo's own settings (batch 16, 6 s crops), 50 steps (warm-up 30): the loss falls by ~0.6 on two seeds
     # against the 0.1 asked (100 steps: twice the time). A subprocess, so that its steps run XLA-optimised.
     proc = run_train(
@@ -82,28 +82,14 @@ def test_loss_decreases_on_embedded_data_without_collapse(tmp_path, embedded_cac
     assert last["std_frm_stu"] > 0.5 * first["std_frm_stu"], (first["std_frm_stu"], last["std_frm_stu"])
     assert last["std_frm_tea"] > 0.5 * first["std_frm_tea"], (first["std_frm_tea"], last["std_frm_tea"])
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [25, 50]
-
-
-def test_cli_runs_20_steps_and_writes_checkpoint(tmp_path, embedded_cache):
-    proc = run_train(
-        [
-            "--workdir",
-            str(tmp_path),
-            "--config.train.steps=20",
-            f"--config.data.cache_dir={embedded_cache}",
-            "--config.data.num_clips=64",
-        ]
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "checkpoints" / "20").is_dir()
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 10, 20]
+    # The command line's own output (one run for the learning and the CLI checks: the suite's time budget).
+    assert [r["step"] for r in rows] == [1, 10, 20, 30, 40, 50]
     # Performance scalars from the second logged window on (the first holds compilation); no MFU on a CPU.
     for key in ("perf/step_time_s", "perf/tflops_per_device", "perf/data_wait_s", "perf/data_wait_frac"):
-        assert key in rows[1] and key in rows[2], key
-    assert 0 <= rows[2]["perf/data_wait_frac"] <= 1 and "perf/mfu" not in rows[2]
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("done in") and "final step 20 loss" in last, last
+        assert all(key in r for r in rows[1:]), key
+    assert all(0 <= r["perf/data_wait_frac"] <= 1 and "perf/mfu" not in r for r in rows[1:])
+    final = proc.stdout.strip().splitlines()[-1]
+    assert final.startswith("done in") and "final step 50 loss" in final, final
 
 
 def test_progress_reports_mfu_against_the_chip_peak_and_data_wait():
