@@ -210,7 +210,15 @@ def apply_overrides(config, overrides) -> ml_collections.ConfigDict:
         node, leaf = find_field(config, path)
         if isinstance(node[leaf], ml_collections.ConfigDict):
             raise ConfigError(f"--config.{path} is a section, not a field (set one of its fields)")
-        node[leaf] = parse_value(node[leaf], text, path)
+        value = parse_value(node[leaf], text, path)
+        try:
+            node[leaf] = value
+        except TypeError:  # ml_collections keeps a field's type: a number where a tuple stands, and so on
+            like = repr(node[leaf]).replace(" ", "")  # as an override spells it
+            raise ConfigError(
+                f"--config.{path}={text}: the field holds a {type(node[leaf]).__name__} such as {like}; "
+                "give a value of that form"
+            ) from None
     return config
 
 

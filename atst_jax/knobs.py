@@ -6,8 +6,9 @@ A config dataclass lists its bounds in a class-level ``RANGES`` mapping, field n
                                         "corrupt_area": "(0, 1] ordered"}
 
 ``[`` / ``]`` include the end, ``(`` / ``)`` exclude it, ``inf`` is unbounded; a tuple value has each of its
-elements checked, and ``ordered`` also asks for a non-decreasing tuple (a ``(lo, hi)`` range). ``check``
-raises one ``ConfigError`` line naming the field, its value and the allowed range.
+elements checked. ``pair`` asks for exactly two elements (a block's height and width), and ``ordered`` for a
+non-decreasing pair (a ``(lo, hi)`` range). ``check`` raises one ``ConfigError`` line naming the field, its
+value and the allowed range.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 
 from atst_jax.errors import ConfigError
 
-_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,]+?)\s*,\s*([^\])]+?)\s*([\])])\s*(ordered)?\s*$")
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,]+?)\s*,\s*([^\])]+?)\s*([\])])\s*(ordered|pair)?\s*$")
 
 
 def _bound(text: str) -> float:
@@ -29,15 +30,17 @@ def inside(value, spec: str) -> bool:
     m = _INTERVAL.match(spec)
     if m is None:
         raise ValueError(f"malformed range {spec!r}")
-    left, lo, hi, right, ordered = m.groups()
+    left, lo, hi, right, shape = m.groups()
     lo, hi = _bound(lo), _bound(hi)
     values = tuple(value) if isinstance(value, tuple | list) else (value,)
+    if shape and (not isinstance(value, tuple | list) or len(values) != 2):
+        return False
     for v in values:
         if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
             return False
         if (v < lo or (left == "(" and v == lo)) or (v > hi or (right == ")" and v == hi)):
             return False
-    return not ordered or all(a <= b for a, b in zip(values, values[1:], strict=False))
+    return shape != "ordered" or values[0] <= values[1]
 
 
 def check(obj, where: str, ranges: dict[str, str] | None = None) -> None:

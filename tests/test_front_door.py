@@ -130,6 +130,13 @@ OUT_OF_RANGE = [
     ("compose", "compose.corrupt_area=(1, 1)", "config.compose.corrupt_area=(1, 1)"),
     ("compose", "compose.paste_prob=2", "config.compose.paste_prob=2.0"),
     ("compose", "compose.max_block=0", "config.compose.max_block=0.0: must be in (0, 1]"),
+    ("compose", "compose.mask_block=(5,)", "config.compose.mask_block=(5,): must be in [1, inf) pair"),
+    ("aasp", "aasp.mask_block=(5, 5, 5)", "must be in [1, inf) pair"),
+    (
+        "atst_clip",
+        "atst_clip.time_scale=(1.0,)",
+        "config.atst_clip.time_scale=(1.0,): must be in (0, inf) ordered",
+    ),
 ]
 
 
@@ -162,6 +169,7 @@ def test_overrides_are_typed_as_the_field():
         ("model.width=3.5", "expected an integer"),
         ("model.scan_layers=maybe", "expected true or false"),
         ("model=3", "a section, not a field"),
+        ("atst_frame.freq_scale=5", r"holds a tuple such as \(0.5,2\); give a value of that form"),
     ]:
         with pytest.raises(ConfigError, match=needle):
             apply_overrides(config, [tuple(bad.split("=", 1))])

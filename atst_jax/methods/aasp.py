@@ -138,7 +138,7 @@ class AaspConfig:
         "crop_frames": "[1, inf)",
         "num_masks": "[1, inf)",
         "mask_ratio": "(0, 1)",
-        "mask_block": "[1, inf)",
+        "mask_block": "[1, inf) pair",
         "mask_prob_adjust": "[0, 1)",
         "top_k_layers": "[1, inf)",
         "final_norm_eps": "(0, inf)",

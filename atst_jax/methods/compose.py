@@ -144,7 +144,7 @@ class ComposeConfig:
         "mask_ratio": "(0, 1)",
         "mask_span": "[1, inf)",
         "min_spans": "[0, inf)",
-        "mask_block": "[1, inf)",
+        "mask_block": "[1, inf) pair",
         "corrupt_area": "(0, 1) ordered",
         "paste_prob": "[0, 1]",
         "paste_area": "(0, 1) ordered",
