@@ -37,6 +37,7 @@ from atst_jax.checkpoint import (
     to_pure,
 )
 from atst_jax.config import check_config, check_overrides, config_spec_from_argv, load_config
+from atst_jax.eval import pretrain_probe
 from atst_jax.flops import CHIPS, chip_from_device
 from atst_jax.metrics import MetricsWriter, Progress, fetch, fmt_time, log, truncate_jsonl
 from atst_jax.models import collapse
@@ -93,7 +94,9 @@ def _train(config, workdir, stop) -> dict:
     if step >= t.steps:
         ckpt.close()
         data_iter.close()
-        log(f"nothing to do: the checkpoint at step {step} already reaches train.steps={t.steps}")
+        # The final probe is part of the run: one that was interrupted or crashed is produced now.
+        if not pretrain_probe.run_missing_final(config, workdir, run_config, feature_set, state, step, log):
+            log(f"nothing to do: the checkpoint at step {step} already reaches train.steps={t.steps}")
         return {"step": step, "loss": float("nan"), "workdir": str(workdir), "preempted": False}
     log(
         f"{config.method} {config.variant}: {trainer.num_params:,} trainable parameters "
@@ -193,8 +196,6 @@ def _pictures_hook(trainer, writer):
 def _probe_hook(config, workdir, run_config, feature_set, start_step, writer):
     """The pretraining-time probe (``config.probe``), off the step-time clock; each probe appears once in
     ``probe.jsonl`` after a resume."""
-    from atst_jax.eval import pretrain_probe
-
     probe_log = Path(str(workdir)) / "probe.jsonl"
     if distributed.is_main() and probe_log.exists():
         truncate_jsonl(probe_log, start_step)
@@ -220,20 +221,34 @@ def init_from_checkpoint(state, trainer, source: str):
         from atst_jax.export import load as export_load
 
         heads = trainer.enc_cfg.heads
+        unreadable = lambda e: ConfigError(f"init_from={source}: {' '.join(str(e).split())}")  # noqa: E731
         try:
             loaded = export_load.load_pretraining(src, heads=heads)
+        except (ValueError, OSError) as e:  # damaged, empty, or a torch file of more than weights
+            raise unreadable(e) from None
         except KeyError:
             try:
                 encoder = export_load.load_encoder_params(src, heads=heads)
             except (KeyError, ValueError, OSError) as e:
                 raise ConfigError(f"init_from={source}: not a file of encoder weights ({e})") from None
             # Missing leaves keep their fresh init (the heads), so a trunk of the other layout would load
-            # half its norms silently: compare the layouts first.
+            # half its norms silently, and an AaPE branch present on one side only would stay random or be
+            # dropped: compare the layouts first.
             theirs = "post" if "embed_norm" in encoder else "pre"
             if theirs != trainer.enc_cfg.norm_style:
                 raise ConfigError(
                     f"init_from={source}: the file's encoder is {theirs}-norm, this model is "
                     f"model.norm_style={trainer.enc_cfg.norm_style!r}"
+                ) from None
+            if ("aape" in encoder) != (trainer.enc_cfg.aape is not None):
+                has = "has an AaPE branch" if "aape" in encoder else "has no AaPE branch"
+                raise ConfigError(
+                    f"init_from={source}: the file's encoder {has}, this model "
+                    + (
+                        "has one (model.aape)"
+                        if trainer.enc_cfg.aape is not None
+                        else "has none (model.aape=None)"
+                    )
                 ) from None
             loaded = {
                 "params": {"encoder": encoder},
@@ -301,6 +316,9 @@ def main(argv):
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    except pretrain_probe.FinalProbeInterrupted as e:  # the step is saved: say so, and how to get the probe
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:  # the second Ctrl-C (the first one saves and exits 0)
         print("error: interrupted twice: stopped without saving the step in progress", file=sys.stderr)
         sys.exit(130)

@@ -202,6 +202,14 @@ def test_atst_frame_aape_cli_learns_and_exports(tmp_path, embedded_cache):
 
     frames, _ = Embedder(read_run_encoder(tmp_path)[0]).frame_embeddings(wave[0])
     np.testing.assert_allclose(frames, emb[0].numpy(), atol=2e-4, rtol=2e-4)
+    # The export loads back as JAX parameters, AaPE branch included (what init_from reads).
+    from atst_jax.export.load import load_encoder_params
+
+    back = load_encoder_params(out, heads=2)
+    flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    assert flat(back).keys() == flat(enc).keys() and "['aape']['fuse']['kernel']" in flat(back)
+    for key, value in flat(enc).items():
+        np.testing.assert_allclose(flat(back)[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
 
 
 def test_bad_subband_bins_is_a_one_line_config_error():

@@ -16,6 +16,7 @@ from conftest import CONFIG, ROOT, cli_env, run_train, train_cmd
 from atst_jax import checkpoint as ckpt_lib
 from atst_jax import sharding as shd
 from atst_jax.checkpoint import Checkpointer, params_digest, read_checkpoint, to_pure
+from atst_jax.errors import ConfigError
 from atst_jax.train import Trainer, init_from_checkpoint, load_config
 
 # Small and fast: 2 s crops, batch 4, a checkpoint every 3 steps.
@@ -279,3 +280,25 @@ def test_init_from_an_exported_encoder_file(tmp_path):
         np.testing.assert_array_equal(loaded["['teacher']['encoder']" + sub], v)
     proj = "['params']['projector']['fc1']['kernel']"
     np.testing.assert_array_equal(loaded[proj], before[proj])  # heads keep their fresh init
+    # A damaged copy of the file, or one whose encoder has an AaPE branch this model lacks: one line each,
+    # before any parameter is replaced (an AaPE branch on one side only would stay random or be dropped).
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="damaged or truncated safetensors file"):
+        init_from_checkpoint(fresh, trainer, str(cut))
+    import dataclasses
+
+    from flax import nnx
+
+    from atst_jax.export.convert import aape_to_torch
+    from atst_jax.models.encoder import FrameAST
+
+    cfg = dataclasses.replace(trainer.enc_cfg, aape={"subband_bins": 8})
+    branch = nnx.to_pure_dict(nnx.state(FrameAST(cfg, rngs=nnx.Rngs(0)).aape, nnx.Param))
+    aape = {**encoder_to_torch(teacher_encoder), **aape_to_torch(jax.tree.map(np.asarray, branch))}
+    with_aape = tmp_path / "aape.safetensors"
+    safetensors_numpy.save_file(
+        {k: np.ascontiguousarray(v) for k, v in aape.items()}, str(with_aape), metadata={"aape": "{}"}
+    )
+    with pytest.raises(ConfigError, match="the file's encoder has an AaPE branch, this model has none"):
+        init_from_checkpoint(fresh, trainer, str(with_aape))

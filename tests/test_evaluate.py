@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from conftest import prepare_dcase
@@ -98,6 +99,50 @@ def test_psds_of_perfect_predictions_is_one_and_of_empty_predictions_zero():
     metrics, per = sed_metrics(data, empty, step, median=7)
     assert metrics["psds1"] == 0.0 and metrics["psds2"] == 0.0 and metrics["event_f1"] == 0.0, metrics
     assert metrics["frame_macro_f1"] == 0.0 and all(v["frame_f1"] == 0.0 for v in per.values())
+
+
+ODD_NAMES = ["a\\b", "$^$", "{0}/%s"]  # a backslash, mathtext, a format string and a path separator
+
+
+def test_psds_on_one_event_class_and_class_names_that_are_data():
+    """A test set whose events cover one class (PSDS2's cross-triggers need another: sed_scores_eval raised
+    ``TypeError: unhashable type``), and class names sed_scores_eval cannot take (a backslash failed its
+    assertion) or that look like formats: perfect posteriors score 1 everywhere, per class under the names."""
+    pytest.importorskip("sed_scores_eval")
+    rng = np.random.default_rng(0)
+    for present in ([1], [0, 2]):
+        events = {}
+        for i in range(4):
+            onset = rng.uniform(0, 6)
+            events[f"clip{i}"] = np.array([[onset, onset + 2.0, present[i % len(present)]]], np.float32)
+        data = LabelledSet(
+            "toy", list(events), [None] * 4, [e[:, 2].astype(int) for e in events.values()],
+            list(events.values()), ODD_NAMES, "atst_logmel64",
+        )  # fmt: skip
+        perfect = [frame_targets(e, 250, 0.04, 3) for e in events.values()]
+        errors = {}
+        metrics, per = sed_metrics(data, perfect, 0.04, median=1, errors=errors)
+        assert errors == {} and all(v == pytest.approx(1.0) for v in metrics.values()), (present, metrics)
+        assert list(per) == ODD_NAMES
+        assert [per[c]["event_f1"] for c in ODD_NAMES] == [1.0 if j in present else None for j in range(3)]
+
+
+def test_a_failing_metric_is_an_error_entry_beside_the_others(monkeypatch):
+    """One metric that raises is None with its error (one line) in ``errors``; the others are computed."""
+    sse = pytest.importorskip("sed_scores_eval")
+
+    def broken(**kwargs):
+        raise RuntimeError("psds\nbroke")
+
+    monkeypatch.setattr(sse.intersection_based, "psds", broken)
+    events = [np.array([[1.0, 3.0, 0]], np.float32), np.array([[2.0, 5.0, 1]], np.float32)]
+    data = LabelledSet("toy", ["a", "b"], [None] * 2, [np.array([0]), np.array([1])], events, ["x", "y"], "f")
+    perfect = [frame_targets(e, 200, 0.04, 2) for e in events]
+    errors = {}
+    metrics, _ = sed_metrics(data, perfect, 0.04, median=1, errors=errors)
+    assert errors == {"psds1": "RuntimeError: psds broke", "psds2": "RuntimeError: psds broke"}
+    assert metrics["psds1"] is None and metrics["psds2"] is None
+    assert metrics["frame_macro_f1"] == metrics["event_f1"] == metrics["frame_mAP"] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -297,6 +342,154 @@ def test_cli_refuses_bad_inputs_with_one_line(run, data, tmp_path, capsys):
         expect="unknown",
     )
     assert not os.path.exists(out)
+
+
+def test_one_class_strong_test_set_writes_psds_and_results_before_pictures(
+    run, data, embedded_cache, tmp_path, monkeypatch, capsys
+):
+    """The acceptance case: a strong test set whose events are all of one class (the same 24 clips as the
+    other SED runs here, relabelled: the same shapes, compiled once). RESULTS.json holds PSDS; it is on
+    disk, metrics and all, before the first picture is drawn, and a picture that fails is an error entry
+    (the other picture is still drawn)."""
+    from atst_jax.data import synthetic
+    from atst_jax.eval import report
+
+    rows = sorted(synthetic.read_strong_tsv(os.path.join(embedded_cache, "strong_labels.tsv")).items())
+    one = synthetic.CLASSES[3]
+    relabelled = [(name, [(a, b, one) for a, b, _ in evs]) for name, evs in rows[N_TRAIN:]]
+    test = prepare_dcase(embedded_cache, relabelled, str(tmp_path / "one_class"), strong=True)
+    out = tmp_path / "RESULTS.json"
+    seen = []
+
+    def per_class_fails(path, results):
+        seen.append(json.loads(out.read_text()))
+        raise RuntimeError("no bars today")
+
+    monkeypatch.setattr(report, "per_class_png", per_class_fails)
+    assert _cli(run, data["strong_train"], test, out, "--baselines", "none") == 0
+    on_disk = seen[0]
+    assert on_disk["complete"] is False and on_disk["pending"] == [] and "plots" not in on_disk
+    res = json.loads(out.read_text())
+    assert res["complete"] is True
+    r = res["encoders"]["checkpoint"]
+    assert r["errors"] == {} and r["metrics"] == on_disk["encoders"]["checkpoint"]["metrics"]
+    assert all(0.0 <= r["metrics"][m] <= 1.0 for m in ("psds1", "psds2", "event_f1")), r["metrics"]
+    assert [c for c in res["classes"] if r["per_class"][c]["event_f1"] is not None] == [one]
+    assert res["errors"] == {"per_class.png": "RuntimeError: no bars today"}
+    assert res["plots"] == [str(tmp_path / "RESULTS_sed.png")]
+    _assert_real_png(res["plots"][0], min_size=(300, 200))
+    err = capsys.readouterr().err
+    assert "warning: per_class.png not drawn (RuntimeError: no bars today)" in err
+
+
+def test_pictures_draw_class_names_and_ids_as_they_are(tmp_path):
+    """Names are data, not mathtext: ``$^$`` failed matplotlib's parser when the figure was drawn."""
+    from atst_jax.eval import report
+
+    per = {c: {"ap": 0.3 + 0.2 * j} for j, c in enumerate(ODD_NAMES)}
+    res = {"task": "clip_multi", "classes": ODD_NAMES, "encoders": {"checkpoint": {"per_class": per}}}
+    _assert_real_png(report.per_class_png(tmp_path / "bars.png", res), min_size=(300, 200))
+    rng = np.random.default_rng(0)
+    clip = {"id": "$x_1$", "events": [(0.5, 2.0, 1)], "posteriors": {"checkpoint": rng.random((100, 3))}}
+    _assert_real_png(report.sed_posteriors_png(tmp_path / "sed.png", [clip], ODD_NAMES, 0.04), (300, 100))
+
+
+def test_non_finite_weights_or_embeddings_stop_with_one_line(run, data):
+    """NaN weights: one line naming them before any work (before: an IndexError deep in PSDS for SED, "no
+    training examples" for clips). Finite weights whose embeddings overflow: one line naming the encoder and
+    the clip (a stand-in embedder gives them: no compile)."""
+    from flax import nnx
+
+    from atst_jax.eval.data import EvalError, read_labelled
+    from atst_jax.eval.embed import read_run_encoder
+
+    quiet = lambda *a: None  # noqa: E731
+    encoder, _, _ = read_run_encoder(run)
+    state = nnx.state(encoder, nnx.Param)
+    nnx.update(encoder, jax.tree.map(lambda x: x.at[..., :1].set(float("nan")), state))
+    for kind in ("strong", "weak"):
+        train, test = (
+            read_labelled(data[f"{kind}_train"], "--train"),
+            read_labelled(data[f"{kind}_test"], "--test"),
+        )
+        source = {"workdir": "RUN", "step": 5, "encoder": "teacher"}
+        with pytest.raises(EvalError, match=r"^RUN step 5 \(teacher\): non-finite \(NaN/inf\) weights in"):
+            ev.evaluate(encoder, 1000, "atst_logmel64", train, test, baselines=(), source=source, log=quiet)
+
+    class Overflowing:
+        chunk_frames, patch_w = 1000, 4
+
+        def spec_features(self, specs):
+            return [
+                (np.full((s.shape[1] // 4, 8), np.inf, np.float32), np.zeros(8, np.float32)) for s in specs
+            ]
+
+    for level in ("clip", "frame"):
+        with pytest.raises(
+            EvalError, match=f"^checkpoint: non-finite .* embeddings for clip {test.ids[0]} of"
+        ):
+            ev.encoder_features(Overflowing(), test, level, 32, name="checkpoint")
+
+
+def test_damaged_weights_files_are_one_line(data, tmp_path, capsys):
+    """An empty file, a safetensors file cut inside its header or inside its tensors: one line naming the
+    file and what is wrong (before: a SafetensorError traceback, or advice to allow-list pickled classes)."""
+    from safetensors.numpy import save_file
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"pos_embed": np.zeros((1, 251, 64), np.float32)}, str(whole))
+    blob = whole.read_bytes()
+    files = {"empty": b"", "header": blob[:40], "tensors": blob[: len(blob) // 2]}
+    expect = {"empty": "empty file", "header": "damaged or truncated safetensors file",
+              "tensors": "damaged or truncated safetensors file"}  # fmt: skip
+    for name, content in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(content)
+        argv = ["--weights", str(path), "--train", data["weak_train"], "--test", data["weak_test"]]
+        assert ev.main([*argv, "--out", str(tmp_path / "R.json"), *FAST]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: --weights {path}: {expect[name]}"), err
+        assert "safe_globals" not in err
+
+
+def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(run, data, tmp_path):
+    """Ctrl-C once the evaluation has started: exit 130 with one line saying what RESULTS.json holds (before:
+    a crash of the interpreter's shutdown, exit -11, when it landed in an XLA compilation)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, cli_env
+
+    out = tmp_path / "R.json"
+    argv = [
+        "--workdir",
+        str(run),
+        "--train",
+        data["weak_train"],
+        "--test",
+        data["weak_test"],
+        "--out",
+        str(out),
+    ]
+    # Python leaves SIGINT ignored when its parent ignored it (a test run in the background): set the handler.
+    start = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    start += "runpy.run_module('atst_jax.evaluate', run_name='__main__', alter_sys=True)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", start, *argv, *FAST], cwd=ROOT, env=cli_env(), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout.readline().startswith("task clip_multi")  # the evaluation has started
+    deadline = time.monotonic() + 60
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if "pkg_resources" not in line and line.strip()]
+    assert proc.returncode == 130, err[-2000:]
+    assert lines[-1].startswith(f"interrupted: {out} holds the encoders finished: "), err[-2000:]
+    assert "Traceback" not in err and "Fatal Python error" not in err
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -103,6 +103,56 @@ def test_probe_and_view_images_during_training_leave_the_run_unchanged(
     np.testing.assert_array_equal(top.any(axis=0), bottom.any(axis=0))
 
 
+def test_a_missing_final_probe_is_produced_by_a_rerun_and_ctrl_c_tells_the_truth(
+    tmp_path, embedded_cache, probe_data, tiny_run, monkeypatch, capsys
+):
+    """The final probe is part of the run. The finished 3-step run without it (as a second Ctrl-C, SIGTERM
+    or a crash during it leaves a run) gets it from a rerun of the same command; before, the rerun said
+    "nothing to do". Ctrl-C during it: the first says the probe is being finished (the trainer's handler
+    announced an exit while the probe ran on), the second stops it and says the rerun produces it, and that
+    rerun does; the next one has nothing to do."""
+    import shutil
+    import signal
+    import time
+
+    from atst_jax.eval import pretrain_probe, probe
+    from atst_jax.train import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run, workdir)
+    config = tiny_config(embedded_cache)
+    config.probe.update(train=probe_data[0], test=probe_data[1], epochs=1, lrs=[1e-2], baselines=[])
+    evaluate = probe.evaluate
+
+    def interrupted_twice(*args, **kwargs):
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs in the main thread at the next bytecode boundary
+                time.sleep(0.001)
+        raise AssertionError("the second Ctrl-C did not stop the probe")
+
+    monkeypatch.setattr(probe, "evaluate", interrupted_twice)
+    with pytest.raises(pretrain_probe.FinalProbeInterrupted, match="rerun the same command to produce it"):
+        train(config, str(workdir))
+    err = capsys.readouterr().err
+    assert (
+        "interrupted: step 3 is saved; finishing the final probe (Ctrl-C again" in err
+        and "exiting" not in err
+    )
+    assert not (workdir / "probe" / "RESULTS.json").exists()
+
+    monkeypatch.setattr(probe, "evaluate", evaluate)
+    assert train(config, str(workdir))["step"] == 3
+    assert "its final probe is missing: running it" in capsys.readouterr().out
+    res = json.loads((workdir / "probe" / "RESULTS.json").read_text())
+    assert res["complete"] is True and res["source"]["step"] == 3 and list(res["encoders"]) == ["checkpoint"]
+    lines = [json.loads(line) for line in (workdir / "probe.jsonl").read_text().splitlines()]
+    assert [(p["step"], p["final"]) for p in lines] == [(3, True)]
+    assert lines[0]["probe/frame_mAP"] == pytest.approx(res["encoders"]["checkpoint"]["metrics"]["frame_mAP"])
+    train(config, str(workdir))
+    assert "nothing to do" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", ["asit", "atst_clip"])
 def test_method_pictures_show_what_the_student_sees(name):
     """ASiT: the student's crop equals the clean one outside the marked pixels and differs inside them, which

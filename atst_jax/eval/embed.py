@@ -58,6 +58,26 @@ def read_run_encoder(workdir, step: int | None = None, encoder: str = "teacher")
     return encoder_from_params(params, run_encoder_config(config, params)), step, config
 
 
+def read_weights_file(path, encoder: str = "teacher", flag: str = "--weights"):
+    """``(FrameAST, EncoderFile)`` of an exported / official weights file (``atst_jax.export.load``), every
+    way it can be unreadable a one-line ``EvalError`` naming ``flag`` and the file: missing, empty, a
+    truncated or damaged safetensors file, a torch file that is not one of weights, weights of no known
+    layout. Shared by ``embed``, ``evaluate`` and ``finetune`` (``--weights``)."""
+    from atst_jax.eval.data import EvalError
+    from atst_jax.export.load import read_encoder_file
+
+    where = f"{flag} {path}"
+    try:  # the loader says what is wrong with a file (missing, empty, a cut safetensors file, pickled code)
+        weights = read_encoder_file(path, encoder=encoder)
+        return weights.jax_encoder(), weights
+    except ImportError as e:
+        raise EvalError(f"{where}: {e}") from None
+    except KeyError as e:  # KeyError's str() quotes its message
+        raise EvalError(f"{where}: {e.args[0] if e.args else e}") from None
+    except (OSError, ValueError) as e:  # the loader's messages start with the path, already in ``where``
+        raise EvalError(f"{where}: {' '.join(str(e).split()).removeprefix(f'{path}: ')}") from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Embeddings
 # ----------------------------------------------------------------------------------------------------------
@@ -288,10 +308,7 @@ def main(argv=None) -> int:
             features = inference.run_features(config, encoder.cfg)
             source = f"{args.workdir} step {step} ({args.encoder})"
         else:
-            from atst_jax.export.load import read_encoder_file
-
-            weights = read_encoder_file(args.weights, encoder=args.encoder)
-            encoder = weights.jax_encoder()  # ATST FrameAST or official ViT layout
+            encoder, weights = read_weights_file(args.weights, args.encoder)  # ATST or official ViT layout
             chunk_frames, features = weights.chunk_frames, weights.features
             source = f"{args.weights} ({args.encoder})"
         embedder = Embedder(encoder, args.layers, chunk_frames=chunk_frames, features=features)

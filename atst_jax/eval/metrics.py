@@ -1,12 +1,18 @@
 """Evaluation metrics in pure NumPy (no JAX): average precision and mAP, clip accuracy, the median filter on
 posteriors, frame-level F1, and the SED event metrics (PSDS1 / PSDS2 and the collar-based F1 through
 ``sed_scores_eval``).
+
+Every metric is computed on its own (:class:`Guard`): one that fails is None in the metrics, with its error
+in ``errors`` (``RESULTS.json``'s ``"errors"`` of the encoder), and never costs the others. Class names are
+data: ``sed_scores_eval`` only ever sees the ids ``class0, class1, …`` (it splits names on a backslash and
+asserts there is none), mapped back to the names in what it returns.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,19 +49,52 @@ def mean_ap(y: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray]:
     return (float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")), ap
 
 
-def clip_metrics(y: np.ndarray, p: np.ndarray, task: str, classes: list[str]) -> tuple[dict, dict]:
-    """``(metrics, per-class)`` for clip classification."""
-    m, ap = mean_ap(y, p)
+class Guard:
+    """Runs each metric on its own: ``guard(name, fn, default)`` is ``fn()``, or ``default`` with the error
+    kept in ``errors[name]`` (one line) when it raises, so a bug or a library's refusal in one metric (PSDS on
+    a data set it does not handle, say) is reported beside the others instead of losing all of them.
+    ``errors=None``: the error is a warning instead (callers that keep no error record)."""
+
+    def __init__(self, errors: dict | None = None):
+        self.errors = errors
+
+    def __call__(self, name: str, fn: Callable, default=None):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - recorded, not swallowed: see the class docstring
+            message = " ".join(f"{type(e).__name__}: {e}".split())
+            if self.errors is None:
+                warnings.warn(f"metric {name} failed: {message}", RuntimeWarning, stacklevel=2)
+            else:
+                self.errors[name] = message
+            return default
+
+
+def clip_metrics(
+    y: np.ndarray, p: np.ndarray, task: str, classes: list[str], errors: dict | None = None
+) -> tuple[dict, dict]:
+    """``(metrics, per-class)`` for clip classification; a metric that fails is None, its error in
+    ``errors`` (:class:`Guard`)."""
+    guard = Guard(errors)
+    k = len(classes)
+    m, ap = guard("mAP", lambda: mean_ap(y, p), (None, np.full(k, np.nan)))
     if task == "clip_single":
-        accuracy = float((p.argmax(1) == y.argmax(1)).mean())
         truth = y.argmax(1)
-        per_acc = [
-            float((p.argmax(1)[truth == j] == j).mean()) if (truth == j).any() else None
-            for j in range(len(classes))
-        ]
+        accuracy = guard("accuracy", lambda: float((p.argmax(1) == truth).mean()))
+        per_acc = guard(
+            "accuracy_per_class",
+            lambda: [
+                float((p.argmax(1)[truth == j] == j).mean()) if (truth == j).any() else None for j in range(k)
+            ],
+            [None] * k,
+        )
     else:
-        accuracy = float(((p >= THRESHOLD) == (y > 0.5)).all(axis=1).mean())
-        per_acc = [float(((p[:, j] >= THRESHOLD) == (y[:, j] > 0.5)).mean()) for j in range(len(classes))]
+        accuracy = guard("accuracy", lambda: float(((p >= THRESHOLD) == (y > 0.5)).all(axis=1).mean()))
+        per_acc = guard(
+            "accuracy_per_class",
+            lambda: [float(((p[:, j] >= THRESHOLD) == (y[:, j] > 0.5)).mean()) for j in range(k)],
+            [None] * k,
+        )
     per = {
         c: {"ap": json_num(ap[j]), "accuracy": per_acc[j], "test_positives": int(y[:, j].sum())}
         for j, c in enumerate(classes)
@@ -89,7 +128,9 @@ def frame_f1(y: np.ndarray, p: np.ndarray) -> tuple[float, np.ndarray]:
     return (float(np.nanmean(f1)) if np.isfinite(f1).any() else float("nan")), f1
 
 
-def _sed_scores_eval():
+def import_sed_scores_eval():
+    """The ``sed_scores_eval`` module, or an ``EvalError`` saying how to install it (``evaluate`` asks before
+    any work on a SED task)."""
     try:
         with warnings.catch_warnings():  # dcase_util (under sed_eval) imports the deprecated pkg_resources
             warnings.simplefilter("ignore")
@@ -103,32 +144,51 @@ def _sed_scores_eval():
 
 
 def event_metrics(
-    scores: dict, ground_truth: dict, durations: dict, step_s: float, classes: list[str]
+    scores: dict,
+    ground_truth: dict,
+    durations: dict,
+    step_s: float,
+    classes: list[str],
+    errors: dict | None = None,
 ) -> dict:
     """PSDS1, PSDS2 and collar-based event F1 (``sed_scores_eval``) from per-clip posteriors ``[T, K]`` on a
     grid of ``step_s`` seconds, ground truth ``{id: [(onset, offset, class name), ...]}`` and durations (s).
 
     Over the classes with at least one test event (``sed_scores_eval`` refuses a class without any: its
-    true-positive rate is undefined); the others are reported as None."""
-    sse = _sed_scores_eval()
+    true-positive rate is undefined); the others are reported as None. With one such class, PSDS2 has no
+    other class to count cross-triggers with: its cross-trigger term is 0 (the library cannot compute it
+    for a single class). Each of the three is computed on its own (:class:`Guard`)."""
+    guard = Guard(errors)
+    per_none = {c: None for c in classes}
+    none = dict(psds1=None, psds2=None, event_f1=None, event_f1_per_class=per_none)
+    sse = guard("psds1", import_sed_scores_eval)
+    if sse is None:  # not installed: the error is psds1's, and the other two cannot run either
+        if errors is not None:
+            errors["psds2"] = errors["event_f1"] = errors["psds1"]
+        return none
     from sed_scores_eval.base_modules.scores import create_score_dataframe
 
-    gt = {cid: [(float(a), float(b), str(c)) for a, b, c in ground_truth[cid]] for cid in scores}
-    seen = {c for evs in gt.values() for _, _, c in evs}
+    seen = {str(c) for cid in scores for _, _, c in ground_truth[cid]}
     present = [j for j, c in enumerate(classes) if c in seen]
-    none = dict(psds1=None, psds2=None, event_f1=None, event_f1_per_class={c: None for c in classes})
     if not present:  # no event in the test set: PSDS is undefined
         return none
-    names = [classes[j] for j in present]
+    # The library sees ids, never the names (see the module docstring).
+    ids = {classes[j]: f"class{j}" for j in present}
+    gt = {
+        cid: [(float(a), float(b), ids[str(c)]) for a, b, c in ground_truth[cid] if str(c) in ids]
+        for cid in scores
+    }
     frames = {
         cid: create_score_dataframe(
-            np.asarray(s, np.float64)[:, present], np.arange(len(s) + 1) * step_s, names
+            np.asarray(s, np.float64)[:, present], np.arange(len(s) + 1) * step_s, list(ids.values())
         )
         for cid, s in scores.items()
     }
     dur = {cid: float(durations[cid]) for cid in frames}
-    out = {}
-    for name, settings in (("psds1", PSDS1), ("psds2", PSDS2)):
+
+    def psds(settings):
+        if len(present) == 1:
+            settings = {**settings, "cttc_threshold": None, "alpha_ct": 0.0}
         value, *_ = sse.intersection_based.psds(
             scores=frames,
             ground_truth=gt,
@@ -137,10 +197,17 @@ def event_metrics(
             unit_of_time="hour",
             **settings,
         )
-        out[name] = float(value)
-    f, *_ = sse.collar_based.fscore(scores=frames, ground_truth=gt, threshold=THRESHOLD, **COLLAR)
-    out["event_f1"] = float(f["macro_average"])
-    out["event_f1_per_class"] = {c: (json_num(f[c]) if c in seen else None) for c in classes}
+        return float(value)
+
+    out = {"psds1": guard("psds1", lambda: psds(PSDS1)), "psds2": guard("psds2", lambda: psds(PSDS2))}
+    f = guard(
+        "event_f1",
+        lambda: sse.collar_based.fscore(scores=frames, ground_truth=gt, threshold=THRESHOLD, **COLLAR)[0],
+    )
+    out["event_f1"] = None if f is None else json_num(f["macro_average"])
+    out["event_f1_per_class"] = {
+        c: (json_num(f[ids[c]]) if f is not None and c in ids else None) for c in classes
+    }
     return out
 
 
@@ -160,16 +227,19 @@ def merge_events(events) -> list[tuple[float, float, str]]:
 
 
 def sed_metrics(
-    data: LabelledSet, posteriors: list[np.ndarray], step_s: float, median: int
+    data: LabelledSet, posteriors: list[np.ndarray], step_s: float, median: int, errors: dict | None = None
 ) -> tuple[dict, dict]:
-    """``(metrics, per-class)`` of SED posteriors (one ``[T, K]`` per clip of ``data``)."""
+    """``(metrics, per-class)`` of SED posteriors (one ``[T, K]`` per clip of ``data``); a metric that fails is
+    None, its error in ``errors`` (:class:`Guard`)."""
+    guard = Guard(errors)
     k = len(data.classes)
     filtered = [median_filter(p, median) for p in posteriors]
     ys = [frame_targets(ev, len(p), step_s, k) for ev, p in zip(data.events, filtered, strict=True)]
     y_all = np.concatenate(ys) if ys else np.zeros((0, k))
     p_all = np.concatenate(filtered) if filtered else np.zeros((0, k))
-    f1, f1_per = frame_f1(y_all, p_all)
-    m, ap = mean_ap(y_all, p_all)
+    nan = np.full(k, np.nan)
+    f1, f1_per = guard("frame_macro_f1", lambda: frame_f1(y_all, p_all), (None, nan))
+    m, ap = guard("frame_mAP", lambda: mean_ap(y_all, p_all), (None, nan))
     scores, gt, durations = {}, {}, {}
     for cid, ev, p in zip(data.ids, data.events, filtered, strict=True):
         if not len(p):
@@ -180,7 +250,7 @@ def sed_metrics(
             [(max(0.0, float(a)), min(end, float(b)), data.classes[int(c)]) for a, b, c in ev]
         )
         durations[cid] = end
-    ev_metrics = event_metrics(scores, gt, durations, step_s, data.classes)
+    ev_metrics = event_metrics(scores, gt, durations, step_s, data.classes, errors)
     per_event = ev_metrics.pop("event_f1_per_class")
     metrics = {"frame_macro_f1": f1, "psds1": ev_metrics["psds1"], "psds2": ev_metrics["psds2"]}
     metrics.update(event_f1=ev_metrics["event_f1"], frame_mAP=m)

@@ -12,7 +12,10 @@ feature set; built once next to the embedded dataset's cache.
   ``WORKDIR/probe.jsonl`` (one line per probe, with the step).
 * ``probe.final = True``: after the last step, the full probe (``probe.lrs``, ``probe.epochs``) with the
   baselines (``probe.baselines``: random init and log-mel statistics), the table printed, and
-  ``WORKDIR/probe/RESULTS.json`` + its PNGs written (``atst_jax.eval.probe``'s formats).
+  ``WORKDIR/probe/RESULTS.json`` + its PNGs written (``atst_jax.eval.probe``'s formats; the JSON as each
+  encoder's results are earned, ``"complete": true`` once done). It is part of the run: a run whose final
+  probe is missing (a second Ctrl-C, SIGTERM, a crash) gets it from a rerun of the same command
+  (:func:`run_missing_final`), and Ctrl-C during it says what goes on (:func:`final_probe_signals`).
 
 The probe reads the teacher's parameters off the train state and never changes it, the data iterator or
 any random stream, so a run with probes is bit-identical to one without. It runs on one process (multi-host
@@ -21,8 +24,10 @@ runs skip it with a warning: evaluate the checkpoints afterwards with ``python -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -84,6 +89,93 @@ def ensure_embedded_probe_split(cache_dir: str, features: str) -> tuple[str, str
         tmp.write_text(json.dumps(expected))
         os.replace(tmp, marker)
     return str(train_dir), str(test_dir)
+
+
+class FinalProbeInterrupted(KeyboardInterrupt):
+    """A second Ctrl-C during the final probe: the last step is saved, its probe is not."""
+
+    def __init__(self, step: int):
+        super().__init__(
+            f"interrupted during the final probe: step {step} is saved, its probe is not; rerun the same "
+            "command to produce it"
+        )
+
+
+@contextlib.contextmanager
+def final_probe_signals(step: int):
+    """While the final probe runs, Ctrl-C tells the truth: the trainer's own handler would announce an exit
+    while the probe runs on for minutes. The first Ctrl-C says the probe is being finished; a second raises
+    :class:`FinalProbeInterrupted` (the rerun then produces the probe). SIGTERM stays the trainer's."""
+    import signal
+
+    count = 0
+
+    def handler(signum, frame):
+        nonlocal count
+        count += 1
+        if count > 1:
+            raise FinalProbeInterrupted(step)
+        print(
+            f"interrupted: step {step} is saved; finishing the final probe (Ctrl-C again to stop it: rerunning "
+            "the same command then produces it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        previous, installed = signal.signal(signal.SIGINT, handler), True
+    except ValueError:  # not the main thread: no handler can be set, Ctrl-C stays as it was
+        previous, installed = None, False
+    try:
+        yield
+    finally:
+        if installed:  # ``previous`` is None for a handler not set from Python: SIG_DFL then
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+
+
+def final_probe_done(workdir, step: int) -> bool:
+    """Whether ``WORKDIR`` holds the whole final probe of ``step``: a complete ``probe/RESULTS.json`` of that
+    step (files written before ``"complete"`` existed were only ever written whole) and its line in
+    ``probe.jsonl``, which is written after it."""
+    workdir = Path(str(workdir))
+    try:
+        res = json.loads((workdir / "probe" / "RESULTS.json").read_text())
+        lines = (workdir / "probe.jsonl").read_text().splitlines()
+    except (OSError, ValueError):
+        return False
+    if not (res.get("complete", True) and res.get("source", {}).get("step") == step):
+        return False
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:  # a line torn by a kill
+            continue
+        if entry.get("step") == step and entry.get("final"):
+            return True
+    return False
+
+
+def run_missing_final(config, workdir, run_config: dict, features: str, state, step: int, log=print) -> bool:
+    """The final probe of a finished run (``step`` = ``train.steps``) when it is missing, on the restored
+    ``state``; True when it ran. A line of an unfinished final probe in ``probe.jsonl`` is dropped first."""
+    from atst_jax.distributed import is_main
+    from atst_jax.metrics import MetricsWriter, truncate_jsonl
+
+    p = config.get("probe")
+    if not (p and p.train and p.final) or final_probe_done(workdir, step):
+        return False
+    probe = PretrainProbe(config, workdir, run_config, features, log=log)
+    if not probe.enabled:
+        return False
+    log(f"the checkpoint at step {step} is the last one, but its final probe is missing: running it")
+    if is_main() and probe.jsonl.exists():
+        truncate_jsonl(probe.jsonl, step - 1)
+    writer = MetricsWriter(Path(str(workdir)), resume_step=step)
+    try:
+        probe.maybe_run(state, step, writer, last=True)
+    finally:
+        writer.close()
+    return True
 
 
 class PretrainProbe:
@@ -151,13 +243,20 @@ class PretrainProbe:
     def maybe_run(self, state, step: int, writer, last: bool = False) -> dict | None:
         if not self.due(step, last):
             return None
+        full = last and self.final
+        with final_probe_signals(step) if full else contextlib.nullcontext():
+            return self._run(state, step, writer, full)
+
+    def _run(self, state, step: int, writer, full: bool) -> dict:
         from atst_jax.eval.probe import evaluate
-        from atst_jax.eval.report import fmt, table, write_results
+        from atst_jax.eval.report import error_lines, fmt, table
 
         t0 = time.perf_counter()
         enc, chunk = self._encoder(state)
-        full = last and self.final
         quiet = lambda *a, **k: None  # noqa: E731
+        out = self.workdir / "probe" / "RESULTS.json"
+        if full:
+            out.parent.mkdir(parents=True, exist_ok=True)
         results = evaluate(
             enc,
             chunk,
@@ -170,6 +269,7 @@ class PretrainProbe:
             {"workdir": str(self.workdir), "step": step, "encoder": "teacher"},
             log=quiet,
             plots=(self.workdir / "probe" / "RESULTS") if full else None,
+            out=out if full else None,  # written as earned, before the pictures
         )
         metrics = results["encoders"]["checkpoint"]["metrics"]
         seconds = time.perf_counter() - t0
@@ -177,12 +277,13 @@ class PretrainProbe:
         if writer is not None and getattr(writer, "tb", None) is not None:
             for k, v in scalars.items():
                 writer.tb.add_scalar(k, v, step)
+        # After RESULTS.json: this line marks the final probe done (final_probe_done).
         with open(self.jsonl, "a") as f:
             f.write(json.dumps({"step": step, "final": full, **scalars, "seconds": round(seconds, 2)}) + "\n")
+        for line in error_lines(results):
+            self.log(f"probe at step {step}: {line}")
         shown = ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
         if full:
-            out = self.workdir / "probe" / "RESULTS.json"
-            write_results(out, results)
             self.log(
                 f"probe at step {step} on the held-out {results['task']} split "
                 f"({len(self.train)} train / {len(self.test)} test clips, {seconds:.0f} s):\n{table(results)}\n"

@@ -81,14 +81,21 @@ posteriors, on one 0 → 1 colour scale).
 
 ``RESULTS.json``: the task, class names, split sizes, the options, and per encoder its metrics, per-class
 numbers, feature size and the selected learning rate / epoch / validation score; the table of metrics (pretrained
-next to the baselines) is also printed. Bad inputs (missing paths, a dataset without labels, another feature
-set than the encoder's, train/test vocabularies that differ) stop before any work with one line (exit 2).
+next to the baselines) is also printed. It is written as results are earned: at the start, after each encoder
+(``"complete": false``, the encoders to come in ``"pending"``), whole before the pictures, and finally with
+them (``"complete": true``). A metric that fails is None with its error under the encoder's ``"errors"``, a
+picture that fails an entry of the top-level ``"errors"`` (both also printed as warnings): neither costs the
+other results. Bad inputs (missing paths, a dataset without labels, another feature set than the encoder's,
+train/test vocabularies that differ, an empty, truncated or damaged weights file, non-finite weights) stop
+before any work with one line (exit 2), as do non-finite embeddings when they appear; Ctrl-C exits 130 with
+one line saying which encoders' results the file holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -120,11 +127,12 @@ from atst_jax.eval.metrics import (
     PSDS1,
     PSDS2,
     clip_metrics,
+    import_sed_scores_eval,
     mean_ap,
     median_steps,
     sed_metrics,
 )
-from atst_jax.eval.report import fmt, table, write_plots, write_results
+from atst_jax.eval.report import error_lines, fmt, table, write_plots, write_results
 
 BASELINES = ("random_init", "logmel")
 BN_EPS = 1e-5
@@ -149,23 +157,41 @@ def _normalised(mel: np.ndarray, fs) -> np.ndarray:
 
 
 def encoder_features(
-    embedder, data: LabelledSet, level: str, batch_chunks: int, bar=None, official: bool = False
+    embedder,
+    data: LabelledSet,
+    level: str,
+    batch_chunks: int,
+    bar=None,
+    official: bool = False,
+    name: str = "encoder",
 ) -> Features:
     """Clip (``level="clip"``: scene embeddings) or per-step (``"frame"``) features of every clip;
-    ``official``: clip vectors by the official chunk averaging (:func:`official_scene`)."""
+    ``official``: clip vectors by the official chunk averaging (:func:`official_scene`). Non-finite
+    embeddings are an ``EvalError`` naming encoder ``name`` and the clip: a probe could not learn from them,
+    and downstream they only surfaced as a missing example or an index error."""
     fs = feature_sets.get(data.features)
     out: list[np.ndarray] = []
     group: list[np.ndarray] = []
     chunks = 0
 
+    def check(*arrays):
+        if not all(np.isfinite(a).all() for a in arrays):
+            clip = data.ids[len(out)]
+            raise EvalError(
+                f"{name}: non-finite (NaN/inf) embeddings for clip {clip} of {data.path}: the encoder's "
+                "weights hold non-finite values or overflow float32"
+            )
+
     def flush():
         if official and level == "clip":
             # The per-chunk CLS rows are only in the embedder's chunk-level output.
             for spec, (tokens, cls, _) in zip(group, embedder.chunk_outputs(group), strict=True):
+                check(tokens, *([] if cls is None else [cls]))
                 args = (spec.shape[1], embedder.chunk_frames, embedder.patch_w)
                 out.append(official_scene(tokens, cls, *args))
         else:
             for tokens, scene in embedder.spec_features(group):
+                check(tokens, *([scene] if level == "clip" and len(tokens) else []))
                 out.append(scene if level == "clip" else tokens)
         if bar is not None:
             bar.update(len(group))
@@ -655,21 +681,22 @@ def probe_encoder(
         )
     test = splits["test"]
     posteriors = None
+    errors: dict = {}  # metric -> why it is None (metrics.Guard)
     if level == "clip":
-        x_test = np.stack(feats["test"].clips).astype(np.float32)
-        x_test = np.nan_to_num(x_test)
-        metrics, per = clip_metrics(clip_targets(test), probe.predict(x_test), task, test.classes)
+        p_test = probe.predict(np.nan_to_num(np.stack(feats["test"].clips).astype(np.float32)))
+        metrics, per = clip_metrics(clip_targets(test), p_test, task, test.classes, errors)
     else:
         posteriors = [probe.predict(f) for f in feats["test"].clips]
-        metrics, per = sed_metrics(test, posteriors, step_s, median_steps(opts.median_s, step_s))
-    sel = dict(probe.selection)
+        median = median_steps(opts.median_s, step_s)
+        metrics, per = sed_metrics(test, posteriors, step_s, median, errors)
     return {
         "test_posteriors": posteriors if level == "frame" else None,
         "metrics": metrics,
+        "errors": errors,
         "per_class": per,
         "feature_dims": int(x_train.shape[1]),
         "train_examples": int(x_train.shape[0]),
-        "selection": sel,
+        "selection": dict(probe.selection),
     }
 
 
@@ -706,10 +733,10 @@ def load_encoder(workdir=None, step=None, weights=None, encoder="teacher"):
         chunk = inference.encoder_chunk_frames(enc.cfg, config)
         feats = inference.run_features(config, enc.cfg)
         return enc, chunk, feats, {"workdir": str(workdir), "step": int(step), "encoder": encoder}
-    from atst_jax.export.load import read_encoder_file
+    from atst_jax.eval.embed import read_weights_file
 
-    f = read_encoder_file(weights, encoder=encoder)
-    return f.jax_encoder(), f.chunk_frames, f.features, {"weights": str(weights), "encoder": encoder}
+    enc, f = read_weights_file(weights, encoder)
+    return enc, f.chunk_frames, f.features, {"weights": str(weights), "encoder": encoder}
 
 
 def random_encoder(cfg, seed: int):
@@ -744,21 +771,24 @@ def _extractors(encoder, emb, embedder_of, baselines, opts: Options, patch: int)
     baselines asked for."""
     official = opts.protocol == "official"
     extractors = {
-        "checkpoint": lambda d, lvl, bar: encoder_features(emb, d, lvl, opts.batch_chunks, bar, official)
+        "checkpoint": lambda d, lvl, bar: encoder_features(
+            emb, d, lvl, opts.batch_chunks, bar, official, "checkpoint"
+        )
     }
     if "random_init" in baselines:
         rnd = embedder_of(random_encoder(encoder.cfg, opts.seed))
         extractors["random_init"] = lambda d, lvl, bar: encoder_features(
-            rnd, d, lvl, opts.batch_chunks, bar, official
+            rnd, d, lvl, opts.batch_chunks, bar, official, "random_init"
         )
     if "logmel" in baselines:
         extractors["logmel"] = lambda d, lvl, bar: logmel_features(d, lvl, patch, bar)
     return extractors
 
 
-def _probe_all(extractors: dict, splits: dict, task: str, step_s: float, opts: Options, log):
+def _probe_all(extractors: dict, splits: dict, task: str, step_s: float, opts: Options, log, earned):
     """``(results, test_posteriors)``: every encoder probed in turn (:func:`probe_encoder`), timed, its
-    metrics logged."""
+    metrics logged and handed to ``earned(results so far)`` at once (``RESULTS.json`` is written as they
+    come: an interruption or a failure later keeps them)."""
     from atst_jax import sharding
 
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
@@ -771,13 +801,16 @@ def _probe_all(extractors: dict, splits: dict, task: str, step_s: float, opts: O
         results[name]["seconds"] = round(time.perf_counter() - t0, 2)
         shown = ", ".join(f"{k} {fmt(v)}" for k, v in results[name]["metrics"].items())
         log(f"{name}: {shown} ({results[name]['seconds']:.1f} s)")
+        earned(results)
     return results, test_posteriors
 
 
 def _results(task, splits, features, source, opts: Options, emb, step_s, chunk_frames, cfg, results) -> dict:
-    """The RESULTS dict (module docstring) but its ``"plots"``."""
+    """The RESULTS dict (module docstring) but its ``"plots"``; ``complete`` False (:func:`evaluate` sets it
+    once everything is done)."""
     train, val, test = splits["train"], splits["val"], splits["test"]
     return {
+        "complete": False,
         "task": task,
         "classes": list(train.classes),
         "source": source or {},
@@ -799,7 +832,32 @@ def _results(task, splits, features, source, opts: Options, emb, step_s, chunk_f
             "collar": COLLAR,
         },
         "encoders": results,
+        "errors": {},
     }
+
+
+def check_finite_weights(encoder, what: str) -> None:
+    """Refuses (one line, before any work) an encoder with NaN or infinite parameters: its embeddings would
+    be NaN and every probe meaningless."""
+    from flax import nnx
+
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(encoder, nnx.Param)))[0]
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)  # noqa: E731
+    bad = [name(path) for path, v in flat if not np.isfinite(np.asarray(v)).all()]
+    if bad:
+        raise EvalError(
+            f"{what}: non-finite (NaN/inf) weights in {len(bad)} of {len(flat)} parameter arrays "
+            f"(first: {bad[0]}): the encoder cannot be probed"
+        )
+
+
+def _source_text(source: dict | None) -> str:
+    source = source or {}
+    if "weights" in source:
+        return f"--weights {source['weights']}"
+    if "workdir" in source:
+        return f"{source['workdir']} step {source.get('step')} ({source.get('encoder', 'teacher')})"
+    return "the encoder"
 
 
 def evaluate(
@@ -814,17 +872,23 @@ def evaluate(
     source: dict | None = None,
     log=print,
     plots: str | Path | None = None,
+    out: str | Path | None = None,
 ) -> dict:
-    """The whole evaluation (see the module docstring) → the RESULTS dict. With ``plots`` (a path prefix),
-    the PNGs ``<plots>_per_class.png`` and, for SED, ``<plots>_sed.png`` are written (listed under
-    ``"plots"``)."""
+    """The whole evaluation (see the module docstring) → the RESULTS dict. With ``out``, ``RESULTS.json`` is
+    written as results are earned: after each encoder (``"complete": false``, the encoders still to come in
+    ``"pending"``), then whole before any picture is drawn, then with the pictures (``"complete": true``).
+    With ``plots`` (a path prefix), the PNGs ``<plots>_per_class.png`` and, for SED, ``<plots>_sed.png``
+    are written (listed under ``"plots"``; one that fails is an entry of ``"errors"``)."""
     from atst_jax.eval.embed import Embedder
 
     opts = opts or Options()
     given = {"--train": train, "--test": test} | ({"--val": val} if val is not None else {})
     check_sets(given, features, encoder.cfg.n_mels)
+    check_finite_weights(encoder, _source_text(source))
     task = task_of(list(given.values()), opts.task)
     opts = _resolved_options(opts, task)
+    if task == "sed":  # asked now, not after every probe has trained
+        import_sed_scores_eval()
     if val is None:
         train, val = hold_out(train, opts.val_fraction)
     if opts.protocol == "official":  # the same centre crop for every split, as the official transform
@@ -848,11 +912,34 @@ def evaluate(
         + (f"; time steps of {step_s * 1000:g} ms" if task == "sed" else "")
         + f"; encoders {', '.join(extractors)}"
     )
-    results, test_posteriors = _probe_all(extractors, splits, task, step_s, opts, log)
-    out = _results(task, splits, features, source, opts, emb, step_s, chunk_frames, encoder.cfg, results)
+
+    def results_of(done: dict) -> dict:
+        res = _results(task, splits, features, source, opts, emb, step_s, chunk_frames, encoder.cfg, done)
+        res["pending"] = [name for name in extractors if name not in done]
+        return res
+
+    return _probe_and_write(extractors, splits, task, step_s, opts, log, results_of, out, plots)
+
+
+def _probe_and_write(extractors, splits, task, step_s, opts, log, results_of, out, plots) -> dict:
+    """:func:`evaluate`'s probes, with ``RESULTS.json`` (``out``, if any) written as results are earned:
+    from the start (nothing finished yet: the file is this evaluation's), after each encoder, whole before
+    any picture, then with the pictures and ``"complete": true``."""
+
+    def write(res: dict) -> None:
+        if out is not None:
+            write_results(Path(out), res)
+
+    write(results_of({}))
+    done, test_posteriors = _probe_all(
+        extractors, splits, task, step_s, opts, log, lambda d: write(results_of(d))
+    )
+    res = results_of(done)
     if plots is not None:
-        out["plots"] = write_plots(out, test, test_posteriors, step_s, plots)
-    return out
+        res["plots"], res["errors"] = write_plots(res, splits["test"], test_posteriors, step_s, plots)
+    res["complete"] = True
+    write(res)
+    return res
 
 
 def _check_memory(splits, task, dims, patch):
@@ -975,6 +1062,7 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-open warnings
+    started = time.time()
     try:
         opts, baselines = _options(args)
         out = Path(args.out)
@@ -994,10 +1082,31 @@ def main(argv=None) -> int:
         test = read_labelled(args.test, "--test")
         val = read_labelled(args.val, "--val") if args.val else None
         plots = None if args.no_plots else out.with_suffix("")
-        results = evaluate(encoder, chunk, features, train, test, val, opts, baselines, source, plots=plots)
+        results = evaluate(
+            encoder, chunk, features, train, test, val, opts, baselines, source, plots=plots, out=out
+        )
     except (OSError, ValueError, KeyError) as e:  # EvalError is a ValueError
         return fail(e)
-    write_results(out, results)
+    except KeyboardInterrupt:
+        _interrupted(out, started)
     print(table(results))
+    for line in error_lines(results):
+        print(line, file=sys.stderr)
     print(f"wrote {out}" + "".join(f", {p}" for p in results.get("plots", [])))
     return 0
+
+
+def _interrupted(out: Path, started: float):
+    """Ctrl-C: one line saying what ``out`` holds, exit 130 at once. ``os._exit``: an interrupt lands anywhere,
+    an XLA compilation among others, whose threads then crash the interpreter's shutdown (a segmentation
+    fault after the message); the results are on disk already (written atomically as they are earned)."""
+    what = "no results written"
+    try:
+        if out.stat().st_mtime >= started:  # not a file of an earlier run
+            done = list(json.loads(out.read_text())["encoders"])
+            what = f"{out} holds the encoders finished: {', '.join(done) or 'none yet'}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    print(f"interrupted: {what}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)

@@ -39,13 +39,28 @@ ENCODERS = ("teacher", "student")
 
 
 def _is_safetensors(path: Path) -> bool:
-    """safetensors files open with a little-endian u64 header size followed by a JSON object."""
+    """safetensors files open with a little-endian u64 header size followed by a JSON object. A file cut short
+    still counts (it is then a damaged safetensors file, not a torch file)."""
     with open(path, "rb") as f:
         head = f.read(9)
     if len(head) < 9:
         return False
     (size,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < size <= path.stat().st_size - 8
+    return head[8:9] == b"{" and 0 < size < 1 << 32  # a plausible header size, not stray bytes
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), {"metadata": metadata}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path}: damaged or truncated safetensors file ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def _to_numpy(value):
@@ -70,13 +85,14 @@ def torch_load(path, allow: tuple = ()):
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        # weights_only refuses files that would need arbitrary classes. torch's message is a screenful;
-        # keep its one informative sentence (which global was refused) and say how to proceed.
+        # weights_only refuses files that would need arbitrary classes (and damaged files fail to unpickle).
+        # torch's message is a screenful; keep its one informative sentence. No advice to allow-list classes:
+        # that would run the file's code, and a damaged file is not fixed by it.
         found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: Please use|\n|$)", str(e))
         reason = found.group(1).strip() if found else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(
-            f"{path}: not loadable with weights_only=True ({reason}); if you trust the file, allow-list the "
-            "class with `with torch.serialization.safe_globals([...]):` around this call"
+            f"{path}: not a weights file this tool reads (torch.load with weights_only=True: {reason}); "
+            "export it as safetensors, or save a plain state_dict of tensors"
         ) from e
 
 
@@ -97,13 +113,10 @@ def read_file(path) -> tuple[dict, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file (an interrupted copy or export?)")
     if _is_safetensors(path):
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-
-        with safe_open(str(path), framework="np") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), {"metadata": metadata}
+        return _read_safetensors(path)
     try:
         obj = torch_load(path)
     except ValueError as refused:
@@ -273,9 +286,9 @@ def read_encoder_file(path, encoder: str = "teacher", heads: int | None = None) 
 
 
 def load_encoder_params(path, encoder: str = "teacher", heads: int | None = None) -> dict:
-    """JAX encoder params (nested dict, blocks stacked) from any supported file (see :func:`read_encoder`)."""
-    sd, heads, _ = read_encoder(path, encoder, heads)
-    return convert.torch_to_encoder(sd, heads)
+    """JAX encoder params (nested dict, blocks stacked) from any supported file (see :func:`read_encoder`),
+    AaPE exports included (their ``aape`` parameters beside the trunk's)."""
+    return read_encoder_file(path, encoder, heads).params()
 
 
 def load_pretraining(path, heads: int | None = None) -> dict:
