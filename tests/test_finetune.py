@@ -1,28 +1,25 @@
-"""Fine-tuning and ATST-C2F (``atst_jax.finetune``): the layer-wise LR factors (read off the optimizer's
-actual update), the C2F loss against hand-computed values, and the C2F recipe end to end (Clip fine-tune →
-Frame fine-tuned with and without distillation) on the embedded generator's weak labels, with one-block
-checkpoints written directly (no pretraining: the path is the point, not the numbers)."""
+"""Fine-tuning and ATST-C2F (``atst_jax.finetune``), the method's parts: the layer-wise LR factors (read off
+the optimizer's actual update), the learning-rate schedule, the C2F loss against hand-computed values, the
+C2F teacher's chunks and modes, mixup, and the ``--recipe`` presets. The command end to end — C2F on the
+embedded data, stop and resume, the --out folder's owner, the checks before any work — is
+test_finetune_resume.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import prepare_dcase
 from flax import nnx
 
 from atst_jax.data import views
 from atst_jax.eval import finetune as ft
+from atst_jax.eval import finetune_run as ftr
 from atst_jax.models.encoder import EncoderConfig, FrameAST
-
-N_TRAIN = 40
 
 
 def test_layer_decay_gives_the_stated_per_block_factors():
@@ -69,6 +66,26 @@ def test_layer_decay_gives_the_stated_per_block_factors():
     norm = float(optax.tree.norm(grads))
     got = np.asarray(updates["encoder"]["blocks"]["attn"]["qkv"]["kernel"][0]).ravel()[0]
     assert got == pytest.approx(-lr * d**3 * 1e-3 / norm, rel=1e-4)
+
+
+def test_the_first_step_learns_even_when_the_warm_up_spans_the_whole_run():
+    """``--epochs 1`` on a small set is a single step, with the default warm-up of one epoch a warm-up of one
+    step: that step must move the parameters (a ramp from rate 0 took it at rate 0 and returned the
+    pretrained encoder bit for bit). The ramp reaches the peak on the warm-up's last step; the cosine after it
+    starts at the peak and ends at 1e-6 as before."""
+    params = {"w": jnp.zeros((3,), jnp.float32)}  # not the encoder: the head's factor 1
+    opts = ft.FinetuneOptions(lr=16.0, batch=16, momentum=0.0, clip_norm=0.0)  # peak 16 · 16 / 256 = 1
+    tx, schedule = ft.make_optimizer(params, 1, opts, total_steps=1, warmup_steps=1)
+    assert float(schedule(0)) == pytest.approx(1.0)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -1.0)
+    _, schedule = ft.make_optimizer(params, 1, opts, total_steps=10, warmup_steps=4)
+    lrs = np.array([float(schedule(t)) for t in range(11)])
+    np.testing.assert_allclose(lrs[:5], [0.25, 0.5, 0.75, 1.0, 1.0], rtol=1e-6)
+    assert (np.diff(lrs[4:]) < 0).all() and lrs[9] > ft.FINAL_LR
+    assert lrs[10] == pytest.approx(ft.FINAL_LR)
+    _, schedule = ft.make_optimizer(params, 1, opts, total_steps=1, warmup_steps=0)
+    assert float(schedule(0)) == pytest.approx(1.0)
 
 
 def _bce(z, t):
@@ -293,7 +310,7 @@ _PATHS = ["--weights", "enc.msgpack", "--train", "tr", "--test", "te", "--out", 
 def test_recipe_fills_each_family_s_official_values_and_given_flags_win():
     from atst_jax.eval import recipes
 
-    args = ft._parser().parse_args(_PATHS + ["--recipe", "spcv2"])
+    args = ftr._parser().parse_args(_PATHS + ["--recipe", "spcv2"])
     want = {
         "clip": dict(lr=0.5, batch=512, epochs=50, warmup_epochs=5, layer_decay=0.75, mixup=0.5, crop_s=6.0),
         "frame": dict(
@@ -302,131 +319,48 @@ def test_recipe_fills_each_family_s_official_values_and_given_flags_win():
         "c2f": dict(lr=2.0, batch=512, epochs=50, mixup=0.5, crop_s=10.0, distill_lambda=0.5),
     }
     for family, values in want.items():
-        opts, record = ft.resolve_options(args, family)
+        opts, record = ftr.resolve_options(args, family)
         assert {k: getattr(opts, k) for k in values} == values, family
         assert record["name"] == "spcv2" and record["family"] == family and record["given"] == []
         assert record["source"].startswith("audiossl/methods/")
     # Options a preset does not set keep their defaults; so does every option without --recipe.
-    opts, _ = ft.resolve_options(args, "frame")
+    opts, _ = ftr.resolve_options(args, "frame")
     assert (opts.momentum, opts.clip_norm, opts.median_s) == (0.9, 3.0, 0.28)
-    plain = ft._parser().parse_args(_PATHS)
-    assert ft.resolve_options(plain, "frame") == (ft.FinetuneOptions(), None)
+    plain = ftr._parser().parse_args(_PATHS)
+    assert ftr.resolve_options(plain, "frame") == (ft.FinetuneOptions(), None)
     # Flags given win over the preset — 0 included (given, not "unset") —, and are recorded as given.
-    args = ft._parser().parse_args(
+    args = ftr._parser().parse_args(
         _PATHS + ["--recipe", "SPCV2", "--lr", "0.3", "--mixup", "0", "--batch", "64"]
     )
-    opts, record = ft.resolve_options(args, "frame")
+    opts, record = ftr.resolve_options(args, "frame")
     assert (opts.lr, opts.mixup, opts.batch, opts.epochs, opts.crop_s) == (0.3, 0.0, 64, 50, 10.0)
     assert record["given"] == ["--batch", "--lr", "--mixup"] and record["preset"]["lr"] == 1.0
-    line = ft.recipe_line("finetuned", opts, record)
+    line = ftr.recipe_line("finetuned", opts, record)
     assert "recipe spcv2 (ATST-Frame values" in line and "flags given: --batch, --lr, --mixup" in line
     assert "\n" not in line
     # Frame-level tasks translate the unscaled official rate to the rate of 256 (AS-strong Frame: 1e-3 at
     # a batch of 32), and set the median filter; aliases name the official tasks.
-    args = ft._parser().parse_args(_PATHS + ["--recipe", "audioset_strong"])
-    opts, record = ft.resolve_options(args, "frame")
+    args = ftr._parser().parse_args(_PATHS + ["--recipe", "audioset_strong"])
+    opts, record = ftr.resolve_options(args, "frame")
     assert (opts.batch, opts.median_s, record["name"]) == (32, 0.28, "as_strong")
     assert ft.peak_lr(opts) == pytest.approx(1e-3)
-    assert ft.resolve_options(ft._parser().parse_args(_PATHS + ["--recipe", "as20k"]), "clip")[1]["name"] == (
-        "audioset_b"
-    )
+    assert ftr.resolve_options(ftr._parser().parse_args(_PATHS + ["--recipe", "as20k"]), "clip")[1][
+        "name"
+    ] == ("audioset_b")
     # Every preset passes the flags' own checks and sets only preset-able options.
     for task in recipes.names():
         for family in recipes.families_of(task):
             assert set(recipes.preset(task, family).values) <= set(recipes.FIELDS)
-            ft.resolve_options(ft._parser().parse_args(_PATHS + ["--recipe", task]), family)
+            ftr.resolve_options(ftr._parser().parse_args(_PATHS + ["--recipe", task]), family)
     # The family of a plain run: a CLS token takes the ATST-Clip values.
-    assert ft.family_of(EncoderConfig(use_cls=True)) == "clip" and ft.family_of(EncoderConfig()) == "frame"
+    assert ftr.family_of(EncoderConfig(use_cls=True)) == "clip" and ftr.family_of(EncoderConfig()) == "frame"
 
 
 def test_unknown_recipe_or_one_without_c2f_values_is_one_line_exit_2(capsys):
-    assert ft.main(_PATHS + ["--recipe", "esc50", "--no_progress"]) == 2
+    assert ftr.main(_PATHS + ["--recipe", "esc50", "--no_progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown --recipe 'esc50'" in err and "spcv2" in err and "as20k" in err
     # US8K has no official C2F script: a distillation run with it stops before reading anything.
-    assert ft.main(_PATHS + ["--recipe", "us8k", "--c2f_clip", "clip_run"]) == 2
+    assert ftr.main(_PATHS + ["--recipe", "us8k", "--c2f_clip", "clip_run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no ATST-C2F" in err and "voxceleb1" in err
-
-
-# ----------------------------------------------------------------------------------------------------------
-# End to end: C2F on the embedded data
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _write_run(root, config_file, width=64, seed=0):
-    """A one-block ``tiny`` checkpoint of the config's method at its initialisation (step 1)."""
-    from atst_jax.checkpoint import Checkpointer
-    from atst_jax.methods import build
-    from atst_jax.train import load_config
-
-    config = load_config(f"configs/{config_file}:tiny")
-    config.model.width, config.model.depth, config.model.heads = width, 1, 1
-    student, teacher, _ = build(config).init(jax.random.key(seed))
-    state = {
-        "step": np.asarray(1, np.int32),
-        "params": nnx.to_pure_dict(nnx.state(student, nnx.Param)),
-        "teacher": nnx.to_pure_dict(nnx.state(teacher, nnx.Param)),
-        "opt": {"count": np.asarray(1, np.int32)},
-        "rng": np.zeros((2,), np.uint32),
-    }
-    ckpt = Checkpointer(root, save_every=1, keep=1, async_save=False)
-    ckpt.save(1, state, config=config, force=True)
-    ckpt.close()
-    return root
-
-
-@pytest.fixture(scope="module")
-def weak(tmp_path_factory, embedded_cache):
-    from atst_jax.data import synthetic
-
-    rows = sorted(synthetic.read_strong_tsv(os.path.join(embedded_cache, "strong_labels.tsv")).items())
-    root = tmp_path_factory.mktemp("ft_data")
-    return (
-        prepare_dcase(embedded_cache, rows[:N_TRAIN], str(root / "train"), strong=False),
-        prepare_dcase(embedded_cache, rows[N_TRAIN:], str(root / "test"), strong=False),
-    )
-
-
-def test_c2f_runs_end_to_end_and_reports_distilled_beside_undistilled(tmp_path, weak):
-    clip_run = _write_run(tmp_path / "clip_run", "atst_clip.py", seed=1)
-    frame_run = _write_run(tmp_path / "frame_run", "atst_frame.py", seed=2)
-    out = tmp_path / "c2f"
-    argv = ["--workdir", str(frame_run), "--c2f_clip", str(clip_run), "--train", weak[0], "--test", weak[1]]
-    argv += ["--out", str(out), "--epochs", "3", "--batch", "8", "--crop_s", "2", "--lr", "1.6"]
-    argv += ["--no_progress", "--distill_lambda", "0.5"]
-    # A recipe whose remaining values are the defaults: the run is the plain one, recorded per model.
-    argv += ["--recipe", "spcv2", "--warmup_epochs", "1", "--mixup", "0"]
-    assert ft.main(argv) == 0
-    res = json.loads((out / "RESULTS.json").read_text())
-    assert res["task"] == "clip_multi" and list(res["models"]) == ["clip", "frame", "frame_distilled"]
-    assert res["recipe"] == "spcv2" and res["options"] == res["models"]["clip"]["options"]
-    families = {n: m["recipe"]["family"] for n, m in res["models"].items()}
-    assert families == {"clip": "clip", "frame": "frame", "frame_distilled": "c2f"}
-    assert res["models"]["frame"]["options"]["lr"] == 1.6 and res["models"]["frame"]["options"]["batch"] == 8
-    doc = json.loads((out / "frame_distilled" / "model" / "model.json").read_text())
-    assert doc["recipe"]["family"] == "c2f" and doc["options"]["distill_lambda"] == 0.5
-    for name, m in res["models"].items():
-        assert 0.0 <= m["metrics"]["mAP"] <= 1.0, (name, m["metrics"])
-        assert len(m["selection"]["history"]) == 3
-        assert (out / name / "model" / "params.msgpack").is_file()
-    assert res["models"]["frame_distilled"]["distilled"] and not res["models"]["frame"]["distilled"]
-    # The distillation term changes what the Frame model learns (same seed, same batches otherwise).
-    assert (
-        res["models"]["frame"]["selection"]["history"]
-        != res["models"]["frame_distilled"]["selection"]["history"]
-    )
-    # The saved teacher reloads and reproduces the test posteriors the run scored.
-    model, meta = ft.load_finetuned(out / "clip")
-    assert meta["task"] == "clip_multi" and model.encoder.cfg.use_cls
-    # Training lowers the task loss on this structured data (the head starts from scratch).
-    hist = res["models"]["frame"]["selection"]["history"]
-    assert hist[-1]["loss"] < hist[0]["loss"], hist
-    # A teacher fine-tuned on another task is refused with one line.
-    bad = tmp_path / "bad_teacher"
-    (bad / "model").mkdir(parents=True)
-    doc = json.loads((out / "clip" / "model" / "model.json").read_text())
-    (bad / "model" / "model.json").write_text(json.dumps({**doc, "classes": ["a", "b"]}))
-    (bad / "model" / "params.msgpack").write_bytes((out / "clip" / "model" / "params.msgpack").read_bytes())
-    with pytest.raises(ft.FinetuneError, match="another task"):
-        ft.run(ft._parser().parse_args(argv[:2] + ["--teacher", str(bad)] + argv[4:]))

@@ -16,7 +16,9 @@ never the trainer or the tools, which may import it.
 - ``probe``: the frozen-encoder linear probes (and ``--protocol official``) next to the random-init and
   log-mel baselines (``python -m atst_jax.evaluate``).
 - ``recipes``: the official per-task fine-tuning presets (``--recipe``).
-- ``finetune``: full fine-tuning and ATST-C2F distillation (``python -m atst_jax.finetune``).
+- ``finetune``: full fine-tuning and ATST-C2F distillation — the models, the schedule, the resumable fit.
+- ``finetune_run``: the fine-tuning command (``python -m atst_jax.finetune``) — its checks before any work,
+  who owns ``--out``, per-epoch checkpoints, stop and resume, results written as each model finishes.
 - ``pretrain_probe``: the probe during and after pretraining (config section ``probe``), built by the trainer.
 
 ``atst_jax/evaluate.py``, ``finetune.py`` and ``embed.py`` are the thin entry modules of the commands.

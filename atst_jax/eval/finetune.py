@@ -1,11 +1,8 @@
 """Full fine-tuning of a pretrained encoder on a labelled task, and ATST-C2F (clip → frame distillation).
 
-    python -m atst_jax.finetune (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
-        --train DATA --test DATA [--val DATA] --out DIR \\
-        [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
-        [--teacher_mode official|eval|train] [--recipe TASK] \\
-        [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.16] [--layer_decay 0.75] \\
-        [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
+The command, ``python -m atst_jax.finetune`` — its options, the checks made before any work, the ``--out``
+folder's life cycle (checkpoints, stop and resume, results written as each model finishes) — is
+:mod:`atst_jax.eval.finetune_run`; this module is the method.
 
 DATA are prepared datasets as for ``atst_jax.evaluate`` (records + ``labels.json``; strong labels → SED on the
 encoder's time grid, weak → clip classification, single- or multi-label).
@@ -19,9 +16,10 @@ default).
 
 **The optimisation** (the official ``FineTuningPLModule``): SGD, momentum 0.9, no weight decay; learning rate
 ``--lr · --batch / 256`` (``--lr`` is the base rate of a batch of 256, as the official scripts scale it; the
-default 0.16 gives 0.01 at the default batch of 16), linear warm-up from 0 over ``--warmup_epochs`` then
-cosine to 1e-6, per step; gradients clipped to a global norm of ``--clip_norm`` (3.0) before the per-layer
-scaling; **layer-wise LR decay** ``d = --layer_decay`` with the official indexing for depth L, block ``b``
+default 0.16 gives 0.01 at the default batch of 16), linear warm-up over ``--warmup_epochs`` (step ``t``
+of ``W`` at ``(t + 1)/W`` of the peak: the first step learns too, :func:`lr_schedule`) then cosine to 1e-6,
+per step; gradients clipped to a global norm of ``--clip_norm`` (3.0) before the per-layer scaling;
+**layer-wise LR decay** ``d = --layer_decay`` with the official indexing for depth L, block ``b``
 (0-based) ``d^(L−b)`` and the head 1 at both levels; clip tasks (the clip fine-tuning code): the stem (patch
 projection, positions, mask token, CLS) ``d^L`` — the same factor as block 0 — and the final norm ``d``; SED
 (the official frame-level code): the stem ``d^(L+1)`` and the final norm 1. Loss: softmax cross-entropy for
@@ -33,13 +31,14 @@ with its padding, where the official transform sees the clip alone); and with it
 (mixed one-hot, or sigmoid teacher) targets, single-label tasks included.
 
 **ATST-C2F**: ``λ·L_distill + (1 − λ)·L_task`` with a frozen teacher — a model fine-tuned on the same task by
-this command (``--teacher FT_DIR``; its ``model/``) — run on the same (mixed, cropped) input: ``L_distill`` =
-BCE(student logits, sigmoid(teacher logits)) for multi-label tasks (and any with ``--mixup``), the soft-target
-cross-entropy with softmax(teacher logits) for single-label tasks, and for SED the per-step BCE on the
-teacher's per-step sigmoid outputs (the frame-level variant). λ = ``--distill_lambda`` (0.5, the spec's value
-outside AS-2M). ``--c2f_clip RUN`` runs the whole recipe: fine-tune that ATST-Clip run into ``DIR/clip/``,
-then the given (ATST-Frame) encoder without distillation (``DIR/frame/``, unless ``--no_undistilled``) and
-with it (``DIR/frame_distilled/``), and reports the three side by side.
+this command (``--teacher FT_DIR``: the model's folder, or the ``--out`` of the run that made it) — run on
+the same (mixed, cropped) input: ``L_distill`` = BCE(student logits, sigmoid(teacher logits)) for multi-label
+tasks (and any with ``--mixup``), the soft-target cross-entropy with softmax(teacher logits) for single-label
+tasks, and for SED the per-step BCE on the teacher's per-step sigmoid outputs (the frame-level variant).
+λ = ``--distill_lambda`` (0.5, the spec's value outside AS-2M). ``--c2f_clip RUN`` runs the whole recipe:
+fine-tune that ATST-Clip run into ``DIR/clip/``, then the given (ATST-Frame) encoder without distillation
+(``DIR/frame/``, unless ``--no_undistilled``) and with it (``DIR/frame_distilled/``), and reports the three
+side by side.
 
 *The teacher's chunks.* The student's crop (10 s for ATST-Frame) is longer than the crop the Clip teacher was
 pretrained and fine-tuned on (6 s base, 9 s small); its positional slots past that crop never received a
@@ -80,15 +79,16 @@ run from C2F). Flags given on the command line win over the preset. The values e
 recipe, its family, source script and the flags given are printed when the model starts and recorded in
 ``RESULTS.json`` and ``model.json``.
 
-Output ``DIR``: ``RESULTS.json`` (task, classes, recipe, options — the first model's —, per model its options,
-recipe entry, test metrics, per-class numbers, selected epoch and the validation history), ``model/``
-(``model.json`` + ``params.msgpack``: the fine-tuned encoder and head, loadable by :func:`load_finetuned` and
-usable as ``--teacher``). Bad inputs stop with one line, exit 2, before any compilation.
+Output (``OUT/<model>/``, :mod:`atst_jax.eval.finetune_run`): ``model/`` (``model.json`` +
+``params.msgpack``: the fine-tuned encoder and head, loadable by :func:`load_finetuned` and usable as
+``--teacher``) and its results entry (options, recipe entry, test metrics, per-class numbers, selected epoch
+and the validation history) in ``OUT/RESULTS.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -104,7 +104,6 @@ from flax import nnx
 from atst_jax import features as feature_sets
 from atst_jax import inference
 from atst_jax.data import views
-from atst_jax.eval import recipes
 from atst_jax.eval.data import (
     EvalError,
     LabelledSet,
@@ -112,11 +111,10 @@ from atst_jax.eval.data import (
     clip_targets,
     frame_targets,
     hold_out,
-    read_labelled,
     task_of,
 )
-from atst_jax.eval.metrics import clip_metrics, json_num, mean_ap, median_steps, sed_metrics
-from atst_jax.eval.probe import _bar_factory, load_encoder
+from atst_jax.eval.metrics import clip_metrics, mean_ap, median_steps, sed_metrics
+from atst_jax.eval.probe import _bar_factory
 from atst_jax.eval.report import fmt
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 
@@ -125,6 +123,7 @@ BN_MOMENTUM = 0.9  # running = m · running + (1 − m) · batch (PyTorch's mome
 FINAL_LR = 1e-6
 LR_REF_BATCH = 256  # --lr is the learning rate of a batch of this size
 MODEL_FORMAT = "atst_jax finetuned v1"
+RUN_FILE = "RUN.json"  # a fine-tuning --out folder's owner: the command, options and inputs of its run
 
 
 class FinetuneError(EvalError):
@@ -315,12 +314,30 @@ def peak_lr(opts: FinetuneOptions) -> float:
     return opts.lr * opts.batch / LR_REF_BATCH
 
 
+def lr_schedule(opts: FinetuneOptions, total_steps: int, warmup_steps: int):
+    """The learning rate of step ``t`` (0-based): linear warm-up over ``warmup_steps``, step ``t`` at
+    ``(t + 1) / W`` of the peak, then cosine from the peak to ``FINAL_LR`` at ``total_steps``.
+
+    The warm-up counts the step it is taking: a ramp starting at 0 (``t / W``) spends step 0 at rate 0, and a
+    run of one step (``--epochs 1`` on a small set, warm-up one epoch) would then return the pretrained
+    encoder unchanged, bit for bit. So every step, the first included, learns."""
+    peak, w = peak_lr(opts), max(int(warmup_steps), 0)
+    span = max(int(total_steps) - w, 1)
+
+    def schedule(count):
+        t = jnp.asarray(count, jnp.float32)
+        warm = peak * (t + 1.0) / max(w, 1)
+        frac = jnp.clip((t - w) / span, 0.0, 1.0)
+        cosine = FINAL_LR + (peak - FINAL_LR) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(t < w, warm, cosine)
+
+    return schedule
+
+
 def make_optimizer(
     params, depth: int, opts: FinetuneOptions, total_steps: int, warmup_steps: int, level: str = "clip"
 ):
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, peak_lr(opts), max(warmup_steps, 0), max(total_steps, warmup_steps + 1), end_value=FINAL_LR
-    )
+    schedule = lr_schedule(opts, total_steps, warmup_steps)
     parts = [scale_by_tree(layer_scales(params, depth, opts.layer_decay, level))]
     if opts.clip_norm > 0:
         parts.insert(0, optax.clip_by_global_norm(opts.clip_norm))
@@ -468,8 +485,75 @@ def teacher_trains(mode: str, level: str) -> bool:
     return mode == "train" or (mode == "official" and level == "clip")
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict_logits(graphdef, params, rest, spec, length):
+    """A model's logits in eval mode. One program per model structure (the graph definition is static and
+    compares by structure), shared by every :class:`Finetuner` of that structure: a run continued in the same
+    process, or the same model fine-tuned twice, does not compile it again."""
+    m = nnx.merge(graphdef, params, rest, copy=True)
+    return m(spec, length, train=False)
+
+
 def _pure(state):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+
+
+@dataclasses.dataclass
+class FitState:
+    """Where a fine-tuning run stands, all a resumed run needs to go on bit for bit: the trained parameters,
+    BatchNorm statistics (``rest``) and optimizer state, the best epoch's parameters (host copies), and the
+    position — ``step`` steps taken, ``epoch`` epochs finished, ``batch`` steps of the current one and their
+    ``losses``. The data position is the position itself: an epoch's order and a step's crops are drawn from
+    ``(seed, epoch[, step])`` (:meth:`Finetuner._train_epoch`)."""
+
+    params: nnx.State
+    rest: nnx.State
+    opt_state: object
+    best: tuple  # (params, rest) pure dicts of the best epoch so far
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    history: list = dataclasses.field(default_factory=list)
+    best_score: float | None = None  # None: no epoch validated yet
+    best_epoch: int = 0
+    seconds: float = 0.0  # training time so far, over every run that worked on it
+
+    def arrays(self) -> dict:
+        """The arrays as plain nested dicts (what Orbax stores). The optimizer state's leaves are numbered
+        (its containers are optax's named tuples); a part without arrays (the BatchNorm statistics of a head
+        without BatchNorm) is left out."""
+        out = {
+            "params": nnx.to_pure_dict(self.params),
+            "opt": {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(self.opt_state))},
+            "best_params": self.best[0],
+        }
+        if jax.tree.leaves(self.best[1]):
+            out |= {"rest": nnx.to_pure_dict(self.rest), "best_rest": self.best[1]}
+        return out
+
+    def position(self) -> dict:
+        """The rest, as JSON."""
+        names = ("step", "epoch", "batch", "history", "best_score", "best_epoch", "seconds")
+        return {k: getattr(self, k) for k in names} | {"losses": [float(x) for x in self.losses]}
+
+    def restored(self, arrays: dict, position: dict) -> FitState:
+        """This state (the template: a fresh run's) with a checkpoint's ``arrays`` and ``position``."""
+
+        def state(template, pure):
+            out = jax.tree.map(lambda x: x, template)
+            nnx.replace_by_pure_dict(out, pure)
+            return out
+
+        opt = [arrays["opt"][k] for k in sorted(arrays["opt"])]
+        has_rest = "rest" in arrays
+        return FitState(
+            state(self.params, arrays["params"]),
+            state(self.rest, arrays["rest"]) if has_rest else self.rest,
+            jax.tree.unflatten(jax.tree.structure(self.opt_state), opt),
+            (arrays["best_params"], arrays["best_rest"] if has_rest else self.best[1]),
+            **position,
+        )
 
 
 class Finetuner:
@@ -540,13 +624,9 @@ class Finetuner:
             params = optax.apply_updates(params, updates)
             return params, new_rest, opt_state, loss, optax.tree.norm(grads)
 
-        def predict(params, rest, spec, length):
-            m = nnx.merge(gd, params, rest, copy=True)
-            return m(spec, length, train=False)
-
         self.tx = tx
         self._step = jax.jit(step, donate_argnums=(0, 1, 2))
-        self._predict = jax.jit(predict)
+        self._predict = functools.partial(_predict_logits, gd)
 
     def predict(self, td: TaskData, params=None, rest=None, batch: int | None = None) -> list[np.ndarray]:
         """Posteriors per clip: ``[K]`` (clip) or ``[steps, K]`` (SED)."""
@@ -602,55 +682,97 @@ class Finetuner:
             m = mean_ap(np.concatenate(td.targets), np.concatenate(posteriors))[0]
         return -1.0 if math.isnan(m) else m
 
-    def fit(self, train: TaskData, val: TaskData, log=print, bar=None) -> dict:
-        opts = self.opts
+    def initial_state(self) -> FitState:
+        """The state before the first step: the model's parameters, a fresh optimizer state (:meth:`_build`
+        first), the best epoch's parameters the current ones."""
+        host = (_pure(self.params), _pure(self.rest))
+        return FitState(self.params, self.rest, self.tx.init(self.params), host)
+
+    def fit(self, train: TaskData, val: TaskData, log=print, bar=None, ckpt=None) -> dict | None:
+        """Trains ``opts.epochs`` epochs, validating after each, and leaves the best epoch's parameters in the
+        model; returns the selection record (best epoch, its score, the per-epoch history).
+
+        ``ckpt`` (optional; the command passes its per-model checkpoints) provides ``restore(state)`` (the
+        newest saved state, or ``state`` itself), ``save(state)``, ``should_stop()`` and ``stepped(state)``:
+        the run continues from where a previous one stopped, saves after every epoch, and on a stop request
+        saves at the next step boundary and returns None."""
         n = len(train.specs)
-        batch = min(opts.batch, n)
+        batch = min(self.opts.batch, n)
         per_epoch = max(1, n // batch)
-        total = per_epoch * opts.epochs
-        self._build(total, int(round(opts.warmup_epochs * per_epoch)))
-        opt_state = self.tx.init(self.params)
-        params, rest = self.params, self.rest
-        t_state = self.t_state if self.teacher is not None else None
-        rng = np.random.default_rng(opts.seed)
-        key = jax.random.key(opts.seed)
-        best = (-math.inf, -1, None, None)
-        history = []
-        step = 0
-        for epoch in range(opts.epochs):
-            order = rng.permutation(n)
-            losses = []
-            for b in range(per_epoch):
-                idx = order[b * batch : (b + 1) * batch]
-                spec, length, y = crop_batch(train, idx, self.frames, self.patch, self.level, rng)
-                params, rest, opt_state, loss, gnorm = self._step(
-                    params,
-                    rest,
-                    opt_state,
-                    t_state,
-                    jnp.asarray(spec),
-                    jnp.asarray(length),
-                    jnp.asarray(y),
-                    jax.random.fold_in(key, step),
-                )
-                losses.append(loss)
-                step += 1
-            loss = float(np.mean([float(x) for x in losses]))
-            if not math.isfinite(loss):
-                raise FinetuneError(f"epoch {epoch + 1}: the loss is {loss}; lower --lr (now {opts.lr:g})")
-            host = (_pure(params), _pure(rest))
-            val_score = self.selection_score(val, self.predict(val, params, rest))
-            history.append({"epoch": epoch + 1, "loss": loss, "val": val_score})
-            if val_score > best[0]:
-                best = (val_score, epoch + 1, *host)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_score:.4f}")
-        _, best_epoch, p_best, r_best = best
-        nnx.replace_by_pure_dict(self.params, p_best)
-        nnx.replace_by_pure_dict(self.rest, r_best)
+        self._build(per_epoch * self.opts.epochs, int(round(self.opts.warmup_epochs * per_epoch)))
+        st = self.initial_state()
+        if ckpt is not None:
+            st = ckpt.restore(st)
+        t0, before = time.perf_counter(), st.seconds
+        if bar is not None and st.epoch:
+            bar.update(st.epoch)
+        while st.epoch < self.opts.epochs:
+            if not self._train_epoch(
+                st, train, batch, per_epoch, ckpt, lambda: before + time.perf_counter() - t0
+            ):
+                return None
+            self._end_epoch(st, val, bar)
+            if ckpt is not None:
+                st.seconds = before + time.perf_counter() - t0
+                ckpt.save(st)
+                if ckpt.should_stop():
+                    return None
+        self.fit_seconds = before + time.perf_counter() - t0
+        nnx.replace_by_pure_dict(self.params, st.best[0])
+        nnx.replace_by_pure_dict(self.rest, st.best[1])
         nnx.update(self.model, self.params, self.rest)
-        return {"epoch": best_epoch, "val_score": best[0], "history": history}
+        return {"epoch": st.best_epoch, "val_score": st.best_score, "history": st.history}
+
+    def _train_epoch(self, st: FitState, train: TaskData, batch: int, per_epoch: int, ckpt, clock) -> bool:
+        """The rest of epoch ``st.epoch`` from step ``st.batch``; False when it stopped (saved) on request.
+
+        The epoch's order and each step's crops and key come from ``(seed, epoch[, step])`` alone, so a run
+        resumed at any step draws what the uninterrupted run drew."""
+        seed = self.opts.seed
+        order = np.random.default_rng((seed, st.epoch)).permutation(len(train.specs))
+        key = jax.random.key(seed)
+        t_state = self.t_state if self.teacher is not None else None
+        while st.batch < per_epoch:
+            if ckpt is not None and ckpt.should_stop():
+                st.seconds = clock()
+                ckpt.save(st)
+                return False
+            b = st.batch
+            rng = np.random.default_rng((seed, st.epoch, b))
+            idx = order[b * batch : (b + 1) * batch]
+            spec, length, y = crop_batch(train, idx, self.frames, self.patch, self.level, rng)
+            st.params, st.rest, st.opt_state, loss, _ = self._step(
+                st.params,
+                st.rest,
+                st.opt_state,
+                t_state,
+                jnp.asarray(spec),
+                jnp.asarray(length),
+                jnp.asarray(y),
+                jax.random.fold_in(key, st.step),
+            )
+            st.losses.append(loss)
+            st.batch, st.step = b + 1, st.step + 1
+            if ckpt is not None:
+                ckpt.stepped(st)
+        return True
+
+    def _end_epoch(self, st: FitState, val: TaskData, bar) -> None:
+        """Validation after an epoch: its history row, the best epoch so far, the next epoch's position."""
+        loss = float(np.mean([float(x) for x in st.losses]))
+        if not math.isfinite(loss):
+            raise FinetuneError(
+                f"epoch {st.epoch + 1}: the loss is {loss}; lower --lr (now {self.opts.lr:g})"
+            )
+        val_score = self.selection_score(val, self.predict(val, st.params, st.rest))
+        st.history.append({"epoch": st.epoch + 1, "loss": loss, "val": val_score})
+        if st.best_score is None or val_score > st.best_score:
+            st.best = (_pure(st.params), _pure(st.rest))
+            st.best_score, st.best_epoch = val_score, st.epoch + 1
+        st.epoch, st.batch, st.losses = st.epoch + 1, 0, []
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", val=f"{val_score:.4f}")
 
 
 def _activate(z: np.ndarray, softmax: bool) -> np.ndarray:
@@ -676,16 +798,46 @@ def save_finetuned(model: FinetuneModel, out: Path, meta: dict) -> None:
     os.replace(tmp, out / "params.msgpack")
     cfg = dataclasses.asdict(model.encoder.cfg)
     doc = {"format": MODEL_FORMAT, "encoder": cfg, "level": model.level, **meta}
-    (out / "model.json").write_text(json.dumps(doc, indent=1))
+    tmp = out / ".model.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, out / "model.json")
+
+
+def finetuned_dir(path, what: str = "--teacher") -> Path:
+    """The model directory (``model.json`` + ``params.msgpack``) of ``path``: that directory itself, its
+    ``model/``, or — the ``--out`` folder of a fine-tuning run — the one ``<model>/model/`` in it. A run
+    folder with several models (ATST-C2F's ``clip``, ``frame``, ``frame_distilled``) or none yet (a run
+    stopped before its first model finished) is a :class:`FinetuneError` naming what to pass instead."""
+    path = Path(path)
+    for candidate in (path, path / "model"):
+        if (candidate / "model.json").is_file():
+            return candidate
+    found = sorted(p.parent for p in path.glob("*/model/model.json"))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = ", ".join(p.parent.name for p in found)
+        raise FinetuneError(
+            f"{what} {path}: the run holds {len(found)} fine-tuned models ({names}): name one, e.g. "
+            f"{what} {found[0].parent}"
+        )
+    if path.is_dir() and (any(path.glob("*/checkpoints")) or (path / RUN_FILE).is_file()):
+        raise FinetuneError(
+            f"{what} {path}: the fine-tuning run there has not finished a model yet (run its command again to "
+            "finish it)"
+        )
+    raise FinetuneError(
+        f"{what} {path}: not a fine-tuned model directory (no model.json in it, in its model/ or in a "
+        "<model>/model/ of a fine-tuning --out folder)"
+    )
 
 
 def load_finetuned(path) -> tuple[FinetuneModel, dict]:
-    """``(model, meta)`` from a fine-tune output directory (``DIR`` or ``DIR/model``)."""
+    """``(model, meta)`` from a fine-tuned model: its directory, the model's folder of a fine-tuning run
+    (``OUT/<model>``) or the run's ``--out`` folder when it holds one model (:func:`finetuned_dir`)."""
     from flax import serialization
 
-    path = Path(path)
-    if (path / "model").is_dir():
-        path = path / "model"
+    path = finetuned_dir(path)
     try:
         meta = json.loads((path / "model.json").read_text())
         raw = (path / "params.msgpack").read_bytes()
@@ -720,7 +872,7 @@ def load_finetuned(path) -> tuple[FinetuneModel, dict]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_teacher(t_meta: dict, train: LabelledSet, task: str, features: str, level: str, step_s: float):
+def check_teacher(t_meta: dict, train: LabelledSet, task: str, features: str, level: str, step_s: float):
     """Refuses a ``--teacher`` fine-tuned on another task, feature set or (frame level) time grid."""
     if t_meta["classes"] != list(train.classes) or t_meta["task"] != task:
         raise FinetuneError(
@@ -764,9 +916,11 @@ def finetune(
     name: str = "finetuned",
     log=print,
     recipe: dict | None = None,
-) -> dict:
+    ckpt=None,
+) -> dict | None:
     """Fine-tunes ``encoder`` (modified in place), saves ``out/model`` and returns its results entry
-    (``recipe``: the ``--recipe`` record of :func:`resolve_options`, kept with the options in both)."""
+    (``recipe``: the ``--recipe`` record of the command, kept with the options in both). ``ckpt``: the
+    run's checkpoints of this model (:meth:`Finetuner.fit`); None when a stop request ended it early."""
     given = {"--train": train, "--test": test} | ({"--val": val} if val is not None else {})
     check_sets(given, features, encoder.cfg.n_mels)
     task = task_of(list(given.values()), opts.task)
@@ -777,7 +931,7 @@ def finetune(
     fs = feature_sets.get(features)
     step_s = patch * fs.hop_length / fs.sample_rate
     if teacher is not None:
-        _check_teacher(teacher[1], train, task, features, level, step_s)
+        check_teacher(teacher[1], train, task, features, level, step_s)
     frames = _crop_frames(opts, chunk_frames, patch, fs, train)
     if opts.drop_path is not None:
         encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=opts.drop_path)
@@ -786,16 +940,16 @@ def finetune(
     splits = {
         s: task_data(d, level, step_s, patch) for s, d in (("train", train), ("val", val), ("test", test))
     }
+    steps = max(1, len(train) // min(opts.batch, len(train)))
     log(
         f"{name}: {task}, {len(train.classes)} classes; train {len(train)} / val {len(val)} / test "
-        f"{len(test)} clips; crops of {frames} frames; {opts.epochs} epochs of {max(1, len(train) // min(opts.batch, len(train)))} steps"
+        f"{len(test)} clips; crops of {frames} frames; {opts.epochs} epochs of {steps} steps"
         + (f"; distilled (λ = {opts.distill_lambda:g})" if teacher is not None else "")
     )
-    t0 = time.perf_counter()
     with _bar_factory(opts.progress)(opts.epochs, f"{name}: fine-tune", "epoch") as bar:
-        selection = tuner.fit(splits["train"], splits["val"], log=log, bar=bar)
-    metrics, per = tuner.score(splits["test"], tuner.predict(splits["test"]))
-    seconds = round(time.perf_counter() - t0, 2)
+        selection = tuner.fit(splits["train"], splits["val"], log=log, bar=bar, ckpt=ckpt)
+    if selection is None:
+        return None
     meta = {
         "task": task,
         "classes": list(train.classes),
@@ -807,260 +961,31 @@ def finetune(
         "options": dataclasses.asdict(opts),
         "recipe": recipe,
     }
-    model.chunk_frames = frames
-    encoder.cfg = dataclasses.replace(encoder.cfg, drop_path=0.0)
+    return _test_and_save(tuner, splits["test"], selection, meta, out, name, log)
+
+
+def _test_and_save(
+    tuner: Finetuner, test: TaskData, selection: dict, meta: dict, out: Path, name, log
+) -> dict:
+    """Scores the selected parameters on the test split, saves ``out/model``; the results entry."""
+    t0 = time.perf_counter()
+    metrics, per = tuner.score(test, tuner.predict(test))
+    seconds = round(tuner.fit_seconds + time.perf_counter() - t0, 2)
+    model = tuner.model
+    model.chunk_frames = meta["chunk_frames"]
+    model.encoder.cfg = dataclasses.replace(model.encoder.cfg, drop_path=0.0)
     save_finetuned(model, out / "model", meta)
     shown = ", ".join(f"{k} {fmt(v)}" for k, v in metrics.items())
     log(f"{name}: {shown} (best epoch {selection['epoch']}, {seconds:.1f} s)")
     return {
-        "task": task,
+        "task": meta["task"],
         "metrics": metrics,
         "per_class": per,
         "selection": selection,
-        "distilled": teacher is not None,
+        "distilled": tuner.teacher is not None,
         "seconds": seconds,
         "model": str(out / "model"),
-        "source": source or {},
-        "options": dataclasses.asdict(opts),
-        "recipe": recipe,
+        "source": meta["source"],
+        "options": meta["options"],
+        "recipe": meta["recipe"],
     }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _parser():
-    from atst_jax.cli import ArgumentParser
-
-    p = ArgumentParser(prog="python -m atst_jax.finetune", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a pretraining run directory")
-    src.add_argument("--weights", help="an exported or official encoder file")
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--encoder", choices=("teacher", "student"), default="teacher")
-    p.add_argument("--train", required=True)
-    p.add_argument("--test", required=True)
-    p.add_argument("--val", default=None)
-    p.add_argument("--out", required=True, help="output directory (RESULTS.json, model/)")
-    dist = p.add_mutually_exclusive_group()
-    dist.add_argument("--teacher", default=None, help="a fine-tuned model directory to distil from")
-    dist.add_argument("--c2f_clip", default=None, help="an ATST-Clip run (or file): the whole C2F recipe")
-    p.add_argument("--distill_lambda", type=float, default=None, help="(default 0.5)")
-    p.add_argument("--no_undistilled", action="store_true", help="with a teacher: skip the λ = 0 run")
-    p.add_argument(
-        "--teacher_mode",
-        choices=TEACHER_MODES,
-        default="official",
-        help="the teacher's mode while distilling (official: train at clip level, eval at frame level)",
-    )
-    defaults = FinetuneOptions()
-    p.add_argument(
-        "--recipe",
-        default=None,
-        metavar="TASK",
-        help=f"the official per-task values ({', '.join(recipes.names())}); flags given win",
-    )
-    p.add_argument("--task", choices=("auto", "clip", "sed"), default="auto")
-
-    # A flag a preset may set defaults to None (= not given): given flags win over the preset, the preset
-    # over the FinetuneOptions default.
-    def dflt(name):
-        return None if name in recipes.FIELDS else getattr(defaults, name)
-
-    for name in ("epochs", "batch"):
-        p.add_argument(f"--{name}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
-    for name in ("lr", "layer_decay", "momentum", "clip_norm", "warmup_epochs", "mixup", "val_fraction"):
-        shown = f"(default {getattr(defaults, name)})"
-        p.add_argument(f"--{name}", type=float, default=dflt(name), help=shown)
-    p.add_argument("--median_s", type=float, default=None, help=f"(default {defaults.median_s})")
-    p.add_argument("--crop_s", type=float, default=None, help="(default: the encoder's chunk)")
-    p.add_argument("--drop_path", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_progress", action="store_true")
-    return p
-
-
-def _options(args, preset: dict | None = None) -> FinetuneOptions:
-    """The options of ``args``: a preset-able flag not given (None) takes ``preset``'s value, else the
-    default."""
-    defaults = FinetuneOptions()
-    # Every option but ``progress`` is a flag of the same name.
-    fields = [f.name for f in dataclasses.fields(FinetuneOptions) if f.name != "progress"]
-    v = {}
-    for name in fields:
-        v[name] = getattr(args, name)
-        if v[name] is None and name in recipes.FIELDS:
-            v[name] = (preset or {}).get(name, getattr(defaults, name))
-    checks = [
-        (v["epochs"] >= 1, "--epochs must be >= 1"),
-        (v["batch"] >= 1, "--batch must be >= 1"),
-        (v["lr"] > 0, "--lr must be > 0"),
-        (0 < v["layer_decay"] <= 1, "--layer_decay must be in (0, 1]"),
-        (0 <= v["momentum"] < 1, "--momentum must be in [0, 1)"),
-        (v["clip_norm"] >= 0, "--clip_norm must be >= 0 (0 = no clipping)"),
-        (v["warmup_epochs"] >= 0, "--warmup_epochs must be >= 0"),
-        (v["mixup"] >= 0, "--mixup must be >= 0 (0 = off)"),
-        (0 <= v["distill_lambda"] <= 1, "--distill_lambda must be in [0, 1]"),
-        (0 < v["val_fraction"] < 1, "--val_fraction must be in (0, 1)"),
-        (v["crop_s"] is None or v["crop_s"] > 0, "--crop_s must be > 0"),
-        (v["drop_path"] is None or 0 <= v["drop_path"] < 1, "--drop_path must be in [0, 1)"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise FinetuneError(msg)
-    return FinetuneOptions(**v, progress=not args.no_progress)
-
-
-def family_of(cfg: EncoderConfig) -> str:
-    """The recipe family of a plain fine-tuning run of an encoder: ``clip`` with a CLS token (the ATST-Clip
-    layout), ``frame`` without."""
-    return "clip" if cfg.use_cls else "frame"
-
-
-def recipe_task(args) -> str | None:
-    """The official task name of ``--recipe`` (None without it); an unknown name, or a distillation run of a
-    task without official C2F values, is a :class:`FinetuneError`."""
-    name = getattr(args, "recipe", None)
-    if name is None:
-        return None
-    task = recipes.canonical(name)
-    if task is None:
-        raise FinetuneError(f"unknown --recipe {name!r}; known: {recipes.known_text()}")
-    distilled = getattr(args, "teacher", None) or getattr(args, "c2f_clip", None)
-    if distilled and recipes.preset(task, "c2f") is None:
-        have = ", ".join(t for t in recipes.names() if recipes.preset(t, "c2f"))
-        raise FinetuneError(
-            f"--recipe {task}: the official scripts give no ATST-C2F (distillation) values for it; "
-            f"those with C2F values: {have}"
-        )
-    return task
-
-
-def resolve_options(args, family: str | None = None) -> tuple[FinetuneOptions, dict | None]:
-    """The options of a model of ``family`` (``clip`` | ``frame`` | ``c2f``; see :mod:`atst_jax.eval.recipes`):
-    each preset-able flag as given on the command line, else the ``--recipe`` preset's value for that
-    family, else the default; and the recipe record (name, family, source script, the preset's values, the
-    flags given), None without ``--recipe``."""
-    task = recipe_task(args)
-    if task is None or family is None:
-        return _options(args), None
-    preset = recipes.preset(task, family)
-    if preset is None:
-        label = recipes.FAMILIES[family]
-        raise FinetuneError(f"--recipe {task}: the official scripts give no {label} values")
-    given = [f"--{n}" for n in recipes.FIELDS if getattr(args, n, None) is not None]
-    record = {
-        "name": task,
-        "family": family,
-        "source": preset.source,
-        "note": preset.note,
-        "preset": dict(preset.values),
-        "given": given,
-    }
-    return _options(args, preset.values), record
-
-
-def recipe_line(name: str, opts: FinetuneOptions, record: dict) -> str:
-    """One line: the recipe, its family and source, and the values the model runs with."""
-
-    def val(k):
-        x = getattr(opts, k)
-        return "the encoder's chunk" if x is None else f"{x:g}"
-
-    shown = ", ".join(f"{k} {val(k)}" for k in recipes.FIELDS)
-    given = ", ".join(record["given"]) or "none"
-    return (
-        f"{name}: recipe {record['name']} ({recipes.FAMILIES[record['family']]} values, {record['source']}): "
-        f"{shown} (peak lr {peak_lr(opts):g}); flags given: {given}"
-    )
-
-
-def _load(workdir, weights, step, encoder, what):
-    try:
-        return load_encoder(workdir=workdir, step=step, weights=weights, encoder=encoder)
-    except (FileNotFoundError, ValueError) as e:
-        raise FinetuneError(f"{what}: {e}") from None
-
-
-def run(args, log=print) -> dict:
-    task = recipe_task(args)
-    _options(args)  # the flags' own checks, before any data is read
-    for family in recipes.families_of(task) if task else ():
-        resolve_options(args, family)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"--out {out}: exists and is not a directory")
-    sets = {
-        "train": read_labelled(args.train, "--train"),
-        "test": read_labelled(args.test, "--test"),
-        "val": read_labelled(args.val, "--val") if args.val else None,
-    }
-    what = f"--workdir {args.workdir}" if args.workdir else f"--weights {args.weights}"
-    student_src = (args.workdir, args.weights, args.step, args.encoder)
-    results: dict = {"recipe": task, "options": None, "models": {}}
-
-    def job(src, name, teacher=None, family=None):
-        enc, chunk, feats, source = _load(*src, what if src is student_src else f"--c2f_clip {src[0]}")
-        o, record = resolve_options(args, family or family_of(enc.cfg))
-        if record is not None:
-            log(recipe_line(name, o, record))
-        return finetune(
-            enc,
-            chunk,
-            feats,
-            sets["train"],
-            sets["test"],
-            sets["val"],
-            o,
-            out / name,
-            teacher,
-            source,
-            name,
-            log,
-            record,
-        )
-
-    teacher = None
-    if args.teacher:
-        teacher = load_finetuned(args.teacher)
-    if args.c2f_clip:
-        clip_src = (args.c2f_clip, None, None, "teacher")
-        if os.path.isfile(args.c2f_clip):
-            clip_src = (None, args.c2f_clip, None, "teacher")
-        results["models"]["clip"] = job(clip_src, "clip", family="clip")
-        teacher = load_finetuned(out / "clip")
-    if teacher is not None:
-        if not args.no_undistilled:
-            results["models"]["frame"] = job(student_src, "frame")
-        results["models"]["frame_distilled"] = job(student_src, "frame_distilled", teacher, family="c2f")
-    else:
-        results["models"]["finetuned"] = job(student_src, "finetuned")
-    first = next(iter(results["models"].values()))
-    results.update(task=first["task"], classes=list(sets["train"].classes), options=first["options"])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".RESULTS.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=json_num))
-    os.replace(tmp, out / "RESULTS.json")
-    log(table(results))
-    return results
-
-
-def table(results: dict) -> str:
-    models = results["models"]
-    keys = list(next(iter(models.values()))["metrics"])
-    rows = [["model", *keys]] + [[n, *(fmt(m["metrics"][k]) for k in keys)] for n, m in models.items()]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-
-
-def main(argv=None) -> int:
-    from atst_jax.cli import fail
-
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except (FinetuneError, EvalError) as e:
-        return fail(str(e))
-    return 0
