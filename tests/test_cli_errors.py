@@ -21,7 +21,8 @@ from atst_jax.data.records import write_records
 from atst_jax.eval import embed
 from atst_jax.export import __main__ as export_cli
 from atst_jax.sharding import ConfigError
-from atst_jax.tools import bench_data
+from atst_jax.tools import bench_data, scaling, sweep
+from atst_jax.tools import plan as plan_tool
 from atst_jax.train import train
 
 
@@ -54,17 +55,50 @@ def paths(tiny_run, tmp_path_factory):
     arrays[-1].write_bytes(arrays[-1].read_bytes()[:100])
     afile = root / "afile"
     afile.write_text("not a directory")
+    (root / "unsaved" / "checkpoints").mkdir(parents=True)  # a run that has not saved a checkpoint yet
     wav = root / "audio" / "a.wav"
     wav.parent.mkdir()
     sf.write(str(wav), np.zeros(8000, np.float32), 16000)
     return {
         "run": tiny_run,
+        "unsaved": root / "unsaved",
+        "compose": _compose_run(root / "compose"),
         "damaged": damaged,
         "file": afile,
         "wav": wav,
         "root": root,
         "ro": _read_only(root),
     }
+
+
+def _compose_run(workdir):
+    """A checkpoint of compose's tiny config with zero parameters (nothing compiled): its structure and saved
+    config are what export reads."""
+    import jax
+    from flax import nnx
+
+    from atst_jax.config import load_config
+    from atst_jax.methods import build
+
+    config = load_config(f"{ROOT}/configs/compose.py:tiny")
+    student, teacher, _ = nnx.eval_shape(lambda: build(config).init(jax.random.key(0)))
+
+    def zeros(module, kind):
+        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(nnx.state(module, kind)))
+
+    state = {
+        "step": np.asarray(5, np.int32),
+        "params": zeros(student, nnx.Param),
+        "stats": zeros(student, nnx.BatchStat),
+        "teacher": zeros(teacher, nnx.Param),
+        "teacher_stats": zeros(teacher, nnx.BatchStat),
+        "opt": {"count": np.asarray(5, np.int32)},
+        "rng": np.zeros((2,), np.uint32),
+    }
+    ckpt = ckpt_lib.Checkpointer(workdir, save_every=1, keep=1, async_save=False)
+    ckpt.save(5, state, config=config, force=True)
+    ckpt.close()
+    return workdir
 
 
 def _read_only(root):
@@ -115,11 +149,16 @@ def test_prepare(argv, needle, paths, capsys):
         (["--workdir", "{run}", "--format", "safetensors", "--step", "99", "--out", "{root}/e"], "step 99"),
         (["--workdir", "{damaged}", "--format", "safetensors", "--out", "{root}/e"], "unreadable"),
         (["--workdir", "{run}", "--format", "safetensors", "--out", "{file}/e.safetensors"], "cannot write"),
+        (["--workdir", "{unsaved}", "--format", "safetensors", "--out", "{root}/e"],
+         "unsaved has no finished checkpoint yet"),
+        (["--workdir", "{compose}", "--format", "lightning", "--out", "{root}/e.ckpt"],
+         "method 'compose' has no official Lightning checkpoint layout: export safetensors"),
     ],
 )  # fmt: skip
 def test_export(argv, needle, paths, capsys):
     argv = [a.format(**paths) for a in argv]
     _one_line(*_call(export_cli.main, argv, capsys), needle)
+    assert "None" not in capsys.readouterr().err
 
 
 def test_export_without_the_torch_extra(paths, capsys, monkeypatch, tmp_path):
@@ -204,6 +243,72 @@ def test_bench_data(argv, needle, paths, capsys):
     _one_line(*_call(bench_data.main, argv, capsys), needle)
 
 
+# --- sweep: every run's config (the knob ranges included) before anything is written or compiled ----------
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Fails the test if a train step is built or a plan compiled: these errors must come before either."""
+
+    def compiles(*args, **kwargs):
+        raise AssertionError("compiled before the one-line error")
+
+    from atst_jax import trainer
+
+    monkeypatch.setattr(trainer.Trainer, "jit_train_step", compiles)
+    monkeypatch.setattr(plan_tool, "plan", compiles)
+    monkeypatch.setattr(plan_tool, "_force_cpu_devices", lambda n: None)  # this process's JAX is running
+
+
+COMPOSE, FRAME = f"{ROOT}/configs/compose.py:tiny", f"{CONFIG}:tiny"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([COMPOSE, "--config.compose.corrupt_area=(0.5,0.2)"], "compose.corrupt_area=(0.5, 0.2): must be in (0, 1) ordered"),
+        ([COMPOSE, "--config.compose.paste_prob=2"], "compose.paste_prob=2.0: must be in [0, 1]"),
+        ([COMPOSE, "--config.compose.max_block=0"], "compose.max_block=0.0: must be in (0, 1]"),
+        ([COMPOSE, "--config.compose.mask_block=(0,0)"], "compose.mask_block=(0, 0): must be in [1, inf)"),
+        ([COMPOSE, "--grid", "compose.mask_block=(5,1),(0,0)"],
+         "run mask_block0_0: config.compose.mask_block=(0, 0): must be in [1, inf)"),
+        ([COMPOSE, "--config.compose.mask_block=5"], "compose.mask_block=5: the field holds a tuple such as (5,1); give a value of that form"),
+        ([FRAME, "--grid", "model.width=128,0"], "run width0: model.width=0: must be in [1, inf)"),
+        ([FRAME, "--config.model.depth=0"], "model.depth=0: must be in [1, inf)"),
+        ([FRAME, "--config.atst_frame.mask_span=0"], "atst_frame.mask_span=0: must be in [1, inf)"),
+    ],
+)  # fmt: skip
+def test_sweep_dry_run(argv, needle, paths, capsys, no_compile):
+    # slurm: the dry run that writes the plan files when the plan is good
+    argv = ["--config", *argv, "--root", str(paths["root"] / "sw"), "--dry-run", "--launcher", "slurm"]
+    _one_line(*_call(sweep.main, argv, capsys), needle)
+    assert not (paths["root"] / "sw").exists()
+
+
+# --- scaling: its outputs and the ladder's rows checked before any work ---------------------------------------
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["{root}", "--out", "{file}"], "--out {file} is a file, not a directory"),
+        (["{root}", "--out", "{file}/scaling"], "{file} is a file, not a directory"),
+        (["ladder", "--json", "{root}/nope/ladder.json"], "--json {root}/nope/ladder.json: its folder {root}/nope does not exist"),
+        (["ladder", "--json", "{file}/ladder.json"], "its folder {file} is a file"),
+        (["ladder", "--variants", "tiny,huge"], "ladder row configs/atst_frame.py:huge: unknown variant 'huge'"),
+        (["ladder", "--configs", "configs/nope.py"], "ladder row configs/nope.py:tiny: no such config file"),
+        (["ladder", "--variants", ""], "--variants names nothing to plan"),
+        (["ladder", "--mesh", "fsdp=3"], "no row of the ladder can run on mesh fsdp=3; the first: configs/atst_frame.py:tiny"),
+    ],
+)  # fmt: skip
+def test_scaling(argv, needle, paths, capsys, monkeypatch, no_compile):
+    def works(*args, **kwargs):
+        raise AssertionError("the analysis started before the one-line error")
+
+    monkeypatch.setattr(scaling, "collect", works)
+    if argv[0] == "ladder":  # one small row unless the case names others
+        argv = [*argv, *(["--configs", "configs/atst_frame.py"] if "--configs" not in argv else [])]
+        argv = [*argv, *(["--variants", "tiny"] if "--variants" not in argv else [])]
+    argv = [a.format(**paths) for a in argv]
+    _one_line(*_call(scaling.main, argv, capsys), needle.format(**paths))
+
+
 # --- train: the config-level errors, in-process -----------------------------------------------------------
 def _incomplete_records(root):
     d = root / "incomplete"
@@ -282,11 +387,13 @@ def test_train_cli_refuses_another_runs_workdir_in_one_line(paths, embedded_cach
     [
         (["--config", "{root}/nope.py:tiny", "--mesh", "data=1"], "no such file"),
         (["--config", f"{CONFIG}:huge", "--mesh", "data=1"], "unknown variant 'huge'"),
+        (["--config", f"{CONFIG}:tiny", "--mesh", "data=1", "--json", "{root}/nope/plan.json"],
+         "--json {root}/nope/plan.json: its folder {root}/nope does not exist"),
     ],
-)
+)  # fmt: skip
 def test_plan_cli(args, needle, paths):
     proc = subprocess.run(
         [sys.executable, "-m", "atst_jax.plan", *[a.format(**paths) for a in args]],
         capture_output=True, text=True, env=cli_env(1), cwd=ROOT, timeout=120,
     )  # fmt: skip
-    _one_line(proc.returncode, proc.stderr, needle)
+    _one_line(proc.returncode, proc.stderr, needle.format(**paths))

@@ -208,3 +208,57 @@ def test_the_probe_cache_is_keyed_by_every_input_of_the_probe(fake_sweep, monkey
         with pytest.raises(scaling.FitError, match="stand-in evaluate"):
             scaling.probe_score(wd, args[0], args[1], None, args[2])
     assert len(calls) == 4
+
+
+def test_runs_trained_with_another_config_are_left_out_of_the_fits(tmp_path, capsys, monkeypatch):
+    """The sweep's ownership check reaches the analysis: a run whose checkpoint was trained with another
+    config (here another width, in a root whose config changed under it) is reported in one line and its
+    numbers are neither tabled, fitted nor drawn as this run's."""
+    root = tmp_path / "sweep"
+    fixed = {"model.depth": "2"}
+    plan = sweep.make_plan(str(root), CONFIG, "train.steps=10,20,40", fixed)
+    sweep.write_plan(plan)
+    for run in plan.runs:
+        wd = root / run.name
+        wd.joinpath("metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "loss": 10 * s**-0.1}) + "\n" for s in range(1, run.steps + 1))
+        )
+        ck = wd / "checkpoints" / str(run.steps)
+        (ck / "config").mkdir(parents=True)
+        (ck / "_CHECKPOINT_METADATA").touch()
+        overrides = {**fixed, **run.overrides}
+        if run.name == "steps40":
+            overrides["model.width"] = "64"  # the tiny variant's is 128
+        saved = sweep.run_config(CONFIG, overrides).to_json_best_effort()
+        (ck / "config" / "metadata").write_text(saved)
+    for plot in ("plot_compute", "plot_against"):  # drawn by the test above; the table and fits suffice here
+        monkeypatch.setattr(scaling, plot, lambda *args, **kwargs: None)
+    assert scaling.main([str(root)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "warning: run steps40 was trained with another config than the sweep's (model.width: 64 -> 128): it "
+        "is left out of the table's numbers, the fits and the plots"
+    ]
+    rows = {r["run"]: r for r in csv.DictReader(open(root / "scaling" / "scaling.csv"))}
+    assert [rows[n]["state"] for n in ("steps10", "steps20", "steps40")] == ["done", "done", "foreign"]
+    assert rows["steps40"]["steps"] == "0" and rows["steps40"]["final_loss"] == "nan"
+    fits = json.loads((root / "scaling" / "fits.json").read_text())
+    assert fits["loss_vs_compute"]["runs"] == ["steps10", "steps20"]
+
+
+def test_a_failed_or_partial_probe_is_never_scored(tmp_path):
+    """evaluate records a metric that failed as null (its error beside it) and writes RESULTS.json while it
+    runs: a null is one line naming the cause, and a run's own probe still in progress is not scored."""
+    from atst_jax.tools import scaling
+
+    results = {
+        "task": "clip",
+        "encoders": {"checkpoint": {"metrics": {"mAP": None}, "errors": {"mAP": "boom"}}},
+    }
+    with pytest.raises(scaling.FitError, match=r"could not compute it \(boom\)"):
+        scaling._score(results, None, tmp_path)
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "RESULTS.json").write_text(json.dumps({**results, "complete": False}))
+    assert scaling._own_final_probe(tmp_path) is None
+    (tmp_path / "probe" / "RESULTS.json").write_text(json.dumps({**results, "complete": True}))
+    assert scaling._own_final_probe(tmp_path)["complete"] is True

@@ -161,7 +161,7 @@ def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests
     table = capsys.readouterr().out
     # Last logged step 2 (a checkpointed step's line is written before its save), newest checkpoint 2.
     assert re.search(r"seed0\s+done\s+4/4", table) and re.search(r"seed1\s+stopped\s+2/4\s+\S+\s+2\s", table)
-    assert "1 done, 1 stopped" in table
+    assert "1 of 2 runs done; 1 stopped before finishing." in table
 
     finished = {p.name: p.stat().st_mtime_ns for p in (root / "seed0" / "checkpoints").iterdir()}
     assert _sweep(root, "--in-process", overrides=overrides) == 0
@@ -180,6 +180,65 @@ def test_killed_sweep_rerun_finishes_only_the_missing_runs_with_the_same_digests
     assert "all 2 runs are done" in capsys.readouterr().out
     assert _sweep(root, "--in-process", grid="seed=0,1,2", overrides=overrides) == 2
     assert "holds another sweep (grid differs" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------
+# Ownership: a run's checkpoint carries the config that trained it, and a run of another config is refused
+# ------------------------------------------------------------------------------------------------------
+def _checkpoint_of(workdir, step: int, config: dict) -> None:
+    """A committed checkpoint marker at ``step`` with its saved config, as the trainer writes them."""
+    ck = workdir / "checkpoints" / str(step)
+    (ck / "config").mkdir(parents=True)
+    (ck / "_CHECKPOINT_METADATA").touch()
+    (ck / "config" / "metadata").write_text(json.dumps(config))
+
+
+def test_runs_trained_with_another_config_are_refused_with_or_without_sweep_json(tmp_path, capsys):
+    root = tmp_path / "sweep"
+    fixed = ["--config.train.steps=4", "--config.model.depth=2"]
+    plan = sweep.make_plan(str(root), CONFIG, "seed=0,1", {"train.steps": "4", "model.depth": "2"})
+    seed0, seed1 = plan.runs
+    planned = {"train.steps": "4", "model.depth": "2", "seed": "0"}
+    # The tiny variant's width is 128.
+    theirs = json.loads(sweep.run_config(CONFIG, {**planned, "model.width": "64"}).to_json_best_effort())
+
+    # No sweep.json: seed0's finished checkpoint was trained at another width. Old code counted it done and
+    # rewrote its train.args; now the sweep (a dry run too) refuses in one line and writes nothing.
+    _checkpoint_of(root / "seed0", 4, theirs)
+    (root / "seed0" / "train.args").write_text("--config.model.width=64\n")
+    for extra in ([], ["--dry-run"], ["--launcher", "slurm", "--dry-run"]):
+        assert _sweep(root, *extra, overrides=fixed) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(
+            "error: run seed0 was trained with another config: "
+        ), err
+        assert "differs from this sweep's in model.width: 64 -> 128, so it is neither counted done" in err
+    assert sorted(p.name for p in root.iterdir()) == ["seed0"]
+    assert (root / "seed0" / "train.args").read_text() == "--config.model.width=64\n"
+    assert not sweep.is_done(plan, seed0)
+
+    # The same run in a sweep of its own config is done (a rerun skips it).
+    assert _sweep(root, "--dry-run", overrides=[*fixed, "--config.model.width=64"]) == 0
+    out = capsys.readouterr().out
+    assert "--workdir" in out and f"{root}/seed0 " not in out and f"{root}/seed1 " in out
+
+    # With sweep.json: the plan is the same, but the config file changed under a finished run (here: its
+    # checkpoint trained a 6-step schedule, which reaches the 4 steps asked). Status shows it, reruns refuse.
+    shutil.rmtree(root)
+    sweep.write_plan(plan)
+    longer = json.loads(
+        sweep.run_config(CONFIG, {**planned, "seed": "1", "train.steps": "6"}).to_json_best_effort()
+    )
+    _checkpoint_of(root / "seed1", 6, longer)
+    assert sweep.main(["status", str(root)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"seed1\s+foreign .* trained with another config: train.steps: 6 -> 4$", table, re.M), (
+        table
+    )
+    assert "0 of 2 runs done; 1 not started, 1 trained with another config." in table
+    assert _sweep(root, "--in-process", overrides=fixed) == 2
+    assert "run seed1 was trained with another config" in capsys.readouterr().err
+    assert not (root / "seed0" / "checkpoints").exists()  # refused before anything started
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -218,7 +277,11 @@ def test_local_launcher_runs_n_at_a_time_records_failures_and_retries_only_them(
     out = capsys.readouterr()
     assert "FAILED seed1 (exit 3): error: something broke" in out.out
     assert re.search(r"seed1\s+failed\s+-/3 .*exit 3: error: something broke", out.out)
-    assert "1 failed, 0 stopped" in out.err
+    # The last line is a sentence: what is left, and that the same command finishes it.
+    assert out.err.strip().splitlines()[-1] == (
+        "the sweep is not finished: 2 of 3 runs done, 1 failed. Run the same command again: it retries the "
+        "failed runs from their newest checkpoints."
+    )
     calls = (tmp_path / "calls").read_text().splitlines()
     assert sorted(calls) == [f"seed{i} --config.train.steps=3 --config.seed={i}" for i in range(3)]
     # Two at a time: seed0 and seed1 started together, seed2 only after one of them had ended.
@@ -235,7 +298,7 @@ def test_local_launcher_runs_n_at_a_time_records_failures_and_retries_only_them(
         "seed1 --config.train.steps=3 --config.seed=1"
     ]
     assert sweep.main(["status", str(root)]) == 0
-    assert "3 done" in capsys.readouterr().out
+    assert "all 3 runs done." in capsys.readouterr().out
     # status of a directory that is not a sweep: one line, exit 2
     assert sweep.main(["status", str(tmp_path)]) == 2
     assert "no sweep.json" in capsys.readouterr().err
@@ -281,7 +344,8 @@ def test_sigterm_stops_the_sweep_with_checkpoints_and_a_rerun_resumes(tmp_path, 
     assert _sweep(root, *args, grid="seed=0,1,2") == 1
     out = capsys.readouterr()
     assert "SIGTERM: asking the trainers to checkpoint and exit" in out.out
-    assert "3 stopped" in out.err
+    assert "0 of 3 runs done, 3 stopped before finishing. Run the same command again: it resumes" in out.err
+    assert "stopped seed0: checkpoint at step 1 of 3, where a rerun resumes it" in out.out
     for i in range(2):  # each running trainer got the SIGTERM and checkpointed; the third never started
         assert sweep.committed_steps(root / f"seed{i}") == [1]
     assert not (root / "seed2" / "checkpoints").exists()
@@ -337,8 +401,46 @@ def test_slurm_dry_run_prints_a_shellcheck_clean_array_job(tmp_path, capsys):
         ("3", "width64-steps6"),
     ]
     assert f"export SWEEP_ROOT={root} CONFIG={CONFIG}" in script
-    assert not root.exists()  # a dry run writes nothing
     assert "plan: 4 run(s)" in out.err
+
+
+FAKE_SBATCH_STARTS_AN_ELEMENT = """#!/usr/bin/env bash
+# As SLURM would start the array's first element: launch/slurm.sbatch (the last argument) from here.
+for a; do [[ $a == --array=* ]] && array=${a#--array=}; done
+SLURM_JOB_ID=7 SLURM_ARRAY_TASK_ID=${array%%[-,%]*} SLURM_SUBMIT_DIR=$PWD exec bash "${@: -1}"
+"""
+
+
+def test_slurm_dry_run_script_runs_as_written(tmp_path, monkeypatch, capsys):
+    """Everything the printed script reads exists after the dry run (the plan, runs.txt, every element's
+    train.args), so the script submitted as printed trains the runs: here a stand-in sbatch starts element 0
+    through launch/slurm.sbatch, which reaches the trainer with that run's arguments."""
+    bin_dir, venv_bin = tmp_path / "bin", tmp_path / "venv" / "bin"
+    bin_dir.mkdir()
+    venv_bin.mkdir(parents=True)
+    for path, text in [
+        (bin_dir / "sbatch", FAKE_SBATCH_STARTS_AN_ELEMENT),
+        (bin_dir / "srun", FAKE_SRUN),
+        (venv_bin / "python", FAKE_VENV_PYTHON),
+    ]:
+        path.write_text(text)
+        path.chmod(0o755)
+    root = tmp_path / "sweep"
+    assert _sweep(root, "--launcher", "slurm", "--dry-run", grid="model.width=32,64") == 0
+    script = capsys.readouterr().out
+    runs = (root / "runs.txt").read_text().split()
+    assert runs == ["width32", "width64"] == re.findall(r"^#\s+\d+\s+(\S+)$", script, re.M)
+    for run in runs:
+        assert (root / run / "train.args").read_text() == f"--config.model.width={run[5:]}\n"
+    (tmp_path / "submit.sh").write_text(script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ATST_", "SLURM_"))}
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", FAKE_DIR=str(tmp_path), VENV=str(tmp_path / "venv")
+    )
+    done = subprocess.run(["bash", str(tmp_path / "submit.sh")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    trainer = f"-m atst_jax.train --config {CONFIG} --workdir {root}/width32 --config.model.width=32"
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == f"trainer {trainer}"
 
 
 FAKE_SBATCH = """#!/usr/bin/env bash

@@ -233,6 +233,13 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
         sd = convert.encoder_to_torch(enc)
         torch.save({"state_dict": _tensors({f"model.teacher.encoder.{k}": v for k, v in sd.items()})}, out)
     else:
+        # The method decides first whether it has an official Lightning layout at all: the networks of one
+        # that has none (compose's attention predictor, no BatchNorm heads) do not convert to it.
+        if not config:
+            raise ExportError(
+                f"step {step} of {workdir} has no saved config, which the lightning format needs"
+            )
+        hp, warnings = _lightning_hparams(config, width, depth, heads)
         torch = _torch()
         if "predictor" not in state["params"]:
             raise ExportError("the lightning format needs an ATST student with a predictor")
@@ -242,11 +249,6 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
         }
         teacher = convert.network_to_torch(state["teacher"], state["teacher_stats"])
         sd.update({f"model.teacher.{k}": v for k, v in teacher.items()})
-        if not config:
-            raise ExportError(
-                f"step {step} of {workdir} has no saved config, which the lightning format needs"
-            )
-        hp, warnings = _lightning_hparams(config, width, depth, heads)
         ckpt = {
             "epoch": 0,
             "global_step": int(step),
@@ -297,4 +299,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))

@@ -207,4 +207,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))

@@ -1099,4 +1099,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))

@@ -433,6 +433,10 @@ def main() -> int:
             raise PlanError(f"--chip={_CHIP.value}: choose one of {', '.join(CHIPS)}")
         if not 0 < _MFU.value <= 1:
             raise PlanError(f"--mfu={_MFU.value} must be in (0, 1]")
+        if _JSON.value:  # before the compile: a path that cannot be written fails now, not after it
+            from atst_jax.cli import check_output
+
+            check_output(_JSON.value, "--json", directory=False)
         config = flags.FLAGS["config"].value
         import jax
 
@@ -441,7 +445,7 @@ def main() -> int:
         for axis, size in mesh.items():
             config.mesh[axis] = size
         train.check_config(config, num_devices)
-    except (flags.Error, PlanError, ConfigError) as e:
+    except (flags.Error, UserError) as e:  # UserError: PlanError, ConfigError, an unwritable --json
         message = str(e)
         if "Traceback" in message:  # config_flags wraps the config file's own exception in its traceback
             message = f"--config={spec}: {message.strip().splitlines()[-1].strip()}"
@@ -463,4 +467,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))

@@ -14,7 +14,9 @@ total training FLOPs (step FLOPs × steps), the final SSL loss (the mean of the 
 the sweep), the probe score of the final checkpoint from ``python -m atst_jax.evaluate`` (cached in
 ``RUN/probe.json``; error = 1 − score; ``--probe-metric`` default: ``mAP`` for clips, ``frame_mAP`` for SED).
 A run that probed itself at its end (``config.probe``: ``RUN/probe/RESULTS.json``, evaluate's format) is
-scored from that file instead.
+scored from that file instead. A run whose checkpoint was trained with another config than the sweep plans
+(the sweep's ownership check, ``sweep.foreign_differences``) is tabled as ``foreign`` with a warning line and
+none of its numbers are read.
 
 Fits (runs that reached their ``train.steps`` only: an unfinished cosine schedule is not a final loss):
 
@@ -32,12 +34,16 @@ refused with one line. The band drawn around a fit is the same interval for the 
 Output in ``--out`` (default ``DIR/scaling``): ``scaling.csv`` (one row per run), ``fits.json``, and PNGs:
 ``loss_vs_compute.png`` (every run's loss curve against its cumulative compute, the final points, the
 frontier and its fit), ``loss_vs_params.png``, ``loss_vs_clips.png`` and, with probes,
-``probe_vs_compute.png``. The table and the fits are printed.
+``probe_vs_compute.png``. The table and the fits are printed. An ``--out`` that cannot be written is one line
+before any work.
 
 ``ladder`` plans the size ladder (``configs/common.py`` ``MODELS``) of every method config with the planner's
 machinery (``atst_jax.plan``: the real train step compiled for ``--mesh`` on simulated CPU devices) and prints
 a Markdown table of per-device memory and step time on each ``--chips`` chip (one compile per row: the chip
 only changes the peak and the HBM check), with the equivalent ``python -m atst_jax.plan`` command per row.
+Every row's config is loaded and checked before the first compile: a missing file, an unknown variant, a bad
+override or an unwritable ``--json`` is one line (exit 2); a row that cannot run on the mesh is skipped with a
+line, and a ladder left with no row is an error.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from atst_jax.cli import ArgumentParser, fail
+from atst_jax.cli import ArgumentParser, check_output, fail
 from atst_jax.errors import UserError
 
 FIT_PARAMETERS = 2  # a and b of y = a·x^b
@@ -275,12 +281,25 @@ def probe_score(workdir: Path, step: int, probe: dict, metric: str | None, extra
     return _score(cached, metric, workdir)
 
 
+def _own_final_probe(workdir: Path) -> dict | None:
+    """The run's final probe (``RUN/probe/RESULTS.json``), or None while it is missing or partial: evaluate
+    writes that file as its results come in, and a probe cut short is produced again by rerunning the run."""
+    path = workdir / "probe" / "RESULTS.json"
+    if not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    return results if results.get("complete", True) else None
+
+
 def _score(results: dict, metric: str | None, workdir) -> dict:
     """``{"metric", "score", "error"}`` of the pretrained encoder in an ``evaluate`` RESULTS dict."""
     metrics = results["encoders"]["checkpoint"]["metrics"]
     name = metric or ("frame_mAP" if results["task"] == "sed" else "mAP")
     if name not in metrics:
         raise FitError(f"--probe-metric {name}: the probe of {workdir} has {', '.join(metrics)}")
+    if metrics[name] is None:  # evaluate records a metric that failed as null, with its error beside it
+        why = (results["encoders"]["checkpoint"].get("errors") or {}).get(name, "no reason recorded")
+        raise FitError(f"--probe-metric {name}: the probe of {workdir} could not compute it ({why})")
     score = float(metrics[name])
     return {"metric": name, "score": score, "error": 1.0 - score}
 
@@ -308,14 +327,19 @@ def collect(
         if key not in facts_of:
             facts_of[key] = model_facts(config)
         facts = facts_of[key]
-        metrics = read_metrics(wd)
+        # A run trained with another config (the sweep's ownership check) is not this plan's: none of its
+        # numbers are read, so it can neither enter a fit nor be drawn as this run.
+        foreign = sweep.foreign_differences(plan, run)
+        metrics = [] if foreign else read_metrics(wd)
         steps_done = max((int(m["step"]) for m in metrics), default=0)
-        done = sweep.is_done(plan, run)
+        done = not foreign and sweep.is_done(plan, run)
         gb = int(config.train.global_batch)
+        state = "done" if done else ("partial" if steps_done else "pending")
         row = {
             "run": run.name,
             **{f"grid.{k}": v for k, v in run.overrides.items()},
-            "state": "done" if done else ("partial" if steps_done else "pending"),
+            "state": "foreign" if foreign else state,
+            "foreign": foreign,
             "method": config.method,
             "width": int(config.model.width),
             "depth": int(config.model.depth),
@@ -335,8 +359,9 @@ def collect(
                 (int(m["step"]), float(m["loss"])) for m in metrics if isinstance(m.get("loss"), (int, float))
             ],
         }
-        if done and (wd / "probe" / "RESULTS.json").exists():  # the trainer's own final probe (config.probe)
-            p = _score(json.loads((wd / "probe" / "RESULTS.json").read_text()), probe_metric, wd)
+        own = _own_final_probe(wd) if done else None  # the trainer's own final probe (config.probe)
+        if own is not None:
+            p = _score(own, probe_metric, wd)
             row.update(probe_metric=p["metric"], probe_score=p["score"], probe_error=p["error"])
         elif probe and done:
             p = probe_score(wd, sweep.committed_steps(wd)[-1], probe, probe_metric, list(probe_args))
@@ -612,7 +637,9 @@ def ladder(args, overrides: list[str]) -> int:
     try:
         mesh = planner.parse_mesh(args.mesh)
         devices = planner.device_count(mesh, None)
-    except planner.PlanError as e:
+        if args.json:  # before the compiles: a path that cannot be written fails now, not after them
+            check_output(args.json, "--json", directory=False)
+    except UserError as e:
         return fail(e)
     planner._force_cpu_devices(devices)  # before JAX starts: the simulated device count
 
@@ -636,55 +663,79 @@ def ladder(args, overrides: list[str]) -> int:
     bad = [c for c in chips if c not in CHIPS]
     if bad:
         return fail(f"--chips: unknown {bad[0]!r}; choose from {', '.join(CHIPS)}")
+    if not configs or not variants or not chips:
+        empty = "--configs" if not configs else "--variants" if not variants else "--chips"
+        return fail(f"{empty} names nothing to plan")
     fixed = {}
     for o in overrides:
         field, _, value = o[len("--config.") :].partition("=")
         fixed[field] = value
     mesh_arg = ",".join(f"{k}={v}" for k, v in mesh.items() if v != 1) or "data=1"
+
+    # Every row's config first, before any compile: a missing config file, an unknown variant or a mistyped
+    # override is the user's to fix (one line, exit 2); a config that cannot run on this mesh is skipped with
+    # a line (the ladder's other rows still tell something), and a ladder with no row left is an error.
+    rows, skipped = [], []
+    for cfg_path in configs:
+        for variant in variants:
+            spec = f"{cfg_path}:{variant}"
+            full = f"{repo / cfg_path}:{variant}"
+            try:
+                config = sweep.apply_overrides(load_config(full), fixed)
+            except (ConfigError, sweep.SweepError) as e:
+                why = " ".join(str(e).split()).removeprefix(f"--config {full}: ")  # the row says which
+                return fail(f"ladder row {spec}: {why}")
+            try:
+                for axis, size in mesh.items():
+                    config.mesh[axis] = size
+                check_config(config, devices)
+            except ConfigError as e:
+                skipped.append(f"{spec}: {' '.join(str(e).split())}")
+                continue
+            rows.append((cfg_path, variant, spec, config))
+    if not rows:
+        return fail(f"no row of the ladder can run on mesh {mesh_arg}; the first: {skipped[0]}")
+    for line in skipped:
+        print(f"[ladder] skipped {line}", file=sys.stderr, flush=True)
+
     results, lines = [], []
     head = "| config | size | D × depth | params | global batch | state / device | peak / device |"
     head += "".join(f" {c} step @ MFU {args.mfu:g} | fits {c} |" for c in chips)
     lines += [head, "|" + "---|" * (7 + 2 * len(chips))]
     commands = []
-    for cfg_path in configs:
-        for variant in variants:
-            spec = f"{cfg_path}:{variant}"
-            try:
-                config = sweep.apply_overrides(load_config(str(repo / cfg_path) + f":{variant}"), fixed)
-                for axis, size in mesh.items():
-                    config.mesh[axis] = size
-                check_config(config, devices)
-                print(
-                    f"[ladder] planning {spec} on mesh {mesh_arg} ({devices} simulated devices) ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                r = planner.plan(config, spec, devices, None, args.mfu)
-            except (ConfigError, sweep.SweepError) as e:
-                print(f"[ladder] {spec}: skipped: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-                continue
-            pd = r["memory"]["per_device"]
-            per_dev = r["flops"]["analytic_per_device"]
-            row = (
-                f"| {Path(cfg_path).stem} | {variant} | {config.model.width} × {config.model.depth} | "
-                f"{r['num_params'] / 1e6:,.1f}M | {r['global_batch']} | {planner.human(pd['state'])} | "
-                f"{planner.human(pd['peak'])} |"
+    for cfg_path, variant, spec, config in rows:
+        print(
+            f"[ladder] planning {spec} on mesh {mesh_arg} ({devices} simulated devices) ...",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            r = planner.plan(config, spec, devices, None, args.mfu)
+        except ConfigError as e:
+            print(f"[ladder] {spec}: skipped: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+            continue
+        pd = r["memory"]["per_device"]
+        per_dev = r["flops"]["analytic_per_device"]
+        row = (
+            f"| {Path(cfg_path).stem} | {variant} | {config.model.width} × {config.model.depth} | "
+            f"{r['num_params'] / 1e6:,.1f}M | {r['global_batch']} | {planner.human(pd['state'])} | "
+            f"{planner.human(pd['peak'])} |"
+        )
+        r["chips"] = {}
+        for c in chips:
+            step = per_dev / (CHIPS[c]["peak_tflops"] * 1e12 * args.mfu)
+            fits = pd["peak"] <= CHIPS[c]["hbm_bytes"]
+            r["chips"][c] = {"step_time_s": step, "fits": fits}
+            row += f" {planner.seconds(step)} | {'yes' if fits else '**no**'} |"
+        lines.append(row)
+        extra = "".join(f" {shlex.quote(o)}" for o in overrides)
+        for c in chips:
+            commands.append(
+                f"python -m atst_jax.plan --config {spec} --mesh {mesh_arg} --chip {c} --mfu {args.mfu:g}{extra}"
             )
-            r["chips"] = {}
-            for c in chips:
-                step = per_dev / (CHIPS[c]["peak_tflops"] * 1e12 * args.mfu)
-                fits = pd["peak"] <= CHIPS[c]["hbm_bytes"]
-                r["chips"][c] = {"step_time_s": step, "fits": fits}
-                row += f" {planner.seconds(step)} | {'yes' if fits else '**no**'} |"
-            lines.append(row)
-            extra = "".join(f" {shlex.quote(o)}" for o in overrides)
-            for c in chips:
-                commands.append(
-                    f"python -m atst_jax.plan --config {spec} --mesh {mesh_arg} --chip {c} --mfu {args.mfu:g}{extra}"
-                )
-            r["commands"] = commands[-len(chips) :]
-            results.append(r)
-            print(f"[ladder] {lines[-1]}", file=sys.stderr, flush=True)  # progress; the table follows
+        r["commands"] = commands[-len(chips) :]
+        results.append(r)
+        print(f"[ladder] {lines[-1]}", file=sys.stderr, flush=True)  # progress; the table follows
     print("\n".join(lines))
     print("\nRows as single planner commands (the same compile; each also prints the full report):")
     for c in commands:
@@ -735,8 +786,7 @@ def main(argv=None) -> int:
         rest = [a for a in argv[1:] if not a.startswith("--config.")]
         return ladder(_ladder_parser().parse_args(rest), [a for a in argv[1:] if a.startswith("--config.")])
     args = _parser().parse_args(argv)
-    from atst_jax.tools import sweep
-
+    out = Path(args.out) if args.out else Path(args.root) / "scaling"
     try:
         if not 0 < args.window <= 1:
             raise FitError(f"--window {args.window} must be in (0, 1]")
@@ -744,20 +794,36 @@ def main(argv=None) -> int:
             raise FitError(f"--level {args.level} must be in (0, 1)")
         if (args.probe_train is None) != (args.probe_test is None):
             raise FitError("--probe-train and --probe-test go together")
+        # Before any work (abstract inits, probes): an --out that cannot be written fails now, not at the end.
+        check_output(out, "--out", directory=True)
         probe = {"train": args.probe_train, "test": args.probe_test} if args.probe_train else None
         import logging
 
         logging.getLogger("absl").setLevel(logging.ERROR)
         rows = collect(args.root, args.window, probe, args.probe_metric, shlex.split(args.probe_args))
-    except (FitError, sweep.SweepError, OSError) as e:
+    except (UserError, OSError) as e:
         return fail(e)
+    from atst_jax.tools.sweep import shown_differences
+
+    for r in rows:
+        if r["foreign"]:
+            print(
+                f"warning: run {r['run']} was trained with another config than the sweep's "
+                f"({shown_differences(r['foreign'])}): it is left out of the table's numbers, the fits and the "
+                "plots",
+                file=sys.stderr,
+            )
     fits, refused = fit_all(rows, args.level)
-    out = Path(args.out) if args.out else Path(args.root) / "scaling"
-    pngs = write_outputs(rows, fits, refused, out)
+    try:
+        pngs = write_outputs(rows, fits, refused, out)
+    except OSError as e:  # e.g. the disk filled up while writing
+        return fail(f"cannot write --out {out} ({e.strerror or e})")
     print(table(rows, fits, refused))
     print(f"wrote {out / 'scaling.csv'}, {out / 'fits.json'}, " + ", ".join(p.name for p in pngs))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))

@@ -11,7 +11,16 @@ overrides apply to every run. Each run gets a name from its grid values (``width
 workdir ``DIR/<name>/`` holding ``train.args`` (its trainer arguments, one per line) next to the trainer's
 checkpoints and ``metrics.jsonl``. ``DIR/sweep.json`` is the plan (config, grid, runs, their overrides and
 target steps) and ``DIR/runs.txt`` the run names in order (line i+1 = run i = SLURM array element i). A root
-belongs to one sweep: another config or grid is refused with one line.
+belongs to one sweep: another config or grid is refused with one line. A grid value of a tuple field is
+written whole, brackets and all (``compose.mask_block=(5,1),(5,5)``).
+
+A run belongs to the config that trained it, which its checkpoints carry (the trainer saves it with every
+step): before anything is written or started, each run's newest checkpoint is compared with the run's planned
+config by the trainer's own ownership check (``checkpoint.config_differences``, plus ``train.steps``, which a
+sweep's runs are defined by), whether ``sweep.json`` exists or not. A run trained with another config (a root
+reused without its ``sweep.json``, a config file edited since) is refused with one line naming the fields
+that differ: it is never counted done, its ``train.args`` never rewritten; ``status`` shows it as
+``foreign`` and ``scaling`` leaves it out of the fits.
 
 Idempotent: a run whose newest committed checkpoint reaches its ``train.steps`` is done and skipped; any other
 run is (re)started, and the trainer resumes it from its newest checkpoint (bit-identical to an uninterrupted
@@ -32,9 +41,12 @@ Launchers:
   steps (a preempted spot slice) stops the sweep: recreate the slice and run the sweep again.
   ``--launcher-args`` go to ``tpu_pod.sh`` (e.g. ``'--zone us-east5-a --name pod1'``).
 
-``--dry-run`` validates every run's config, prints the plan and what would be started (for ``slurm`` the
-submission script, for ``tpu`` the commands) and writes nothing. ``status`` prints, per run, done / running /
-failed / stopped (started, not running, not done) / pending with its last logged step and loss.
+``--dry-run`` validates every run's config (the knob ranges included, before anything compiles), prints the
+plan and what would be started (for ``slurm`` the submission script, for ``tpu`` the commands) and starts
+nothing. It writes nothing either, except for ``slurm``: the printed script's array elements read
+``runs.txt`` and their ``train.args``, so that dry run writes the plan files and the script runs as printed.
+``status`` prints, per run, done / running / failed / stopped (started, not running, not done) / pending /
+foreign (trained with another config) with its last logged step and loss.
 
 Exit status: 0 when every run is done (or, for ``slurm``, the array job was submitted), 1 when runs failed or
 were stopped, 2 for bad input (one line).
@@ -102,7 +114,7 @@ def parse_grid(text: str | None) -> list[tuple[str, list[str]]]:
             raise SweepError(
                 f"--grid: malformed axis {entry.strip()!r}, expected FIELD=V1,V2,... e.g. model.width=128,256"
             )
-        vals = [v.strip() for v in values.split(",")]
+        vals = [v.strip() for v in _split_values(values)]
         if not all(vals):
             raise SweepError(f"--grid: axis {field!r} has an empty value ({values!r})")
         if len(set(vals)) != len(vals):
@@ -111,6 +123,22 @@ def parse_grid(text: str | None) -> list[tuple[str, list[str]]]:
             raise SweepError(f"--grid: axis {field!r} given twice")
         axes.append((field, vals))
     return axes
+
+
+def _split_values(text: str) -> list[str]:
+    """An axis's values split on the commas outside brackets, so a tuple field's values stay whole:
+    ``(5,1),(5,5)`` → ``["(5,1)", "(5,5)"]``."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return out
 
 
 def normalise_axes(config, axes: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
@@ -226,9 +254,18 @@ class Plan:
     fixed: dict[str, str]
     runs: list[Run]
     probe: dict | None = None  # {"train": DATA, "test": DATA}: what scaling.py evaluates each run on
+    # Each run's planned config as the trainer saves it (a plain dict), built on first use.
+    _configs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def workdir(self, run: Run):
         return _path(self.root) / run.name
+
+    def run_config_dict(self, run: Run) -> dict:
+        """The config this plan trains ``run`` with, as the trainer's checkpoints store it."""
+        if run.name not in self._configs:
+            config = run_config(self.config, {**self.fixed, **run.overrides})
+            self._configs[run.name] = json.loads(config.to_json_best_effort())
+        return self._configs[run.name]
 
     def to_json(self) -> dict:
         return {
@@ -306,6 +343,7 @@ def write_plan(plan: Plan) -> None:
             )
         if old.probe and not plan.probe:
             plan.probe = old.probe
+    check_ownership(plan)  # with or without sweep.json: no run of another config is claimed
     root.mkdir(parents=True, exist_ok=True)
     _write_text(root / PLAN_FILE, json.dumps(plan.to_json(), indent=1) + "\n")
     _write_text(root / RUNS_FILE, "".join(f"{r.name}\n" for r in plan.runs))
@@ -360,6 +398,61 @@ def last_metrics(workdir) -> dict | None:
     return None
 
 
+def saved_config(workdir, step: int) -> dict | None:
+    """The config a run's checkpoint ``step`` was trained with (the trainer saves it with every step), or
+    None when the step has none or it cannot be read."""
+    path = _path(workdir) / "checkpoints" / str(step) / "config" / "metadata"
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def foreign_differences(plan: Plan, run: Run) -> list[str]:
+    """``["model.width: 64 -> 128", ...]``: how the config that trained the run's newest checkpoint differs
+    from the plan's, by the trainer's own ownership check (``checkpoint.config_differences``); empty for a
+    run of this plan, one without checkpoints, or a checkpoint that saved no config (which the trainer
+    cannot check either). ``train.steps`` also counts here, though a resumed run may change it: a run's
+    schedule spans its steps, so a checkpoint of a longer or shorter run is not this plan's run."""
+    steps = committed_steps(plan.workdir(run))
+    saved = saved_config(plan.workdir(run), steps[-1]) if steps else None
+    if saved is None:
+        return []
+    from atst_jax.checkpoint import config_differences
+
+    mine = plan.run_config_dict(run)
+    diffs = config_differences(saved, mine)
+    theirs = (saved.get("train") or {}).get("steps")
+    if theirs is not None and theirs != run.steps:
+        diffs.append(f"train.steps: {theirs!r} -> {run.steps!r}")
+    return diffs
+
+
+def shown_differences(diffs: list[str]) -> str:
+    """At most three differing fields on a line, then how many more."""
+    return "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+
+
+def foreign_message(plan: Plan, run: Run, diffs: list[str]) -> str:
+    """One line: the run, its checkpoint and what differs."""
+    step = committed_steps(plan.workdir(run))[-1]
+    return (
+        f"run {run.name} was trained with another config: its checkpoint (step {step}) differs from this "
+        f"sweep's in {shown_differences(diffs)}, so it is neither counted done nor rewritten; move "
+        f"{plan.workdir(run)} away or use another --root"
+    )
+
+
+def check_ownership(plan: Plan) -> None:
+    """Raises ``SweepError`` (one line, the first such run) when a run's checkpoint belongs to another
+    config: a root without ``sweep.json``, or whose config file changed since, must not pass another
+    sweep's runs off as this one's."""
+    foreign = [(run, d) for run in plan.runs if (d := foreign_differences(plan, run))]
+    if foreign:
+        more = f" ({len(foreign) - 1} more runs differ too)" if len(foreign) > 1 else ""
+        raise SweepError(foreign_message(plan, *foreign[0]) + more)
+
+
 def lock_held(workdir) -> bool:
     """True while a sweep (or the trainer it started) holds the run's lock."""
     if _remote(workdir):
@@ -398,7 +491,14 @@ def run_status(plan: Plan, run: Run, slurm_states: dict[int, str] | None = None)
         "checkpoint": ckpt,
         "note": "",
     }
-    if ckpt is not None and ckpt >= run.steps:
+    try:
+        diffs = foreign_differences(plan, run) if ckpt is not None else []
+    except UserError as e:  # the config file is gone or broken: status still reports what the files say
+        diffs, out["note"] = [], f"config not compared: {' '.join(str(e).split())}"
+    if diffs:
+        out["state"] = "foreign"
+        out["note"] = f"trained with another config: {shown_differences(diffs)}"
+    elif ckpt is not None and ckpt >= run.steps:
         out["state"] = "done"
     elif lock_held(wd):
         out["state"] = "running"
@@ -453,9 +553,29 @@ def status_table(plan: Plan, statuses: list[dict]) -> str:
     counts = {}
     for s in statuses:
         counts[s["state"]] = counts.get(s["state"], 0) + 1
-    order = ("done", "running", "queued", "failed", "stopped", "pending")
-    lines.append("  " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts))
+    lines.append("  " + state_counts(counts, len(plan.runs)))
     return "\n".join(lines)
+
+
+STATE_WORDS = {  # how each state reads in the summary sentence
+    "running": "running",
+    "queued": "queued",
+    "failed": "failed",
+    "stopped": "stopped before finishing",
+    "pending": "not started",
+    "foreign": "trained with another config",
+}
+
+
+def state_counts(counts: dict[str, int], total: int) -> str:
+    """``"1 of 3 runs done; 1 failed, 1 stopped before finishing."``"""
+    done = counts.get("done", 0)
+    if done == total:
+        head = f"all {total} runs done" if total > 1 else "the run is done"
+    else:
+        head = f"{done} of {total} run{'s' * (total > 1)} done"
+    rest = [f"{counts[k]} {word}" for k, word in STATE_WORDS.items() if counts.get(k)]
+    return head + ("; " + ", ".join(rest) if rest else "") + "."
 
 
 def statuses(plan: Plan) -> list[dict]:
@@ -468,8 +588,9 @@ def statuses(plan: Plan) -> list[dict]:
 
 
 def is_done(plan: Plan, run: Run) -> bool:
+    """The run's newest checkpoint reaches its steps and was trained with its planned config."""
     steps = committed_steps(plan.workdir(run))
-    return bool(steps) and steps[-1] >= run.steps
+    return bool(steps) and steps[-1] >= run.steps and not foreign_differences(plan, run)
 
 
 # ======================================================================================================
@@ -521,6 +642,14 @@ def trainer_command(plan: Plan, run: Run) -> list[str]:
         str(plan.workdir(run)),
         *run.args(plan.fixed),
     ]
+
+
+def _resume_point(workdir, run: Run) -> str:
+    """Where a rerun picks the run up, as a sentence."""
+    steps = committed_steps(workdir)
+    if not steps:
+        return "no checkpoint saved yet, so a rerun starts it from step 0"
+    return f"checkpoint at step {steps[-1]} of {run.steps}, where a rerun resumes it"
 
 
 def _progress_line(plan: Plan, running: dict) -> str:
@@ -596,13 +725,14 @@ def run_local(plan: Plan, parallel: int = 1, progress_every: float = 60.0) -> di
                     _write_text(wd / STATE_FILE, json.dumps({"state": "done", "rc": 0, "ended": time.time()}))
                     summary["done"].append(name)
                     m = last_metrics(wd) or {}
-                    _log(f"done {name}: step {m.get('step')} loss {m.get('loss', float('nan')):.4f}")
+                    loss = f", loss {m['loss']:.4f}" if isinstance(m.get("loss"), (int, float)) else ""
+                    _log(f"done {name}: {run.steps} steps{loss}")
                 elif rc == 0:  # stopped by a signal: checkpointed, resumable
                     _write_text(
                         wd / STATE_FILE, json.dumps({"state": "stopped", "rc": 0, "ended": time.time()})
                     )
                     summary["stopped"].append(name)
-                    _log(f"stopped {name} at checkpoint {(committed_steps(wd) or ['none'])[-1]}")
+                    _log(f"stopped {name}: {_resume_point(wd, run)}")
                 else:
                     message = _last_line(wd / "train.log")
                     state = {"state": "failed", "rc": rc, "message": message, "ended": time.time()}
@@ -763,12 +893,11 @@ def run_tpu(plan: Plan, runs: list[Run], launcher_args: list[str], poll: float) 
             summary["done"].append(run.name)
             _log(f"done {run.name}")
             continue
-        steps = committed_steps(plan.workdir(run))
         summary["stopped"].append(run.name)
         _log(
-            f"{run.name} ended at checkpoint {steps[-1] if steps else 'none'} of {run.steps} (preempted or "
-            "failed: see launch/tpu_pod.sh logs); recreate the slice if it is gone and rerun the sweep: it "
-            "resumes this run"
+            f"{run.name} ended short of its {run.steps} steps (preempted or failed: see launch/tpu_pod.sh "
+            f"logs): {_resume_point(plan.workdir(run), run)}. Recreate the slice if it is gone and run the "
+            "sweep again"
         )
         break
     return summary
@@ -787,7 +916,11 @@ def _parser():
     p.add_argument("--root", required=True, help="sweep directory: DIR/sweep.json and DIR/<run>/")
     p.add_argument("--launcher", default="local", choices=LAUNCHERS)
     p.add_argument("--parallel", type=int, default=None, help="runs at a time (local: default 1; slurm: %%N)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and commands; write nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and commands, start nothing (slurm: writes the plan files its script reads)",
+    )
     p.add_argument("--in-process", action="store_true", help="local: train the runs in this process")
     p.add_argument(
         "--launcher-args", default="", help="extra arguments for sbatch (slurm) / tpu_pod.sh (tpu)"
@@ -865,10 +998,12 @@ def main(argv=None) -> int:
         probe = {"train": args.probe_train, "test": args.probe_test} if args.probe_train else None
         launcher_args = shlex.split(args.launcher_args)
         plan = make_plan(root, args.config, args.grid, fixed, probe)
-        if not (args.dry_run and _remote(root)) and (_path(root) / PLAN_FILE).exists():
-            old = load_plan(root)
-            if old.identity() != plan.identity():
-                write_plan(plan)  # raises the one-line "holds another sweep" error
+        if not (args.dry_run and _remote(root)):
+            if (_path(root) / PLAN_FILE).exists():
+                old = load_plan(root)
+                if old.identity() != plan.identity():
+                    write_plan(plan)  # raises the one-line "holds another sweep" error
+            check_ownership(plan)  # a dry run too: it shows what the real run would refuse
     except (SweepError, OSError, ImportError) as e:  # ImportError: gs:// without gcsfs installed
         return fail(e)
     # A SLURM dry run's stdout is the submission script alone (redirect it to a file and it runs).
@@ -881,16 +1016,21 @@ def main(argv=None) -> int:
     else:
         todo = [r for r in plan.runs if not is_done(plan, r)]
     if not todo:
-        print(f"all {len(plan.runs)} runs are done; python -m atst_jax.scaling {root} analyses them")
+        print(f"{_all_done(len(plan.runs))}; python -m atst_jax.scaling {root} analyses them")
         return 0
 
     if args.launcher == "slurm":
         script, sbatch, env = slurm_submission(plan, todo, args.parallel, launcher_args)
+        try:
+            # The dry run writes the plan files too: the printed script's array elements read runs.txt and
+            # their train.args, so it runs as written (sbatch is what it leaves to the user).
+            write_plan(plan)
+        except (SweepError, OSError) as e:
+            return fail(e)
         if args.dry_run:
-            print(f"dry run: would write the plan to {root}/{PLAN_FILE} and submit:", file=sys.stderr)
+            print(f"dry run: wrote the plan to {root}/{PLAN_FILE}; submit it with:", file=sys.stderr)
             print(script, end="")
             return 0
-        write_plan(plan)
         (Path(root) / "logs").mkdir(exist_ok=True)
         try:
             out = subprocess.run(sbatch, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
@@ -939,14 +1079,26 @@ def main(argv=None) -> int:
             root_lock.close()
     print(status_table(plan, statuses(plan)))
     if summary["failed"] or summary["stopped"]:
-        print(
-            f"not finished: {len(summary['failed'])} failed, {len(summary['stopped'])} stopped; run the same "
-            "command again to retry and resume them",
-            file=sys.stderr,
-        )
+        print(unfinished_message(summary, len(plan.runs)), file=sys.stderr)
         return 1
-    print(f"all {len(plan.runs)} runs are done; python -m atst_jax.scaling {root} analyses them")
+    print(f"{_all_done(len(plan.runs))}; python -m atst_jax.scaling {root} analyses them")
     return 0
+
+
+def _all_done(total: int) -> str:
+    return f"all {total} runs are done" if total > 1 else "the run is done"
+
+
+def unfinished_message(summary: dict, total: int) -> str:
+    """The sweep's last line when runs are left: how many, why, and that the same command finishes them."""
+    failed, stopped = len(summary["failed"]), len(summary["stopped"])
+    done = len(summary["done"]) + len(summary["skipped"])
+    left = [f"{failed} failed"] * bool(failed) + [f"{stopped} stopped before finishing"] * bool(stopped)
+    again = ["retries the failed runs"] * bool(failed) + ["resumes the stopped ones"] * bool(stopped)
+    return (
+        f"the sweep is not finished: {done} of {total} runs done, {', '.join(left)}. Run the same command "
+        f"again: it {' and '.join(again)} from their newest checkpoints."
+    )
 
 
 def _root_lock(root: str):
@@ -958,4 +1110,6 @@ def _root_lock(root: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from atst_jax.cli import run
+
+    sys.exit(run(main))
