@@ -19,11 +19,10 @@ TRAIN_FACTOR = 3  # forward + backward (two matmuls per forward matmul) of a tra
 
 
 def patch_dim(enc) -> int:
-    """Input values per token of the encoder's patch stem."""
-    if getattr(enc, "stem", "frame") == "patch2d":
-        pt, pf = enc.patch_size
-        return pt * pf
-    return enc.n_mels * enc.patch_w
+    """Input values per token of the encoder's patch stem (the stem's own answer)."""
+    from atst_jax.models.stems import make_stem
+
+    return make_stem(enc).patch_dim
 
 
 def encoder_forward(enc, n_tokens: int, sequences: int, *, n_embed: int | None = None) -> float:
