@@ -1,6 +1,7 @@
 """Test set-up: 8 simulated CPU devices (set before JAX is imported anywhere) and shared fixtures."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ if os.environ.get("ATST_JAX_TEST_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
+
+# A test run started in the background of a non-interactive shell (`cmd &` in a script, as CI runners may do)
+# inherits SIGINT ignored, and Python then leaves it ignored: Ctrl-C handling could not be tested, and every
+# subprocess (the launchers, the CLIs) would inherit the ignored signal too — a bash script cannot even trap
+# a signal ignored on entry. Tests run as in a terminal: Python's own Ctrl-C handler.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "atst_frame.py")

@@ -60,7 +60,11 @@ def _signal_when_ready(proc, ready, sig=signal.SIGTERM):
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
+            # Processes the launcher started may outlive it and keep its pipes open: never wait on them forever.
+            try:
+                proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def _alive(pid: int) -> bool:
