@@ -210,7 +210,8 @@ def test_cli_sed_end_to_end(run, data, tmp_path, capsys):
     """Strong labels → SED on the 40 ms grid: RESULTS.json holds frame F1, PSDS1/2 and event F1 (all in
     [0, 1]) for the checkpoint and both baselines, and the table is printed."""
     out = tmp_path / "RESULTS.json"
-    assert _cli(run, data["strong_train"], data["strong_test"], out) == 0
+    scores_dir = tmp_path / "dcase"
+    assert _cli(run, data["strong_train"], data["strong_test"], out, "--scores_dir", str(scores_dir)) == 0
     res = json.loads(out.read_text())
     assert res["task"] == "sed" and len(res["classes"]) == 10 and res["config"]["time_step_s"] == 0.04
     assert list(res["encoders"]) == ["checkpoint", "random_init", "logmel"]
@@ -236,6 +237,25 @@ def test_cli_sed_end_to_end(run, data, tmp_path, capsys):
         _assert_real_png(path, min_size=(300, 200))
     sed = _read_png(res["plots"][1])
     assert sed.shape[0] > 2 * sed.shape[1] / 3  # 3 clips × (truth + 3 encoders) panels stacked
+    # The DCASE task 4 score tables, read back by sed_scores_eval's own readers, give the PSDS reported.
+    from sed_scores_eval import intersection_based, io
+
+    from atst_jax.eval.metrics import MAX_EFPR, PSDS1, PSDS2
+
+    truth = io.read_ground_truth_events(scores_dir / "ground_truth.tsv")
+    durations = io.read_audio_durations(scores_dir / "durations.tsv")
+    assert len(durations) == 64 - N_TRAIN and set(truth) == set(durations)
+    for name, r in res["encoders"].items():
+        tables = io.read_sed_scores(scores_dir / name)
+        assert (
+            set(tables) == set(durations) and list(tables[next(iter(tables))].columns[2:]) == res["classes"]
+        )
+        for key, settings in (("psds1", PSDS1), ("psds2", PSDS2)):
+            psds = intersection_based.psds(
+                scores=tables, ground_truth=truth, audio_durations=durations, max_efpr=MAX_EFPR,
+                unit_of_time="hour", **settings,
+            )[0]  # fmt: skip
+            assert abs(psds - r["metrics"][key]) < 1e-4, (name, key, psds, r["metrics"][key])
 
 
 def _read_png(path):

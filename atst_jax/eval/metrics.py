@@ -226,6 +226,73 @@ def merge_events(events) -> list[tuple[float, float, str]]:
     return out
 
 
+def event_inputs(data: LabelledSet, posteriors: list[np.ndarray], step_s: float) -> tuple[dict, dict, dict]:
+    """``(scores, ground truth, durations)`` by clip id, as the event metrics take them: each clip's
+    posteriors ``[T, K]``, its events clipped to the ``T · step_s`` seconds scored (overlaps of a class
+    merged), and that length. Clips with no scored step are left out."""
+    scores, gt, durations = {}, {}, {}
+    for cid, ev, p in zip(data.ids, data.events, posteriors, strict=True):
+        if not len(p):
+            continue
+        end = len(p) * step_s
+        scores[cid] = p
+        gt[cid] = merge_events(
+            [(max(0.0, float(a)), min(end, float(b)), data.classes[int(c)]) for a, b, c in ev]
+        )
+        durations[cid] = end
+    return scores, gt, durations
+
+
+def audio_id(clip_id: str) -> str:
+    """The id DCASE's tables and ``sed_scores_eval`` give a clip: its file name without the extension."""
+    name = clip_id.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def write_score_tables(
+    directory, name: str, data: LabelledSet, posteriors: list[np.ndarray], step_s: float, median: int
+) -> None:
+    """The tables DCASE task 4 scores and ``sed_scores_eval`` reads, for the posteriors PSDS was computed on
+    (median-filtered as :func:`sed_metrics` filters them):
+
+    - ``DIRECTORY/NAME/<audio id>.tsv``: one row per step of ``step_s`` seconds, gapless — ``onset``,
+      ``offset``, then one score column per class;
+    - ``DIRECTORY/ground_truth.tsv`` (``filename onset offset event_label``; a clip without events has one
+      row with empty fields) and ``DIRECTORY/durations.tsv`` (``filename duration``), the lengths scored.
+
+    Read back with ``sed_scores_eval.io.read_sed_scores`` / ``read_ground_truth_events`` /
+    ``read_audio_durations``, they give the PSDS ``RESULTS.json`` reports."""
+    from pathlib import Path
+
+    bad = [c for c in data.classes if any(ch in c for ch in "\t\n\r")]
+    if bad:
+        raise EvalError(f"--scores_dir: class name {bad[0]!r} holds a tab or a line break (a TSV column name)")
+    ids = [audio_id(c) for c in data.ids]
+    if len(set(ids)) != len(ids):
+        raise EvalError("--scores_dir: two clips share a file name, which names their score table")
+    filtered = [median_filter(p, median) for p in posteriors]
+    scores, gt, durations = event_inputs(data, filtered, step_s)
+    root = Path(directory)
+    (root / name).mkdir(parents=True, exist_ok=True)
+    header = "onset\toffset\t" + "\t".join(data.classes) + "\n"
+    for cid, p in scores.items():
+        edges = np.arange(len(p) + 1) * step_s
+        rows = [
+            f"{edges[t]:.6f}\t{edges[t + 1]:.6f}\t" + "\t".join(f"{v:.7g}" for v in p[t]) + "\n"
+            for t in range(len(p))
+        ]
+        (root / name / f"{audio_id(cid)}.tsv").write_text(header + "".join(rows))
+    lines = ["filename\tonset\toffset\tevent_label\n"]
+    for cid, events in gt.items():
+        lines += [f"{audio_id(cid)}.wav\t{a:.6f}\t{b:.6f}\t{c}\n" for a, b, c in events] or [
+            f"{audio_id(cid)}.wav\t\t\t\n"
+        ]
+    (root / "ground_truth.tsv").write_text("".join(lines))
+    (root / "durations.tsv").write_text(
+        "filename\tduration\n" + "".join(f"{audio_id(c)}.wav\t{d:.6f}\n" for c, d in durations.items())
+    )
+
+
 def sed_metrics(
     data: LabelledSet, posteriors: list[np.ndarray], step_s: float, median: int, errors: dict | None = None
 ) -> tuple[dict, dict]:
@@ -240,16 +307,7 @@ def sed_metrics(
     nan = np.full(k, np.nan)
     f1, f1_per = guard("frame_macro_f1", lambda: frame_f1(y_all, p_all), (None, nan))
     m, ap = guard("frame_mAP", lambda: mean_ap(y_all, p_all), (None, nan))
-    scores, gt, durations = {}, {}, {}
-    for cid, ev, p in zip(data.ids, data.events, filtered, strict=True):
-        if not len(p):
-            continue
-        end = len(p) * step_s
-        scores[cid] = p
-        gt[cid] = merge_events(
-            [(max(0.0, float(a)), min(end, float(b)), data.classes[int(c)]) for a, b, c in ev]
-        )
-        durations[cid] = end
+    scores, gt, durations = event_inputs(data, filtered, step_s)
     ev_metrics = event_metrics(scores, gt, durations, step_s, data.classes, errors)
     per_event = ev_metrics.pop("event_f1_per_class")
     metrics = {"frame_macro_f1": f1, "psds1": ev_metrics["psds1"], "psds2": ev_metrics["psds2"]}

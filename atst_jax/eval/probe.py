@@ -126,11 +126,13 @@ from atst_jax.eval.metrics import (
     MAX_EFPR,
     PSDS1,
     PSDS2,
+    Guard,
     clip_metrics,
     import_sed_scores_eval,
     mean_ap,
     median_steps,
     sed_metrics,
+    write_score_tables,
 )
 from atst_jax.eval.report import error_lines, fmt, table, write_plots, write_results
 
@@ -606,6 +608,9 @@ class Options:
     batch_chunks: int = 32
     progress: bool = True
     protocol: str = "probe"  # or "official" (module docstring)
+    scores_dir: str | None = (
+        None  # SED: DCASE task 4 score tables of each encoder (metrics.write_score_tables)
+    )
 
 
 def _stack(feats: Features, targets: list[np.ndarray] | np.ndarray, level: str):
@@ -689,6 +694,11 @@ def probe_encoder(
         posteriors = [probe.predict(f) for f in feats["test"].clips]
         median = median_steps(opts.median_s, step_s)
         metrics, per = sed_metrics(test, posteriors, step_s, median, errors)
+        if opts.scores_dir is not None:  # an error entry beside the metrics if it fails, never their loss
+            Guard(errors)(
+                "score_tables",
+                lambda: write_score_tables(opts.scores_dir, name, test, posteriors, step_s, median),
+            )
     return {
         "test_posteriors": posteriors if level == "frame" else None,
         "metrics": metrics,
@@ -1006,6 +1016,12 @@ def _parser():
     p.add_argument("--batch_chunks", type=int, default=32, help="encoder chunks per call")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     p.add_argument("--no_plots", action="store_true", help="no PNGs next to RESULTS.json")
+    p.add_argument(
+        "--scores_dir",
+        default=None,
+        help="SED: write DCASE task 4 score tables (DIR/<encoder>/<clip>.tsv) with ground_truth.tsv and "
+        "durations.tsv, for sed_scores_eval / DCASE's own scoring",
+    )
     return p
 
 
@@ -1043,6 +1059,7 @@ def _options(args) -> tuple[Options, tuple]:
         batch_chunks=args.batch_chunks,
         progress=not args.no_progress,
         protocol=args.protocol,
+        scores_dir=args.scores_dir,
     )
     return opts, names
 
@@ -1058,7 +1075,7 @@ def _check_out(out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from atst_jax.cli import fail
+    from atst_jax.cli import check_output, fail
 
     args = _parser().parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-open warnings
@@ -1078,8 +1095,12 @@ def main(argv=None) -> int:
         encoder, chunk, features, source = load_encoder(args.workdir, args.step, args.weights, args.encoder)
         if opts.layers is not None and opts.layers > encoder.cfg.depth:
             raise EvalError(f"--layers {opts.layers}: the encoder has {encoder.cfg.depth} blocks")
+        if args.scores_dir is not None:
+            check_output(args.scores_dir, "--scores_dir", directory=True)
         train = read_labelled(args.train, "--train")
         test = read_labelled(args.test, "--test")
+        if args.scores_dir is not None and test.events is None:
+            raise EvalError(f"--scores_dir: {args.test} has no strong labels (onsets and offsets) to score")
         val = read_labelled(args.val, "--val") if args.val else None
         plots = None if args.no_plots else out.with_suffix("")
         results = evaluate(
