@@ -54,6 +54,7 @@ class MetricsWriter:
     def __init__(self, workdir, resume_step: int | None = None):
         self.enabled = distributed.is_main()
         self.jsonl = None
+        self._annotations: dict = {}  # fields of the next row (annotate_next_row)
         self.tb = None
         self.remote = workdir / "metrics.jsonl" if "://" in str(workdir) else None
         if self.enabled:
@@ -78,10 +79,17 @@ class MetricsWriter:
             except ImportError:  # optional: jsonl alone is enough
                 self.tb = None
 
+    def annotate_next_row(self, **fields) -> None:
+        """Adds ``fields`` (not scalars: JSON values such as the run's data fingerprint) to the next
+        ``metrics.jsonl`` row, which this run start writes first; TensorBoard never sees them. A field of a
+        row, not a line of its own: readers expect every line to be a step's row."""
+        self._annotations.update(fields)
+
     def write(self, step: int, scalars: dict):
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        extra, self._annotations = self._annotations, {}
+        self.jsonl.write(json.dumps({"step": step, **scalars, **extra}) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for k, v in scalars.items():

@@ -37,6 +37,7 @@ from atst_jax.checkpoint import (
     to_pure,
 )
 from atst_jax.config import check_config, check_overrides, config_spec_from_argv, load_config
+from atst_jax.data import lineage
 from atst_jax.eval import pretrain_probe
 from atst_jax.flops import CHIPS, chip_from_device
 from atst_jax.metrics import MetricsWriter, Progress, fetch, fmt_time, log, truncate_jsonl
@@ -58,6 +59,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     SIGTERM or Ctrl-C from here on stops at the next step boundary with that step saved."""
     with distributed.StopSignal() as stop:
         return _train(config, workdir, stop)
+
+
+def _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step):
+    """``(loop, writer, progress)``: the training loop from ``step`` with its metrics, pictures and checkpoint
+    hooks (the probe hook is the caller's)."""
+    t = config.train
+    writer = MetricsWriter(workdir, resume_step=step)
+    progress = _progress(config, trainer, step)
+    loop = Loop(
+        trainer.jit_train_step(),
+        data_iter,
+        trainer.batch_shardings,
+        progress,
+        writer,
+        total=t.steps,
+        log_every=t.log_every,
+        nonfinite=t.nonfinite,
+        max_skipped=t.max_skipped,
+        should_stop=lambda s: stop.requested is not None or ckpt.reached_preemption(s),
+        checkpoint_steps=ckpt.all_steps,
+    )
+    if int(t.get("image_every", 0)) > 0:
+        loop.add_hook(_pictures_hook(trainer, writer), every=int(t.image_every))
+    # Which clips the run trains on (atst_jax.data.lineage), in every checkpoint and in metrics.jsonl.
+    data = lineage.training_data(
+        files, int(config.data.get("subset", 0)), int(config.data.get("subset_seed", 1234))
+    )
+    writer.annotate_next_row(data=data)  # the first metrics.jsonl row of this start
+    loop.add_hook(_checkpoint_hook(ckpt, data_iter, config, {**run_metadata(mesh), "data": data}, writer))
+    return loop, writer, progress
 
 
 def _train(config, workdir, stop) -> dict:
@@ -105,24 +136,7 @@ def _train(config, workdir, stop) -> dict:
     )
 
     # -------------------------------------------------------------------------- Loop and hooks
-    writer = MetricsWriter(workdir, resume_step=step)
-    progress = _progress(config, trainer, step)
-    loop = Loop(
-        trainer.jit_train_step(),
-        data_iter,
-        trainer.batch_shardings,
-        progress,
-        writer,
-        total=t.steps,
-        log_every=t.log_every,
-        nonfinite=t.nonfinite,
-        max_skipped=t.max_skipped,
-        should_stop=lambda s: stop.requested is not None or ckpt.reached_preemption(s),
-        checkpoint_steps=ckpt.all_steps,
-    )
-    if int(t.get("image_every", 0)) > 0:
-        loop.add_hook(_pictures_hook(trainer, writer), every=int(t.image_every))
-    loop.add_hook(_checkpoint_hook(ckpt, data_iter, config, run_metadata(mesh), writer))
+    loop, writer, progress = _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step)
     if config.get("probe") and config.probe.train:
         loop.add_hook(_probe_hook(config, workdir, run_config, feature_set, step, writer))
     try:

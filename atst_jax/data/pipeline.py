@@ -265,8 +265,7 @@ def make_dataset(
     if subset:
         # Its own generator, seeded by subset_seed alone: the same set on every process and for every shuffle
         # seed, so runs with different seeds still train on the same clips (as the official recipes do).
-        keep = np.sort(np.random.default_rng(subset_seed).choice(n, size=subset, replace=False))
-        ds = _Subset(ds, keep)
+        ds = _Subset(ds, subset_indices(n, subset, subset_seed))
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat(num_epochs)
@@ -274,6 +273,12 @@ def make_dataset(
     if process_count > 1:
         ds = _ProcessBlocks(ds, per_host_batch, process_index, process_count, finite=num_epochs is not None)
     return ds.batch(per_host_batch, drop_remainder=drop_remainder, batch_fn=AssembleBatch(crops, features))
+
+
+def subset_indices(n: int, subset: int, subset_seed: int) -> np.ndarray:
+    """The ascending source indices of the ``subset`` records drawn from ``n`` (one definition, shared with
+    `lineage.training_data`, which fingerprints the clips drawn)."""
+    return np.sort(np.random.default_rng(subset_seed).choice(n, size=subset, replace=False))
 
 
 class _Subset(grain.MapDataset):

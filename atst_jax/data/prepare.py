@@ -87,7 +87,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from atst_jax import audio
 from atst_jax import features as feature_sets
-from atst_jax.data import records
+from atst_jax.data import lineage, records
 from atst_jax.errors import UserError
 from atst_jax.features import DEFAULT_FEATURES
 
@@ -748,9 +748,12 @@ def build(
     todo = [j for j in mine if not _marker_ok(_read_marker(markers[j]), prints[j], paths[j])]
     reused = [j for j in mine if j not in todo]
     info_path = os.path.join(out_dir, "dataset_info.json")
-    if todo and os.path.exists(info_path):
-        # The dataset is about to change: no TFDS reader may open the old metadata over new shards.
-        os.remove(info_path)
+    if todo:
+        # The dataset is about to change: no TFDS reader may open the old metadata over new shards, and no
+        # reader may take the old manifest for the new clips.
+        for stale in (info_path, os.path.join(out_dir, lineage.MANIFEST)):
+            if os.path.exists(stale):
+                os.remove(stale)
 
     total_files = sum(bounds[j + 1] - bounds[j] for j in todo)
     skipped_now = 0
@@ -773,7 +776,10 @@ def build(
         tmp = os.path.join(out_dir, f".{os.path.basename(paths[j])}.tmp-{os.getpid()}")
         return tmp, ArrayRecordWriter(tmp, records.WRITER_OPTIONS[options.compression])
 
-    def finish(j, tmp, writer, count, skipped):
+    fs = feature_sets.get(options.features)
+    seconds_per_frame = fs.hop_length / fs.sample_rate
+
+    def finish(j, tmp, writer, count, skipped, manifest):
         if not writer.ok():
             raise OSError(f"ArrayRecordWriter failed on {tmp}")
         writer.close()
@@ -786,6 +792,9 @@ def build(
                 "records": count,
                 "bytes": os.path.getsize(paths[j]),
                 "skipped": skipped,
+                # This shard's manifest lines (atst_jax.data.lineage), kept with the marker so that a resumed
+                # or multi-job prepare writes the same manifest as one uninterrupted run.
+                "manifest": manifest,
             },
         )
         locks.release(j)
@@ -805,7 +814,7 @@ def build(
                 reused.append(j)
                 continue
             if not items:  # more shards than files
-                finish(j, *start(j), 0, [])
+                finish(j, *start(j), 0, [], [])
                 continue
             for k, it in enumerate(items):
                 queued.append((j, it, k == len(items) - 1))
@@ -817,9 +826,10 @@ def build(
         for recs, reason in results:
             j, item, last = queued.popleft()
             if writer is None:
-                (tmp, writer), count, skipped = start(j), 0, []
+                (tmp, writer), count, skipped, manifest = start(j), 0, [], []
             for r in recs:
                 writer.write(r)
+                manifest.append(lineage.entry(r, item.file, seconds_per_frame))
             count += len(recs)
             if reason is not None:
                 skipped.append({"file": item.file, "reason": reason})
@@ -829,7 +839,7 @@ def build(
                 if reason is not None:
                     bar.set_postfix(skipped=skipped_now, refresh=False)
             if last:
-                finish(j, tmp, writer, count, skipped)
+                finish(j, tmp, writer, count, skipped, manifest)
                 tmp = writer = None
     except BaseException:
         if writer is not None:
@@ -939,6 +949,16 @@ def _finalize(plan, out_dir, name, split, options, paths, markers, prints, versi
         if filename.endswith(".json") and filename[: -len(".json")] not in keep:
             os.remove(os.path.join(progress_dir, filename))
 
+    fs = feature_sets.get(options.features)
+    entries = []
+    for m, path in zip(loaded, paths, strict=True):
+        # A shard reused from a prepare that kept no manifest lines: recomputed from its records (no sources).
+        entries += (
+            m["manifest"]
+            if "manifest" in m
+            else lineage.entries_from_records([path], fs.hop_length / fs.sample_rate)
+        )
+    fingerprint = lineage.write_manifest(out_dir, entries)
     _atomic_write_json(
         os.path.join(out_dir, "labels.json"),
         {
@@ -972,7 +992,7 @@ def _finalize(plan, out_dir, name, split, options, paths, markers, prints, versi
             "classes": plan.classes,
         },
     )
-    return {"complete": True, "written": written, "skipped": skipped}
+    return {"complete": True, "written": written, "skipped": skipped, "fingerprint": fingerprint}
 
 
 # ======================================================================================================
@@ -1081,7 +1101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"prepare: {result['written']} clips in {result['num_shards']} shard(s) at {args.out} "
             f"({len(result['built'])} built, {len(result['reused'])} reused); {len(result['skipped'])} input(s) "
-            f"skipped, see {os.path.join(args.out, 'report.json')}"
+            f"skipped, see {os.path.join(args.out, 'report.json')}; fingerprint {result['fingerprint']} "
+            f"(clips listed in {os.path.join(args.out, lineage.MANIFEST)})"
         )
     else:
         print(

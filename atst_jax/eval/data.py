@@ -31,6 +31,15 @@ class LabelledSet:
     events: list[np.ndarray] | None  # float32 [e, 3] (onset s, offset s, class) per clip; None if weak
     classes: list[str]
     features: str
+    # SHA-256 of each clip's stored record (atst_jax.data.lineage): RESULTS.json's split fingerprints.
+    digests: list[str] | None = None
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The lineage fingerprint of exactly these clips (a held-out part too), None if not hashed."""
+        from atst_jax.data import lineage
+
+        return None if self.digests is None else lineage.fingerprint(zip(self.ids, self.digests, strict=True))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,6 +55,7 @@ class LabelledSet:
             pick(self.events),
             self.classes,
             self.features,
+            pick(self.digests),
         )
 
 
@@ -72,17 +82,19 @@ def read_labelled(path: str, what: str) -> LabelledSet:
         raise EvalError(f"{what} {labels_path}: unreadable ({type(e).__name__}: {e})") from None
     if not classes:
         raise EvalError(f"{what} {path}: the dataset has no labels (labels.json lists no classes)")
-    from atst_jax.data import pipeline
+    from atst_jax.data import lineage, pipeline
 
     source = pipeline.make_source(files)
-    ids, mels, labels, events = [], [], [], []
+    ids, mels, labels, events, digests = [], [], [], [], []
     strong = bool(meta.get("strong"))
     for i in range(len(source)):
         try:
-            ex = records.decode_example(source[i])
+            record = source[i]
+            ex = records.decode_example(record)
         except ValueError as e:
             raise EvalError(f"{what} {path}: record {i}: {e}") from None
         ids.append(ex["id"])
+        digests.append(lineage.content_hash(record))  # evaluate reads every record: hashing is cheap
         mels.append(np.array(ex["mel"][:, : ex["length"]], np.float16))  # a copy: the view pins the buffer
         labels.append(np.asarray(ex["labels"], np.int64))
         events.append(np.asarray(ex.get("events", np.zeros((0, 3), np.float32)), np.float32))
@@ -99,7 +111,7 @@ def read_labelled(path: str, what: str) -> LabelledSet:
         )
     if not any(len(lab) for lab in labels) and not any(len(ev) for ev in events):
         raise EvalError(f"{what} {path}: the dataset has no labels (no clip has a class)")
-    return LabelledSet(path, ids, mels, labels, events if strong else None, classes, features)
+    return LabelledSet(path, ids, mels, labels, events if strong else None, classes, features, digests)
 
 
 def id_hash(clip_id: str) -> int:

@@ -624,6 +624,26 @@ def _stack(feats: Features, targets: list[np.ndarray] | np.ndarray, level: str):
     return x, np.concatenate(targets)
 
 
+def _test_metrics(name, probe, feats, test, level: str, task: str, step_s: float, opts: Options):
+    """``(metrics, per-class, errors, posteriors)`` of a trained probe on the test split (posteriors: SED's
+    per-clip ``[T, K]``, else None); with ``opts.scores_dir``, SED's DCASE score tables too."""
+    posteriors = None
+    errors: dict = {}  # metric -> why it is None (metrics.Guard)
+    if level == "clip":
+        p_test = probe.predict(np.nan_to_num(np.stack(feats.clips).astype(np.float32)))
+        metrics, per = clip_metrics(clip_targets(test), p_test, task, test.classes, errors)
+        return metrics, per, errors, None
+    posteriors = [probe.predict(f) for f in feats.clips]
+    median = median_steps(opts.median_s, step_s)
+    metrics, per = sed_metrics(test, posteriors, step_s, median, errors)
+    if opts.scores_dir is not None:  # an error entry beside the metrics if it fails, never their loss
+        Guard(errors)(
+            "score_tables",
+            lambda: write_score_tables(opts.scores_dir, name, test, posteriors, step_s, median),
+        )
+    return metrics, per, errors, posteriors
+
+
 def probe_encoder(
     name: str, extract, splits: dict, task: str, step_s: float, opts: Options, mesh, bar_factory
 ):
@@ -684,21 +704,9 @@ def probe_encoder(
             bar=bar,
             **extra,
         )
-    test = splits["test"]
-    posteriors = None
-    errors: dict = {}  # metric -> why it is None (metrics.Guard)
-    if level == "clip":
-        p_test = probe.predict(np.nan_to_num(np.stack(feats["test"].clips).astype(np.float32)))
-        metrics, per = clip_metrics(clip_targets(test), p_test, task, test.classes, errors)
-    else:
-        posteriors = [probe.predict(f) for f in feats["test"].clips]
-        median = median_steps(opts.median_s, step_s)
-        metrics, per = sed_metrics(test, posteriors, step_s, median, errors)
-        if opts.scores_dir is not None:  # an error entry beside the metrics if it fails, never their loss
-            Guard(errors)(
-                "score_tables",
-                lambda: write_score_tables(opts.scores_dir, name, test, posteriors, step_s, median),
-            )
+    metrics, per, errors, posteriors = _test_metrics(
+        name, probe, feats["test"], splits["test"], level, task, step_s, opts
+    )
     return {
         "test_posteriors": posteriors if level == "frame" else None,
         "metrics": metrics,
@@ -826,9 +834,9 @@ def _results(task, splits, features, source, opts: Options, emb, step_s, chunk_f
         "source": source or {},
         "data": {
             "features": features,
-            "train": {"path": train.path, "clips": len(train)},
-            "val": {"path": val.path, "clips": len(val)},
-            "test": {"path": test.path, "clips": len(test)},
+            "train": {"path": train.path, "clips": len(train), "fingerprint": train.fingerprint},
+            "val": {"path": val.path, "clips": len(val), "fingerprint": val.fingerprint},
+            "test": {"path": test.path, "clips": len(test), "fingerprint": test.fingerprint},
         },
         "config": {
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
