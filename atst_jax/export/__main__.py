@@ -1,7 +1,7 @@
 """Export a run's checkpoint to the files PyTorch users load (spec/torch_export.md).
 
     python -m atst_jax.export --workdir RUN [--step N] [--encoder teacher|student] \
-        --format safetensors|atst_sed|lightning --out PATH
+        --format safetensors|atst_sed|lightning|hf --out PATH
 
 * ``safetensors``: exactly the 138 official encoder keys (139 for ATST-Clip: ``cls_token``, final norm
   ``norm.*``), float32, plus string metadata (format, width, depth, heads, step, encoder, chunk_frames —
@@ -29,6 +29,10 @@ A post-norm 2-D encoder (``model.norm_style="post"``, EAT's trunk) writes ``embe
 loads it, the official pre-norm ViT does not); a post-norm frame-stem encoder is refused (the ATST layouts
 are pre-norm).
 
+``hf`` writes a Hugging Face model *directory* at ``--out`` (``atst_jax.export.hf``): a 2-D patch encoder as
+transformers' ``ViTModel`` with an ``ASTFeatureExtractor`` configuration, a frame-stem encoder as a
+``trust_remote_code`` model; both with a model card (``README.md``).
+
 Every file holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` opens it.
 Errors (missing run or step, unknown format) are reported on one line with exit status 2.
 """
@@ -47,7 +51,7 @@ from atst_jax import inference
 from atst_jax.errors import UserError
 from atst_jax.export import convert
 
-FORMATS = ("safetensors", "atst_sed", "lightning")
+FORMATS = ("safetensors", "atst_sed", "lightning", "hf")
 # 2-D patch encoders (model.stem="patch2d") have one layout: the official ViT's (ASiT's vision_transformer.py).
 VIT_FORMATS = ("safetensors",)
 VIT_FORMAT = "asit_encoder"  # the safetensors "format" metadata of that layout
@@ -160,6 +164,8 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
 
     The file is written beside ``out`` under a hidden temporary name and renamed into place when complete,
     so a crash or an error never leaves a truncated export, nor destroys an earlier file at ``out``."""
+    if fmt == "hf":  # a directory, swapped into place whole by the hf writer
+        return _write_hf(workdir, out, step=step, encoder=encoder)
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -169,6 +175,22 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
     finally:
         partial.unlink(missing_ok=True)
     return warnings
+
+
+def _write_hf(workdir, out, *, step: int | None, encoder: str) -> list[str]:
+    from atst_jax.checkpoint import read_checkpoint
+    from atst_jax.export import hf
+
+    if encoder not in ("teacher", "student"):
+        raise ExportError(f"unknown encoder {encoder!r}: choose teacher or student")
+    if not Path(workdir).is_dir():
+        raise ExportError(f"no such run directory: {workdir}")
+    try:
+        step, config, state = read_checkpoint(workdir, step)
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from e
+    hf.export_dir(workdir, config, state, step, encoder, out)
+    return []
 
 
 def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> list[str]:
@@ -267,8 +289,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="training run directory (with checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--encoder", default="teacher", help="teacher (default) or student")
-    p.add_argument("--format", required=True, help="safetensors, atst_sed or lightning")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--format", required=True, help="safetensors, atst_sed, lightning or hf")
+    p.add_argument("--out", required=True, help="output file (a directory for hf)")
     return p
 
 
@@ -279,10 +301,10 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     from atst_jax.checkpoint import CheckpointRestoreError
 
-    replaced = os.path.isfile(args.out)
+    replaced = (os.path.isdir if args.format == "hf" else os.path.isfile)(args.out)
     try:
         warnings = export(args.workdir, args.format, args.out, step=args.step, encoder=args.encoder)
-    except (ExportError, CheckpointRestoreError) as e:  # a damaged step: one line too
+    except (UserError, CheckpointRestoreError) as e:  # a damaged step: one line too
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except ImportError as e:  # safetensors / torch live in the optional extra
