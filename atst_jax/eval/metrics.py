@@ -266,7 +266,9 @@ def write_score_tables(
 
     bad = [c for c in data.classes if any(ch in c for ch in "\t\n\r")]
     if bad:
-        raise EvalError(f"--scores_dir: class name {bad[0]!r} holds a tab or a line break (a TSV column name)")
+        raise EvalError(
+            f"--scores_dir: class name {bad[0]!r} holds a tab or a line break (a TSV column name)"
+        )
     ids = [audio_id(c) for c in data.ids]
     if len(set(ids)) != len(ids):
         raise EvalError("--scores_dir: two clips share a file name, which names their score table")
