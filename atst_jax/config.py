@@ -18,7 +18,7 @@ from flax import nnx
 from atst_jax import knobs, methods, optim
 from atst_jax import sharding as shd
 from atst_jax.flops import CHIPS
-from atst_jax.models.encoder import FrameAST
+from atst_jax.models.encoder import EncoderConfig, FrameAST
 from atst_jax.sharding import ConfigError
 
 __all__ = [
@@ -62,6 +62,9 @@ OPTIM_RANGES = {
     "b2": "[0, 1)",
     "eps": "(0, inf)",
     "ema": "[0, 1]",
+    "clip_norm": "[0, inf)",  # 0: no clipping
+    "wd_start": "[0, inf)",
+    "wd_end": "[0, inf)",
 }
 TRAIN_RANGES = {
     "steps": "[1, inf)",
@@ -70,11 +73,20 @@ TRAIN_RANGES = {
     "keep_checkpoints": "[1, inf)",
     "grad_accum_steps": "[1, inf)",
     "max_skipped": "[0, inf)",
+    "global_batch": "[1, inf)",
+    "health_patience": "[0, inf)",
+    "image_every": "[0, inf)",  # 0: no pictures
+    "inject_nan_at_step": "[-1, inf)",  # -1: none (a fault-injection hook for tests)
+    "keep_every": "[0, inf)",  # 0: keep only the newest
 }
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> methods.Method:
     """Raises ``ConfigError`` (one line) for configs that cannot run; returns the built method."""
+    # The declared ranges first: the checks below divide by some of these knobs.
+    knobs.check(config.optim, "optim", OPTIM_RANGES)
+    knobs.check(config.train, "train", {k: v for k, v in TRAIN_RANGES.items() if k in config.train})
+    knobs.check(config.model, "model", {k: v for k, v in EncoderConfig.RANGES.items() if k in config.model})
     mesh_sizes = shd.mesh_shape(config.mesh, num_devices)
     rules = shd.rules_from_config(config.sharding_rules)
     sizes = dict(zip(shd.MESH_AXES, mesh_sizes, strict=True))
@@ -106,8 +118,6 @@ def check_config(config, num_devices: int, process_count: int = 1) -> methods.Me
         raise ConfigError(f"model.remat={m.remat!r}: choose none, full or save_dots")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: choose float32 or bfloat16")
-    knobs.check(config.optim, "optim", OPTIM_RANGES)
-    knobs.check(config.train, "train", {k: v for k, v in TRAIN_RANGES.items() if k in config.train})
     optim.check_config(config.optim)
     method = methods.build(config)
     # The token rule belongs to the encoder's patch stem; an abstract encoder answers it without allocating.

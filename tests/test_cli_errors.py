@@ -322,7 +322,7 @@ def _incomplete_records(root):
 @pytest.mark.parametrize(
     "change, workdir, needle",
     [
-        (lambda c, p: c.train.update(global_batch=0), "{root}/w", "train.global_batch=0 must be positive"),
+        (lambda c, p: c.train.update(global_batch=0), "{root}/w", "train.global_batch=0: must be in [1, inf)"),
         (lambda c, p: c.atst_frame.update(crop_seconds=-1.0), "{root}/w", "atst_frame.crop_seconds=-1.0"),
         (lambda c, p: None, "{file}", "is a file"),
         (lambda c, p: None, "{file}/sub", "is a file"),
@@ -359,7 +359,7 @@ def test_train_config_errors(change, workdir, needle, paths, embedded_cache):
         (["--config", f"{CONFIG}:tiny", "--workdir", "{root}/w", "--config.data.crop_seconds=-1"],
          "unknown config field 'data.crop_seconds'"),
         (["--config", f"{CONFIG}:tiny", "--workdir", "{root}/w", "--config.train.global_batch=-4"],
-         "train.global_batch=-4 must be positive"),
+         "train.global_batch=-4: must be in [1, inf)"),
         (["--config", f"{CONFIG}:tiny", "--workdir", "{file}"], "is a file"),
     ],
 )  # fmt: skip

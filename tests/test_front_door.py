@@ -175,3 +175,85 @@ def test_overrides_are_typed_as_the_field():
             apply_overrides(config, [tuple(bad.split("=", 1))])
     with pytest.raises(ConfigError, match="needs a value"):
         split_overrides(["--config.model.width"])
+
+
+def _outside(spec: str, like):
+    """A value just outside the interval ``spec`` (atst_jax.knobs), of the type of the field's value ``like``;
+    a tuple field keeps its other elements."""
+    import math
+
+    from atst_jax import knobs
+
+    left, lo, hi, right, _ = knobs._INTERVAL.match(spec).groups()
+    lo, hi = knobs._bound(lo), knobs._bound(hi)
+    if not math.isinf(lo):
+        bad = lo - 1 if left == "[" else lo
+    else:
+        bad = hi + 1 if right == "]" else hi
+    element = like[0] if isinstance(like, tuple) else like
+    bad = type(element)(bad)
+    return (bad, *like[1:]) if isinstance(like, tuple) else bad
+
+
+def _every_range():
+    from atst_jax import methods
+    from atst_jax.config import OPTIM_RANGES, TRAIN_RANGES
+    from atst_jax.models.encoder import EncoderConfig
+
+    for name in methods.names():
+        for field, spec in methods.get_class(name).Config.RANGES.items():
+            yield name, name, field, spec
+        for field, spec in EncoderConfig.RANGES.items():
+            yield name, "model", field, spec
+    for section, ranges in (("optim", OPTIM_RANGES), ("train", TRAIN_RANGES)):
+        for field, spec in ranges.items():
+            yield "atst_frame", section, field, spec
+
+
+def test_every_declared_knob_out_of_range_is_one_line_before_compiling(monkeypatch):
+    """Each range declared beside a field (every method's, the encoder's, optim's and train's), walked: a value
+    just outside it is refused by check_config in one line naming the field — before any compile."""
+    from atst_jax.config import check_config
+    from atst_jax.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "jit_train_step", lambda *a, **k: pytest.fail("compiled"))
+    configs = {}
+    walked = 0
+    for method, section, field, spec in _every_range():
+        config = configs.get(method) or load_config(config_path(method) + ":tiny")
+        configs[method] = config
+        config = config.copy_and_resolve_references()
+        if section == "model" and field not in config.model:  # a stem's own field (patch_size: patch2d)
+            continue
+        assert field in config[section], f"{section}.{field}: declared but not in the config"
+        config[section][field] = _outside(spec, config[section][field])
+        with pytest.raises(ConfigError) as e:
+            check_config(config, 1)
+        message = str(e.value)
+        assert f"{field}" in message and "\n" not in message, (section, field, spec, message)
+        walked += 1
+    assert walked > 60  # every method's, the encoder's (per method), optim's and train's
+
+
+def test_every_numeric_knob_has_a_declared_range():
+    """No numeric field of a method's or the encoder's config dataclass, nor of optim / train, goes unchecked."""
+    from atst_jax import methods
+    from atst_jax.config import OPTIM_RANGES, TRAIN_RANGES
+    from atst_jax.methods.base import dataclass_defaults
+    from atst_jax.models.encoder import EncoderConfig
+
+    def numeric(v):
+        values = v if isinstance(v, tuple) and v else (v,)
+        return all(isinstance(x, int | float) and not isinstance(x, bool) for x in values)
+
+    unbounded = []
+    for cls in [methods.get_class(n).Config for n in methods.names()] + [EncoderConfig]:
+        unbounded += [
+            f"{cls.__name__}.{k}"
+            for k, v in dataclass_defaults(cls).items()
+            if numeric(v) and k not in cls.RANGES
+        ]
+    config = load_config(FRAME)
+    for section, ranges in (("optim", OPTIM_RANGES), ("train", TRAIN_RANGES)):
+        unbounded += [f"{section}.{k}" for k, v in config[section].items() if numeric(v) and k not in ranges]
+    assert not unbounded, unbounded

@@ -186,7 +186,7 @@ def test_a_save_at_a_taken_step_number_moves_what_is_there_aside(tiny_run, embed
 def test_a_refused_config_leaves_no_workdir_behind(embedded_cache, tmp_path):
     """Defect 6: the workdir used to be created before the config checks."""
     work = tmp_path / "new" / "run"
-    with pytest.raises(ConfigError, match="must be positive"):
+    with pytest.raises(ConfigError, match=r"train.global_batch=0: must be in \[1, inf\)"):
         train(tiny_config(embedded_cache, global_batch=0), str(work))
     assert not (tmp_path / "new").exists()
 
