@@ -259,13 +259,9 @@ class Plan:
 
 def check_out(out: Path) -> None:
     """One line for an ``--out`` that is a file, lies below a file, or cannot be written."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FinetuneError(f"--out {out}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise FinetuneError(f"--out {out}: {existing} is not writable")
+    from atst_jax.cli import check_output
+
+    check_output(out, "--out", directory=True)
 
 
 def teacher_folder(given, model_dir: Path) -> Path:

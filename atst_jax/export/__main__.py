@@ -177,35 +177,33 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
     return warnings
 
 
-def _write_hf(workdir, out, *, step: int | None, encoder: str) -> list[str]:
+def _read_run(workdir, step: int | None, encoder: str):
+    """``(step, config, state)`` of the run's checkpoint to export, with one-line errors for a bad encoder
+    name, a missing run directory or a missing step."""
     from atst_jax.checkpoint import read_checkpoint
-    from atst_jax.export import hf
 
     if encoder not in ("teacher", "student"):
         raise ExportError(f"unknown encoder {encoder!r}: choose teacher or student")
     if not Path(workdir).is_dir():
         raise ExportError(f"no such run directory: {workdir}")
     try:
-        step, config, state = read_checkpoint(workdir, step)
+        return read_checkpoint(workdir, step)
     except FileNotFoundError as e:
         raise ExportError(str(e)) from e
+
+
+def _write_hf(workdir, out, *, step: int | None, encoder: str) -> list[str]:
+    from atst_jax.export import hf
+
+    step, config, state = _read_run(workdir, step, encoder)
     hf.export_dir(workdir, config, state, step, encoder, out)
     return []
 
 
 def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> list[str]:
-    from atst_jax.checkpoint import read_checkpoint
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if encoder not in ("teacher", "student"):
-        raise ExportError(f"unknown encoder {encoder!r}: choose teacher or student")
-    if not Path(workdir).is_dir():
-        raise ExportError(f"no such run directory: {workdir}")
-    try:
-        step, config, state = read_checkpoint(workdir, step)
-    except FileNotFoundError as e:
-        raise ExportError(str(e)) from e
+    step, config, state = _read_run(workdir, step, encoder)
     stem = ((config or {}).get("model") or {}).get("stem", "frame")
     if stem == "patch2d":
         return _export_vit(config, state, step, fmt, out, encoder)
