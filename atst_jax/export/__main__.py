@@ -1,7 +1,7 @@
 """Export a run's checkpoint to the files PyTorch users load (spec/torch_export.md).
 
     python -m atst_jax.export --workdir RUN [--step N] [--encoder teacher|student] \
-        --format safetensors|atst_sed|lightning|hf --out PATH
+        --format safetensors|atst_sed|lightning|hf|xares --out PATH
 
 * ``safetensors``: exactly the 138 official encoder keys (139 for ATST-Clip: ``cls_token``, final norm
   ``norm.*``), float32, plus string metadata (format, width, depth, heads, step, encoder, chunk_frames —
@@ -33,6 +33,11 @@ are pre-norm).
 transformers' ``ViTModel`` with an ``ASTFeatureExtractor`` configuration, a frame-stem encoder as a
 ``trust_remote_code`` model; both with a model card (``README.md``).
 
+``xares`` writes an X-ARES encoder *directory* at ``--out`` (``atst_jax.export.xares``): the ``safetensors``
+export as ``encoder.safetensors`` and ``<kind>_encoder.py`` (``atst_frame``, ``atst_clip`` or ``vit``), a
+file defining the one no-argument ``...Encoder`` class that ``python -m xares.run`` imports by its path; the
+file imports ``atst_jax``. An encoder the adapter cannot serve (a front end without a PyTorch twin) is refused.
+
 Every file holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` opens it.
 Errors (missing run or step, unknown format) are reported on one line with exit status 2.
 """
@@ -42,6 +47,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,7 +57,8 @@ from atst_jax import inference
 from atst_jax.errors import UserError
 from atst_jax.export import convert
 
-FORMATS = ("safetensors", "atst_sed", "lightning", "hf")
+FORMATS = ("safetensors", "atst_sed", "lightning", "hf", "xares")
+DIR_FORMATS = ("hf", "xares")  # --out is a directory
 # 2-D patch encoders (model.stem="patch2d") have one layout: the official ViT's (ASiT's vision_transformer.py).
 VIT_FORMATS = ("safetensors",)
 VIT_FORMAT = "asit_encoder"  # the safetensors "format" metadata of that layout
@@ -166,6 +173,8 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
     so a crash or an error never leaves a truncated export, nor destroys an earlier file at ``out``."""
     if fmt == "hf":  # a directory, swapped into place whole by the hf writer
         return _write_hf(workdir, out, step=step, encoder=encoder)
+    if fmt == "xares":
+        return _write_xares(workdir, out, step=step, encoder=encoder)
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -198,6 +207,35 @@ def _write_hf(workdir, out, *, step: int | None, encoder: str) -> list[str]:
     step, config, state = _read_run(workdir, step, encoder)
     hf.export_dir(workdir, config, state, step, encoder, out)
     return []
+
+
+def _write_xares(workdir, out, *, step: int | None, encoder: str) -> list[str]:
+    """The safetensors export and its X-ARES encoder file, written into a hidden sibling directory and
+    swapped into place (as ``hf``): a failure leaves any earlier directory at ``out`` untouched."""
+    from atst_jax.export import xares
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a directory (--format xares writes a directory)")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        warnings = _write(workdir, "safetensors", partial / xares.WEIGHTS, step=step, encoder=encoder)
+        try:
+            xares.write_encoder_file(partial, dirname=out.name)
+        except ValueError as e:
+            raise ExportError(f"--format xares: {e}") from e
+        for f in partial.iterdir():
+            f.chmod(0o644)  # as the single-file formats: an export is meant to be shared
+        if out.exists():
+            os.replace(out, old)
+        os.replace(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return warnings
 
 
 def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> list[str]:
@@ -287,8 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="training run directory (with checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--encoder", default="teacher", help="teacher (default) or student")
-    p.add_argument("--format", required=True, help="safetensors, atst_sed, lightning or hf")
-    p.add_argument("--out", required=True, help="output file (a directory for hf)")
+    p.add_argument("--format", required=True, help="safetensors, atst_sed, lightning, hf or xares")
+    p.add_argument("--out", required=True, help="output file (a directory for hf and xares)")
     return p
 
 
@@ -299,7 +337,7 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     from atst_jax.checkpoint import CheckpointRestoreError
 
-    replaced = (os.path.isdir if args.format == "hf" else os.path.isfile)(args.out)
+    replaced = (os.path.isdir if args.format in DIR_FORMATS else os.path.isfile)(args.out)
     try:
         warnings = export(args.workdir, args.format, args.out, step=args.step, encoder=args.encoder)
     except (UserError, CheckpointRestoreError) as e:  # a damaged step: one line too
@@ -315,6 +353,9 @@ def main(argv=None) -> int:
         print(f"warning: {w}", file=sys.stderr)
     what = args.encoder if args.format != "lightning" else "student+teacher"
     print(f"{'replaced' if replaced else 'wrote'} {args.out} ({args.format}, {what})")
+    if args.format == "xares":
+        for path in sorted(Path(args.out).glob("*_encoder.py")):
+            print(f"X-ARES encoder file: {path} (python -m xares.run takes it as a relative path)")
     return 0
 
 

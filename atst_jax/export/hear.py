@@ -57,6 +57,12 @@ def load_model(
     if not model_file_path:
         raise ValueError("load_model needs the path of an exported encoder (python -m atst_jax.export)")
     f = read_encoder_file(model_file_path, "teacher", heads)
+    return model_from_file(f, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
+
+
+def model_from_file(f, n_blocks: int | None = None, max_chunks: int = 8, chunk_frames: int | None = None):
+    """:func:`load_model` for an encoder already read (``atst_jax.export.load.EncoderFile``): other adapters
+    (``atst_jax.export.xares``) serve the same embedder and also need what the file records."""
     chunk_frames = f.chunk_frames if chunk_frames is None else chunk_frames
     if f.vit:  # the official ViT layout (a 2-D patch export, or an official ASiT checkpoint)
         from atst_jax.export.torch_vit import VisionTransformer, ViTEmbedder
