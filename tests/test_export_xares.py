@@ -227,3 +227,8 @@ def test_an_encoder_file_only_for_what_the_adapter_serves(files, tmp_path):
     with pytest.raises(ValueError, match="kaldi_fbank128_16k"):
         xares.write_encoder_file(d)
     assert sorted(p.name for p in d.iterdir()) == [xares.WEIGHTS]
+    # HEAR's loader refuses it too, rather than computing the 32 kHz fbank the encoder never saw.
+    from atst_jax.export import hear
+
+    with pytest.raises(ValueError, match="takes kaldi_fbank128_16k features"):
+        hear.load_model(str(d / xares.WEIGHTS))

@@ -63,6 +63,13 @@ def load_model(
 def model_from_file(f, n_blocks: int | None = None, max_chunks: int = 8, chunk_frames: int | None = None):
     """:func:`load_model` for an encoder already read (``atst_jax.export.load.EncoderFile``): other adapters
     (``atst_jax.export.xares``) serve the same embedder and also need what the file records."""
+    # Each layout's embedder computes one front end; an encoder trained on another (e.g. ``kaldi_fbank128_16k``,
+    # ``atst_logmel64_unfloored``) would get features it never saw, silently: refuse it instead.
+    computes = "kaldi_fbank128" if f.vit else "atst_logmel64"
+    if f.features != computes:
+        raise ValueError(
+            f"the encoder takes {f.features} features; the PyTorch embedder of its layout computes {computes} only"
+        )
     chunk_frames = f.chunk_frames if chunk_frames is None else chunk_frames
     if f.vit:  # the official ViT layout (a 2-D patch export, or an official ASiT checkpoint)
         from atst_jax.export.torch_vit import VisionTransformer, ViTEmbedder

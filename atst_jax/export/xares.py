@@ -77,12 +77,7 @@ class ExportedEncoder(nn.Module):
         self.embedder = hear.model_from_file(
             f, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames
         )
-        front = inference.front_end(f.features)  # an unknown feature set is refused here
-        if front.sample_rate != self.embedder.sample_rate:
-            raise ValueError(
-                f"{path}: the encoder takes {f.features} features ({front.sample_rate} Hz), which the PyTorch "
-                f"front end ({self.embedder.sample_rate} Hz) does not compute"
-            )
+        front = inference.front_end(f.features)  # the embedder has refused a front end it does not compute
         self._feature_set = front.feature_set
         # The stem's own geometry (frames per time step), asked of the inference config.
         self.time_patch = inference.time_patch(f.config())
