@@ -203,9 +203,11 @@ def _bn_linear(model, x, batch_stats):
 def test_c2f_clip_teacher_runs_in_chunks_of_its_crop_in_train_mode(tmp_path):
     """Student crop 100 frames, teacher crop 40: the distillation's teacher logits come from 40-frame chunks
     (the NaN positional slots past the teacher's crop never reach them), equal to the teacher run on each
-    chunk by itself, ``[CLS ‖ mean]`` averaged over the chunks weighted by their tokens, then the head — on
-    batch statistics (the official clip-level teacher is in train mode). The loss of a training step is the
-    C2F loss on exactly those logits."""
+    chunk by itself, ``[CLS ‖ mean]`` averaged over the chunks, then the head — on batch statistics (the
+    official clip-level teacher is in train mode). The average is the official one by default: equal weights,
+    a later chunk only when it holds more than half a chunk (rows 0 and 2 drop their 20-frame last chunk);
+    ``--teacher_chunks valid`` weights every chunk by its tokens. The loss of a training step is the C2F loss
+    on exactly those logits."""
     teacher = _poisoned_teacher(tmp_path, "clip")
     student = _student("clip")
     spec, length = _batch()
@@ -214,7 +216,7 @@ def test_c2f_clip_teacher_runs_in_chunks_of_its_crop_in_train_mode(tmp_path):
     opts = ft.FinetuneOptions(distill_lambda=lam, momentum=0.0, clip_norm=0.0)
     tuner = ft.Finetuner(student, "clip_multi", CROP, opts, teacher=teacher)
     # Independent reference: the Python-level teacher on every chunk on its own.
-    feats = []
+    feats, feats_valid = [], []
     for row in range(len(LENGTHS)):
         parts = _chunk_pieces(np.asarray(spec[row]), LENGTHS[row])
         outs = [
@@ -223,7 +225,10 @@ def test_c2f_clip_teacher_runs_in_chunks_of_its_crop_in_train_mode(tmp_path):
         ]
         f = np.stack([np.concatenate([o[0], o[1:].mean(0)]) for o in outs])
         w = np.array([t for _, t in parts], np.float64)
-        feats.append((f * w[:, None]).sum(0) / w.sum())
+        feats_valid.append((f * w[:, None]).sum(0) / w.sum())
+        counts = [i == 0 or 4 * t > T_CHUNK // 2 for i, (_, t) in enumerate(parts)]
+        feats.append(f[counts].mean(0))
+    assert [len(_chunk_pieces(np.asarray(spec[r]), n)) for r, n in enumerate(LENGTHS)] == [3, 3, 2, 1]
     want = _bn_linear(teacher, np.stack(feats), batch_stats=True)
     assert np.isfinite(want).all()
     # A training step: its loss is the C2F loss with that teacher (the student's own logits, on batch
@@ -238,6 +243,13 @@ def test_c2f_clip_teacher_runs_in_chunks_of_its_crop_in_train_mode(tmp_path):
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     got = np.asarray(tuner.teacher_logits(tuner.t_state, spec, length, key))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    valid_tuner = ft.Finetuner(
+        student, "clip_multi", CROP, dataclasses.replace(opts, teacher_chunks="valid"), teacher
+    )
+    got = np.asarray(valid_tuner.teacher_logits(valid_tuner.t_state, spec, length, key))
+    np.testing.assert_allclose(
+        got, _bn_linear(teacher, np.stack(feats_valid), batch_stats=True), rtol=1e-4, atol=1e-5
+    )
     # --teacher_mode eval: the running statistics instead (the encoder part is the same).
     eval_tuner = ft.Finetuner(
         student, "clip_multi", CROP, dataclasses.replace(opts, teacher_mode="eval"), teacher

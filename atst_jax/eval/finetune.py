@@ -45,11 +45,13 @@ pretrained and fine-tuned on (6 s base, 9 s small); its positional slots past th
 gradient. So, as the official distillation (``get_intermediate_layers_chunks``), the teacher sees the crop in
 consecutive chunks of the crop it was fine-tuned and evaluated with (``chunk_frames`` of its ``model.json``,
 through the inference chunk rules), all chunks of a batch as one batch (:func:`chunked_logits`). Clip level:
-its ``[CLS ‖ mean]`` features averaged over the chunks, then its head. The official code averages the chunks
-with equal weights and drops a trailing chunk of at most half a chunk; here each chunk is weighted by its
-valid tokens — as the teacher's own evaluation averages its chunks (below) and as the inference scene
-embedding does — so a short last chunk counts for the audio it holds. Both agree when the chunks are full,
-and for a crop of one chunk. Frame level: the chunks' per-step logits, end to end on the student's grid.
+its ``[CLS ‖ mean]`` features averaged over the chunks, then its head. ``--teacher_chunks``: ``official``
+(default) = the official code's average, **equal weights** over the chunks that count — the first one whenever
+it holds audio, a later one only when it holds more than half a chunk of audio (a short trailing chunk is
+dropped); ``valid`` = each chunk weighted by its valid tokens, as the teacher's own evaluation averages its
+chunks (below) and as the inference scene embedding does, so a short last chunk counts for the audio it holds.
+Both agree when every chunk is full, and for a crop of one chunk. Frame level: the chunks' per-step logits, end
+to end on the student's grid (no average, so the knob does not apply).
 
 *The teacher's mode*, ``--teacher_mode``: ``official`` (default) = the official code's — **train mode at clip
 level** (its clip-level distillation never calls ``.eval()`` on the teacher: drop-path at the rate the teacher
@@ -145,6 +147,7 @@ class FinetuneOptions:
     drop_path: float | None = None  # None: the pretraining rate
     distill_lambda: float = 0.5
     teacher_mode: str = "official"  # official | eval | train (the C2F teacher; see the module docstring)
+    teacher_chunks: str = "official"  # official | valid: how the clip-level teacher averages its chunks
     val_fraction: float = 0.2
     median_s: float = 0.28
     seed: int = 0
@@ -236,15 +239,25 @@ def teacher_chunk_frames(model: FinetuneModel) -> int:
 
 
 def chunked_logits(
-    model: FinetuneModel, spec, length, chunk: int, *, train: bool = False, key=None, steps=None
+    model: FinetuneModel,
+    spec,
+    length,
+    chunk: int,
+    *,
+    train: bool = False,
+    key=None,
+    steps=None,
+    weights: str = "valid",
 ):
     """``model``'s logits on a crop ``spec [B, F, T]`` of any length, run as consecutive chunks of at most
     ``chunk`` frames (the C2F teacher; traceable, static shapes).
 
     The crop is cut at ``0, w, 2w, …`` (``w = min(chunk, T)`` in whole time patches; the chunks of
     :func:`atst_jax.inference.chunk_bounds`), the last zero-padded, each chunk's valid frames from ``length``;
-    the ``C`` chunks run as one batch ``[B·C, F, w]``. Clip level: the chunks' features are averaged,
-    **weighted by their valid steps** (a chunk without audio counts 0), then the head: ``[B, K]``. Frame
+    the ``C`` chunks run as one batch ``[B·C, F, w]``. Clip level: the chunks' features are averaged, then the
+    head: ``[B, K]``; ``weights="valid"``: each chunk weighted by its valid steps (a chunk without audio
+    counts 0); ``"official"``: equal weights over the first chunk with audio and every later chunk holding
+    more than ``w // 2`` valid frames (``get_intermediate_layers_chunks``' marks). Frame
     level: the chunks' per-step logits laid back end to end on the crop's grid, cut to ``steps`` (default
     ``T`` / patch): ``[B, steps, K]``. With ``train``, BatchNorm runs on batch statistics (of the pooled clip
     features, or of every valid step) and drop-path on ``key``, chunk by chunk."""
@@ -259,7 +272,11 @@ def chunked_logits(
     lens = jnp.clip(length[:, None] - starts[None, :], 0, width).reshape(b * c)
     feats, valid = model.features(x, lens, train=train, key=key)
     if model.level == "clip":
-        w = valid.reshape(b, c, 1).astype(feats.dtype)
+        if weights == "official":
+            counts = lens.reshape(b, c) > jnp.where(jnp.arange(c) == 0, 0, width // 2)[None, :]
+            w = counts.reshape(b, c, 1).astype(feats.dtype)
+        else:
+            w = valid.reshape(b, c, 1).astype(feats.dtype)
         pooled = (feats.reshape(b, c, -1) * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
         return model.head(pooled, train=train)
     logits = model.head(feats, valid, train=train)  # [B·C, w / patch, K]
@@ -474,6 +491,7 @@ def chunks_of(spec: np.ndarray, frames: int, patch: int):
 
 
 TEACHER_MODES = ("official", "eval", "train")
+TEACHER_CHUNKS = ("official", "valid")
 TEACHER_STREAM = 0x7EAC  # fold_in constant: the teacher's drop-path keys, apart from the student's
 
 
@@ -572,6 +590,10 @@ class Finetuner:
             self.t_graphdef, self.t_state = nnx.split(teacher)
             self.t_chunk = teacher_chunk_frames(teacher)
             self.t_train = teacher_trains(opts.teacher_mode, teacher.level)
+            if opts.teacher_chunks not in TEACHER_CHUNKS:
+                raise FinetuneError(
+                    f"--teacher_chunks must be one of {'|'.join(TEACHER_CHUNKS)}, got {opts.teacher_chunks!r}"
+                )
             self.teacher_logits = jax.jit(self._teacher_fn())
 
     def _teacher_fn(self):
@@ -579,12 +601,13 @@ class Finetuner:
         mode ``--teacher_mode`` gives it, drop-path on ``fold_in(key, TEACHER_STREAM)``. Its BatchNorm
         statistics are never written back (the teacher is constant)."""
         t_gd, chunk, train, patch = self.t_graphdef, self.t_chunk, self.t_train, self.patch
+        weights = self.opts.teacher_chunks
 
         def fn(t_state, spec, length, key):
             tm = nnx.merge(t_gd, t_state, copy=True)
             k = jax.random.fold_in(key, TEACHER_STREAM)
             steps = spec.shape[-1] // patch
-            return chunked_logits(tm, spec, length, chunk, train=train, key=k, steps=steps)
+            return chunked_logits(tm, spec, length, chunk, train=train, key=k, steps=steps, weights=weights)
 
         return fn
 

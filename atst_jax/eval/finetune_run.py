@@ -4,7 +4,7 @@ its options and ``--recipe`` presets, the checks made before any work, and the r
     python -m atst_jax.finetune (--workdir RUN [--step N] [--encoder teacher|student] | --weights FILE) \\
         --train DATA --test DATA [--val DATA] --out DIR \\
         [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
-        [--teacher_mode official|eval|train] [--recipe TASK] \\
+        [--teacher_mode official|eval|train] [--teacher_chunks official|valid] [--recipe TASK] \\
         [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.16] [--layer_decay 0.75] \\
         [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
 
@@ -55,6 +55,7 @@ from atst_jax.eval import recipes
 from atst_jax.eval.data import check_sets, hold_out, read_labelled, task_of
 from atst_jax.eval.finetune import (
     RUN_FILE,
+    TEACHER_CHUNKS,
     TEACHER_MODES,
     FinetuneError,
     FinetuneOptions,
@@ -107,6 +108,13 @@ def _parser():
         choices=TEACHER_MODES,
         default="official",
         help="the teacher's mode while distilling (official: train at clip level, eval at frame level)",
+    )
+    p.add_argument(
+        "--teacher_chunks",
+        choices=TEACHER_CHUNKS,
+        default="official",
+        help="the clip-level teacher's chunk average (official: equal weights, a trailing chunk of at most half "
+        "a chunk dropped; valid: weighted by valid tokens)",
     )
     defaults = FinetuneOptions()
     p.add_argument(
