@@ -5,7 +5,9 @@ One composite checkpoint per saved step under ``WORKDIR/checkpoints/<step>/``:
 - ``state``: step, student/teacher parameters and BN buffers, optimizer state, rng key — plain nested dicts of
   arrays (Orbax's tensorstore format; nothing on any load path uses pickle);
 - ``data``: the Grain iterator position (one JSON per process);
-- ``config``: the run's config (JSON); ``meta``: mesh, device/process counts, library versions.
+- ``config``: the run's config (JSON); ``meta``: mesh, device/process counts, library versions, and what the
+  trainer adds: the data fingerprint (``data``) and the run's compute totals as of the step (``compute``:
+  device-hours, training FLOPs, mean MFU; ``metrics.ComputeMeter``), which a resume continues from.
 
 Saves are asynchronous; Orbax writes each step into a temporary directory and renames it only once every
 item is complete, so a crash mid-save leaves no step that looks finished, and old steps are deleted only
@@ -368,6 +370,15 @@ class Checkpointer:
         if saved:
             log.info("checkpoint for step %d started in %s", step, self.directory)
         return saved
+
+    def saved_meta(self, step: int) -> dict:
+        """The run metadata saved with ``step`` (``{}`` when the step has none or it is unreadable: a resume
+        from it then goes on without what the metadata would have said, e.g. earlier compute totals)."""
+        try:
+            meta = json.loads((self.directory / str(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     def restore(self, step: int, abstract_state, shardings, data_iter=None):
         """Restores ``state`` (and the iterator in place) for ``step`` onto the given shardings."""

@@ -5,6 +5,8 @@
   workdirs supported.
 - ``Progress``: every ``log_every`` steps the line (loss, the method's monitors, LR, clips/s, ETA), the
   ``perf/*`` scalars (clips/s, step time, data wait, TFLOP/s, MFU) and the encoder-health warnings.
+- ``ComputeMeter``: what the whole run has cost (device-hours, training FLOPs, mean MFU) over all its starts:
+  the ``compute/*`` scalars and the ``compute`` entry of each checkpoint's metadata.
 """
 
 from __future__ import annotations
@@ -144,8 +146,10 @@ class Progress:
         monitors: tuple[str, ...] = (),
         health_min: dict[str, float] | None = None,
         health_patience: int = 200,
+        compute: ComputeMeter | None = None,
     ):
         self.total, self.global_batch, self.start_step = total, global_batch, start_step
+        self.compute = compute  # the run's cumulative totals, on every row (``ComputeMeter.scalars``)
         self.monitors = monitors  # the method's collapse monitors, shown on the progress line
         # Encoder health (models/collapse.py): a monitor under its floor at every logged step for at least
         # ``health_patience`` steps puts a warning on the progress line (and ``health/warning`` = 1 in the
@@ -198,6 +202,8 @@ class Progress:
         alarms = self.health_alarms(step, scalars)
         if self.health_min:
             scalars["health/warning"] = float(bool(alarms))
+        if self.compute is not None:
+            scalars.update(self.compute.scalars(step))
         writer.write(step, scalars)
         eta = (self.total - step) * self.global_batch / rate if rate == rate else float("nan")
         log(
@@ -231,3 +237,91 @@ class Progress:
                     "while the loss may still look healthy. Set train.health_min.NAME=0 to silence."
                 )
         return alarms
+
+
+class ComputeMeter:
+    """What a run has cost so far, over every start of it: a resumed run adds to the totals of the checkpoint
+    it restores instead of starting them again.
+
+    - device-hours: wall time × devices. The wall time of a start runs from its beginning (``started``: set-up,
+      restore and compilation hold the devices too) to the moment the totals are read, probes included;
+    - FLOPs: the analytic ``step_flops`` (``atst_jax.flops``, the whole global batch) × steps done; an
+      integer, so a resumed run's total is exactly ``step_flops`` × its step;
+    - mean MFU: those FLOPs / (device-seconds × the chip's peak), the peak the ``perf/mfu`` scalar uses.
+      None (not meaningful) once any start ran on hardware without a stated peak (CPUs).
+
+    A checkpoint records the totals as of its step and a resume continues from exactly those, so the time a
+    killed start spent after its last checkpoint is not counted: its steps were lost and are counted again
+    when they are redone. A checkpoint saved without totals (by older code) still gives the FLOPs of its
+    steps; device time is then counted from that resume on (``timed_from_step``), and the mean MFU over the
+    timed steps only."""
+
+    def __init__(
+        self,
+        step_flops: float,
+        devices: int,
+        peak_tflops: float = 0.0,
+        *,
+        start_step: int = 0,
+        saved: dict | None = None,
+        started: float | None = None,
+        chip: str | None = None,
+        clock=time.perf_counter,
+    ):
+        self.step_flops = int(round(step_flops))
+        self.devices, self.peak_tflops, self.chip = int(devices), float(peak_tflops), chip
+        self.start_step, self.clock = int(start_step), clock
+        self.started = clock() if started is None else started
+        if saved:
+            self.prior_device_s = float(saved["device_hours"]) * 3600.0
+            self.prior_flops = int(saved["flops"])
+            self.prior_peak = None if saved.get("peak_flops") is None else float(saved["peak_flops"])
+            self.segments = int(saved.get("segments", 1)) + 1
+            self.timed_from = int(saved.get("timed_from_step", 0))
+        else:  # a fresh start, or a checkpoint without totals: its steps' FLOPs, no time
+            self.prior_device_s, self.prior_peak, self.segments = 0.0, 0.0, 1
+            self.prior_flops = self.step_flops * self.start_step
+            self.timed_from = self.start_step
+
+    def totals(self, step: int) -> dict:
+        """The run's totals at ``step`` (the checkpoint metadata's ``compute`` entry)."""
+        device_s = (self.clock() - self.started) * self.devices
+        flops = self.prior_flops + self.step_flops * (int(step) - self.start_step)
+        peak = None
+        if self.prior_peak is not None and self.peak_tflops > 0:
+            peak = self.prior_peak + device_s * self.peak_tflops * 1e12
+        timed = flops - self.step_flops * self.timed_from  # the FLOPs of the steps whose time is counted
+        return {
+            "step": int(step),
+            "device_hours": (self.prior_device_s + device_s) / 3600.0,
+            "flops": flops,
+            "mfu_mean": timed / peak if peak else None,
+            "peak_flops": peak,  # what the devices could have done at their peak in the counted time
+            "step_flops": self.step_flops,
+            "devices": self.devices,
+            "chip": self.chip,
+            "segments": self.segments,
+            "timed_from_step": self.timed_from,
+        }
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The ``compute/*`` scalars of a metrics row; no ``compute/mfu_mean`` where MFU is not meaningful
+        (as no ``perf/mfu``)."""
+        t = self.totals(step)
+        out = {"compute/device_hours": t["device_hours"], "compute/flops": float(t["flops"])}
+        if t["mfu_mean"] is not None:
+            out["compute/mfu_mean"] = t["mfu_mean"]
+        return out
+
+    @staticmethod
+    def describe(totals: dict) -> str:
+        """The totals in one line (the run's closing log lines)."""
+        mfu = totals.get("mfu_mean")
+        return (
+            f"{totals['device_hours']:.4g} device-hours, {totals['flops']:.3e} training FLOPs (analytic), "
+            + (
+                f"mean MFU {mfu * 100:.3g}%"
+                if mfu is not None
+                else "mean MFU not meaningful (no stated chip peak)"
+            )
+        )

@@ -7,7 +7,9 @@ mesh and the data (``atst_jax.trainer``), the state — resumed, refused, fresh 
 (``checkpoint.resume_or_start``; ``init_from`` for a fresh start) — then the loop (``trainer.Loop``) with its
 hooks: checkpoints (every ``train.ckpt_every`` steps, at a stop request and at the end), pictures of the views
 (``train.image_every``) and the pretraining-time probe (``config.probe``). Progress, metrics and TensorBoard
-are ``atst_jax.metrics``; SIGTERM / Ctrl-C are ``distributed.StopSignal``.
+are ``atst_jax.metrics``, as is what the run has cost over all its starts (``ComputeMeter``: device-hours,
+FLOPs, mean MFU in metrics.jsonl and each checkpoint's metadata); SIGTERM / Ctrl-C are
+``distributed.StopSignal``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -40,7 +43,7 @@ from atst_jax.config import check_config, check_overrides, config_spec_from_argv
 from atst_jax.data import lineage
 from atst_jax.eval import pretrain_probe
 from atst_jax.flops import CHIPS, chip_from_device
-from atst_jax.metrics import MetricsWriter, Progress, fetch, fmt_time, log, truncate_jsonl
+from atst_jax.metrics import ComputeMeter, MetricsWriter, Progress, fetch, fmt_time, log, truncate_jsonl
 from atst_jax.models import collapse
 from atst_jax.sharding import ConfigError
 from atst_jax.trainer import Loop, NonFiniteError, Trainer, check_data, data_files, make_data_iterator
@@ -61,12 +64,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return _train(config, workdir, stop)
 
 
-def _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step):
+def _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step, meter):
     """``(loop, writer, progress)``: the training loop from ``step`` with its metrics, pictures and checkpoint
     hooks (the probe hook is the caller's)."""
     t = config.train
     writer = MetricsWriter(workdir, resume_step=step)
-    progress = _progress(config, trainer, step)
+    progress = _progress(config, trainer, step, meter)
     loop = Loop(
         trainer.jit_train_step(),
         data_iter,
@@ -87,11 +90,13 @@ def _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step):
         files, int(config.data.get("subset", 0)), int(config.data.get("subset_seed", 1234))
     )
     writer.annotate_next_row(data=data)  # the first metrics.jsonl row of this start
-    loop.add_hook(_checkpoint_hook(ckpt, data_iter, config, {**run_metadata(mesh), "data": data}, writer))
+    meta = {**run_metadata(mesh), "data": data}
+    loop.add_hook(_checkpoint_hook(ckpt, data_iter, config, meta, writer, meter))
     return loop, writer, progress
 
 
 def _train(config, workdir, stop) -> dict:
+    started = time.perf_counter()  # this start's device time begins here (ComputeMeter)
     workdir = run_dir(workdir)  # a local path, or gs://… for pods writing straight to a bucket
     check_workdir(workdir)
     t = config.train
@@ -136,7 +141,8 @@ def _train(config, workdir, stop) -> dict:
     )
 
     # -------------------------------------------------------------------------- Loop and hooks
-    loop, writer, progress = _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step)
+    meter = _meter(config, trainer, ckpt, step, started)
+    loop, writer, progress = _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step, meter)
     if config.get("probe") and config.probe.train:
         loop.add_hook(_probe_hook(config, workdir, run_config, feature_set, step, writer))
     try:
@@ -152,6 +158,7 @@ def _train(config, workdir, stop) -> dict:
     log(
         f"checkpoints: {ckpt.directory}\nmetrics: {workdir / 'metrics.jsonl'}\ntensorboard: {workdir / 'tensorboard'}",
     )
+    log(f"compute: {ComputeMeter.describe(meter.totals(step))}")
     log(f"done in {fmt_time(progress.elapsed())}: final step {last['step']} loss {last['loss']:.6f}")
     return {"step": last["step"], "loss": last["loss"], "workdir": str(workdir), "preempted": False}
 
@@ -164,33 +171,47 @@ def _start(config, trainer):
     return state
 
 
-def _progress(config, trainer, step):
-    """The progress line's bookkeeping: MFU against the chip's peak (``train.chip``, or detected), the
-    method's monitors, and the encoder-health floors."""
+def _meter(config, trainer, ckpt, step, started):
+    """The run's compute totals (``metrics.ComputeMeter``) against the chip's peak (``train.chip``, or
+    detected; none on CPUs), continued from those saved with the checkpoint this start resumes."""
+    chip = config.train.get("chip", "") or chip_from_device(jax.devices()[0])
+    saved = ckpt.saved_meta(step).get("compute") if step else None
+    peak = CHIPS[chip]["peak_tflops"] if chip else 0.0
+    devices = trainer.mesh.devices.size  # the devices the run holds
+    return ComputeMeter(
+        trainer.step_flops, devices, peak, start_step=step, saved=saved, started=started, chip=chip
+    )
+
+
+def _progress(config, trainer, step, meter):
+    """The progress line's bookkeeping: MFU against the chip's peak (the meter's), the method's monitors, the
+    encoder-health floors and the run's compute totals."""
     t = config.train
-    chip = t.get("chip", "") or chip_from_device(jax.devices()[0])
     return Progress(
         t.steps,
         t.global_batch,
         step,
         trainer.step_flops / jax.device_count(),
-        CHIPS[chip]["peak_tflops"] if chip else 0.0,
+        meter.peak_tflops,
         trainer.method.progress_monitors,
         health_min=dict(t.get("health_min", collapse.HEALTH_MIN)),
         health_patience=int(t.get("health_patience", 200)),
+        compute=meter,
     )
 
 
-def _checkpoint_hook(ckpt, data_iter, config, meta, writer):
+def _checkpoint_hook(ckpt, data_iter, config, meta, writer, meter):
     """Saves every ``train.ckpt_every`` steps, at a stop request and at the last step. Checked first: never a
     checkpoint of a non-finite step. The step's line goes out before its checkpoint: a run killed once the
-    save has committed resumes after this step, so a line still pending then would be lost for good."""
+    save has committed resumes after this step, so a line still pending then would be lost for good. The
+    metadata carries the compute totals as of the step: what a resume from it continues."""
 
     def hook(loop, step, state, batch):
         final = step == loop.total
         if loop.stopping or ckpt.should_save(step) or final:
             loop.flush(force=loop.stopping or final)
-            ckpt.save(step, state, data_iter, config, meta, force=True)
+            meta_now = {**meta, "compute": meter.totals(step)}
+            ckpt.save(step, state, data_iter, config, meta_now, force=True)
             writer.sync()
 
     return hook

@@ -10,7 +10,8 @@
   names them in ``auto_map``, and the weights keep the official FrameAST keys.
 
 Weights are ``model.safetensors`` in float32; ``README.md`` is a model card (method, size, steps, clips seen,
-the data fingerprint when the checkpoint records one, the run's probe results when there are any).
+the data fingerprint and the training compute — device-hours, FLOPs, mean MFU — when the checkpoint records
+them, the run's probe results when there are any).
 """
 
 from __future__ import annotations
@@ -405,12 +406,43 @@ def _step_meta(workdir, step: int) -> dict:
         return {}
 
 
+def _compute_lines(compute, platform=None) -> list[str]:
+    """The card's lines on what training cost: the checkpoint metadata's ``compute`` entry (totals over every
+    start of the run up to the exported step; ``metrics.ComputeMeter``)."""
+    if not isinstance(compute, dict) or compute.get("device_hours") is None:
+        return ["- Training compute: not recorded"]
+    devices, chip = compute.get("devices"), compute.get("chip")
+    hours = f"- Device-hours: {compute['device_hours']:.4g} (wall time × devices"
+    if devices:
+        hours += f"; {devices} × {chip or platform or 'device'} in the last start"
+    segments, timed = int(compute.get("segments") or 1), int(compute.get("timed_from_step") or 0)
+    if segments > 1:
+        hours += f"; over {segments} starts of the run"
+    if timed:
+        hours += f"; counted from step {timed}, its checkpoint had no totals"
+    flops = f"- Training FLOPs: {float(compute['flops']):.3e} (analytic"
+    if compute.get("step_flops") and compute.get("step") is not None:
+        flops += f": {float(compute['step_flops']):.3e} per step × {compute['step']} steps"
+    mfu = compute.get("mfu_mean")
+    return [
+        hours + ")",
+        flops + ")",
+        f"- Mean MFU: {mfu * 100:.3g}%"
+        if mfu is not None
+        else "- Mean MFU: not meaningful (no stated peak FLOP/s for the hardware it ran on)",
+    ]
+
+
 def model_card(workdir, config: dict, step: int, encoder: str, variant: dict, size, n_params: int) -> str:
     width, depth, heads = size
     config = config or {}
     batch = (config.get("train") or {}).get("global_batch")
     clips = f"{step * int(batch):,} ({step} × global batch {batch})" if batch else "not recorded"
-    fingerprint = ((_step_meta(workdir, step).get("data") or {}).get("fingerprint")) or "not recorded"
+    meta = _step_meta(workdir, step)
+    data = meta.get("data") or {}
+    fingerprint = data.get("fingerprint") or "not recorded"
+    if data.get("subset_fingerprint"):
+        fingerprint += f"; the run's subset of {data.get('clips')} clips: {data['subset_fingerprint']}"
     lines = [
         "---",
         "library_name: transformers",
@@ -426,6 +458,7 @@ def model_card(workdir, config: dict, step: int, encoder: str, variant: dict, si
         f"- Steps trained: {step}",
         f"- Clips seen: {clips}",
         f"- Data fingerprint: {fingerprint}",
+        *_compute_lines(meta.get("compute"), meta.get("platform")),
         f"- Input: {variant['input']}",
         f"- Front end: {variant['features']}; chunk of {variant['chunk_frames']} frames",
         "",
