@@ -2,8 +2,9 @@
 
 X-ARES' own checker runs on the adapters of tiny random-weight exports of the three layouts (ATST-Frame,
 ATST-Clip, a 2-D patch ViT in ASiT's layout; width 64, depth 2), written straight from the PyTorch modules
-(no JAX run needed); one tiny ATST-Frame run (test_export's) goes through the CLI, its encoder file is
-loaded by path as ``xares.run`` loads it, and its outputs are matched to the JAX embedder's.
+(no JAX run needed); tiny ATST-Frame, ATST-Clip and ASiT run directories (test_export's and
+test_export_asit's) go through the CLI, their encoder files are loaded by path as ``xares.run`` loads them,
+pass the checker, and their outputs are matched to the JAX embedder's.
 """
 
 from __future__ import annotations
@@ -232,3 +233,50 @@ def test_an_encoder_file_only_for_what_the_adapter_serves(files, tmp_path):
 
     with pytest.raises(ValueError, match="takes kaldi_fbank128_16k features"):
         hear.load_model(str(d / xares.WEIGHTS))
+
+
+def _clip_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("xares_clip_run")
+    return workdir, test_export._write_run(test_export._tiny_config("atst_clip"), workdir, 1)
+
+
+def _asit_run(tmp_path_factory):
+    import test_export_asit
+
+    return test_export_asit.run._get_wrapped_function()(tmp_path_factory)[0], None
+
+
+@pytest.mark.parametrize(
+    "make_run, name, cls, sr",
+    [(_clip_run, "atst_clip", "ATSTClipEncoder", 16000), (_asit_run, "vit", "ViTEncoder", 32000)],
+)
+def test_runs_of_the_other_layouts_through_the_cli(make_run, name, cls, sr, tmp_path_factory, monkeypatch):
+    """A tiny ATST-Clip run and a tiny ASiT run (test_export's and test_export_asit's run directories) through
+    ``--format xares``: the encoder file's class passes X-ARES' checker and equals the JAX embedder's last
+    block within 1e-4 on a clip longer than one chunk."""
+    from xares.utils import attr_from_py_path
+
+    from atst_jax import inference
+    from atst_jax.eval import embed
+
+    workdir, _ = make_run(tmp_path_factory)
+    root = tmp_path_factory.mktemp("xares_cli")
+    out = root / f"xares_{name}"
+    assert export_cli.main(["--workdir", str(workdir), "--format", "xares", "--out", str(out)]) == 0
+    monkeypatch.chdir(root)
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        enc = attr_from_py_path(f"{out.name}/{name}_encoder.py", endswith="Encoder")()
+    finally:
+        for module in (out.name, f"{out.name}.{name}_encoder"):
+            sys.modules.pop(module, None)
+    assert type(enc).__name__ == cls and enc.sampling_rate == sr and xares_checker.check_audio_encoder(enc)
+    encoder, _, config = embed.read_run_encoder(workdir)
+    embedder = embed.Embedder(
+        encoder, n_blocks=1, chunk_frames=inference.encoder_chunk_frames(encoder.cfg, config)
+    )
+    wave = _wave(2.0 * embedder.chunk_frames / 100 + 0.3, sr, 7).numpy()  # two chunks and a short third
+    want, _ = embedder.frame_embeddings(wave)
+    got = enc(torch.from_numpy(wave)[None])[0].numpy()
+    assert got.shape == want.shape and got.shape[0] > 2
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
