@@ -48,12 +48,16 @@ import numpy as np
 from flax import nnx
 
 from atst_jax import audio
+from atst_jax.models import stems
 from atst_jax.models.encoder import EncoderConfig, FrameAST
 from atst_jax.models.stems import make_stem
 
-CHUNK_FRAMES = 1000
-# The official ATST-Clip downstream code assumes train_len = 6 s when a checkpoint does not record it.
-CLIP_TRAIN_SECONDS = 6.0
+# The chunk rules are the stems' own (``Stem.chunk_frames``); these names are their inference-side spellings.
+CHUNK_FRAMES = stems.FRAME_CHUNK_FRAMES
+CLIP_TRAIN_SECONDS = stems.CLIP_TRAIN_SECONDS
+VIT_CHUNK_FRAMES = stems.VIT_CHUNK_FRAMES
+default_chunk_frames = stems.frame_chunk_frames  # for a FrameAST file that records no config
+vit_chunk_frames = stems.patch2d_chunk_frames
 TOKEN_MS = 40.0
 TIMESTAMP_OFFSET_MS = 15.0
 HEAD_DIM = 64  # the official encoders always use 64-wide heads (width // heads)
@@ -82,22 +86,6 @@ def timestamps_ms(num_tokens: int) -> np.ndarray:
 def seconds_to_frames(seconds: float) -> int:
     """STFT frames of ``seconds`` of audio (``samples // hop + 1``: 6 s → 601), as the official transforms."""
     return int(round(seconds * audio.SAMPLE_RATE)) // audio.HOP_LENGTH + 1
-
-
-def default_chunk_frames(
-    use_cls: bool, trained_frames: int | None = None, patch_w: int = 4, num_pos: int | None = None
-) -> int:
-    """The chunk length of an encoder (see the module docstring): the crop it was pretrained on,
-    ``trained_frames`` (when unknown: 10 s for ATST-Frame, 6 s for ATST-Clip), cut to whole patches, at most
-    ``CHUNK_FRAMES`` and at most the ``num_pos − 1`` positional slots (when given) hold."""
-    if trained_frames:
-        frames = trained_frames
-    else:
-        frames = seconds_to_frames(CLIP_TRAIN_SECONDS) if use_cls else CHUNK_FRAMES
-    frames = min(frames, CHUNK_FRAMES)
-    if num_pos is not None:
-        frames = min(frames, (int(num_pos) - 1) * patch_w)
-    return max(patch_w, frames // patch_w * patch_w)
 
 
 def run_chunk_frames(config, use_cls: bool, patch_w: int = 4, num_pos: int | None = None) -> int:
@@ -268,8 +256,6 @@ def block_features(encoder: FrameAST, spec, length, n: int):
 # * Scene embedding: ``[CLS ‖ mean of patch tokens]`` per block (``2·n·D``, CLS part first, as ATST-Clip),
 #   across chunks the CLS weighted by each chunk's columns (:func:`scene_from_chunks`).
 
-VIT_CHUNK_FRAMES = 592  # a 2-D patch encoder with fixed sin-cos positions: the ASiT crop
-
 
 @dataclasses.dataclass(frozen=True)
 class FrontEnd:
@@ -353,32 +339,16 @@ def run_features(config, cfg: EncoderConfig) -> str:
     return crop[1] if crop else default_features(cfg)
 
 
-def vit_chunk_frames(cfg: EncoderConfig, trained_frames: int | None = None) -> int:
-    """Chunk length of a 2-D patch encoder: learned positions → their length in frames
-    (``(num_pos − 1) // n_freq_patches · p_t``), at most ``trained_frames`` when given; fixed positions →
-    ``trained_frames`` (default :data:`VIT_CHUNK_FRAMES`). Whole time patches."""
-    p_t, p_f = cfg.patch_size
-    if cfg.pos_embed == "learned":
-        n_f = cfg.n_mels // p_f
-        frames = (cfg.num_pos - 1) // n_f * p_t  # slot 0: the CLS (or unused)
-        if trained_frames:
-            frames = min(frames, trained_frames)
-    else:
-        frames = trained_frames or VIT_CHUNK_FRAMES
-    frames = frames // p_t * p_t
-    if frames < p_t:
-        raise ValueError(f"chunks of {frames} frames hold no whole {p_t}-frame patch")
-    return frames
-
-
 def encoder_chunk_frames(cfg: EncoderConfig, config=None) -> int:
-    """The chunk length of an encoder (``config``: the run's saved config, if any): :func:`run_chunk_frames`
-    for the frame stem, :func:`vit_chunk_frames` (capped by the method's longest crop) for 2-D patches."""
-    if cfg.stem != "patch2d":
-        # The frame stem's positions are always a learned table of num_pos slots.
-        return run_chunk_frames(config, cfg.use_cls, cfg.patch_w, cfg.num_pos)
+    """The chunk length of an encoder (``config``: the run's saved config, if any): its stem's rule
+    (``Stem.chunk_frames``) on the longest crop the run's method trained on."""
     crop = _run_crop(config)
-    return vit_chunk_frames(cfg, crop[0] if crop else None)
+    return make_stem(cfg).chunk_frames(crop[0] if crop else None)
+
+
+def trained_chunk_frames(cfg: EncoderConfig, trained_frames: int | None) -> int:
+    """The chunk length of an encoder known to have been trained (or fine-tuned) on ``trained_frames``."""
+    return make_stem(cfg).chunk_frames(trained_frames)
 
 
 def timestep_features(encoder: FrameAST, spec, length, n: int):

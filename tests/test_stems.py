@@ -211,3 +211,31 @@ def test_patch2d_config_errors():
     with pytest.raises(ValueError, match="n_mels"):
         EncoderConfig(stem="patch2d", n_mels=120)
     assert isinstance(FrameAST(ASIT_TINY, rngs=nnx.Rngs(0)).stem, PatchStem2D)
+
+
+def test_each_stem_answers_its_inference_geometry():
+    """What code outside ``models/`` asks a stem instead of branching on its name: the chunk inference runs it
+    in (the trained crop within the positional table, whole time steps), frames per step, tokens per step,
+    the default feature set and the PyTorch layout it exports to."""
+    from atst_jax.models.stems import export_layout, make_stem
+
+    frame = make_stem(EncoderConfig())  # ATST-Frame: 251 slots, 4-frame tokens
+    assert (
+        frame.chunk_frames() == 1000 and frame.chunk_frames(1201) == 1000 and frame.chunk_frames(603) == 600
+    )
+    assert make_stem(EncoderConfig(use_cls=True)).chunk_frames() == 600  # ATST-Clip's official 6 s
+    assert make_stem(EncoderConfig(num_pos=41)).chunk_frames() == 160  # what a 40-slot table holds
+    assert (frame.time_patch, frame.freq_patches, frame.default_features) == (4, 1, "atst_logmel64")
+    vit = make_stem(
+        EncoderConfig(
+            stem="patch2d", n_mels=128, patch_size=(16, 16), use_cls=True, qkv_bias=True, num_pos=297
+        )
+    )
+    assert (
+        vit.chunk_frames() == 592 and vit.chunk_frames(300) == 288
+    )  # 37 columns of 8 patches; whole columns
+    assert (vit.time_patch, vit.freq_patches, vit.default_features) == (16, 8, "kaldi_fbank128")
+    assert export_layout(None) == export_layout({"stem": "frame"}) == "frameast"
+    assert export_layout({"stem": "patch2d"}) == "vit"
+    with pytest.raises(ValueError, match="not a stem"):
+        export_layout({"stem": "conv"})

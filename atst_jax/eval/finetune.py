@@ -232,10 +232,7 @@ def teacher_chunk_frames(model: FinetuneModel) -> int:
     """The chunk a fine-tuned model runs in: its fine-tuning crop (``chunk_frames``) through the inference
     chunk rules (whole time patches, within its positional table), or, unknown, the encoder's default
     chunk."""
-    cfg = model.encoder.cfg
-    if cfg.stem == "patch2d":
-        return inference.vit_chunk_frames(cfg, model.chunk_frames)
-    return inference.default_chunk_frames(cfg.use_cls, model.chunk_frames, cfg.patch_w, cfg.num_pos)
+    return inference.trained_chunk_frames(model.encoder.cfg, model.chunk_frames)
 
 
 def chunked_logits(

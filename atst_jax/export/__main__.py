@@ -56,6 +56,7 @@ import numpy as np
 from atst_jax import inference
 from atst_jax.errors import UserError
 from atst_jax.export import convert
+from atst_jax.models.stems import export_layout
 
 FORMATS = ("safetensors", "atst_sed", "lightning", "hf", "xares")
 DIR_FORMATS = ("hf", "xares")  # --out is a directory
@@ -242,11 +243,12 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     step, config, state = _read_run(workdir, step, encoder)
-    stem = ((config or {}).get("model") or {}).get("stem", "frame")
-    if stem == "patch2d":
+    try:
+        layout = export_layout((config or {}).get("model"))
+    except ValueError as e:
+        raise ExportError(str(e)) from e
+    if layout == "vit":
         return _export_vit(config, state, step, fmt, out, encoder)
-    if stem != "frame":
-        raise ExportError(f"model.stem={stem!r}: only frame-stem (ATST FrameAST) encoders have these layouts")
     out.parent.mkdir(parents=True, exist_ok=True)
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
     if convert.norm_style(enc) == "post":

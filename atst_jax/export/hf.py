@@ -27,6 +27,7 @@ from atst_jax import features as feature_sets
 from atst_jax import inference
 from atst_jax.errors import UserError
 from atst_jax.export import convert
+from atst_jax.models.stems import export_layout
 
 LN_EPS = 1e-6
 
@@ -480,14 +481,13 @@ def write_dir(workdir, config: dict, state, step: int, encoder: str, out: Path) 
     """Writes the model directory ``out`` (which must not exist yet)."""
     from safetensors.numpy import save_file
 
-    stem = ((config or {}).get("model") or {}).get("stem", "frame")
+    try:
+        layout = export_layout((config or {}).get("model"))
+    except ValueError as e:
+        raise HFExportError(str(e)) from e
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
-    if stem == "patch2d":
-        sd, files, variant, size = _vit_files(config, enc, step, encoder)
-    elif stem == "frame":
-        sd, files, variant, size = _frame_files(config, enc, step, encoder)
-    else:
-        raise HFExportError(f"model.stem={stem!r} has no Hugging Face layout")
+    files_of = {"vit": _vit_files, "frameast": _frame_files}[layout]
+    sd, files, variant, size = files_of(config, enc, step, encoder)
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sd.items()}
     n_params = sum(int(v.size) for k, v in tensors.items() if not k.startswith("pooler."))
     out.mkdir(parents=True)

@@ -1,7 +1,10 @@
 """Patch stems: how a log-mel ``[B, n_mels, T]`` becomes embedded tokens ``[B, N(+1), D]``.
 
 A stem owns the token rule (how many tokens a crop gives, how many are valid), patchify/unpatchify, the
-patch projection, the positions, the mask token and the optional CLS token.
+patch projection, the positions, the mask token and the optional CLS token — and the geometry code outside
+``models/`` asks of it instead of branching on its name: frames per time step (``time_patch``), tokens per
+step (``freq_patches``), the default feature set, the chunk length inference runs it in
+(``chunk_frames``) and the PyTorch layout it exports to (``export_layout``).
 
 Stems are stateless rule objects (a frozen dataclass over the encoder config): their parameters live as
 attributes of the encoder module that ``init_params`` is given (``patch_embed``, ``mask_embed``,
@@ -29,8 +32,52 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from atst_jax import audio
 from atst_jax.data.views import take_tokens
 from atst_jax.models.layers import Linear, trunc_normal
+
+# Chunk lengths for inference (``atst_jax.inference`` explains the rules): an encoder runs long audio in chunks
+# of the crop it was pretrained on, because positional slots past that crop never received a gradient.
+FRAME_CHUNK_FRAMES = 1000  # ATST-Frame: 10 s (the 251-slot table holds 250 tokens and the CLS)
+# The official ATST-Clip downstream code assumes train_len = 6 s when a checkpoint does not record it.
+CLIP_TRAIN_SECONDS = 6.0
+VIT_CHUNK_FRAMES = 592  # a 2-D patch encoder with fixed sin-cos positions: the ASiT crop
+
+
+def frame_chunk_frames(
+    use_cls: bool, trained_frames: int | None = None, patch_w: int = 4, num_pos: int | None = None
+) -> int:
+    """The frame stem's chunk: the crop it was pretrained on, ``trained_frames`` (unknown: 10 s for ATST-Frame,
+    6 s for ATST-Clip), at most ``FRAME_CHUNK_FRAMES`` and at most what the ``num_pos − 1`` positional slots
+    hold (when given), cut to whole patches."""
+    if trained_frames:
+        frames = trained_frames
+    elif use_cls:
+        frames = int(round(CLIP_TRAIN_SECONDS * audio.SAMPLE_RATE)) // audio.HOP_LENGTH + 1  # 601
+    else:
+        frames = FRAME_CHUNK_FRAMES
+    frames = min(frames, FRAME_CHUNK_FRAMES)
+    if num_pos is not None:
+        frames = min(frames, (int(num_pos) - 1) * patch_w)
+    return max(patch_w, frames // patch_w * patch_w)
+
+
+def patch2d_chunk_frames(cfg, trained_frames: int | None = None) -> int:
+    """The 2-D patch stem's chunk: learned positions → their length in frames
+    (``(num_pos − 1) // n_freq_patches · p_t``), at most ``trained_frames`` when given; fixed positions →
+    ``trained_frames`` (default :data:`VIT_CHUNK_FRAMES`). Whole time patches."""
+    p_t, p_f = cfg.patch_size
+    if cfg.pos_embed == "learned":
+        n_f = cfg.n_mels // p_f
+        frames = (cfg.num_pos - 1) // n_f * p_t  # slot 0: the CLS (or unused)
+        if trained_frames:
+            frames = min(frames, trained_frames)
+    else:
+        frames = trained_frames or VIT_CHUNK_FRAMES
+    frames = frames // p_t * p_t
+    if frames < p_t:
+        raise ValueError(f"chunks of {frames} frames hold no whole {p_t}-frame patch")
+    return frames
 
 
 def sincos_2d(n_time: int, n_freq: int, dim: int) -> np.ndarray:
@@ -63,7 +110,7 @@ class _Stem:
         return 1 if self.cfg.use_cls else 0
 
     # Subclasses define: patch_dim, grid(frames), patchify(spec), unpatchify(patches), _patch_kernel_init,
-    # default_features, time_patch, freq_patches.
+    # default_features, export_layout, time_patch, freq_patches, chunk_frames(trained_frames).
     def time_steps(self, tokens):
         """Patch tokens ``[B, n_t · n_f, D]`` (time-major) → one vector per time step ``[B, n_t, D]``: the
         mean over each step's ``freq_patches`` tokens."""
@@ -173,6 +220,11 @@ class FrameStem(_Stem):
 
     _patch_kernel_init = "trunc_normal"
     default_features = "atst_logmel64"  # the feature set assumed when nothing records one: ATST's log-mel
+    export_layout = "frameast"  # the official FrameAST layouts (atst_jax.export)
+
+    def chunk_frames(self, trained_frames: int | None = None) -> int:
+        """Inference's chunk (:func:`frame_chunk_frames`; the positions are always a learned table)."""
+        return frame_chunk_frames(self.cfg.use_cls, trained_frames, self.cfg.patch_w, self.cfg.num_pos)
 
     @property
     def time_patch(self) -> int:
@@ -225,6 +277,11 @@ class PatchStem2D(_Stem):
 
     _patch_kernel_init = "torch_default"
     default_features = "kaldi_fbank128"  # what the official ViT layout's models were trained on
+    export_layout = "vit"  # the official ViT layout (ASiT's vision_transformer.py; transformers' ViTModel)
+
+    def chunk_frames(self, trained_frames: int | None = None) -> int:
+        """Inference's chunk (:func:`patch2d_chunk_frames`)."""
+        return patch2d_chunk_frames(self.cfg, trained_frames)
 
     @property
     def time_patch(self) -> int:
@@ -276,3 +333,12 @@ POS_EMBEDS = ("learned", "sincos2d")
 
 def make_stem(cfg) -> _Stem:
     return STEMS[cfg.stem](cfg)
+
+
+def export_layout(model_config) -> str:
+    """The PyTorch layout of the encoder a run's ``config["model"]`` (a plain dict, or None: ATST's frame stem)
+    describes: ``"frameast"`` or ``"vit"``."""
+    name = (model_config or {}).get("stem", "frame")
+    if name not in STEMS:
+        raise ValueError(f"model.stem={name!r}: not a stem ({', '.join(STEMS)})")
+    return STEMS[name].export_layout
