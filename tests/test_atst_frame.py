@@ -81,8 +81,10 @@ def _perturbed(method):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_loss_is_the_byol_loss_on_masked_tokens(symmetric):
     """Symmetric: both views through both networks, two pairs. Single pair (official symmetric=False): the
-    teacher sees view 1 only and the student view 2 only, so each network's BatchNorm covers that view alone."""
-    method = _method(symmetric=symmetric)
+    teacher sees view 1 only and the student view 2 only, so each network's BatchNorm covers that view alone.
+    The batch's short clip is masked by its length (``pad_is_signal=False``; tests/test_short_clips.py has the
+    official default)."""
+    method = _method(symmetric=symmetric, pad_is_signal=False)
     student, teacher = _perturbed(method)
     batch = _batch()
     key = jax.random.key(5)
@@ -121,7 +123,9 @@ def test_loss_is_the_byol_loss_on_masked_tokens(symmetric):
 
     # The within-clip variance / covariance terms (ours, off above) add exactly their weighted values, computed
     # on the student's encoder tokens of the rows it encodes, valid tokens only.
-    method_on = _method(symmetric=symmetric, var_weight=0.7, cov_weight=0.2, var_target=0.9)
+    method_on = _method(
+        symmetric=symmetric, var_weight=0.7, cov_weight=0.2, var_target=0.9, pad_is_signal=False
+    )
     student3, teacher3 = _perturbed(method_on)
     loss_on, metrics_on, _ = method_on.loss(student3, teacher3, {}, batch, key, 0)
     sv = np.arange(s_tok.shape[1])[None, :] < np.asarray(lengths[s_rows])[:, None] // 4

@@ -211,6 +211,10 @@ def our_trainer(seconds, monkeypatch):
     config = load_config(config_path("atst_clip") + ":small")
     config.model.update(depth=DEPTH, drop_path=0.0, dtype="float32")
     config.atst_clip.update(anchor_seconds=seconds["anchor"], positive_seconds=seconds["positive"])
+    # The uneven lengths below compare our padding mask with the official model's own ``length`` masking
+    # (what it uses between crops of different lengths); a short clip's zero padding counts as signal there
+    # (``pad_is_signal``, the default), which would ignore those lengths.
+    config.atst_clip.pad_is_signal = False
     config.train.update(global_batch=BATCH, steps=TOTAL)
     trainer = Trainer(config, shd.make_mesh({"data": 1}, jax.devices()[:1]))
     monkeypatch.setattr(trainer.method, "make_views", lambda key, batch: {n: batch[n] for n in CROPS})

@@ -100,6 +100,10 @@ class AsitConfig:
     teacher_temp_warmup_steps: int = 0  # 0 = τ_t at ``teacher_temp`` from the start
     centre_momentum: float = 0.9
     rec_weight: float = 2.0
+    # A clip shorter than the crop is padded (the clip's floor; the fbank of silence for Kaldi features). True
+    # (official: the waveform is zero-padded and the padding is signal): the padding counts as audio; False:
+    # masked by the valid length (keys, loss, statistics). Identical for clips at least a crop long.
+    pad_is_signal: bool = True
     # Allowed values, checked before anything compiles (atst_jax.knobs).
     RANGES: ClassVar[dict[str, str]] = {
         "crop_frames": "[1, inf)",
@@ -204,6 +208,7 @@ class Asit(Method):
         """The first clip's two crops: clean (the teacher's) and GMML-corrupted (the student's), the
         corrupted pixels marked."""
         del step
+        batch = self.padding_as_signal(batch)
         b = batch[CROPS[0]].shape[0]
         clean = jnp.concatenate([batch[n] for n in CROPS], axis=0)
         corrupted, mask = self.corrupt(jax.random.split(key)[0], clean)
@@ -218,6 +223,7 @@ class Asit(Method):
         return out
 
     def loss(self, student, teacher, method_state, batch, key, step):
+        batch = self.padding_as_signal(batch)
         cfg, enc = self.cfg, student.encoder
         b = batch[CROPS[0]].shape[0]
         k_corrupt, k_stu = jax.random.split(key)

@@ -66,6 +66,10 @@ class AtstClipConfig:
     proj_hidden: int = 4096
     proj_dim: int = 256
     teacher_train_mode: bool = True
+    # A clip shorter than the crop is padded (the clip's floor; the fbank of silence for Kaldi features). True
+    # (official: the waveform is zero-padded and the padding is signal): the padding counts as audio; False:
+    # masked by the valid length (keys, loss, statistics). Identical for clips at least a crop long.
+    pad_is_signal: bool = True
     # Allowed values, checked before anything compiles (atst_jax.knobs).
     RANGES: ClassVar[dict[str, str]] = {
         "anchor_seconds": "(0, inf)",
@@ -140,6 +144,7 @@ class AtstClip(Method):
         """The first clip's two crops before and after their augmentation, as the step drew them (with the
         mixup bank, which pictures cannot see, the mixup partner is another clip of the batch)."""
         del step
+        batch = self.padding_as_signal(batch)
         crops = self.make_views(jax.random.split(key, 3)[0], batch)
         out = []
         for name in CROPS:
@@ -168,6 +173,7 @@ class AtstClip(Method):
 
     def loss(self, student, teacher, method_state, batch, key, step):
         del step
+        batch = self.padding_as_signal(batch)
         cfg = self.cfg
         b = batch["anchor"].shape[0]
         k_view, k_stu, k_tea = jax.random.split(key, 3)

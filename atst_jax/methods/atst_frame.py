@@ -84,6 +84,10 @@ class AtstFrameConfig:
     # 1, SyncBN) are taken over; each must divide the clips of a loss call (global batch / grad_accum_steps).
     loss_groups: int = 1
     bn_groups: int = 1
+    # A clip shorter than the crop is padded (the clip's floor; the fbank of silence for Kaldi features). True
+    # (official: the waveform is zero-padded and the padding is signal): the padding counts as audio; False:
+    # masked by the valid length (keys, loss, statistics). Identical for clips at least a crop long.
+    pad_is_signal: bool = True
     # Allowed values, checked before anything compiles (atst_jax.knobs).
     RANGES: ClassVar[dict[str, str]] = {
         "crop_seconds": "(0, inf)",
@@ -174,6 +178,7 @@ class AtstFrame(Method):
         With the mixup bank in ``method_state``, the partners are drawn from it and then this batch's crops are
         written to it; a state without it (a direct call with ``{}``) mixes within the batch."""
         del step
+        batch = self.padding_as_signal(batch)
         cfg = self.cfg
         b = batch["spec"].shape[0]
         enc = student.encoder
@@ -229,6 +234,7 @@ class AtstFrame(Method):
         sees the masked tokens replaced by ``mask_embed``; the teacher sees the unmasked view). With the mixup
         bank the step's partner came from the bank, which pictures cannot see: they mix within the batch."""
         del step
+        batch = self.padding_as_signal(batch)
         k_in = jax.random.split(key, 3)[0]
         stem = make_stem(self.enc_cfg)
         x, lengths, mask2, _, _ = prepare_inputs(k_in, batch, self.cfg, stem)

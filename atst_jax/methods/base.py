@@ -135,6 +135,18 @@ class Method:
     def loss(self, student, teacher, method_state, batch, key, step):
         raise NotImplementedError
 
+    def padding_as_signal(self, batch):
+        """``batch`` with every crop's valid length set to the crop's width where the method's config has
+        ``pad_is_signal`` (a short clip's padding then counts as audio: keys, loss terms and statistics, as the
+        official ATST and ASiT data code, which zero-pads the waveform); unchanged otherwise. Methods call it
+        first in ``loss`` and ``pictures``."""
+        if not getattr(self.cfg, "pad_is_signal", False):
+            return batch
+        out = dict(batch)
+        for crop in self.inputs():
+            out[crop.length_key] = jnp.full_like(batch[crop.length_key], batch[crop.name].shape[-1])
+        return out
+
     # --- teacher and optimizer ------------------------------------------------------------------------
     def ema_momentum(self, step):
         """Teacher momentum at ``step``: cosine from ``optim.ema`` to 1.0 over ``train.steps``."""
