@@ -84,6 +84,7 @@ import json
 import re
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,6 @@ GRAD_RTOL = 1e-4
 PARAM_RTOL = 1e-5
 SCHED_RTOL = 1e-6
 ZERO_GRAD = 1e-6  # a gradient below this fraction of the total norm on both sides counts as zero
-METHODS = ("atst_frame", "asit")
 ASIT_FILES = ("vision_transformer.py", "losses.py", "utils.py", "main_ASiT.py")
 
 
@@ -185,13 +185,9 @@ def our_config(config_spec: str, batch: int, sets):
     from atst_jax.tools.bench_step import make_config
 
     config = make_config(config_spec, batch, sets)
-    if config.method not in METHODS:
-        raise ParityError(
-            f"--config {config_spec}: method {config.method!r}; parity covers {', '.join(METHODS)}"
-        )
+    official = official_of(config.method, f"--config {config_spec}")
     config.model.update(drop_path=0.0, dtype="float32")
-    if config.method == "atst_frame":
-        config.atst_frame.update(aug_view1=False, aug_view2=False)
+    config[config.method].update(official.our_settings)
     return config
 
 
@@ -858,9 +854,64 @@ def asit_group(name: str) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Official:
+    """What parity needs of one method's official code: where it lives (``files`` mark a checkout), the
+    settings that make our step comparable (identity views where theirs are injected; padding masked where
+    their model takes lengths), whether rows get uneven lengths, the random draws of ours injected into
+    theirs, their step, the comparison and the tensor groups of the report."""
+
+    repository: str
+    files: tuple[str, ...]
+    our_settings: dict
+    uneven_lengths: bool
+    draws: tuple[str, ...]
+    step: Callable
+    compare: Callable
+    group_of: Callable
+
+
+def _atst_frame_files():
+    from atst_jax.tools.bench_official import MODEL_FILE
+
+    return (MODEL_FILE,)
+
+
+OFFICIAL = {
+    "atst_frame": Official(
+        "github.com/Audio-WestlakeU/audiossl",
+        _atst_frame_files(),
+        # The official model masks the padding of the uneven rows below by their lengths (in its training a
+        # short clip's zero padding counts as signal instead: ``pad_is_signal``, our default).
+        dict(aug_view1=False, aug_view2=False, pad_is_signal=False),
+        True,
+        ("span_mask",),
+        atst_frame_official,
+        atst_frame_compare,
+        atst_frame_group,
+    ),
+    "asit": Official(
+        "github.com/Sara-Ahmed/ASiT",
+        ASIT_FILES,
+        {},
+        False,
+        ("gmml_corrupt",),
+        asit_official,
+        asit_compare,
+        asit_group,
+    ),
+}
+
+
+def official_of(method: str, where: str) -> Official:
+    if method not in OFFICIAL:
+        raise ParityError(f"{where}: method {method!r}; parity covers {', '.join(OFFICIAL)}")
+    return OFFICIAL[method]
+
+
 def make_batch(trainer, seed: int) -> dict:
-    """Random log-mels in [-1, 1]; ATST-Frame rows of uneven valid length, ASiT full crops (the official
-    ViT has no padding mask)."""
+    """Random log-mels in [-1, 1]; rows of uneven valid length where the official model masks padding
+    (ATST-Frame), full crops otherwise (ASiT: the official ViT has no padding mask)."""
     rng = np.random.default_rng(seed + 1)
     b = int(trainer.config.train.global_batch)
     n_mels = int(trainer.enc_cfg.n_mels)
@@ -868,7 +919,7 @@ def make_batch(trainer, seed: int) -> dict:
     for crop in trainer.method.inputs():
         t = crop.frames
         batch[crop.name] = rng.uniform(-1.0, 1.0, (b, n_mels, t)).astype(np.float32)
-        if trainer.config.method == "atst_frame":
+        if OFFICIAL[trainer.config.method].uneven_lengths:
             cut = [0] + [int(rng.integers(1, max(2, t // 4))) for _ in range(b - 1)]
             batch[crop.length_key] = (t - np.array(cut)).astype(np.int32)
         else:
@@ -878,8 +929,7 @@ def make_batch(trainer, seed: int) -> dict:
 
 def compare(trainer, ours: dict, theirs: Theirs, group_of) -> dict:
     method = trainer.config.method
-    fn = atst_frame_compare if method == "atst_frame" else asit_compare
-    pairs, state, scalars, counts = fn(trainer, ours, theirs)
+    pairs, state, scalars, counts = OFFICIAL[method].compare(trainer, ours, theirs)
     total = np.sqrt(sum(norm(t) ** 2 for _, t in pairs["grad"].values()))
     groups: dict[str, dict] = {}
 
@@ -1020,20 +1070,11 @@ def run(args) -> dict:
         raise OfficialError(f"--official {args.official}: no such directory")
     from atst_jax.config import load_config
 
-    method = load_config(args.config).method
+    recipe = official_of(load_config(args.config).method, f"--config {args.config}")
     # A wrong checkout fails before anything is built or compiled.
-    if method == "atst_frame":
-        from atst_jax.tools.bench_official import MODEL_FILE
-
-        if not (official / MODEL_FILE).is_file():
-            raise OfficialError(
-                f"--official {args.official}: not a checkout of github.com/Audio-WestlakeU/audiossl "
-                f"(no {MODEL_FILE})"
-            )
-    elif method == "asit" and not all((official / f).is_file() for f in ASIT_FILES):
+    if not all((official / f).is_file() for f in recipe.files):
         raise OfficialError(
-            f"--official {args.official}: not a checkout of github.com/Sara-Ahmed/ASiT "
-            f"(no {' / '.join(ASIT_FILES)})"
+            f"--official {args.official}: not a checkout of {recipe.repository} (no {' / '.join(recipe.files)})"
         )
     torch.manual_seed(args.seed)
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -1044,17 +1085,14 @@ def run(args) -> dict:
     if not 0 <= step < total:
         raise ParityError(f"--step {step}: must be in [0, {total})")
     host = make_batch(trainer, args.seed)
-    draws = ("span_mask",) if method == "atst_frame" else ("gmml_corrupt",)
-    ours = our_step(trainer, host, step, args.seed, draws)
-    official_fn = atst_frame_official if method == "atst_frame" else asit_official
-    group_of = atst_frame_group if method == "atst_frame" else asit_group
+    ours = our_step(trainer, host, step, args.seed, recipe.draws)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, args.official_dtype))
     try:
-        theirs = official_fn(args.official, trainer, ours, host, step)
+        theirs = recipe.step(args.official, trainer, ours, host, step)
     finally:
         torch.set_default_dtype(default_dtype)
-    result = compare(trainer, ours, theirs, group_of)
+    result = compare(trainer, ours, theirs, recipe.group_of)
     result.update(config=args.config, batch=args.batch, step=step, sets=list(args.set or []), seed=args.seed)
     result["official_dtype"] = args.official_dtype
     result["official"] = str(official.resolve())
