@@ -46,7 +46,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from atst_jax import distributed
-from atst_jax.cli import ArgumentParser
+from atst_jax.cli import ArgumentParser, OutputError, check_output
 from atst_jax.errors import UserError
 from atst_jax.optim import HFAdamWState
 from atst_jax.sharding import ConfigError
@@ -492,16 +492,14 @@ class Checkpointer:
 # The workdir lifecycle
 # ------------------------------------------------------------------------------------------------------
 def check_workdir(workdir) -> None:
-    """One line, before anything is built, for a workdir that is a file or cannot be created or written."""
+    """One line, before anything is built, for a workdir that is a file or cannot be created or written (the
+    check every tool makes of its output folder, ``cli.check_output``)."""
     if "://" in str(workdir):  # object stores: Orbax reports what it cannot write
         return
-    existing = Path(workdir)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--workdir {workdir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--workdir {workdir}: {existing} is not writable")
+    try:
+        check_output(workdir, "--workdir", directory=True)
+    except OutputError as e:  # the trainer's bad-input error, as every other config problem
+        raise ConfigError(str(e)) from None
 
 
 def make_workdir(workdir) -> None:
