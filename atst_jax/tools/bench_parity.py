@@ -1,15 +1,15 @@
 """One train step of ours against one step of the official PyTorch code, same weights and inputs (float32).
 
     python -m atst_jax.bench parity --official PATH --config configs/atst_frame.py:small --batch 4 \\
-        --set model.depth=2 --set atst_frame.crop_seconds=1.0 [--step N] [--seed S] [--json OUT]
+        --config.model.depth=2 --config.atst_frame.crop_seconds=1.0 [--step N] [--seed S] [--json OUT]
     python -m atst_jax.bench parity --official PATH --config configs/asit.py:tiny --batch 4 \\
-        --set model.depth=2 --set asit.crop_frames=64
+        --config.model.depth=2 --config.asit.crop_frames=64
 
 ``PATH`` is the user's checkout of the official code: github.com/Audio-WestlakeU/audiossl for ATST-Frame
 (its modules are imported through ``atst_jax.tools.bench_official.load_official``), github.com/Sara-Ahmed/ASiT for
 ASiT (``vision_transformer.py``, ``losses.py``, ``utils.py`` and ``FullPipeline`` of ``main_ASiT.py``).
 Nothing of either is part of this project. Keep the model small (``:tiny`` or ``:small`` at
-``--set model.depth=2``, short crops): the official side runs on the CPU.
+``--config.model.depth=2``, short crops): the official side runs on the CPU.
 
 Both sides get the same weights: a random student and an independent random teacher drawn in our parameter
 tree (LayerNorm / BatchNorm scales ``1 + 0.1·N`` and biases ``0.1·N``, random BatchNorm statistics and DINO
