@@ -56,7 +56,10 @@ def _copy(dst, src, names):
 def test_span_bn_mlp_frame_byol_is_atst_frames_single_pair_loss(monkeypatch):
     _fixed_key(monkeypatch, "span_mask")
     ref_cfg = load_config(str(ROOT / "configs" / "atst_frame.py") + ":tiny")
-    ref_cfg.atst_frame.update(crop_seconds=1.27, symmetric=False, aug_view1=False, aug_view2=False)
+    # compose masks a short clip's padding; ATST-Frame does with pad_is_signal=False (its default is official).
+    ref_cfg.atst_frame.update(
+        crop_seconds=1.27, symmetric=False, aug_view1=False, aug_view2=False, pad_is_signal=False
+    )
     ref_cfg.model.update(depth=1, drop_path=0.0)
     ref = methods.build(ref_cfg)
     cfg = _compose(masking="span", predictor="bn_mlp", num_masks=1, frame_byol=1.0, contrastive=0.0)
