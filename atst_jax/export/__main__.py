@@ -172,7 +172,7 @@ def export(workdir, fmt: str, out, *, step: int | None = None, encoder: str = "t
 
     The file is written beside ``out`` under a hidden temporary name and renamed into place when complete,
     so a crash or an error never leaves a truncated export, nor destroys an earlier file at ``out``."""
-    if fmt == "hf":  # a directory, swapped into place whole by the hf writer
+    if fmt == "hf":  # directories, swapped into place whole (_write_directory)
         return _write_hf(workdir, out, step=step, encoder=encoder)
     if fmt == "xares":
         return _write_xares(workdir, out, step=step, encoder=encoder)
@@ -202,34 +202,18 @@ def _read_run(workdir, step: int | None, encoder: str):
         raise ExportError(str(e)) from e
 
 
-def _write_hf(workdir, out, *, step: int | None, encoder: str) -> list[str]:
-    from atst_jax.export import hf
-
-    step, config, state = _read_run(workdir, step, encoder)
-    hf.export_dir(workdir, config, state, step, encoder, out)
-    return []
-
-
-def _write_xares(workdir, out, *, step: int | None, encoder: str) -> list[str]:
-    """The safetensors export and its X-ARES encoder file, written into a hidden sibling directory and
-    swapped into place (as ``hf``): a failure leaves any earlier directory at ``out`` untouched."""
-    from atst_jax.export import xares
-
+def _write_directory(out, fmt: str, fill) -> list[str]:
+    """A directory export (``hf``, ``xares``): ``fill(partial)`` writes it into a hidden sibling that does not
+    exist yet, which then replaces ``out`` whole, so a failure leaves any earlier directory at ``out``
+    untouched and no partial one. Returns ``fill``'s warnings."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a directory (--format xares writes a directory)")
+        raise ExportError(f"--out {out} exists and is not a directory (--format {fmt} writes a directory)")
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        partial.mkdir(parents=True)
-        warnings = _write(workdir, "safetensors", partial / xares.WEIGHTS, step=step, encoder=encoder)
-        try:
-            xares.write_encoder_file(partial, dirname=out.name)
-        except ValueError as e:
-            raise ExportError(f"--format xares: {e}") from e
-        for f in partial.iterdir():
-            f.chmod(0o644)  # as the single-file formats: an export is meant to be shared
+        warnings = fill(partial)
         if out.exists():
             os.replace(out, old)
         os.replace(partial, out)
@@ -237,6 +221,36 @@ def _write_xares(workdir, out, *, step: int | None, encoder: str) -> list[str]:
         shutil.rmtree(partial, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return warnings
+
+
+def _write_hf(workdir, out, *, step: int | None, encoder: str) -> list[str]:
+    from atst_jax.export import hf
+
+    step, config, state = _read_run(workdir, step, encoder)
+
+    def fill(partial: Path) -> list[str]:
+        hf.write_dir(workdir, config, state, step, encoder, partial)
+        return []
+
+    return _write_directory(out, "hf", fill)
+
+
+def _write_xares(workdir, out, *, step: int | None, encoder: str) -> list[str]:
+    """The safetensors export and its X-ARES encoder file (a directory, as ``hf``)."""
+    from atst_jax.export import xares
+
+    def fill(partial: Path) -> list[str]:
+        partial.mkdir(parents=True)
+        warnings = _write(workdir, "safetensors", partial / xares.WEIGHTS, step=step, encoder=encoder)
+        try:
+            xares.write_encoder_file(partial, dirname=Path(out).name)
+        except ValueError as e:
+            raise ExportError(f"--format xares: {e}") from e
+        for f in partial.iterdir():
+            f.chmod(0o644)  # as the single-file formats: an export is meant to be shared
+        return warnings
+
+    return _write_directory(out, "xares", fill)
 
 
 def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> list[str]:

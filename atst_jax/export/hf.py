@@ -17,8 +17,6 @@ them, the run's probe results when there are any).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -497,22 +495,3 @@ def write_dir(workdir, config: dict, state, step: int, encoder: str, out: Path) 
         text = json.dumps(content, indent=2) + "\n" if isinstance(content, dict) else content
         (out / name).write_text(text)
     (out / "README.md").write_text(model_card(workdir, config, step, encoder, variant, size, n_params))
-
-
-def export_dir(workdir, config: dict, state, step: int, encoder: str, out) -> None:
-    """:func:`write_dir` into a hidden sibling, then swapped into place: a failure leaves any earlier
-    directory at ``out`` untouched and no partial one."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HFExportError(f"--out {out} exists and is not a directory (--format hf writes a directory)")
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        write_dir(workdir, config, state, step, encoder, partial)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
