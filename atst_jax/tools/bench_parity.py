@@ -650,7 +650,7 @@ def asit_official(path: str, trainer, ours: dict, host: dict, step: int) -> Thei
     import torch
     import torch.nn.functional as F
 
-    from atst_jax.methods.asit import CROPS
+    crops = [c.name for c in trainer.method.inputs()]  # the contract's crops, in ASiT's order
 
     vits, losses, utils, main, stubs = load_official_asit(path)
     cfg, enc, config = trainer.method.cfg, trainer.enc_cfg, trainer.config
@@ -737,9 +737,9 @@ def asit_official(path: str, trainer, ours: dict, host: dict, step: int) -> Thei
         def to_theirs(x):  # ours [B, F, T] → [B, 1, T, F] (audio_size = [frames, mel bins])
             return torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 1, 2))).to(dtype)[:, None]
 
-        bsz = host[CROPS[0]].shape[0]
+        bsz = host[crops[0]].shape[0]
         corrupted, masks = ours["draws"]["gmml_corrupt"]
-        clean_crops = [to_theirs(host[n]) for n in CROPS]
+        clean_crops = [to_theirs(host[n]) for n in crops]
         corrupted_crops = [to_theirs(corrupted[i * bsz : (i + 1) * bsz]) for i in range(2)]
         masks_crops = [to_theirs(masks[i * bsz : (i + 1) * bsz].astype(np.float32)) for i in range(2)]
         # train_one_epoch's step body (fp32, one process)
