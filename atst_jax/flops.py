@@ -110,6 +110,7 @@ CHIPS = {
     "v6e": {"peak_tflops": 918.0, "hbm_bytes": 32 * 10**9},
     "h100": {"peak_tflops": 989.0, "hbm_bytes": 80 * 10**9},
     "h200": {"peak_tflops": 989.0, "hbm_bytes": 141 * 10**9},
+    "a100": {"peak_tflops": 312.0, "hbm_bytes": 80 * 10**9},  # the 80 GB SXM card
 }
 
 

@@ -14,6 +14,7 @@ import os
 import re
 
 from atst_jax.errors import UserError
+from atst_jax.flops import CHIPS
 
 GB = 10**9
 
@@ -25,9 +26,7 @@ class TargetError(UserError):
 @dataclasses.dataclass(frozen=True)
 class Family:
     platform: str  # "tpu" or "cuda"
-    chip: str  # the atst_jax.flops.CHIPS key (MFU accounting of the training loop)
-    hbm_bytes: int
-    peak_tflops: float  # dense bf16
+    chip: str  # the atst_jax.flops.CHIPS key: HBM and dense bf16 peak, as the training loop's MFU uses them
     # Bytes/s per chip that collectives are charged at in the roofline. TPUs: the vendor's bidirectional ICI
     # bandwidth per chip (all links; a torus collective can use every link, so this is the optimistic end).
     # GPUs: NVLink (per direction) inside one host; across hosts the per-GPU network adapter, which every
@@ -39,20 +38,26 @@ class Family:
     topology_name: str = ""  # what get_topology_desc calls the chip
     gpus_per_host: int = 8
 
+    @property
+    def hbm_bytes(self) -> int:
+        return CHIPS[self.chip]["hbm_bytes"]
 
-# Sources: Cloud TPU "System architecture" pages (v4, v5e, v5p, v6e: peak bf16, HBM per chip, ICI per
-# chip); NVIDIA H100/H200/A100 datasheets (SXM, dense bf16 without sparsity, HBM, NVLink 900/900/600 GB/s
-# bidirectional) and one 400/400/200 Gb/s InfiniBand adapter per GPU as in DGX systems.
+    @property
+    def peak_tflops(self) -> float:
+        return CHIPS[self.chip]["peak_tflops"]
+
+
+# Sources (HBM and peak: atst_jax.flops.CHIPS): Cloud TPU "System architecture" pages (ICI per chip); NVIDIA
+# H100/H200/A100 datasheets (NVLink 900/900/600 GB/s bidirectional) and one 400/400/200 Gb/s InfiniBand
+# adapter per GPU as in DGX systems.
 FAMILIES = {
-    "v4": Family("tpu", "v4", 32 * 2**30, 275.0, 300 * GB, cores_per_chip=2, topology_rank=3,
-                 topology_name="v4"),
-    "v5litepod": Family("tpu", "v5e", 16 * GB, 197.0, 400 * GB, topology_name="v5e"),
-    "v5p": Family("tpu", "v5p", 95 * 2**30, 459.0, 1200 * GB, cores_per_chip=2, topology_rank=3,
-                  topology_name="v5p"),
-    "v6e": Family("tpu", "v6e", 32 * GB, 918.0, 800 * GB, topology_name="v6e"),
-    "h100": Family("cuda", "h100", 80 * GB, 989.0, 450 * GB, 50 * GB, topology_name="h100"),
-    "h200": Family("cuda", "h200", 141 * GB, 989.0, 450 * GB, 50 * GB, topology_name="h200"),
-    "a100": Family("cuda", "a100", 80 * GB, 312.0, 300 * GB, 25 * GB, topology_name="a100"),
+    "v4": Family("tpu", "v4", 300 * GB, cores_per_chip=2, topology_rank=3, topology_name="v4"),
+    "v5litepod": Family("tpu", "v5e", 400 * GB, topology_name="v5e"),
+    "v5p": Family("tpu", "v5p", 1200 * GB, cores_per_chip=2, topology_rank=3, topology_name="v5p"),
+    "v6e": Family("tpu", "v6e", 800 * GB, topology_name="v6e"),
+    "h100": Family("cuda", "h100", 450 * GB, 50 * GB, topology_name="h100"),
+    "h200": Family("cuda", "h200", 450 * GB, 50 * GB, topology_name="h200"),
+    "a100": Family("cuda", "a100", 300 * GB, 25 * GB, topology_name="a100"),
 }  # fmt: skip
 
 # What to install for each platform's compiler (pyproject extras).
