@@ -85,7 +85,7 @@ def timestamps_ms(num_tokens: int) -> np.ndarray:
 
 def seconds_to_frames(seconds: float) -> int:
     """STFT frames of ``seconds`` of audio (``samples // hop + 1``: 6 s → 601), as the official transforms."""
-    return int(round(seconds * audio.SAMPLE_RATE)) // audio.HOP_LENGTH + 1
+    return audio.num_frames(int(round(seconds * audio.SAMPLE_RATE)))
 
 
 def run_chunk_frames(config, use_cls: bool, patch_w: int = 4, num_pos: int | None = None) -> int:

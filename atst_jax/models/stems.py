@@ -53,7 +53,7 @@ def frame_chunk_frames(
     if trained_frames:
         frames = trained_frames
     elif use_cls:
-        frames = int(round(CLIP_TRAIN_SECONDS * audio.SAMPLE_RATE)) // audio.HOP_LENGTH + 1  # 601
+        frames = audio.num_frames(int(round(CLIP_TRAIN_SECONDS * audio.SAMPLE_RATE)))  # 601
     else:
         frames = FRAME_CHUNK_FRAMES
     frames = min(frames, FRAME_CHUNK_FRAMES)
