@@ -7,7 +7,9 @@ One composite checkpoint per saved step under ``WORKDIR/checkpoints/<step>/``:
 - ``data``: the Grain iterator position (one JSON per process);
 - ``config``: the run's config (JSON); ``meta``: mesh, device/process counts, library versions, and what the
   trainer adds: the data fingerprint (``data``) and the run's compute totals as of the step (``compute``:
-  device-hours, training FLOPs, mean MFU; ``metrics.ComputeMeter``), which a resume continues from.
+  device-hours, training FLOPs, mean MFU; ``metrics.ComputeMeter``), which a resume continues from; and the
+  crops the method trains on (``inputs``: ``[{"name", "frames", "features"}]``, :func:`trained_inputs`), from
+  which inference takes the encoder's chunk length and front end without rebuilding the method.
 
 Saves are asynchronous; Orbax writes each step into a temporary directory and renames it only once every
 item is complete, so a crash mid-save leaves no step that looks finished, and old steps are deleted only
@@ -87,7 +89,18 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def run_metadata(mesh=None) -> dict:
+def trained_inputs(method) -> list[dict]:
+    """The metadata's ``inputs`` entry: the crops ``method`` trains on (``Method.inputs()``, the contract), in
+    its order, each ``{"name": str, "frames": int, "features": str}`` (``features``: the training feature set,
+    ``atst_jax.features``). ``atst_jax.inference`` takes the longest as the encoder's trained crop."""
+    return [
+        {"name": str(c.name), "frames": int(c.frames), "features": str(c.features)} for c in method.inputs()
+    ]
+
+
+def run_metadata(mesh=None, method=None) -> dict:
+    """The run metadata of a checkpoint (``meta``), without what the trainer adds per step. ``method``: the
+    run's method, whose crops it records (``inputs``, :func:`trained_inputs`)."""
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy"):
         try:
@@ -100,6 +113,7 @@ def run_metadata(mesh=None) -> dict:
         "process_count": jax.process_count(),
         "platform": jax.default_backend(),
         "versions": versions,
+        **({"inputs": trained_inputs(method)} if method is not None else {}),
     }
 
 
@@ -630,6 +644,22 @@ def read_checkpoint(workdir: str | Path, step: int | None = None):
         manager.close()
     state = jax.tree.map(lambda x: np.asarray(x), restored["state"])
     return step, restored.get("config") if "config" in items else None, state
+
+
+def read_meta(workdir, step: int) -> dict:
+    """The run metadata saved with ``step`` of a run (``{}`` when the step has none or it is unreadable)."""
+    try:
+        meta = json.loads((run_dir(workdir) / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def recorded_inputs(workdir, step: int) -> list[dict] | None:
+    """The crops ``step`` of a run records (its metadata's ``inputs``, :func:`trained_inputs`), or None for a
+    checkpoint written before the entry existed (inference then rebuilds the method from the saved config)."""
+    inputs = read_meta(workdir, step).get("inputs")
+    return inputs if isinstance(inputs, list) and inputs else None
 
 
 def params_digest(state) -> str:

@@ -3,8 +3,8 @@
 building an encoder (config and parameters) for inference.
 
 It sits below both so that neither imports the other; it needs only ``atst_jax.audio``, ``atst_jax.models``,
-NumPy and JAX (no torch), plus ``atst_jax.methods.get_class`` inside :func:`run_chunk_frames`, the one
-question only a run's method can answer.
+NumPy and JAX (no torch), plus ``atst_jax.methods.get_class`` inside :func:`_run_crop`, for the one question
+only a run's method can answer (its crops) when its checkpoint predates the metadata entry that records them.
 
 Conventions (tests/test_export.py checks the JAX and PyTorch paths against each other):
 
@@ -88,14 +88,16 @@ def seconds_to_frames(seconds: float) -> int:
     return audio.num_frames(int(round(seconds * audio.SAMPLE_RATE)))
 
 
-def run_chunk_frames(config, use_cls: bool, patch_w: int = 4, num_pos: int | None = None) -> int:
+def run_chunk_frames(config, use_cls: bool, patch_w: int = 4, num_pos: int | None = None, inputs=None) -> int:
     """:func:`default_chunk_frames` for a run's saved config (a plain dict, or None).
 
     The trained length is the longest crop the run's method asks for (``Method.inputs()``, the contract), so
-    nothing here knows a method by name. A config the method can no longer read falls back to the kind's
-    default: this only picks a chunk length, it should not stop an export or an embedding.
+    nothing here knows a method by name: the crops the checkpoint records (``inputs``, its metadata's entry),
+    else those of the method rebuilt from ``config`` (checkpoints written before the entry existed). A config
+    the method can no longer read falls back to the kind's default: this only picks a chunk length, it should
+    not stop an export or an embedding.
     """
-    crop = _run_crop(config)
+    crop = _run_crop(config, inputs)
     return default_chunk_frames(use_cls, crop[0] if crop else None, patch_w, num_pos)
 
 
@@ -296,6 +298,7 @@ class FrontEnd:
 FRONT_ENDS = {
     "atst_logmel64": FrontEnd("atst_logmel64", 10.0, 0.0),
     "kaldi_fbank128": FrontEnd("kaldi_fbank128", 10.0, 12.5),
+    "kaldi_fbank128_16k": FrontEnd("kaldi_fbank128_16k", 10.0, 12.5),
 }
 
 
@@ -316,9 +319,21 @@ def time_patch(cfg: EncoderConfig) -> int:
     return make_stem(cfg).time_patch
 
 
-def _run_crop(config):
-    """``(frames, features)`` of the longest crop the run's method asks for (``Method.inputs()``, the
-    contract), or None when the config names no method the registry can build."""
+def _run_crop(config, inputs=None):
+    """``(frames, features)`` of the longest crop the run's method trained on (``Method.inputs()``, the
+    contract), or None when nothing tells.
+
+    ``inputs``: the crops the run's checkpoint records (its metadata's ``inputs`` entry,
+    ``checkpoint.trained_inputs``: ``[{"name", "frames", "features"}]``), read as they are: no method is built.
+    Without them — a checkpoint written before the entry existed — the run's method is rebuilt from its saved
+    ``config`` to ask it; a config no method in the registry can build gives None.
+    """
+    if inputs:
+        try:
+            crop = max(inputs, key=lambda c: int(c["frames"]))  # the first of the longest, as max() below
+            return int(crop["frames"]), str(crop["features"])
+        except (TypeError, KeyError, ValueError):
+            pass  # an entry that does not parse: as if none were recorded
     if not config or not config.get("method"):
         return None
     import ml_collections
@@ -333,16 +348,22 @@ def _run_crop(config):
     return crop.frames, crop.features
 
 
-def run_features(config, cfg: EncoderConfig) -> str:
-    """The feature set of a run's encoder: the method's crops' (the contract), else :func:`default_features`."""
-    crop = _run_crop(config)
-    return crop[1] if crop else default_features(cfg)
+def run_features(config, cfg: EncoderConfig, inputs=None) -> str:
+    """The feature set a run's encoder is evaluated with: the one its method's crops are evaluated with (the
+    contract; ``FeatureSet.inference_name``: e.g. ATST-Clip trained on crops floored each at its own maximum is
+    evaluated on clips floored the same way), else :func:`default_features`. ``inputs``: the crops the
+    checkpoint records (see :func:`_run_crop`); without them, the method rebuilt from ``config``."""
+    from atst_jax import features
+
+    crop = _run_crop(config, inputs)
+    return features.get(crop[1]).inference_name if crop else default_features(cfg)
 
 
-def encoder_chunk_frames(cfg: EncoderConfig, config=None) -> int:
-    """The chunk length of an encoder (``config``: the run's saved config, if any): its stem's rule
-    (``Stem.chunk_frames``) on the longest crop the run's method trained on."""
-    crop = _run_crop(config)
+def encoder_chunk_frames(cfg: EncoderConfig, config=None, inputs=None) -> int:
+    """The chunk length of an encoder (``config``: the run's saved config, if any; ``inputs``: the crops its
+    checkpoint records, if any — see :func:`_run_crop`): its stem's rule (``Stem.chunk_frames``) on the longest
+    crop the run's method trained on."""
+    crop = _run_crop(config, inputs)
     return make_stem(cfg).chunk_frames(crop[0] if crop else None)
 
 

@@ -90,7 +90,7 @@ def _loop(config, trainer, mesh, files, data_iter, ckpt, stop, workdir, step, me
         files, int(config.data.get("subset", 0)), int(config.data.get("subset_seed", 1234))
     )
     writer.annotate_next_row(data=data)  # the first metrics.jsonl row of this start
-    meta = {**run_metadata(mesh), "data": data}
+    meta = {**run_metadata(mesh, trainer.method), "data": data}  # and the crops it trains on, for inference
     loop.add_hook(_checkpoint_hook(ckpt, data_iter, config, meta, writer, meter))
     return loop, writer, progress
 

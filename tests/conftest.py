@@ -148,6 +148,7 @@ FILE_SECONDS = {
     "test_plan.py": 60, "test_sweep.py": 60, "test_finetune.py": 45, "test_stems.py": 35, "test_atst_frame.py": 35,
     "test_mixup_bank.py": 35, "test_export.py": 30, "test_export_hf.py": 45, "test_prepare.py": 30, "test_front_door.py": 25,
     "test_lineage.py": 30, "test_export_xares.py": 35, "test_short_clips.py": 25, "test_plan_targets.py": 60,
+    "test_trained_inputs.py": 5,
 }  # fmt: skip
 
 

@@ -47,7 +47,7 @@ def read_run_encoder(workdir, step: int | None = None, encoder: str = "teacher")
 
     The encoder config is the run's (``EncoderConfig.from_config(config["model"])``; the parameter shapes
     when the run saved no config), in float32 (a bfloat16 compute dtype of the run is replaced), drop-path
-    off. ``atst_jax.inference.run_chunk_frames(config, …)`` gives its chunk length.
+    off. :func:`run_inference_inputs` gives its chunk length and feature set.
     """
     from atst_jax.checkpoint import read_checkpoint
 
@@ -56,6 +56,19 @@ def read_run_encoder(workdir, step: int | None = None, encoder: str = "teacher")
     step, config, state = read_checkpoint(workdir, step)
     params = state["teacher" if encoder == "teacher" else "params"]["encoder"]
     return encoder_from_params(params, run_encoder_config(config, params)), step, config
+
+
+def run_inference_inputs(workdir, step: int, cfg, config) -> tuple[int, str]:
+    """``(chunk_frames, features)`` of a run's encoder (``cfg``) at ``step``: from the crops its checkpoint's
+    metadata records (``inputs``, ``checkpoint.recorded_inputs``), without building the method; for a
+    checkpoint written before that entry existed, from the method rebuilt from the saved ``config``."""
+    from atst_jax.checkpoint import recorded_inputs
+
+    inputs = recorded_inputs(workdir, step)
+    return (
+        inference.encoder_chunk_frames(cfg, config, inputs),
+        inference.run_features(config, cfg, inputs),
+    )
 
 
 def read_weights_file(path, encoder: str = "teacher", flag: str = "--weights"):
@@ -304,8 +317,7 @@ def main(argv=None) -> int:
         _check_out_dir(Path(args.out))
         if args.workdir is not None:
             encoder, step, config = read_run_encoder(args.workdir, args.step, args.encoder)
-            chunk_frames = inference.encoder_chunk_frames(encoder.cfg, config)
-            features = inference.run_features(config, encoder.cfg)
+            chunk_frames, features = run_inference_inputs(args.workdir, step, encoder.cfg, config)
             source = f"{args.workdir} step {step} ({args.encoder})"
         else:
             encoder, weights = read_weights_file(args.weights, args.encoder)  # ATST or official ViT layout

@@ -745,11 +745,10 @@ def _bar_factory(enabled: bool):
 def load_encoder(workdir=None, step=None, weights=None, encoder="teacher"):
     """``(FrameAST, chunk_frames, features, source dict)`` from a run or an export/official file."""
     if workdir is not None:
-        from atst_jax.eval.embed import read_run_encoder
+        from atst_jax.eval.embed import read_run_encoder, run_inference_inputs
 
         enc, step, config = read_run_encoder(workdir, step, encoder)
-        chunk = inference.encoder_chunk_frames(enc.cfg, config)
-        feats = inference.run_features(config, enc.cfg)
+        chunk, feats = run_inference_inputs(workdir, step, enc.cfg, config)
         return enc, chunk, feats, {"workdir": str(workdir), "step": int(step), "encoder": encoder}
     from atst_jax.eval.embed import read_weights_file
 

@@ -104,9 +104,10 @@ def _lightning_hparams(config: dict, width: int, depth: int, heads: int) -> tupl
     return result
 
 
-def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: str) -> list[str]:
+def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: str, inputs=None) -> list[str]:
     """A 2-D patch encoder (``model.stem="patch2d"``) as a safetensors file in the official ViT layout
-    (``convert.vit_to_torch``: ``patch_embed.proj`` Conv2d, ``cls_token``, ``pos_embed``, qkv bias, ``norm``)."""
+    (``convert.vit_to_torch``: ``patch_embed.proj`` Conv2d, ``cls_token``, ``pos_embed``, qkv bias, ``norm``).
+    ``inputs``: the crops the checkpoint records (``checkpoint.recorded_inputs``), None for older ones."""
     from safetensors.numpy import save_file
 
     from atst_jax.models.encoder import EncoderConfig
@@ -118,7 +119,7 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
         )
     cfg = EncoderConfig.from_config(config["model"])
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
-    chunk = inference.encoder_chunk_frames(cfg, config)
+    chunk = inference.encoder_chunk_frames(cfg, config, inputs)
     if cfg.pos_embed == "sincos2d" and cfg.use_cls:  # fixed positions, written out as the ViT's pos_embed
         n_f = cfg.n_mels // cfg.patch_size[1]
         enc = dict(enc, pos_embed=convert.sincos_pos_embed(chunk // cfg.patch_size[0], n_f, cfg.width))
@@ -142,7 +143,7 @@ def _export_vit(config: dict, state, step: int, fmt: str, out: Path, encoder: st
         "n_mels": str(cfg.n_mels),
         # What inference needs and the weights do not tell: the front end (the method's feature set) and
         # the chunk length (the positions' length, at most the longest pretraining crop).
-        "features": inference.run_features(config, cfg),
+        "features": inference.run_features(config, cfg, inputs),
         "chunk_frames": str(chunk),
     }
     if post:
@@ -256,13 +257,16 @@ def _write_xares(workdir, out, *, step: int | None, encoder: str) -> list[str]:
 def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> list[str]:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    from atst_jax.checkpoint import recorded_inputs
+
     step, config, state = _read_run(workdir, step, encoder)
+    inputs = recorded_inputs(workdir, step)  # the trained crops (None: a checkpoint older than the entry)
     try:
         layout = export_layout((config or {}).get("model"))
     except ValueError as e:
         raise ExportError(str(e)) from e
     if layout == "vit":
-        return _export_vit(config, state, step, fmt, out, encoder)
+        return _export_vit(config, state, step, fmt, out, encoder, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
     if convert.norm_style(enc) == "post":
@@ -295,7 +299,9 @@ def _write(workdir, fmt: str, out: Path, *, step: int | None, encoder: str) -> l
             "encoder": encoder,
             # The chunk length inference should use (atst_jax.inference): the pretraining crop, which the
             # weights alone do not tell.
-            "chunk_frames": str(inference.run_chunk_frames(config, convert.is_clip(enc), num_pos=num_pos)),
+            "chunk_frames": str(
+                inference.run_chunk_frames(config, convert.is_clip(enc), num_pos=num_pos, inputs=inputs)
+            ),
         }
         if enc.get("aape") is not None:
             from atst_jax.models.encoder import EncoderConfig

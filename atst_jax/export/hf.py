@@ -130,7 +130,7 @@ def ast_feature_extractor(features: str, chunk: int) -> dict:
     }
 
 
-def _vit_files(config: dict, enc, step: int, encoder: str):
+def _vit_files(config: dict, enc, step: int, encoder: str, inputs=None):
     from atst_jax.models.encoder import EncoderConfig
 
     cfg = EncoderConfig.from_config(config["model"])
@@ -138,7 +138,7 @@ def _vit_files(config: dict, enc, step: int, encoder: str):
         raise HFExportError("model.norm_style='post': transformers' ViTModel is pre-norm; export safetensors")
     if enc.get("aape") is not None:
         raise HFExportError("this encoder has an AaPE branch, which transformers' ViTModel lacks")
-    chunk = inference.encoder_chunk_frames(cfg, config)
+    chunk = inference.encoder_chunk_frames(cfg, config, inputs)
     p_t, p_f = cfg.patch_size
     n_f = cfg.n_mels // p_f
     if cfg.pos_embed == "sincos2d" and cfg.use_cls:  # fixed positions, written out as a table
@@ -151,7 +151,7 @@ def _vit_files(config: dict, enc, step: int, encoder: str):
     # JAX encoder also takes the first positions for inputs shorter than the table).
     sd["pos_embed"] = np.asarray(sd["pos_embed"])[:, : 1 + chunk // p_t * n_f]
     mlp_hidden = int(np.shape(sd["blocks.0.mlp.fc1.weight"])[0])
-    features = inference.run_features(config, cfg)
+    features = inference.run_features(config, cfg, inputs)
     files = {
         "config.json": vit_config(cfg, chunk, mlp_hidden),
         "preprocessor_config.json": ast_feature_extractor(features, chunk),
@@ -341,7 +341,7 @@ class ATSTModel(PreTrainedModel):
 '''
 
 
-def _frame_files(config: dict, enc, step: int, encoder: str):
+def _frame_files(config: dict, enc, step: int, encoder: str, inputs=None):
     if convert.norm_style(enc) == "post":
         raise HFExportError("model.norm_style='post': the ATST FrameAST layout is pre-norm")
     if convert.has_qkv_bias(enc):
@@ -355,7 +355,7 @@ def _frame_files(config: dict, enc, step: int, encoder: str):
     num_pos = int(np.shape(sd["pos_embed"])[1])
     n_mels_x_w = int(np.shape(sd["patch_embed.patch_embed.weight"])[1])
     patch_w = int(((config or {}).get("model") or {}).get("patch_w", 4))
-    chunk = inference.run_chunk_frames(config, clip, patch_w=patch_w, num_pos=num_pos)
+    chunk = inference.run_chunk_frames(config, clip, patch_w=patch_w, num_pos=num_pos, inputs=inputs)
     cfg_json = {
         "architectures": ["ATSTModel"],
         "model_type": "atst_frame_ast",
@@ -398,11 +398,9 @@ def _frame_files(config: dict, enc, step: int, encoder: str):
 
 def _step_meta(workdir, step: int) -> dict:
     """The run metadata saved with ``step`` (``{}`` when absent or unreadable: the card says so)."""
-    path = Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    from atst_jax.checkpoint import read_meta
+
+    return read_meta(workdir, step)
 
 
 def _compute_lines(compute, platform=None) -> list[str]:
@@ -479,13 +477,16 @@ def write_dir(workdir, config: dict, state, step: int, encoder: str, out: Path) 
     """Writes the model directory ``out`` (which must not exist yet)."""
     from safetensors.numpy import save_file
 
+    from atst_jax.checkpoint import recorded_inputs
+
     try:
         layout = export_layout((config or {}).get("model"))
     except ValueError as e:
         raise HFExportError(str(e)) from e
     enc = state["teacher" if encoder == "teacher" else "params"]["encoder"]
     files_of = {"vit": _vit_files, "frameast": _frame_files}[layout]
-    sd, files, variant, size = files_of(config, enc, step, encoder)
+    # The trained crops as the checkpoint records them (None for one older than the entry: from the config).
+    sd, files, variant, size = files_of(config, enc, step, encoder, recorded_inputs(workdir, step))
     tensors = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in sd.items()}
     n_params = sum(int(v.size) for k, v in tensors.items() if not k.startswith("pooler."))
     out.mkdir(parents=True)
