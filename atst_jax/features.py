@@ -15,7 +15,9 @@ set. Preparation, the embedded dataset and inference compute the stored values w
   ``10 · log10(amin) = −100`` (``audio.SILENCE_DB``). For methods that floor each *crop* at its own maximum − 80
   dB, as the official ATST-Clip does on the log-mel of each cropped waveform (``atst_clip.crop_floor_db``).
   Padding (short crops and empty clips alike) is −100 dB, what a zero waveform gives before any floor (the
-  official code zero-pads a short waveform, whose padding the crop's floor then lifts).
+  official code zero-pads a short waveform, whose padding the crop's floor then lifts). An encoder trained on it
+  is evaluated on ``atst_logmel64`` (``FeatureSet.inference_name``): the official evaluation floors each input
+  it is given at that input's maximum − 80 dB, which on a whole clip is the per-clip floor.
 - ``kaldi_fbank128``: the ASiT / AST front end (``atst_jax.fbank``): 32 kHz, the whole wave's mean removed,
   Kaldi fbank of 25 ms frames every 10 ms (snip edges: ``frames = 1 + (samples − 800) // 320``; a wave shorter
   than one frame is zero-padded to one), 128 Kaldi mel bins 20 Hz–16 kHz, natural log floored at float32 eps.
@@ -65,6 +67,14 @@ class FeatureSet:
     clip_floor_db: float = 0.0
     # Decibels per stored unit: 1 for dB values, 10 / ln 10 for a natural log of power.
     db_per_unit: float = 1.0
+    # The set an encoder trained on this one is evaluated with (inference, embedding, probes, export), when
+    # training crops get a treatment inference does not repeat; "" = this set itself.
+    evaluated_with: str = ""
+
+    @property
+    def inference_name(self) -> str:
+        """The feature set inference computes for an encoder trained on this set (see ``evaluated_with``)."""
+        return self.evaluated_with or self.name
 
     def num_frames(self, num_samples: int) -> int:
         """Frames of the stored features of a wave of ``num_samples`` samples at ``sample_rate``."""
@@ -174,6 +184,9 @@ FEATURE_SETS = {
         kind="atst_logmel_unfloored",
         silence=audio.SILENCE_DB,
         pad_with_clip_min=False,
+        # Trained crops are floored each at its own maximum − 80 dB; the official evaluation floors each input
+        # it is given (the whole clip, or its centre crop) the same way: that is ``atst_logmel64``.
+        evaluated_with="atst_logmel64",
     ),
     "kaldi_fbank128": _kaldi_set(
         "kaldi_fbank128",

@@ -128,13 +128,15 @@ def test_floor_is_a_no_op_on_per_clip_floored_features_and_refused_below_their_f
         "positive": x,
         "positive_length": jnp.array([3, 10]),
     }
+    # The official per-crop floor is the default; on per-clip floored data it is a no-op.
     default = clip_method()
-    assert default.cfg.features == features.DEFAULT_FEATURES and default.cfg.crop_floor_db == 80.0
-    assert default.crop_floor_depth() == 0 and default.floor_crops(batch) is batch
-    assert clip_method(features=UNFLOORED, crop_floor_db=0.0).floor_crops(batch) is batch
-    assert clip_method(features=UNFLOORED).crop_floor_depth() > 0
+    assert default.cfg.features == UNFLOORED and default.cfg.crop_floor_db == 80.0
+    assert default.crop_floor_depth() > 0
+    floored = clip_method(features=features.DEFAULT_FEATURES)
+    assert floored.crop_floor_depth() == 0 and floored.floor_crops(batch) is batch
+    assert clip_method(crop_floor_db=0.0).floor_crops(batch) is batch
     with pytest.raises(ConfigError, match="below the 80 dB floor"):
-        clip_method(crop_floor_db=60.0)
+        clip_method(features=features.DEFAULT_FEATURES, crop_floor_db=60.0)
     with pytest.raises(ConfigError, match="atst_clip.features"):
         clip_method(features="nope")
 
@@ -231,3 +233,16 @@ def test_make_views_floors_the_crops_first(monkeypatch):
     for name in ("anchor", "positive"):
         np.testing.assert_array_equal(out[name], expected[name])
         assert not np.array_equal(out[name], x)
+
+
+def test_a_run_trained_on_crops_floored_each_is_evaluated_on_clips_floored_each():
+    """Training floors each crop at its own maximum; inference, embedding, probes and exports compute the
+    floored log-mel of whatever input they are given (the official evaluation transform), not the unfloored
+    training set."""
+    from atst_jax import inference
+
+    config = load_config(config_path("atst_clip") + ":tiny")
+    assert {crop.features for crop in AtstClip(config).inputs()} == {UNFLOORED}
+    assert features.get(UNFLOORED).inference_name == features.DEFAULT_FEATURES
+    assert inference.run_features(config.to_dict(), None) == features.DEFAULT_FEATURES
+    assert inference.front_end(inference.run_features(config.to_dict(), None)).features == "atst_logmel64"

@@ -75,10 +75,9 @@ def inputs(tmp_path_factory, embedded_cache):
         "data": data,
         "clip": str(_write_run(root / "clip_run", "atst_clip.py", seed=1)),
         "frame": str(_write_run(root / "frame_run", "atst_frame.py", seed=2)),
-        # An ATST-Clip run on another feature set than the data's.
-        "unfloored": str(
-            _write_run(root / "unfloored", "atst_clip.py", seed=3, features="atst_logmel64_unfloored")
-        ),
+        # An ATST-Clip run evaluated on another feature set than the data's. (``clip_run`` trains on the
+        # unfloored log-mel, the official per-crop floor, and is evaluated on the data's floored one.)
+        "other_features": str(_write_run(root / "fbank", "atst_clip.py", seed=3, features="kaldi_fbank128")),
     }
 
 
@@ -302,12 +301,12 @@ def test_every_input_is_checked_before_any_work(inputs, reference, tmp_path, cap
         ),
         "the student's step": (c2f + ["--step", "7"], [f"--workdir {inputs['frame']}:", "step 7"]),
         "the student's feature set": (
-            ["--workdir", inputs["unfloored"], *c2f[2:]],
-            ["feature set 'atst_logmel64'", "--features atst_logmel64_unfloored"],
+            ["--workdir", inputs["other_features"], *c2f[2:]],
+            ["feature set 'atst_logmel64'", "--features kaldi_fbank128"],
         ),
         "the Clip run's feature set": (
-            [*c2f[:2], "--c2f_clip", inputs["unfloored"], *c2f[4:]],
-            [f"--c2f_clip {inputs['unfloored']}:", "--features atst_logmel64_unfloored"],
+            [*c2f[:2], "--c2f_clip", inputs["other_features"], *c2f[4:]],
+            [f"--c2f_clip {inputs['other_features']}:", "--features kaldi_fbank128"],
         ),
     }
     for what, (argv, needles) in cases.items():

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import jax
 
+from atst_jax import features as feature_sets
+
 PROBE_SEED = 1
 PROBE_TRAIN = 192
 PROBE_TEST = 64
@@ -188,6 +190,8 @@ class PretrainProbe:
         self.every, self.final = int(p.every), bool(p.final)
         self.workdir = Path(str(workdir))
         self.run_config = run_config
+        # ``features``: the training data's set; the probe embeds what inference computes for such an encoder.
+        features = feature_sets.get(features).inference_name
         self.features = features
         self.log = log
         self.enabled = jax.process_count() == 1

@@ -21,14 +21,15 @@ Recipe, as the official audiossl code (``audiossl/methods/atst``) runs it:
 - Collapse monitors ``std_cls_stu`` / ``std_cls_tea``: std of the L2-normalised outputs over the ``2B`` rows.
 - The 80 dB floor per crop (``crop_floor_db``). The official code computes the log-mel of each *cropped
   waveform*, so ``AmplitudeToDB(top_db=80)`` floors each crop at its own maximum − 80 dB, before the MinMax
-  normalisation, mixup and RandomResizeCrop. Stored ``atst_logmel64`` (``features``, the default) is already
-  floored per clip at the clip's maximum − 80 dB: a crop's own floor lies at or below that, so on it the floor
-  changes nothing and is skipped (a quiet crop of a loud clip keeps detail only down to the clip's floor).
-  With ``features="atst_logmel64_unfloored"`` (prepare the data with ``--features atst_logmel64_unfloored``)
-  each crop is floored at the maximum of its valid frames − ``crop_floor_db`` (padding frames do not enter the
-  maximum, and are lifted to the floor as the official zero-padded waveform is), in the normalised domain
+  normalisation, mixup and RandomResizeCrop. By default (``features="atst_logmel64_unfloored"``: prepare the
+  data with ``--features atst_logmel64_unfloored``; the embedded dataset is built so automatically) each crop
+  is floored at the maximum of its valid frames − ``crop_floor_db`` (padding frames do not enter the maximum,
+  and are lifted to the floor as the official zero-padded waveform is), in the normalised domain
   (``FeatureSet.db_span``), before mixup: the official transform up to the STFT's reflect padding at the
-  crop's edges. 0 turns it off.
+  crop's edges. 0 turns it off. With ``features="atst_logmel64"`` (data floored per clip at the clip's maximum
+  − 80 dB) a crop's own floor lies at or below the clip's, so it changes nothing and is skipped: a quiet crop
+  of a loud clip then keeps detail only down to the clip's floor. Either way the encoder is evaluated on
+  ``atst_logmel64`` (``FeatureSet.inference_name``), as the official evaluation floors each input it is given.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class AtstClipConfig:
     virtual_time: float = 1.5  # virtual crop canvas along time (frequency: 1×)
     # The crops' feature set, and the floor below each crop's own maximum (dB; 0 = none), applied when the
     # stored values are not floored already (see the module docstring).
-    features: str = feature_sets.DEFAULT_FEATURES
+    features: str = "atst_logmel64_unfloored"
     crop_floor_db: float = 80.0
     proj_hidden: int = 4096
     proj_dim: int = 256
