@@ -105,6 +105,7 @@ def make_data_iterator(config, method: methods.Method, files, feature_set: str):
             features=feature_set,
             subset=int(config.data.subset),
             subset_seed=int(config.data.subset_seed),
+            roll_prob=method.roll_prob(),
         )
     except ValueError as e:  # e.g. a subset larger than the data
         raise ConfigError(f"data: {e}") from None

@@ -642,6 +642,56 @@ def test_short_clip_is_padded_per_crop():
     assert starts == set(range(12 - 8 + 1))  # never into the stored padding (999) past the length
 
 
+def test_rolled_clip_gives_circular_windows_one_rotation_for_all_crops():
+    """``roll_prob``: the clip's valid frames rotated by one random count r in [1, length) before every crop is
+    drawn from it (ASiT's waveform roll, one per clip): a window may run over the clip's end into its start;
+    two full-length crops are the same rotation; a short clip is rotated, then padded; 0 draws nothing."""
+    length = 30
+    record = encode_example(fake_example(2, length=length))
+    crop = CropExample([("full", length), ("part", 12)], roll_prob=0.5)
+    rolls, wrapped = set(), 0
+    for s in range(200):
+        out = crop.random_map((2, record), np.random.default_rng(s))
+        full = np.round(denormalize(out["full"][1:])).astype(int)
+        r = (-int(full[0, 0])) % length  # frame i of the rotated clip is frame (i - r) mod length
+        np.testing.assert_array_equal(full, np.tile((np.arange(length) - r) % length, (N_MELS - 1, 1)))
+        part = np.round(denormalize(out["part"][1:])).astype(int)
+        start = int(part[0, 0])
+        np.testing.assert_array_equal(part, np.tile((start + np.arange(12)) % length, (N_MELS - 1, 1)))
+        wrapped += start + 12 > length
+        rolls.add(r)
+    assert 0 in rolls and len(rolls) > 20  # about half unrotated; rotations spread over the clip
+    assert wrapped > 10  # windows over the seam, which an unrotated clip never gives
+    # Unrotated (0) is exactly the plain pipeline's draw: nothing extra is drawn.
+    plain = CropExample([("full", length), ("part", 12)], roll_prob=0.0)
+    ref = CropExample([("full", length), ("part", 12)])
+    for s in range(20):
+        a = plain.random_map((2, record), np.random.default_rng(s))
+        assert a["part"].tobytes() == ref.random_map((2, record), np.random.default_rng(s))["part"].tobytes()
+    # A short clip: rotated, then padded with its floor.
+    short = CropExample([("a", CROP)], roll_prob=1.0)
+    record = encode_example(fake_example(1, length=12))
+    for s in range(10):
+        out = short.random_map((1, record), np.random.default_rng(s))
+        frames = np.round(denormalize(out["a"][1:, :12])).astype(int)
+        r = (-int(frames[0, 0])) % 12
+        assert r != 0
+        np.testing.assert_array_equal(frames, np.tile((np.arange(12) - r) % 12, (N_MELS - 1, 1)))
+        np.testing.assert_allclose(out["a"][1:, 12:], normalize_db(np.float32(0)), atol=1e-6)
+    with pytest.raises(ValueError, match="roll_prob"):
+        CropExample([("a", 4)], roll_prob=1.5)
+
+
+def test_only_asit_rolls_its_clips():
+    from atst_jax.config import load_config
+    from atst_jax.methods import build
+
+    rolls = {
+        m: build(load_config(f"configs/{m}.py:tiny")).roll_prob() for m in ("asit", "atst_frame", "aasp")
+    }
+    assert rolls == {"asit": 0.5, "atst_frame": 0.0, "aasp": 0.0}
+
+
 def test_crop_names_must_give_distinct_batch_keys():
     for crops in ([("a", 4), ("a", 5)], [("a", 4), ("a_length", 5)], [("index", 4)], []):
         with pytest.raises(ValueError):

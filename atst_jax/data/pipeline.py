@@ -78,6 +78,12 @@ class CropExample(grain.transforms.RandomMap):
       feature set without a per-clip floor (``FeatureSet.pad_with_clip_min`` false, e.g. ``kaldi_fbank128``)
       pads with its ``silence`` value (what a zero waveform gives), as does every set for an empty clip.
 
+    - ``roll_prob`` > 0: with that probability the clip's valid frames are first rotated by a random number
+      of frames ``r`` in [1, length) (ASiT rolls each waveform so, p = 0.5, before its transform crops it):
+      every crop of the clip is then drawn, as above, from the one rotated clip, i.e. frame ``i`` of it is the
+      clip's frame ``(i − r) mod length`` and a window may run over the clip's end into its start. Draws
+      nothing when 0, so other methods' crops are what they always were.
+
     Output: ``{name: float32 [n_mels, frames], f"{name}_length": int32}`` per crop (+ ``"index": int32``, the
     record's position in the source, when ``keep_index``). Randomness comes only from the generator Grain
     passes in.
@@ -88,10 +94,15 @@ class CropExample(grain.transforms.RandomMap):
     (16 MB copied per batch of 64 ten-second clips). Both paths run the same code and give the same values.
     """
 
-    def __init__(self, crops, keep_index: bool = False, features: str = DEFAULT_FEATURES):
+    def __init__(
+        self, crops, keep_index: bool = False, features: str = DEFAULT_FEATURES, roll_prob: float = 0.0
+    ):
         self.crops = tuple((str(name), int(frames)) for name, frames in crops)
         if not self.crops:
             raise ValueError("at least one crop is needed")
+        if not 0.0 <= roll_prob <= 1.0:
+            raise ValueError(f"roll_prob must be in [0, 1], got {roll_prob}")
+        self.roll_prob = float(roll_prob)
         for name, frames in self.crops:
             if frames < 1:
                 raise ValueError(f"crop {name!r}: frames must be >= 1, got {frames}")
@@ -114,19 +125,27 @@ class CropExample(grain.transforms.RandomMap):
         index, record = element
         ex = decode_example(record)
         mel, length = ex["mel"], int(ex["length"])
+        roll = 0
+        if self.roll_prob and length > 1 and rng.random() < self.roll_prob:
+            roll = int(rng.integers(1, length))
         out: dict[str, Any] = {}
         for name, t in self.crops:
             if length >= t:
                 start = int(rng.integers(0, length - t + 1))
-                out[name] = {"mel": mel[:, start : start + t], "pad": np.float32(0.0), "length": np.int32(t)}
+                out[name] = {
+                    "mel": _window(mel, start - roll, t, length),
+                    "pad": np.float32(0.0),
+                    "length": np.int32(t),
+                }
             else:
+                valid = np.roll(mel[:, :length], roll, axis=1) if roll else mel[:, :length]
                 # The feature set's silence, or (atst_logmel64) the clip's own floor; an empty clip has no
                 # floor of its own, so silence (for atst_logmel64 the normalisation's minimum, −1) stands in.
                 if self._pad_with_clip_min and length > 0:
-                    floor = np.float32(mel[:, :length].min())
+                    floor = np.float32(valid.min())
                 else:
                     floor = self._silence
-                out[name] = {"mel": mel[:, :length], "pad": floor, "length": np.int32(length)}
+                out[name] = {"mel": valid, "pad": floor, "length": np.int32(length)}
         if self.keep_index:
             out["index"] = np.int32(index)
         return out
@@ -134,6 +153,15 @@ class CropExample(grain.transforms.RandomMap):
     def random_map(self, element: tuple[int, bytes], rng: np.random.Generator) -> dict[str, np.ndarray]:
         batch = self._assemble([self.crop(element, rng)])
         return {k: v[0] for k, v in batch.items()}
+
+
+def _window(mel: np.ndarray, start: int, frames: int, length: int) -> np.ndarray:
+    """``frames`` frames of the clip's ``length`` valid ones from ``start`` (taken mod ``length``), wrapping
+    over the end into the start: a view when the window does not wrap."""
+    start %= length
+    if start + frames <= length:
+        return mel[:, start : start + frames]
+    return np.concatenate([mel[:, start:length], mel[:, : frames - (length - start)]], axis=1)
 
 
 class _CropRecord(CropExample):
@@ -226,11 +254,12 @@ def make_dataset(
     features: str = DEFAULT_FEATURES,
     subset: int = 0,
     subset_seed: int = 1234,
+    roll_prob: float = 0.0,
 ) -> grain.MapDataset:
     """The training pipeline as a lazy, random-access `MapDataset` of per-host batches.
 
-    ``crops``: ``[(name, frames), ...]`` per clip (see `CropExample`); ``features``: the dataset's feature set
-    (its normalisation); ``subset=N`` > 0 trains on N distinct records drawn with ``subset_seed`` (the
+    ``crops``: ``[(name, frames), ...]`` per clip and ``roll_prob`` (see `CropExample`); ``features``: the
+    dataset's feature set (its normalisation); ``subset=N`` > 0 trains on N distinct records drawn with ``subset_seed`` (the
     official small ATST recipes: 200,000 AudioSet clips, seed 1234), the same on every process and for any
     shuffle seed, kept in ascending order.
 
@@ -269,7 +298,8 @@ def make_dataset(
     if shuffle:
         ds = ds.shuffle(seed=shuffle_seed)
     ds = ds.repeat(num_epochs)
-    ds = ds.random_map(_CropRecord(crops, keep_index=keep_index, features=features), seed=crop_seed)
+    crop = _CropRecord(crops, keep_index=keep_index, features=features, roll_prob=roll_prob)
+    ds = ds.random_map(crop, seed=crop_seed)
     if process_count > 1:
         ds = _ProcessBlocks(ds, per_host_batch, process_index, process_count, finite=num_epochs is not None)
     return ds.batch(per_host_batch, drop_remainder=drop_remainder, batch_fn=AssembleBatch(crops, features))

@@ -29,15 +29,17 @@ Recipe, as the official PyTorch code (``Sara-Ahmed/ASiT``: ``main_ASiT.py``, ``l
 
 Where this differs from the official code, and why:
 - Crops come from the prepared fbank of the whole clip (the pipeline's random crop of 592 frames) instead of
-  a random 6 s waveform crop that is then transformed: identical up to the frame grid's phase. The official
-  dataset also circularly shifts the waveform with probability 0.5 before cropping, which only lets a crop
-  straddle the clip's end and start; not reproduced.
+  a random 6 s waveform crop that is then transformed: identical up to the frame grid's phase. As the official
+  dataset circularly shifts the waveform with probability 0.5 before cropping (one shift for all the clip's
+  crops), the pipeline rotates the clip's frames (``circular_shift``, 0.5): a crop may straddle the clip's end
+  and start, joined frame to frame where the official fbank has one frame over the seam.
 - The paste partner of a crop comes from the same crop of the clips in its pool of ``paste_pool``
   consecutive clips of the global batch (default 32: the official collate pastes within one data loader's
   batch, 32 clips per GPU in the published command, crop by crop); ``paste_pool = 0``: the whole global batch.
-- Crops of clips shorter than 592 frames are padded (the feature set's silence) and their padded tokens are
-  masked as keys and left out of ``L_data``, ``L_rec`` and the centres; the official code pads the waveform
-  and attends to everything. Identical for full-length clips (all of AudioSet's 10 s clips).
+- Crops of clips shorter than 592 frames are padded (the feature set's silence, what the official zero-padded
+  waveform gives); by default (``pad_is_signal``, official) the padding is attended and counts in every loss
+  term; ``pad_is_signal=False`` masks those tokens as keys and leaves them out of ``L_data``, ``L_rec`` and the
+  centres. Identical for full-length clips (all of AudioSet's 10 s clips).
 - ``freeze_last_layer``: the official code zeroes gradients of parameters named ``last_layer``, which ASiT's
   heads do not have (they are ``cls_layer`` / ``data_layer``), so it never acts; not reproduced.
 - With gradient accumulation the centres are updated once per microbatch (as BN statistics are).
@@ -86,6 +88,9 @@ class AsitConfig:
     # Paste partners come from pools of this many consecutive clips, each crop separately (official: one
     # loader batch per GPU, 32 in the published command); 0 = the whole global batch.
     paste_pool: int = 32
+    # Probability that a clip is rotated in time by a random count before its crops are drawn, one rotation
+    # for all its crops (official: ``torch.roll`` of the waveform with p = 0.5; here of its frames).
+    circular_shift: float = 0.5
     # heads
     head_hidden: int = 2048
     head_bottleneck: int = 256
@@ -112,6 +117,7 @@ class AsitConfig:
         "paste_area": "(0, 1) ordered",
         "max_block": "(0, 1]",
         "paste_pool": "[0, inf)",
+        "circular_shift": "[0, 1]",
         "head_hidden": "[1, inf)",
         "head_bottleneck": "[1, inf)",
         "cls_prototypes": "[1, inf)",

@@ -9,7 +9,8 @@ A method is a subclass of :class:`Method` in one file of ``atst_jax/methods/``, 
 - ``inputs()``: the crops it needs per clip, as :class:`Crop` (name, frames, feature set). The pipeline
   produces one ``float32 [B, n_mels, frames]`` array per crop under ``crop.name`` and the valid frames
   ``int32 [B]`` under ``crop.length_key``; the trainer derives batch shardings, abstract inputs (planner),
-  bench inputs and data checks from this list alone.
+  bench inputs and data checks from this list alone. ``roll_prob()``: the probability that the pipeline
+  rotates a clip's frames before drawing its crops (the config's ``circular_shift``; 0 when it has none).
 - ``init(rng) -> (student, teacher, method_state)``: NNX modules (parameters ``nnx.Param``, buffers
   ``nnx.BatchStat``) and a pytree of arrays that persists across steps (e.g. DINO centres). Method state is
   part of the train state everywhere: sharded (leaves that are ``nnx.Variable`` with ``axes`` metadata follow
@@ -134,6 +135,11 @@ class Method:
 
     def loss(self, student, teacher, method_state, batch, key, step):
         raise NotImplementedError
+
+    def roll_prob(self) -> float:
+        """Probability that the pipeline rotates a clip's frames by a random count before drawing its crops
+        (``pipeline.CropExample``; ASiT's waveform ``torch.roll``): the config's ``circular_shift``, else 0."""
+        return float(getattr(self.cfg, "circular_shift", 0.0))
 
     def padding_as_signal(self, batch):
         """``batch`` with every crop's valid length set to the crop's width where the method's config has
