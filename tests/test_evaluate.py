@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -639,20 +640,34 @@ def test_official_centre_crop_and_chunk_averaging():
     assert start == 3 and cropped.tolist() == [[3, 4, 5, 6], [13, 14, 15, 16]]
     assert ev.centre_crop(mel, 12)[0] is mel
 
-    # 12-frame chunks of 4-frame patches (3 tokens a chunk). 20 frames: chunk 2 holds 8 frames (> 6): kept,
-    # and it weighs as much as chunk 1 although it has 2 tokens instead of 3.
-    tokens = np.array([[1.0], [2.0], [3.0], [10.0], [20.0]])
-    scene = ev.official_scene(tokens, None, 20, 12, 4)
-    assert scene.tolist() == [pytest.approx((2.0 + 15.0) / 2)]
-    cls = np.array([[100.0], [300.0]])
-    assert ev.official_scene(tokens, cls, 20, 12, 4).tolist() == [200.0, pytest.approx(8.5)]
-    # 28 frames: the third chunk holds 4 frames (<= 6): dropped; the two full chunks are averaged.
-    tokens = np.array([[1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [1000.0]])
-    assert ev.official_scene(tokens, None, 28, 12, 4).tolist() == [pytest.approx(3.5)]
-    cls = np.array([[10.0], [20.0], [1000.0]])
-    assert ev.official_scene(tokens, cls, 28, 12, 4).tolist() == [15.0, pytest.approx(3.5)]
-    # Shorter than one patch: no embedding (NaN), as the probe protocol.
-    assert np.isnan(ev.official_scene(np.zeros((0, 2)), None, 3, 12, 4)).all()
+    # Equal weights over the chunks kept: the first always, a later one when it holds more than half a chunk
+    # (13-frame chunks: > 6 frames), whatever its token count; a chunk with no whole patch has no vector.
+    vec = [np.array([2.0]), np.array([15.0]), np.array([1000.0])]
+    assert ev.official_scene(vec, [13, 7, 6], 13).tolist() == [pytest.approx(8.5)]
+    assert ev.official_scene(vec[:2] + [None], [13, 13, 2], 13).tolist() == [pytest.approx(8.5)]
+    assert np.isnan(ev.official_scene([None], [3], 13)).all()
+    assert ev.official_pieces(30, 13) == [(0, 13), (13, 26), (26, 30)]
+
+    # The chunks are cut every ``chunk + 1`` frames (the official ``seconds · 100 + 1``) and each is encoded on
+    # its own: an embedder whose CLS is its input's first frame and whose tokens are its patches' first
+    # frames. 12-frame encoder chunks → 13-frame official chunks starting at frames 0, 13, 26.
+    class FirstFrames:
+        chunk_frames, patch_w = 12, 4
+        front = types.SimpleNamespace(feature_set=ev.feature_sets.get("atst_logmel64"))
+
+        def chunk_outputs(self, specs):
+            out = []
+            for spec in specs:
+                bounds = ev.inference.chunk_bounds(spec.shape[1], self.chunk_frames, self.patch_w)
+                tokens = spec[0, : spec.shape[1] // 4 * 4 : 4, None]
+                out.append((tokens, np.array([[spec[0, s]] for s, _ in bounds]), None))
+            return out
+
+    assert ev.official_chunk_frames(FirstFrames.front.feature_set, 12) == 13
+    spec = np.tile(np.arange(33, dtype=np.float32), (2, 1))
+    ((vectors, frames, _),) = ev._official_clip_vectors(FirstFrames(), [spec])
+    assert frames == [13, 13, 7]
+    assert [v.tolist() for v in vectors] == [[0, 4], [13, 17], [26, 26]]  # [CLS ‖ mean of 0, 4, 8]; …
 
     # A dataset crop moves the events with it: 20 s of 10 ms frames (2001) cropped to the centre 10 s
     # (1001 frames from frame 500, 5 s): an event at 4-7 s becomes 0-2 s; one at 16-18 s falls outside.

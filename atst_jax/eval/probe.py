@@ -45,7 +45,9 @@ seeded (``--seed``): the same command gives the same numbers.
 Every split is centre-cropped to 12 s (``FreezingTransform``: ``CentralCrop(pad=False)``, shorter clips kept
 whole) and the clip vector is the equal-weight mean of the per-chunk ``[CLS ‖ mean]`` (or mean) vectors, a
 chunk after the first counting only when it holds more than half a chunk (``get_intermediate_layers_chunks``;
-features, not logits, are averaged; train, validation and test alike). The head is BatchNorm without affine
+features, not logits, are averaged; train, validation and test alike). The chunks are the official ones:
+every ``seconds · 100 + 1`` frames (601 for a 600-frame encoder chunk), each encoded on its own, so each
+drops its last frame and has its own token grid and CLS (:func:`official_chunk_frames`). The head is BatchNorm without affine
 (running statistics from 0 / 1) then Linear (N(0, 0.01²) weights), CE or BCE, trained by SGD (momentum 0.9,
 no weight decay, no warm-up) at ``lr × batch / 256``, batch 1024 (a smaller last batch), 100 epochs, the LR
 following ``CosineAnnealingLR(T_max=epochs, eta_min=0)`` stepped per epoch; validated every epoch, the best
@@ -57,8 +59,8 @@ never reads: the BatchNorm is the normalisation. SED follows the frame code's fr
 block only, a linear head without BatchNorm, BCE, SGD momentum 0.9, LR 1e-3 / 1e-2 / 1e-1 (no batch scaling)
 warmed up linearly over 5 epochs then cosine-decayed to 1e-6 per step, gradients clipped to norm 3, selected
 on the lowest validation loss with early stopping after 10 epochs without one. Still differing: features
-come from the stored spectrograms (the official computes the crop's log-mel, its dB floor per crop) on this
-module's chunk grid (600 / 1000 frames instead of 601 / 1001), the crop is in frames, not samples; SED
+come from the stored spectrograms, floored per clip (the official computes the log-mel of the 12 s crop, its
+dB floor per crop: the same for every clip of at most 12 s), the crop is in frames, not samples; SED
 batches are time steps (not whole clips) and its metrics are this module's (``sed_scores_eval``, median
 ``--median_s``: 7 steps by default, as the official) where the official decodes 50 thresholds.
 
@@ -186,11 +188,10 @@ def encoder_features(
 
     def flush():
         if official and level == "clip":
-            # The per-chunk CLS rows are only in the embedder's chunk-level output.
-            for spec, (tokens, cls, _) in zip(group, embedder.chunk_outputs(group), strict=True):
-                check(tokens, *([] if cls is None else [cls]))
-                args = (spec.shape[1], embedder.chunk_frames, embedder.patch_w)
-                out.append(official_scene(tokens, cls, *args))
+            chunk_len = official_chunk_frames(embedder.front.feature_set, embedder.chunk_frames)
+            for vectors, frames, arrays in _official_clip_vectors(embedder, group):
+                check(*arrays)
+                out.append(official_scene(vectors, frames, chunk_len))
         else:
             for tokens, scene in embedder.spec_features(group):
                 check(tokens, *([scene] if level == "clip" and len(tokens) else []))
@@ -571,22 +572,57 @@ def crop_set(data: LabelledSet, seconds: float) -> LabelledSet:
     return dataclasses.replace(data, mels=mels, events=events)
 
 
-def official_scene(
-    tokens: np.ndarray, chunk_cls: np.ndarray | None, frames: int, chunk_frames: int, patch_w: int
-):
-    """The official chunk averaging of one clip's features: per chunk (``chunk_frames`` frames from frame 0)
-    the mean of its tokens (``[CLS ‖ mean]`` with a CLS), averaged with equal weights over the chunks kept:
-    the first always, a later one only when it holds more than half a chunk of frames."""
-    bounds = inference.chunk_bounds(frames, chunk_frames, patch_w)
-    per_chunk, keep = [], []
-    for j, (s, e) in enumerate(bounds):
-        mean = tokens[s // patch_w : s // patch_w + (e - s) // patch_w].mean(axis=0)
-        per_chunk.append(mean if chunk_cls is None else np.concatenate([chunk_cls[j], mean]))
-        keep.append(j == 0 or e - s > chunk_frames // 2)
-    if not per_chunk:
-        size = tokens.shape[1] * (1 if chunk_cls is None else 2)
+def official_chunk_frames(fs, chunk_frames: int) -> int:
+    """The length of the official evaluation's chunks for an encoder of ``chunk_frames``: its chunk's duration
+    counted as the official transform counts frames (``samples // hop + 1``: 600 → 601, 1000 → 1001), so the
+    chunks start every 601 frames and each drops its last frame, as the official patch embedding does. Kaldi
+    sets (no official ATST counterpart) keep the encoder's own chunk."""
+    return chunk_frames if fs.window_length else fs.num_frames(chunk_frames * fs.hop_length)
+
+
+def official_pieces(frames: int, chunk_len: int) -> list[tuple[int, int]]:
+    """``[(start, stop), …]`` of the official evaluation's chunks of a clip: every ``chunk_len`` frames from
+    frame 0, the last one shorter."""
+    return [(s, min(s + chunk_len, frames)) for s in range(0, frames, chunk_len)]
+
+
+def official_scene(vectors, piece_frames, chunk_len: int) -> np.ndarray:
+    """The official chunk averaging of one clip: ``vectors`` per chunk (mean of its tokens, ``[CLS ‖ mean]``
+    with a CLS; None for a chunk with no whole patch) averaged with equal weights over the chunks kept: the
+    first always, a later one only when it holds more than half a chunk (``piece_frames`` > ``chunk_len // 2``).
+    NaN when no chunk has a vector."""
+    kept = [
+        v
+        for j, (v, n) in enumerate(zip(vectors, piece_frames, strict=True))
+        if v is not None and (j == 0 or n > chunk_len // 2)
+    ]
+    if not kept:
+        size = next((len(v) for v in vectors if v is not None), 0)
         return np.full((size,), np.nan, np.float32)
-    return np.mean([v for v, kept in zip(per_chunk, keep, strict=True) if kept], axis=0).astype(np.float32)
+    return np.mean(kept, axis=0).astype(np.float32)
+
+
+def _official_clip_vectors(embedder, specs) -> list[tuple[list, list[int], list[np.ndarray]]]:
+    """Per clip: (per official chunk its vector or None, its frames, the arrays to check for non-finite
+    values). Each chunk is encoded on its own, as the official code does (its own token grid and CLS)."""
+    chunk_len = official_chunk_frames(embedder.front.feature_set, embedder.chunk_frames)
+    pieces, owners = [], []
+    for i, spec in enumerate(specs):
+        for s, e in official_pieces(spec.shape[1], chunk_len):
+            pieces.append(spec[:, s:e])
+            owners.append(i)
+    clips = [([], [], []) for _ in specs]
+    for owner, piece, (tokens, cls, _) in zip(owners, pieces, embedder.chunk_outputs(pieces), strict=True):
+        vectors, frames, arrays = clips[owner]
+        frames.append(piece.shape[1])
+        if not len(tokens):
+            vectors.append(None)
+            continue
+        mean = tokens.mean(axis=0)
+        # A piece spans one encoder chunk (at most ``patch_w − 1`` frames more, dropped): its CLS is row 0.
+        vectors.append(mean if cls is None else np.concatenate([cls[0], mean]))
+        arrays += [tokens, *([] if cls is None else [cls])]
+    return clips
 
 
 # ----------------------------------------------------------------------------------------------------------
