@@ -102,15 +102,16 @@ def resize_2d(clips: int, n_mels: int, frames: int, canvas_frames: int) -> float
 
 
 # Peak dense bf16 throughput (TFLOP/s) and HBM per chip, as the vendors state them. The planner and the
-# training loop's MFU use these; ``--chip`` / ``train.chip`` name one.
+# training loop's MFU use these; ``--chip`` / ``train.chip`` name one. The vendors' "GB" of HBM are binary
+# (GiB): libtpu makes 15.75 GiB of a v5e's "16 GB" available, an H100 "80GB" reports 81,559 MiB.
 CHIPS = {
     "v4": {"peak_tflops": 275.0, "hbm_bytes": 32 * 2**30},
-    "v5e": {"peak_tflops": 197.0, "hbm_bytes": 16 * 10**9},
+    "v5e": {"peak_tflops": 197.0, "hbm_bytes": 16 * 2**30},
     "v5p": {"peak_tflops": 459.0, "hbm_bytes": 95 * 2**30},
-    "v6e": {"peak_tflops": 918.0, "hbm_bytes": 32 * 10**9},
-    "h100": {"peak_tflops": 989.0, "hbm_bytes": 80 * 10**9},
-    "h200": {"peak_tflops": 989.0, "hbm_bytes": 141 * 10**9},
-    "a100": {"peak_tflops": 312.0, "hbm_bytes": 80 * 10**9},  # the 80 GB SXM card
+    "v6e": {"peak_tflops": 918.0, "hbm_bytes": 32 * 2**30},
+    "h100": {"peak_tflops": 989.0, "hbm_bytes": 80 * 2**30},
+    "h200": {"peak_tflops": 989.0, "hbm_bytes": 141 * 2**30},
+    "a100": {"peak_tflops": 312.0, "hbm_bytes": 80 * 2**30},  # the 80 GB SXM card
 }
 
 
