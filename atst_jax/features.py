@@ -27,7 +27,8 @@ set. Preparation, the embedded dataset and inference compute the stored values w
   512, ``frames = 1 + (samples − 400) // 160``, so 100 frames a second as at 32 kHz), 128 bins 20 Hz–8 kHz,
   the whole wave's mean removed; normalised with EAT's constants ``(x + 4.268) / (2 · 4.569)``. Padding
   ``ln(eps)`` (EAT itself zero-pads the raw log fbank to its 1024-frame target, a model input of ≈ 0.467
-  there; here padding is excluded by the crop's length).
+  there; AaSP does the same inside the method, ``aasp.pad_value="zero"``, and counts the padding,
+  ``aasp.pad_is_signal``).
 
 Fields every method may read: ``clip_floor_db`` (the per-clip top-db floor preparation baked into the stored
 values, 0 = none) and ``db_per_unit`` (dB per stored unit: 1 for the dB log-mels, ``10 / ln 10`` for the

@@ -244,7 +244,8 @@ def block_features(encoder: FrameAST, spec, length, n: int):
 # ``atst_jax.export.torch_vit``:
 #
 # * Front end on the whole clip: the feature set ``kaldi_fbank128`` (``atst_jax.features``: the wave's mean
-#   removed, Kaldi fbank ``atst_jax.fbank.fbank_np``), normalised ``(x + 4.2677393) / (2 · 4.5689974)``.
+#   removed, Kaldi fbank ``atst_jax.fbank.fbank_np``), normalised ``(x + 4.2677393) / (2 · 4.5689974)``, or
+#   the ``kaldi_fbank128_16k`` (EAT's, AaSP's default) that the run's crops record.
 # * A time step is a column of patches: ``p_t`` = 16 frames (160 ms) × all ``n_mels / p_f`` = 8 frequency
 #   patches. Its timestamp embedding is the **mean over the column's 8 patch tokens** of each block's
 #   final-normed output (the last n blocks concatenated: ``n·D``), reported at the column's centre, the mean

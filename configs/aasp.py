@@ -4,15 +4,18 @@ in configs/common.py.
 Use with ``--config configs/aasp.py:VARIANT``: ``tiny`` (tests, the embedded-data demo: 4 masked copies,
 256-frame crops, a 1-block predictor), ``small`` (ViT-S, D=384) or ``base`` (ViT-B, D=768). ``small`` and
 ``base`` take EAT's settings (its pretraining config and the fairseq defaults it leaves in place), the
-closest public anchor: 1024-frame crops of the 128-bin Kaldi fbank (``kaldi_fbank128``), 16 masked copies
-at 80 %, global batch 48 (EAT: 12 clips per GPU × 4 GPUs), peak LR 5e-4 after 53,333 warm-up steps of
-400k, cosine to 0, Adam with decoupled weight decay, β (0.9, 0.95), eps 1e-8, constant weight decay 0.05,
-global gradient-norm clipping at 4, no drop-path, teacher momentum 0.9998 → 0.99999 over the first 100k
-steps. The encoder is the 2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and
-the AaPE branch (``model.aape``, every field a knob: ``--config.model.aape.kernels=8``). Its blocks are
-this project's pre-norm ones with a final LayerNorm (``model.norm_style="pre"``);
-``--config.model.norm_style=post`` runs EAT's layout (a LayerNorm on the embedded patches, post-norm
-blocks, no final norm).
+closest public anchor: 1024-frame crops of EAT's 128-bin Kaldi fbank at 16 kHz (``kaldi_fbank128_16k``; a
+10 s clip's 998 frames padded as EAT pads, ``aasp.pad_is_signal``), 16 masked copies at 80 %, global batch
+48 (EAT: 12 clips per GPU × 4 GPUs), peak LR 5e-4 after 53,333 warm-up steps of 400k, cosine to 0, Adam
+with decoupled weight decay, β (0.9, 0.95), eps 1e-8, constant weight decay 0.05, global gradient-norm
+clipping at 4, no drop-path, teacher momentum 0.9998 → 0.99999 over the first 100k steps. The encoder is
+the 2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and the AaPE branch
+(``model.aape``, every field a knob: ``--config.model.aape.kernels=8``). Its trunk is EAT's
+(``model.norm_style="post"``: a LayerNorm on the embedded patches, post-norm blocks, no final norm);
+``--config.model.norm_style=pre`` is this project's pre-norm ViT with a final LayerNorm, what AaSP runs made
+before EAT's layout became the default were (a run's saved config says which; resume such a run with
+``--config.model.norm_style=pre --config.aasp.features=kaldi_fbank128``, the defaults it was made with, and
+``--config.aasp.pad_is_signal=false`` for its masked padding of clips shorter than the crop).
 """
 
 import importlib.util
@@ -57,8 +60,9 @@ def get_config(variant: str = "tiny"):
     c.model.drop_path = 0.0
     c.optim.update(eps=1e-8, final_lr=0.0)
     c.model.aape = aape_defaults()
-    # pre: this project's pre-norm blocks + final LayerNorm (existing runs); post: EAT's post-norm trunk.
-    c.model.norm_style = "pre"
+    # post: EAT's trunk (embedding LayerNorm, post-norm blocks, no final norm); pre: this project's pre-norm
+    # blocks + final LayerNorm (the earlier default; other methods' 2-D encoders keep it).
+    c.model.norm_style = "post"
     if c.variant == "tiny":
         # CPU-sized: 16 × 8 tokens, 4 copies, a 1-block predictor, a teacher that moves within 300 steps.
         c.aasp.update(crop_frames=frames, num_masks=4, pred_dim=64, pred_depth=1, pred_heads=2, ema_end=0.999)

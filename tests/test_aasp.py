@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, cli_env
 from flax import nnx
 
+from atst_jax import methods
 from atst_jax.checkpoint import read_checkpoint
 from atst_jax.data import views
 from atst_jax.methods.aasp import Aasp
@@ -27,6 +28,7 @@ from atst_jax.models.masked_prediction import (
     multi_view_info_nce,
 )
 from atst_jax.models.stems import PatchStem2D
+from atst_jax.sharding import ConfigError
 from atst_jax.train import load_config
 
 CONFIG = str(ROOT / "configs" / "aasp.py")
@@ -234,8 +236,9 @@ def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tm
     for r in rows:  # healthy ≈ 1/√128 ≈ 0.09 for D = 128; collapse → 0
         assert r["std_tea"] > 0.02 and r["std_pred"] > 0.005, r
 
-    # The trained teacher exports (ViT keys + aape.*), loads strict=True into our PyTorch AaPE-ViT and matches
-    # the JAX encoder; HEAR's load_model and the JAX embedder give the same clip embedding.
+    # The trained teacher exports (post-norm ViT keys + aape.*, EAT's 16 kHz front end recorded), loads
+    # strict=True into our PyTorch AaPE-ViT and matches the JAX encoder; HEAR's load_model (16 kHz) and the JAX
+    # embedder give the same clip embedding.
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
@@ -251,10 +254,12 @@ def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tm
 
     with safe_open(str(out), framework="np") as f:
         meta = f.metadata()
-    assert meta["format"] == "asit_encoder+aape" and json.loads(meta["aape"])["kernels"] == 2
+    assert meta["format"] == "asit_encoder+postnorm+aape" and json.loads(meta["aape"])["kernels"] == 2
+    assert meta["features"] == "kaldi_fbank128_16k" and meta["norm_style"] == "post"
     sd = load_file(str(out))
     assert sum(k.startswith("aape.") for k in sd) == 11 and len(sd) == 12 * 2 + 6 + 11
     vit = AaPEViT.from_state_dict(sd, json.loads(meta["aape"]), heads=2, strict=True).eval()
+    assert vit.norm_style == "post"
     enc = state["teacher"]["encoder"]
     jax_enc = encoder_from_params(enc, run_encoder_config(config, enc))
     x = np.random.default_rng(0).normal(size=(2, 128, 128)).astype(np.float32)
@@ -263,13 +268,32 @@ def test_aasp_cli_trains_on_embedded_fbank_lowering_the_loss_without_collapse(tm
         got = vit(torch.from_numpy(x.transpose(0, 2, 1).copy())[:, None]).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
     model = hear.load_model(str(out))
-    wave = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 32000 * 2)).astype(np.float32) * 0.1)
+    assert model.sample_rate == 16000 and model.frontend.features == "kaldi_fbank128_16k"
+    wave = torch.from_numpy(np.random.default_rng(1).normal(size=(1, 16000 * 2)).astype(np.float32) * 0.1)
     scene = hear.get_scene_embeddings(wave, model).numpy()
     assert scene.shape == (1, model.scene_embedding_size) == (1, 2 * 2 * 128)
     emb, ts = hear.get_timestamp_embeddings(wave, model)
     assert emb.shape[:2] == ts.shape and emb.shape[2] == model.timestamp_embedding_size
-    jax_model = Embedder(read_run_encoder(tmp_path)[0], chunk_frames=128)
+    jax_model = Embedder(read_run_encoder(tmp_path)[0], chunk_frames=128, features="kaldi_fbank128_16k")
     np.testing.assert_allclose(jax_model.clip_embedding(wave[0].numpy()), scene[0], atol=2e-4, rtol=2e-4)
+
+
+def test_eat_s_1024_frame_crop_trains_on_10_s_clips_of_998_frames(embedded_cache):
+    """EAT pads a 10 s clip's 998 frames of its 16 kHz fbank to the 1024-frame crop and counts the padding:
+    the trainer's data check lets such a crop through when the method counts padding as audio, and refuses
+    it (a crop longer than every clip) when the padding would be masked."""
+    from atst_jax import trainer as trainer_lib
+
+    config = load_config(CONFIG + ":tiny")
+    config.aasp.crop_frames, config.model.num_pos = 1024, 513  # 64 × 8 patches + CLS
+    config.data.update(cache_dir=embedded_cache, num_clips=64)
+    files = trainer_lib.data_files(config, method=methods.build(config))
+    assert trainer_lib.check_data(config, methods.build(config), files) == "kaldi_fbank128_16k"
+    config.aasp.pad_is_signal = False
+    with pytest.raises(
+        ConfigError, match=r"longer than the clips in the data \(longest of the first 64: 998"
+    ):
+        trainer_lib.check_data(config, methods.build(config), files)
 
 
 def test_config_checks():
@@ -397,7 +421,9 @@ def _init(method):
 
 
 def test_teacher_targets_are_eat_s_ffn_targets_by_default():
+    # The pre-norm trunk (the NumPy reference's blocks); the post-norm one is checked in the next test.
     c = _plain_config()
+    c.model.norm_style = "pre"
     method = Aasp(c)
     _, teacher, _ = _init(method)
     enc = teacher.encoder
@@ -413,7 +439,9 @@ def test_teacher_targets_are_eat_s_ffn_targets_by_default():
     np.testing.assert_allclose(np.asarray(y), want, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(np.asarray(utt), want.mean(1), rtol=2e-3, atol=2e-3)
     # target_source="block": the residual stream instead.
-    yb, _ = targets(Aasp(_plain_config(target_source="block")))(teacher, spec, length)
+    block = _plain_config(target_source="block")
+    block.model.norm_style = "pre"
+    yb, _ = targets(Aasp(block))(teacher, spec, length)
     np.testing.assert_allclose(
         np.asarray(yb), _np_targets(want_blocks[:, :, p:], 2, 1e-5), rtol=2e-3, atol=2e-3
     )
@@ -421,12 +449,16 @@ def test_teacher_targets_are_eat_s_ffn_targets_by_default():
 
 
 def test_post_norm_trunk_gives_eat_s_t_targets_and_a_finite_step():
-    """``model.norm_style="post"`` (EAT's trunk; the block order itself is checked against a NumPy EAT
-    reference in test_model.py): the teacher's "ffn" targets are built from EAT's ``t`` (the trunk's "ffn"
-    stacks), and a loss + gradient step is finite, with gradients reaching the embedding LayerNorm."""
-    assert load_config(CONFIG + ":base").model.norm_style == "pre"  # the default stays this project's layout
+    """``model.norm_style="post"`` (EAT's trunk, AaSP's default; the block order itself is checked against a
+    NumPy EAT reference in test_model.py): the teacher's "ffn" targets are built from EAT's ``t`` (the trunk's
+    "ffn" stacks), and a loss + gradient step is finite, with gradients reaching the embedding LayerNorm."""
+    for variant in ("tiny", "base", "xxl"):  # EAT's layout and front end in every variant
+        v = load_config(f"{CONFIG}:{variant}")
+        assert (v.model.norm_style, v.aasp.features, v.aasp.pad_is_signal, v.aasp.pad_value) == (
+            "post", "kaldi_fbank128_16k", True, "zero"
+        )  # fmt: skip
     c = _plain_config(num_masks=2)
-    c.model.norm_style = "post"
+    assert c.model.norm_style == "post"
     method = Aasp(c)
     method.check()
     # Built abstractly and filled from NumPy (an init compile costs more than this test's checks need).
@@ -469,6 +501,79 @@ def test_post_norm_trunk_gives_eat_s_t_targets_and_a_finite_step():
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert float(jnp.abs(grads["encoder"]["embed_norm"]["scale"][...]).max()) > 0
+
+
+def _filled(method, seed=0):
+    """The method's student and teacher built abstractly and filled from NumPy (LayerNorm scales 1, other
+    parameters small normals): no init compile."""
+    rng = np.random.default_rng(seed)
+
+    def fill(module):
+        graphdef, state = nnx.split(module)
+
+        def draw(path, a):
+            value = np.ones(a.shape) if path[-1].key == "scale" else 0.02 * rng.normal(size=a.shape)
+            return value.astype(a.dtype)
+
+        nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+        return nnx.merge(graphdef, state)
+
+    return tuple(fill(m) for m in nnx.eval_shape(lambda: method.init(jax.random.key(0)))[:2])
+
+
+def test_a_short_clip_is_padded_as_eat_pads_by_default_and_masked_with_the_knob():
+    """EAT zero-pads a short clip's raw log fbank to its 1024-frame target and attends to the padding (a 10 s
+    AudioSet clip: 998 frames). By default (``pad_is_signal``, ``pad_value="zero"``) the frames past a clip's
+    length hold the stored value 0 (model input: the feature set's offset, 4.268 / 9.138 ≈ 0.467) and the
+    whole crop counts: the loss is that of a full-length clip holding that value there, whatever the pipeline
+    padded with (its silence, ln(eps)). ``pad_value="data"`` keeps the pipeline's padding, still counted;
+    ``pad_is_signal=False`` masks it by the length: the padded frames' values do not matter."""
+    from atst_jax import features
+
+    fs = features.get("kaldi_fbank128_16k")
+    fill = fs.normalize(0.0)
+    np.testing.assert_allclose(fill, 4.268 / (2 * 4.569), rtol=1e-6)
+
+    def method(**knobs):
+        c = _plain_config(num_masks=2, **knobs)
+        c.model.depth = 1
+        return Aasp(c)
+
+    default, data, masked = method(), method(pad_value="data"), method(pad_is_signal=False)
+    assert default.cfg.pad_is_signal and default.cfg.pad_value == "zero"
+    student, teacher = _filled(default)
+    rng = np.random.default_rng(1)
+    spec = rng.normal(size=(2, 128, 96)).astype(np.float32)
+    cut, full = np.array([96, 40], np.int32), np.array([96, 96], np.int32)
+
+    def padded(value):
+        out = spec.copy()
+        out[1, :, 40:] = value
+        return jnp.asarray(out)
+
+    silence, other, eat = padded(fs.normalize(fs.silence)), padded(2.0), padded(fill)
+    seen = default.official_padding({"spec": silence, "spec_length": jnp.asarray(cut)})
+    np.testing.assert_array_equal(np.asarray(seen["spec"]), np.asarray(eat))
+    np.testing.assert_array_equal(np.asarray(seen["spec_length"]), full)
+    assert masked.official_padding(batch := {"spec": silence, "spec_length": cut}) is batch
+
+    def losses(m, *batches):
+        loss = nnx.jit(lambda s, t, b: m.loss(s, t, {}, b, jax.random.key(2), 0)[0])
+        return [float(loss(student, teacher, {"spec": x, "spec_length": jnp.asarray(n)})) for x, n in batches]
+
+    same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6)  # noqa: E731
+    differ = lambda a, b: abs(a - b) > 1e-4 * abs(b)  # noqa: E731
+    # Default: EAT's padding, attended and counted (the old masked behaviour fails the first equality).
+    short, short_other, eat_full = losses(default, (silence, cut), (other, cut), (eat, full))
+    same(short, eat_full), same(short_other, eat_full)
+    # pad_value="data": the pipeline's padding as it came, counted.
+    d_short, d_full, d_other = losses(data, (silence, cut), (silence, full), (other, cut))
+    same(d_short, d_full)
+    assert differ(d_short, d_other) and differ(d_short, short)
+    # pad_is_signal=False: masked by the length (its values never reach the loss).
+    m_short, m_other, m_eat_full = losses(masked, (silence, cut), (other, cut), (eat, full))
+    same(m_short, m_other)
+    assert differ(m_short, m_eat_full)
 
 
 def test_loss_weights_frame_and_utterance_terms_as_eat():

@@ -86,7 +86,9 @@ def test_inverse_block_cross_attention_regression_contrastive_is_aasps_loss(monk
     ref_cfg.aasp.update(
         mask_sampler="blocks", target_source="block", final_norm_eps=1e-6, loss_scale=1 / ref_cfg.model.width
     )
-    ref_cfg.model.update(depth=1, drop_path=0.0)
+    # Compose masks a short clip's padding and keeps the pre-norm trunk; AaSP's EAT defaults pad and post-norm.
+    ref_cfg.aasp.pad_is_signal = False
+    ref_cfg.model.update(depth=1, drop_path=0.0, norm_style="pre")
     ref = methods.build(ref_cfg)
     a = ref.cfg
     cfg = _compose("tiny,patch2d_aape", frames=96, masking="inverse_block", predictor="cross_attention")

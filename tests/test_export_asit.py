@@ -430,6 +430,40 @@ def test_hear_api_and_jax_embeddings_agree(exports, jax_embedder):
         model.timestamp_embeddings(torch.zeros(1, 4000))  # 11 frames: no whole 16-frame column
 
 
+def test_an_export_of_eat_s_16k_front_end_embeds_at_16k_as_the_jax_embedder(run, tmp_path):
+    """An encoder trained on EAT's front end (``kaldi_fbank128_16k``, AaSP's default) records it in its export
+    (``inference.run_features``); HEAR's ViT embedder then computes that fbank — 16 kHz, bins up to 8 kHz,
+    ``(x + 4.268) / (2 · 4.569)`` — and equals the JAX embedder of the same file within 1e-4 (timestamps,
+    frames, scene); X-ARES' ViT encoder takes 16 kHz audio."""
+    from atst_jax.export import xares
+
+    workdir, state, config = run
+    eat = "kaldi_fbank128_16k"
+    out = tmp_path / "eat.safetensors"
+    trained_on_eat = dict(config, asit=dict(config["asit"], features=eat))
+    export_cli._export_vit(trained_on_eat, state, 7, "safetensors", out, "teacher")
+    f = load.read_encoder_file(out)
+    assert f.features == eat and f.chunk_frames == CHUNK
+    model = hear.load_model(str(out), max_chunks=2)
+    assert isinstance(model, torch_vit.ViTEmbedder) and model.sample_rate == 16000
+    wave = _signal(7.0, 5, sr=16000)  # 698 frames: chunks of 592 and 106 frames
+    fs = features.get(eat)
+    model_in = model.frontend(torch.from_numpy(wave)[None])[0].numpy()
+    assert model_in.shape == (fs.num_frames(len(wave)), N_MELS) == (698, N_MELS)
+    assert np.abs(model_in.T - fs.normalize(fs.compute(wave))).max() < 1e-3
+    emb, ts = hear.get_timestamp_embeddings(torch.from_numpy(wave)[None], model)
+    scene = hear.get_scene_embeddings(torch.from_numpy(wave)[None], model)
+    jax_model = embed.Embedder(f.jax_encoder(), chunk_frames=f.chunk_frames, features=f.features)
+    assert jax_model.sample_rate == 16000
+    ej, tj = jax_model.frame_embeddings(wave)
+    assert ej.shape == tuple(emb.shape[1:]) == (698 // 16, DEPTH * WIDTH)
+    assert np.abs(ej - emb[0].numpy()).max() < 1e-4
+    np.testing.assert_array_equal(tj.astype(np.float32), ts[0].numpy())
+    assert np.abs(jax_model.clip_embedding(wave) - scene[0].numpy()).max() < 1e-4
+    encoder = xares.ViTEncoder(out)
+    assert encoder.sampling_rate == 16000 and encoder.hop_size_in_ms == 160.0
+
+
 def test_embed_cli_for_asit_runs_and_exports(run, exports, jax_embedder, tmp_path):
     workdir, _, _ = run
     wav = tmp_path / "a.wav"

@@ -210,9 +210,12 @@ def test_cli_refusals(frame_run, tmp_path, capsys):
 
 
 def test_an_encoder_file_only_for_what_the_adapter_serves(files, tmp_path):
-    """The encoder file names the class of the weights' layout; a front end the PyTorch side does not
-    compute (here a 16 kHz fbank recorded on a ViT) is refused before any file is written."""
+    """The encoder file names the class of the weights' layout. A ViT recording EAT's 16 kHz fbank is served at
+    16 kHz; a front end the PyTorch side does not compute (the ATST log-mel recorded on a ViT, the 16 kHz fbank
+    on an ATST layout) is refused in one ValueError, before any file is written, by X-ARES and HEAR alike."""
     from safetensors import safe_open
+
+    from atst_jax.export import hear
 
     for kind, name in (("clip", "atst_clip_encoder.py"), ("vit", "vit_encoder.py")):
         d = tmp_path / kind
@@ -220,19 +223,31 @@ def test_an_encoder_file_only_for_what_the_adapter_serves(files, tmp_path):
         (d / xares.WEIGHTS).write_bytes(files[kind].read_bytes())
         path = xares.write_encoder_file(d)
         assert path.name == name and f"class {xares.LAYOUT_CLASSES[kind].__name__}(" in path.read_text()
-    with safe_open(str(files["vit"]), framework="pt") as f:
-        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    d = tmp_path / "fbank16k"
-    d.mkdir()
-    save_file(sd, str(d / xares.WEIGHTS), metadata=dict(meta, features="kaldi_fbank128_16k"))
-    with pytest.raises(ValueError, match="kaldi_fbank128_16k"):
-        xares.write_encoder_file(d)
-    assert sorted(p.name for p in d.iterdir()) == [xares.WEIGHTS]
-    # HEAR's loader refuses it too, rather than computing the 32 kHz fbank the encoder never saw.
-    from atst_jax.export import hear
 
-    with pytest.raises(ValueError, match="takes kaldi_fbank128_16k features"):
-        hear.load_model(str(d / xares.WEIGHTS))
+    def recorded(kind, features):
+        with safe_open(str(files[kind]), framework="pt") as f:
+            sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        d = tmp_path / f"{kind}_{features}"
+        d.mkdir()
+        save_file(sd, str(d / xares.WEIGHTS), metadata=dict(meta, features=features))
+        return d
+
+    d = recorded("vit", "kaldi_fbank128_16k")
+    assert xares.write_encoder_file(d).name == "vit_encoder.py"
+    enc = xares.ViTEncoder(d / xares.WEIGHTS)
+    assert (enc.sampling_rate, enc.hop_size_in_ms) == (16000, 160.0)
+    assert hear.load_model(str(d / xares.WEIGHTS)).sample_rate == 16000
+    for kind, features, computes in (
+        ("vit", "atst_logmel64", "kaldi_fbank128 or kaldi_fbank128_16k only"),
+        ("clip", "kaldi_fbank128_16k", "atst_logmel64 only"),
+    ):
+        d = recorded(kind, features)
+        with pytest.raises(ValueError, match=f"takes {features} features; .* computes {computes}"):
+            xares.write_encoder_file(d)
+        assert sorted(p.name for p in d.iterdir()) == [xares.WEIGHTS]
+        # HEAR's loader refuses it too, rather than computing a front end the encoder never saw.
+        with pytest.raises(ValueError, match=f"takes {features} features"):
+            hear.load_model(str(d / xares.WEIGHTS))
 
 
 def _clip_run(tmp_path_factory):

@@ -1,6 +1,7 @@
 """A clip shorter than its crop: ATST-Frame, ATST-Clip and ASiT count its padding as signal by default, as the
 official data code does (it zero-pads the waveform and reports the crop's full length), and mask it by the
-valid length with ``pad_is_signal=False``. The other methods always mask."""
+valid length with ``pad_is_signal=False``; AaSP too, with EAT's pad value (tests/test_aasp.py). The other methods
+always mask."""
 
 import jax
 import numpy as np
@@ -12,6 +13,8 @@ from atst_jax import methods
 from atst_jax.train import load_config
 
 OFFICIAL_PADDING = ("atst_frame", "atst_clip", "asit")
+# AaSP pads as EAT does (the raw log fbank zero-padded, then counted): its own test is in tests/test_aasp.py.
+EAT_PADDING = ("aasp",)
 
 
 def _method(name, **knobs):
@@ -73,7 +76,7 @@ def test_padding_counts_as_signal_by_default(name):
 
 def test_the_other_methods_always_mask():
     for name in methods.names():
-        if name not in OFFICIAL_PADDING:
+        if name not in OFFICIAL_PADDING + EAT_PADDING:
             method = _method(name)
             assert not hasattr(method.cfg, "pad_is_signal")
             batch = _batch(method, [10_000, 5, 10_000, 10_000])

@@ -2,8 +2,8 @@
 
     from atst_jax.export import hear
     model = hear.load_model("encoder.safetensors")          # python -m atst_jax.export --format safetensors
-    emb, ts = hear.get_timestamp_embeddings(audio, model)     # audio: float [n, samples] at 16 kHz, in [-1, 1]
-    scene = hear.get_scene_embeddings(audio, model)
+    emb, ts = hear.get_timestamp_embeddings(audio, model)     # audio: float [n, samples] in [-1, 1],
+    scene = hear.get_scene_embeddings(audio, model)           # at model.sample_rate (16 or 32 kHz)
 
 Choices (the conventions are defined in ``atst_jax.inference``, shared with the JAX embedder):
 
@@ -20,8 +20,10 @@ Choices (the conventions are defined in ``atst_jax.inference``, shared with the 
   feature — the final-normed CLS of each of the n blocks, then the token mean of each
   (``scene_embedding_size = 2·timestamp_embedding_size``). For audio longer than one chunk the CLS part is
   the per-chunk CLS averaged with weights = the chunk's tokens.
-* 2-D patch ViTs (the official ASiT layout, ``atst_jax.export.torch_vit``): audio at **32 kHz**, Kaldi fbank
-  front end; one timestamp embedding per 16-frame column of patches (160 ms, at ``160·c + 87.5`` ms), the mean
+* 2-D patch ViTs (the official ASiT layout, ``atst_jax.export.torch_vit``): the Kaldi fbank front end the
+  file records — ``kaldi_fbank128``, audio at **32 kHz** (ASiT's; also what an official ASiT checkpoint
+  takes), or EAT's ``kaldi_fbank128_16k``, audio at 16 kHz (an AaSP export's default); ``model.sample_rate``
+  says which. One timestamp embedding per 16-frame column of patches (160 ms, at ``160·c + 87.5`` ms), the mean
   of the column's 8 frequency-patch tokens of each of the last n blocks; scene = ``[CLS ‖ mean of patch
   tokens]`` (``2·n·D``); chunks of 592 frames (the positions' length), a short last chunk masked.
 * Long audio: the log-mel is computed over the whole clip (block-wise STFT), the encoder then sees chunks
@@ -47,8 +49,9 @@ def load_model(
     ``atst_jax.export.load`` reads: ATST-SED or Lightning checkpoints — the teacher's encoder).
 
     ``chunk_frames`` defaults to what the file records (our exports), else the encoder kind's default.
-    Attributes: ``sample_rate`` (16000; 32000 for a ViT), ``scene_embedding_size``,
-    ``timestamp_embedding_size``.
+    Attributes: ``sample_rate`` (16000; for a ViT the rate of the front end the file records: 32000 for
+    ``kaldi_fbank128``, 16000 for ``kaldi_fbank128_16k``), ``scene_embedding_size``, ``timestamp_embedding_size``.
+    A front end the PyTorch side does not compute is refused (``ValueError``).
     A file in the official ViT layout (a 2-D patch export, or an official ASiT checkpoint) gives a
     ``torch_vit.ViTEmbedder`` instead.
     """
@@ -60,15 +63,24 @@ def load_model(
     return model_from_file(f, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
 
 
+def vit_front_ends() -> tuple[str, ...]:
+    """The feature sets the PyTorch ViT embedder computes (``torch_vit.SUPPORTED_FEATURES``)."""
+    from atst_jax.export.torch_vit import SUPPORTED_FEATURES
+
+    return SUPPORTED_FEATURES
+
+
 def model_from_file(f, n_blocks: int | None = None, max_chunks: int = 8, chunk_frames: int | None = None):
     """:func:`load_model` for an encoder already read (``atst_jax.export.load.EncoderFile``): other adapters
     (``atst_jax.export.xares``) serve the same embedder and also need what the file records."""
-    # Each layout's embedder computes one front end; an encoder trained on another (e.g. ``kaldi_fbank128_16k``,
-    # ``atst_logmel64_unfloored``) would get features it never saw, silently: refuse it instead.
-    computes = "kaldi_fbank128" if f.vit else "atst_logmel64"
-    if f.features != computes:
+    # Each layout's embedder computes the front ends listed here: the ViT's the Kaldi fbank sets (ASiT's 32 kHz,
+    # EAT's 16 kHz), the ATST layouts' the ATST log-mel. An encoder trained on another would get features it
+    # never saw, silently: refuse it instead.
+    computes = vit_front_ends() if f.vit else ("atst_logmel64",)
+    if f.features not in computes:
         raise ValueError(
-            f"the encoder takes {f.features} features; the PyTorch embedder of its layout computes {computes} only"
+            f"the encoder takes {f.features} features; the PyTorch embedder of its layout computes "
+            f"{' or '.join(computes)} only"
         )
     chunk_frames = f.chunk_frames if chunk_frames is None else chunk_frames
     if f.vit:  # the official ViT layout (a 2-D patch export, or an official ASiT checkpoint)
@@ -81,7 +93,9 @@ def model_from_file(f, n_blocks: int | None = None, max_chunks: int = 8, chunk_f
             encoder = AaPEViT.from_state_dict(f.sd, f.aape, heads=f.heads, n_mels=n_mels, strict=True)
         else:
             encoder = VisionTransformer.from_state_dict(f.sd, heads=f.heads, n_mels=n_mels, strict=True)
-        model = ViTEmbedder(encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
+        model = ViTEmbedder(
+            encoder, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames, features=f.features
+        )
     else:
         if f.aape is not None:  # FrameAST + the AaPE branch (configs/atst_frame_aape.py)
             from atst_jax.export.torch_aape import AaPEFrameAST

@@ -26,6 +26,11 @@ after ``patch_embed.proj.*`` and no ``norm.*`` (what the export writes for such 
 ``format=asit_encoder+postnorm``); ``from_state_dict`` tells the two layouts apart by those keys. It does not
 load into the official ASiT ViT, which is pre-norm.
 
+The front end is the Kaldi fbank of the feature set the encoder was trained on (``KaldiFbank``, read from
+``atst_jax.features``): ``kaldi_fbank128`` (ASiT's, 32 kHz, the default) or EAT's ``kaldi_fbank128_16k``
+(16 kHz, bins up to 8 kHz, EAT's normalisation); an export records which (metadata ``features``), and
+``atst_jax.export.hear`` builds the embedder with it.
+
 The inference conventions (whole-clip front end with the wave's mean removed, chunks of the positions' length
 — 592 frames — on a global grid, time step = one column of patches = 16 frames, timestamp embedding = the mean
 of the column's frequency patches, ``160·c + 87.5`` ms, scene = ``[CLS ‖ mean of patch tokens]``) are
@@ -40,13 +45,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atst_jax.fbank import NORM_MEAN, NORM_STD  # the normalisation constants (AudioSet statistics)
-from atst_jax.inference import chunk_bounds, front_end
+from atst_jax import features as feature_sets
+from atst_jax.inference import FRONT_ENDS, chunk_bounds, front_end
 
 LN_EPS = 1e-6
 PAD_LOGIT = -10000.0
-FEATURES = "kaldi_fbank128"
+FEATURES = "kaldi_fbank128"  # the default front end: ASiT's (what the official ViT layout's models take)
 SAMPLE_RATE = front_end(FEATURES).sample_rate  # 32 kHz
+# The front ends ``KaldiFbank`` computes: every Kaldi fbank feature set inference has a front end for (ASiT's
+# ``kaldi_fbank128`` at 32 kHz, EAT's ``kaldi_fbank128_16k``); rate, frames and normalisation come from each
+# one's ``atst_jax.features`` entry.
+SUPPORTED_FEATURES = tuple(name for name in FRONT_ENDS if feature_sets.get(name).kind == "kaldi_fbank")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -271,7 +280,7 @@ class VisionTransformer(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Front end: Kaldi log mel fbank (torchaudio.compliance.kaldi.fbank's maths, the ASiT/AST settings)
+# Front end: Kaldi log mel fbank (torchaudio.compliance.kaldi.fbank's maths, the ASiT/AST and EAT settings)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -299,29 +308,41 @@ def kaldi_mel_banks(sample_rate: int, n_mels: int, n_fft: int, low_freq: float =
 class KaldiFbank(nn.Module):
     """Normalised Kaldi fbank of ``wave [B, samples]`` → ``float32 [B, frames, n_mels]`` (the ViT's input).
 
+    ``features`` names the feature set (``atst_jax.features``, one of ``SUPPORTED_FEATURES``) whose front end
+    this is: its sample rate (32 kHz for ``kaldi_fbank128``, 16 kHz for EAT's ``kaldi_fbank128_16k``), mel
+    bins (upper edge: that rate's Nyquist frequency), frame geometry and normalisation ``x · scale + offset``
+    (``(x + 4.2677393) / (2 · 4.5689974)``; EAT's ``(x + 4.268) / (2 · 4.569)``) are read from it. ``n_mels``
+    overrides the set's bin count (an encoder trained on another count; the set's normalisation stays).
+
     25 ms Hann windows (symmetric) every 10 ms, only frames that fit (``1 + (N − window) // hop``), per
     frame: mean removed, pre-emphasis 0.97 (first sample against itself), window, zero padding to the next
-    power of two, power spectrum, Kaldi mel banks, ``ln(max(·, float32 eps))``; no dither. As ASiT's data
-    code, the mean of the whole wave is removed first; the model input is ``(x + 4.2677393) / (2 · 4.5689974)``.
-    Computed in float64 over blocks of ``block_frames`` frames (memory bounded on long audio).
+    power of two, power spectrum, Kaldi mel banks from 20 Hz to Nyquist, ``ln(max(·, float32 eps))``; no
+    dither. As ASiT's and EAT's data code, the mean of the whole wave is removed first. Computed in float64
+    over blocks of ``block_frames`` frames (memory bounded on long audio).
     """
 
     def __init__(
         self,
-        sample_rate: int = SAMPLE_RATE,
-        n_mels: int = 128,
+        features: str = FEATURES,
+        n_mels: int | None = None,
         block_frames: int = 2000,
         dtype: torch.dtype = torch.float64,
     ):
         super().__init__()
+        if features not in SUPPORTED_FEATURES:
+            raise ValueError(
+                f"no PyTorch front end for feature set {features!r}; KaldiFbank computes "
+                f"{', '.join(SUPPORTED_FEATURES)}"
+            )
+        fs = feature_sets.get(features)
+        self.features, self.feature_set = features, fs
         self.sample_rate, self.n_mels, self.block_frames, self.dtype = (
-            sample_rate,
-            n_mels,
+            fs.sample_rate,
+            fs.n_mels if n_mels is None else int(n_mels),
             block_frames,
             dtype,
         )
-        self.window_size = int(sample_rate * 25 * 0.001)
-        self.hop = int(sample_rate * 10 * 0.001)
+        self.window_size, self.hop = fs.window_length, fs.hop_length
         self.n_fft = 1 << (self.window_size - 1).bit_length()
         self.eps = float(torch.finfo(torch.float32).eps)
         # Non-persistent buffers: never part of an exported state_dict.
@@ -329,7 +350,7 @@ class KaldiFbank(nn.Module):
             "window", torch.hann_window(self.window_size, periodic=False, dtype=dtype), persistent=False
         )
         self.register_buffer(
-            "banks", kaldi_mel_banks(sample_rate, n_mels, self.n_fft, dtype=dtype), persistent=False
+            "banks", kaldi_mel_banks(self.sample_rate, self.n_mels, self.n_fft, dtype=dtype), persistent=False
         )
 
     def num_frames(self, samples: int) -> int:
@@ -354,7 +375,7 @@ class KaldiFbank(nn.Module):
         return torch.cat(out, dim=1).to(torch.float32)
 
     def forward(self, wave):
-        return (self.log_fbank(wave) - NORM_MEAN) / (2.0 * NORM_STD)
+        return self.feature_set.normalize(self.log_fbank(wave))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,7 +390,9 @@ class ViTEmbedder(nn.Module):
     positions' length (``audio_size[0]``, 592). At most ``max_chunks`` chunks go through the encoder per
     call, so memory does not grow with the clip. ``timestamp_embedding_size = n·D`` (one per 16-frame
     column, the mean of its frequency patches); ``scene_embedding_size = 2·n·D`` (``[CLS ‖ mean]``, the CLS
-    of each chunk weighted by its columns).
+    of each chunk weighted by its columns). ``features``: the front end the encoder was trained on (what an
+    export records; one of ``SUPPORTED_FEATURES``): ``sample_rate`` is its rate, 32000 for ``kaldi_fbank128``
+    (the default, ASiT's), 16000 for EAT's ``kaldi_fbank128_16k``; any other set is refused (``ValueError``).
     """
 
     def __init__(
@@ -378,10 +401,12 @@ class ViTEmbedder(nn.Module):
         n_blocks: int | None = None,
         max_chunks: int = 8,
         chunk_frames: int | None = None,
+        features: str = FEATURES,
     ):
         super().__init__()
         self.encoder = encoder
-        self.frontend = KaldiFbank(n_mels=encoder.n_mels)
+        self.frontend = KaldiFbank(features, n_mels=encoder.n_mels)
+        self.features = features
         self.sample_rate = self.frontend.sample_rate
         self.n_blocks = encoder.depth if n_blocks is None else int(n_blocks)
         if not 1 <= self.n_blocks <= encoder.depth:
@@ -438,11 +463,12 @@ class ViTEmbedder(nn.Module):
         return spec
 
     def timestamps_ms(self, steps: int):
-        return torch.from_numpy(front_end(FEATURES).timestamps_ms(steps, self.encoder.patch_t))
+        return torch.from_numpy(front_end(self.features).timestamps_ms(steps, self.encoder.patch_t))
 
     @torch.no_grad()
     def timestamp_embeddings(self, wave):
-        """``wave [B, samples]`` (32 kHz) → ``(emb [B, C, n·D], timestamps_ms [B, C])``, C = frames // 16."""
+        """``wave [B, samples]`` (at ``sample_rate``) → ``(emb [B, C, n·D], timestamps_ms [B, C])``,
+        C = frames // 16."""
         emb = self.spec_embeddings(self._spec(wave))
         ts = self.timestamps_ms(emb.shape[1]).to(device=emb.device, dtype=torch.float32)
         return emb, ts[None].expand(emb.shape[0], -1)

@@ -18,8 +18,9 @@ So the output is, step for step, what ``hear.get_timestamp_embeddings`` gives fo
 
 * ATST-Frame / ATST-Clip: 16 kHz log-mel, one step per 40 ms token (``(samples // 160 + 1) // 4`` steps);
   the Clip CLS token is not a time step and is left out.
-* 2-D patch ViTs (the official ASiT layout): 32 kHz Kaldi fbank, one step per 16-frame column of patches
-  (160 ms), the mean of the column's frequency patches.
+* 2-D patch ViTs (the official ASiT layout): the Kaldi fbank the file records — 32 kHz (``kaldi_fbank128``,
+  ASiT's) or 16 kHz (``kaldi_fbank128_16k``, EAT's; ``sampling_rate`` 16000) — one step per 16-frame column
+  of patches (160 ms), the mean of the column's frequency patches.
 
 X-ARES hands over batches of equal-length crops without their lengths, so by default every sample counts as
 audio. ``forward(audio, lengths)`` (samples per row) encodes each row from its own samples only: the front
@@ -138,8 +139,8 @@ class ATSTClipEncoder(ExportedEncoder):
 
 
 class ViTEncoder(ExportedEncoder):
-    """A 2-D patch ViT in the official ASiT layout: 32 kHz Kaldi fbank, 160 ms steps (16-frame columns),
-    chunks of the positions' length (592 frames)."""
+    """A 2-D patch ViT in the official ASiT layout: the Kaldi fbank it was trained on (32 kHz, or 16 kHz for
+    EAT's front end), 160 ms steps (16-frame columns), chunks of the positions' length (592 frames)."""
 
     LAYOUT = "vit"
 

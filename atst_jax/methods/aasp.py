@@ -10,16 +10,28 @@ frequency estimated from the input) to the standard patch tokens; (b) teacher-st
 **From EAT** (Chen et al. 2024, code on fairseq's data2vec 2.0; the closest public recipe of (b)), the
 default wherever the AaSP paper is silent, each an option:
 
-- Input: one 1024-frame crop (``crop_frames``) per clip of the 128-bin Kaldi fbank (EAT computes it at
-  16 kHz; the data section here decides the rate); the 2-D 16×16 patch ViT (time-major tokens, 64 × 8 =
-  512 for 1024 frames), fixed 2-D sin-cos positions, a CLS token, qkv bias, no drop-path.
+- Input: one 1024-frame crop (``crop_frames``) per clip of EAT's front end, the 128-bin Kaldi fbank at
+  16 kHz (``features="kaldi_fbank128_16k"``: bins 20 Hz–8 kHz, ``(x + 4.268) / (2 · 4.569)``;
+  ``kaldi_fbank128`` is ASiT's 32 kHz set); the 2-D 16×16 patch ViT (time-major tokens, 64 × 8 = 512 for
+  1024 frames), fixed 2-D sin-cos positions, a CLS token, qkv bias, no drop-path.
+- A clip shorter than the crop (a 10 s AudioSet clip gives 998 frames): EAT zero-pads its raw log fbank to
+  1024 frames and the padding is audio to every part of the method. ``pad_is_signal=True`` does the same
+  (``official_padding``): the frames past the clip's length are set to the stored value 0 (``pad_value=
+  "zero"``; model input ≈ 0.467, where the pipeline pads with the silence ``ln(eps)``, ≈ −1.277 model input;
+  ``pad_value="data"`` keeps that) and the whole crop counts — attended, in the teacher's statistics, the
+  targets, the losses and the mask sampler's choices.
+- Trunk (``model.norm_style="post"``, set by configs/aasp.py): EAT's, data2vec 2.0's ``AltBlock`` with
+  ``layer_norm_first=False``: a LayerNorm on the embedded tokens (positions added, CLS in front, so on the
+  student's visible tokens only), each block ``x = LN1(x + Attn(x))``, ``t = MLP(x)``, ``LN2(x + t)``, and no
+  final norm (``models/encoder.py``); exported as a post-norm ViT (``format=asit_encoder+postnorm+aape``,
+  ``export/torch_vit.py``).
 - Teacher = EMA of the student encoder; it encodes each **clean clip once**. Targets
   (``target_source="ffn"``): for each of the top ``top_k_layers`` (12 = all) blocks, the block's
   feed-forward output (after ``fc2``, before the residual add; ``FrameAST.trunk(collect_layers="ffn")``;
-  EAT's ``t`` under ``model.norm_style="post"``), instance-normalised per channel over the clip's tokens,
-  averaged over the layers, then a LayerNorm without affine parameters (eps 1e-5).
-  ``target_source="block"`` takes the blocks' outputs (the residual stream) instead. The utterance target
-  is the targets' mean over the clip's tokens.
+  EAT's ``t``), instance-normalised per channel over the clip's tokens, averaged over the layers, then a
+  LayerNorm without affine parameters (eps 1e-5). ``target_source="block"`` takes the blocks' outputs
+  instead (post-norm: after their ``LN2``, EAT's ``end_of_block_targets``). The utterance target is the
+  targets' mean over the clip's tokens.
 - Masks (``mask_sampler="eat"``, ``views.eat_inverse_block_mask``): ``num_masks`` = 16 copies of each clip
   (``clone_batch``), each keeping ``int(N·(1 − mask_ratio))`` = 102 of 512 tokens (``mask_ratio`` = 0.8):
   ``int(N·(1 − r + mask_prob_adjust) / 25)`` = 5 block centres drawn uniformly with replacement, a
@@ -58,16 +70,12 @@ default wherever the AaSP paper is silent, each an option:
   that copy's visible tokens only (its SBLU filter and whole-clip envelope statistics would otherwise carry
   the dropped tokens' content into the kept ones, which the student must then predict without having seen).
   So the costly encoder work is one teacher pass on ``B × N`` plus the student's ``B·M × visible``.
-- The trunk layout is a knob, ``model.norm_style``: ``"pre"`` (the default, kept for the existing runs and
-  checkpoints) is this project's pre-norm ViT with a final LayerNorm; ``"post"`` is EAT's (data2vec 2.0's
-  ``AltBlock`` with ``layer_norm_first=False``): a LayerNorm on the embedded tokens (positions added, CLS in
-  front, so on the student's visible tokens only), each block ``x = LN1(x + Attn(x))``, ``t = MLP(x)``,
-  ``LN2(x + t)``, and no final norm (``models/encoder.py``). ``target_source="ffn"`` is each block's
-  feed-forward output before the residual add either way (post-norm: EAT's ``t`` exactly), and ``"block"``
-  the blocks' outputs (post-norm: after their ``LN2``, as EAT's with ``end_of_block_targets``).
-- Padding: tokens past a clip's valid frames are never visible while enough real tokens remain (the EAT
-  sampler draws its centres among the real tokens), and are left out of the teacher's instance-norm
-  statistics, the regression and the utterance target.
+- ``model.norm_style="pre"``: this project's pre-norm ViT with a final LayerNorm instead of EAT's trunk (the
+  default before EAT's was; a saved run config without the field is pre-norm, ``EncoderConfig``'s default).
+  ``target_source`` taps the same places (``"ffn"``: the feed-forward output before the residual add).
+- Padding masked (``pad_is_signal=False``): tokens past a clip's valid frames are never visible while enough
+  real tokens remain (the EAT sampler then draws its centres among the real tokens), are masked as keys, and
+  are left out of the teacher's instance-norm statistics, the regression and the utterance target.
 
 Monitors: ``std_tea`` (std over the batch's tokens of the L2-normalised teacher outputs, the official ATST
 ``compute_var``: → 0 when the teacher collapses to one vector; ≈ 1/√D when healthy), ``std_pred`` (the same
@@ -83,7 +91,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from atst_jax import flops
+from atst_jax import features, flops
 from atst_jax.data import views
 from atst_jax.methods.base import Crop, Method
 from atst_jax.models import collapse
@@ -102,14 +110,25 @@ from atst_jax.sharding import ConfigError
 @dataclasses.dataclass(frozen=True)
 class AaspConfig:
     crop_frames: int = 1024
-    features: str = "kaldi_fbank128"
+    # EAT's front end: the Kaldi fbank at 16 kHz (128 bins 20 Hz–8 kHz, EAT's normalisation); kaldi_fbank128 is
+    # ASiT's 32 kHz one.
+    features: str = "kaldi_fbank128_16k"
+    # A clip shorter than the crop (a 10 s AudioSet clip is 998 frames of kaldi_fbank128_16k; EAT's target is 1024).
+    # True (EAT): its padding is part of the clip, attended, in the teacher's statistics, the targets and the
+    # losses; False: masked by the valid length (keys, statistics, targets, losses). Identical for clips at least
+    # a crop long.
+    pad_is_signal: bool = True
+    # With pad_is_signal, what the padded frames hold: "zero" (EAT: the raw log fbank zero-padded, so the model
+    # input there is the normalisation's offset, ≈ 0.467 for kaldi_fbank128_16k) | "data" (as the pipeline pads:
+    # the feature set's silence, ln(eps) ≈ −15.94 stored, ≈ −1.277 model input).
+    pad_value: str = "zero"
     # masks: M copies per clip, a fixed visible count (static shapes)
     num_masks: int = 16
     mask_ratio: float = 0.8
     mask_block: tuple[int, int] = (5, 5)  # (time, freq) tokens of one visible block
     mask_sampler: str = "eat"  # eat (views.eat_inverse_block_mask) | blocks (views.inverse_block_mask)
     mask_prob_adjust: float = 0.07  # eat: extra block centres, N·(1 − r + adjust)/|block| of them
-    # targets (the trunk they come from: model.norm_style, "pre" by default, "post" = EAT's post-norm blocks)
+    # targets (the trunk they come from: model.norm_style, "post" = EAT's post-norm blocks in configs/aasp.py)
     target_source: str = "ffn"  # ffn (each block's feed-forward output, EAT) | block (the block outputs)
     top_k_layers: int = 12  # clipped to the encoder depth
     instance_norm_targets: bool = True
@@ -193,6 +212,25 @@ class Aasp(Method):
     def inputs(self):
         return (Crop("spec", self.cfg.crop_frames, self.cfg.features),)
 
+    def official_padding(self, batch):
+        """``batch`` as EAT pads a short clip (``pad_is_signal``): the frames past ``spec_length`` set to the
+        stored value 0 (``pad_value="zero"``: EAT zero-pads the raw log fbank; the model input there is the
+        feature set's normalisation offset) and the valid length set to the crop's width
+        (``Method.padding_as_signal``: every token attended and counted). Unchanged with ``pad_is_signal=False``
+        (padding masked by the length)."""
+        if not self.cfg.pad_is_signal:
+            return batch
+        spec, length = batch["spec"], batch["spec_length"]
+        if self.cfg.pad_value == "zero":
+            fill = jnp.asarray(features.get(self.cfg.features).normalize(0.0), spec.dtype)
+            past = jnp.arange(spec.shape[-1])[None, None, :] >= length[:, None, None]
+            batch = dict(batch, spec=jnp.where(past, fill, spec))
+        return self.padding_as_signal(batch)
+
+    def pictures(self, batch, key, step):
+        """The first clip's crop as the networks see it (short clips padded as ``official_padding`` pads)."""
+        return super().pictures(self.official_padding(batch), key, step)
+
     def init(self, rng):
         student = Student(self.enc_cfg, self.cfg, rngs=nnx.Rngs(params=rng))
         teacher = Teacher(self.enc_cfg, self.cfg, rngs=nnx.Rngs(params=jax.random.fold_in(rng, 1)))
@@ -263,6 +301,7 @@ class Aasp(Method):
     def loss(self, student, teacher, method_state, batch, key, step):
         del step
         cfg = self.cfg
+        batch = self.official_padding(batch)
         spec, length = batch["spec"], batch["spec_length"]
         b, m = spec.shape[0], cfg.num_masks
         k_mask, k_stu = jax.random.split(key)
@@ -372,6 +411,8 @@ class Aasp(Method):
             raise ConfigError(f"aasp.target_source={c.target_source!r}: choose ffn or block")
         if c.loss not in ("mse", "cosine"):
             raise ConfigError(f"aasp.loss={c.loss!r}: choose mse or cosine")
+        if c.pad_value not in ("zero", "data"):
+            raise ConfigError(f"aasp.pad_value={c.pad_value!r}: choose zero or data")
         if c.contrast_embed not in ("pred", "cls") or (c.contrast_embed == "cls" and not enc.use_cls):
             raise ConfigError(
                 f"aasp.contrast_embed={c.contrast_embed!r}: choose pred, or cls with model.use_cls"
