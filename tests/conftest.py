@@ -143,7 +143,7 @@ def prepare_dcase(cache, rows, out, strong):
 FILE_SECONDS = {
     "test_methods.py": 560, "test_checkpoint.py": 220, "test_multihost.py": 220, "test_compose.py": 210,
     "test_reliability.py": 170, "test_methods_learning.py": 150, "test_train.py": 110, "test_scale.py": 150,
-    "test_aape.py": 120, "test_collapse.py": 140, "test_evaluate.py": 125, "test_model.py": 90, "test_aasp.py": 90,
+    "test_aape.py": 120, "test_collapse.py": 140, "test_evaluate.py": 125, "test_model.py": 90, "test_aasp.py": 130,
     "test_cli_errors.py": 75, "test_pretrain_probe.py": 70, "test_finetune_resume.py": 65, "test_bench_gpu.py": 60,
     "test_plan.py": 60, "test_sweep.py": 60, "test_finetune.py": 45, "test_stems.py": 35, "test_atst_frame.py": 35,
     "test_mixup_bank.py": 35, "test_export.py": 30, "test_export_hf.py": 45, "test_prepare.py": 30, "test_front_door.py": 25,

@@ -209,16 +209,33 @@ def test_per_group_batchnorm_and_loss_equal_the_mean_over_groups_of_each_alone(m
     cos = np.asarray(cosine(jnp.asarray(p), jnp.asarray(z)))
     blocks = [(cos[i : i + 2] * w[i : i + 2]).sum() / w[i : i + 2].sum() for i in (0, 2)]
     np.testing.assert_allclose(float(byol_pair(p, z, w, 2)), 2 - 2 * np.mean(blocks), rtol=1e-6)
+    # Groups that do not divide the clips (the official 7 GPUs, a batch of 4 here): row i in block i·G // R,
+    # blocks of 1 or 2 clips, each its own token mean.
+    p, z = rng.normal(size=(2, 10, 6, 8)).astype(np.float32)
+    w = (rng.random((10, 6)) < 0.7).astype(np.float32)
+    w[:, 0] = 1  # no empty clip
+    cos = np.asarray(cosine(jnp.asarray(p), jnp.asarray(z)))
+    block = np.arange(10) * 7 // 10
+    assert np.bincount(block).tolist() == [2, 1, 2, 1, 2, 1, 1]
+    means = [(cos[block == g] * w[block == g]).sum() / w[block == g].sum() for g in range(7)]
+    np.testing.assert_allclose(float(byol_pair(p, z, w, 7)), 2 - 2 * np.mean(means), rtol=1e-6)
 
 
-def test_groups_must_divide_the_clips_of_a_loss_call():
+def test_official_gpu_counts_and_groups_that_fit_the_clips_of_a_loss_call():
     from atst_jax.sharding import ConfigError
 
+    groups = {
+        v: load_config(f"{CONFIG}:{v}").atst_frame.loss_groups for v in ("tiny", "small", "base", "xxl")
+    }
+    assert groups == {"tiny": 1, "small": 4, "base": 7, "xxl": 7}
+    config = load_config(f"{CONFIG}:base")
+    config.train.global_batch = 256  # 7 blocks of 36 or 37 clips: fine
+    build(config).check()
     config = load_config(CONFIG + ":tiny")  # global batch 16
     config.train.grad_accum_steps = 2
-    config.atst_frame.loss_groups = 16
-    with pytest.raises(ConfigError, match=r"atst_frame.loss_groups=16 must be >= 1 and divide the 8 clips"):
+    config.atst_frame.loss_groups = 9
+    with pytest.raises(ConfigError, match=r"atst_frame.loss_groups=9 is more than the 8 clips"):
         build(config).check()
-    config.atst_frame.update(loss_groups=8, bn_groups=3)
+    config.atst_frame.update(loss_groups=7, bn_groups=3)
     with pytest.raises(ConfigError, match=r"atst_frame.bn_groups=3"):
         build(config).check()

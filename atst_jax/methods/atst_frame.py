@@ -19,9 +19,10 @@ Recipe, as the official audiossl code runs it:
   BN statistics cover one view).
 - Per-GPU means: the official loss is a mean over one GPU's masked tokens, and DDP averages the GPUs'
   gradients, so GPUs weigh equally whatever their token counts. ``loss_groups=G`` reproduces that: the clips
-  of a loss call are cut into G equal consecutive blocks (the devices' shards when G is the data-parallel
-  size), the loss is the mean over blocks of each block's token mean (official: G = the number of GPUs, 4
-  for the small recipe, 7 for base). ``bn_groups=G`` (not official: SyncBN is on there) takes the projector
+  of a loss call are cut into G consecutive blocks (equal when G divides them: the official GPUs' shares;
+  the devices' shards when G is the data-parallel size), the loss is the mean over blocks of each block's
+  token mean. configs/atst_frame.py sets the official G, the number of GPUs: 4 for small, 7 for base (and
+  the larger sizes, which follow base); 1 (the dataclass default, tiny) is the mean over all masked tokens. ``bn_groups=G`` (not official: SyncBN is on there) takes the projector
   and predictor BatchNorm statistics per block too, as DDP without SyncBN would; 1 = the whole batch.
 - Teacher mode: the official teacher runs in train mode (drop-path on, BN batch statistics) —
   ``teacher_train_mode=True``, the default. ``False`` puts the teacher in eval mode: no drop-path, and its
@@ -275,13 +276,16 @@ class AtstFrame(Method):
             raise ConfigError("atst_frame has no CLS token: set model.use_cls=False")
         train = self.config.train
         rows = int(train.global_batch) // max(int(train.get("grad_accum_steps", 1)), 1)
-        for field in ("loss_groups", "bn_groups"):
-            groups = int(getattr(cfg, field))
-            if rows % groups:  # >= 1: RANGES
-                raise ConfigError(
-                    f"atst_frame.{field}={groups} must be >= 1 and divide the {rows} clips of a loss call "
-                    "(train.global_batch / train.grad_accum_steps)"
-                )
+        if int(cfg.loss_groups) > rows:  # blocks of unequal size are fine (byol_pair), empty ones are not
+            raise ConfigError(
+                f"atst_frame.loss_groups={cfg.loss_groups} is more than the {rows} clips of a loss call "
+                "(train.global_batch / train.grad_accum_steps)"
+            )
+        if rows % int(cfg.bn_groups):  # >= 1: RANGES
+            raise ConfigError(
+                f"atst_frame.bn_groups={cfg.bn_groups} must be >= 1 and divide the {rows} clips of a loss call "
+                "(train.global_batch / train.grad_accum_steps)"
+            )
         n = self.frames // self.enc_cfg.patch_w
         if n <= cfg.mask_span:
             raise ConfigError(

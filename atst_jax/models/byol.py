@@ -43,14 +43,25 @@ def init_byol(rng, enc: EncoderConfig, cfg, covers):
 def byol_pair(pred, target, weights, groups: int = 1):
     """``2 − 2·cos(pred, target)`` averaged over the rows with weight 1 (stop-gradient is the caller's).
 
-    ``groups > 1``: the leading axis is cut into that many equal consecutive blocks, each averaged over its
-    own rows, and the loss is the mean over blocks — DDP's gradient average of per-GPU means."""
+    ``groups > 1``: the leading axis (R rows) is cut into that many consecutive blocks, row ``i`` in block
+    ``i·groups // R`` (equal blocks when ``groups`` divides R, else sizes differing by at most one), each
+    averaged over its own rows, and the loss is the mean over blocks — DDP's gradient average of per-GPU
+    means."""
     if groups == 1:
         denom = jnp.maximum(jnp.sum(weights), 1.0)
         return 2.0 - 2.0 * jnp.sum(cosine(pred, target) * weights) / denom
-    sims = (cosine(pred, target) * weights).reshape(groups, -1)
-    count = jnp.maximum(jnp.sum(weights.reshape(groups, -1), axis=1), 1.0)
-    return 2.0 - 2.0 * jnp.mean(jnp.sum(sims, axis=1) / count)
+    rows = weights.shape[0]
+    if rows % groups == 0:
+        sims = (cosine(pred, target) * weights).reshape(groups, -1)
+        count = jnp.maximum(jnp.sum(weights.reshape(groups, -1), axis=1), 1.0)
+        return 2.0 - 2.0 * jnp.mean(jnp.sum(sims, axis=1) / count)
+    block = jnp.arange(rows) * groups // rows
+    per_row = (cosine(pred, target) * weights).reshape(rows, -1).sum(axis=1)
+    sims = jax.ops.segment_sum(per_row, block, num_segments=groups)
+    count = jnp.maximum(
+        jax.ops.segment_sum(weights.reshape(rows, -1).sum(axis=1), block, num_segments=groups), 1.0
+    )
+    return 2.0 - 2.0 * jnp.mean(sims / count)
 
 
 def bn_head(mlp: BNMLP, x, weights, groups: int = 1, clips: int | None = None, *, use_running_average=False):

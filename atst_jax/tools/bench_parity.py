@@ -882,8 +882,9 @@ OFFICIAL = {
         "github.com/Audio-WestlakeU/audiossl",
         _atst_frame_files(),
         # The official model masks the padding of the uneven rows below by their lengths (in its training a
-        # short clip's zero padding counts as signal instead: ``pad_is_signal``, our default).
-        dict(aug_view1=False, aug_view2=False, pad_is_signal=False),
+        # short clip's zero padding counts as signal instead: ``pad_is_signal``, our default). Its step runs
+        # here as one process, whose loss is the mean over its masked tokens: one loss group.
+        dict(aug_view1=False, aug_view2=False, pad_is_signal=False, loss_groups=1),
         True,
         ("span_mask",),
         atst_frame_official,
