@@ -288,28 +288,119 @@ def test_c2f_frame_teacher_chunks_line_up_on_the_student_grid_and_train_mode_dro
 
 
 def test_mixup_is_the_official_mixup_training_with_resize_crop_and_bce():
-    """``--mixup``: mixup, then at clip level the RandomResizeCrop on both axes (``fold_in(key, 2)``), at
-    frame level mixup alone; and every loss BCE, single-label tasks included (softmax CE only without
-    mixup)."""
+    """``--mixup``: mixup, then at clip level the RandomResizeCrop on both axes of the valid frames
+    (``fold_in(key, 2)``), at frame level mixup alone; with the memory partner the step gets the batch mixed
+    already and resize-crops it alone; and every loss BCE, single-label tasks included (softmax CE only
+    without mixup)."""
     spec, length = _batch()
     y = jnp.eye(K)[jnp.array([0, 1, 2, 0])]
 
     @jax.jit
     def run(key):  # (one program: each mixup compiles a Beta sampler, seconds at -O0)
         clip, frame = (ft.augment(key, spec, length, y, 0.5, level) for level in ("clip", "frame"))
-        return clip, frame, views.random_resize_crop(jax.random.fold_in(key, 2), frame[0])
+        memory = ft.augment(key, spec, length, y, 0.5, "clip", "memory")
+        k = jax.random.fold_in(key, 2)
+        return clip, frame, memory, ft.random_resize_crop_valid(k, frame[0], frame[1]), (k, spec, length)
 
-    clip, frame, warped = jax.tree.map(np.asarray, run(jax.random.key(3)))
+    clip, frame, memory, warped, (k, *_) = run(jax.random.key(3))
+    clip, frame, memory, warped = jax.tree.map(np.asarray, (clip, frame, memory, warped))
     # Frame level: a mix (the targets mixed alike); clip level: that same mix, resize-cropped.
     assert not np.allclose(frame[0], np.asarray(spec)) and not np.allclose(frame[2], np.asarray(y))
     np.testing.assert_array_equal(clip[0], warped)
     assert not np.allclose(clip[0], frame[0])
     for a, b in zip(clip[1:], frame[1:], strict=True):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        memory[0], np.asarray(jax.jit(ft.random_resize_crop_valid)(k, spec, length))
+    )
+    np.testing.assert_array_equal(memory[1], np.asarray(length))
+    np.testing.assert_array_equal(memory[2], np.asarray(y))
     model = _student("clip")
     assert ft.Finetuner(model, "clip_single", CROP, ft.FinetuneOptions()).loss_softmax
     assert not ft.Finetuner(model, "clip_single", CROP, ft.FinetuneOptions(mixup=0.5)).loss_softmax
     assert not ft.Finetuner(model, "clip_multi", CROP, ft.FinetuneOptions()).loss_softmax
+
+
+def test_resize_crop_acts_on_each_clip_s_valid_frames_alone():
+    """The fine-tuning RandomResizeCrop sees a clip as the official transform does, unpadded: on a padded
+    crop its valid part is BYOL-A's crop of the clip alone (``views.random_resize_crop`` of the unpadded
+    clip, the same draws), and the padding stays zero; a clip that fills its crop gets exactly
+    ``views.random_resize_crop``."""
+    rs = np.random.default_rng(4)
+    x = jnp.asarray(rs.normal(size=(1, 64, 48)).astype(np.float32))
+    key = jax.random.key(5)
+    valid = jax.jit(ft.random_resize_crop_valid)
+    for n in (48, 37, 1):
+        padded = x.at[..., n:].set(0.0)
+        got = np.asarray(valid(key, padded, jnp.array([n])))
+        want = np.asarray(jax.jit(views.random_resize_crop)(key, x[..., :n]))
+        np.testing.assert_allclose(got[..., :n], want, rtol=1e-5, atol=1e-5)
+        assert not got[..., n:].any()
+
+
+def _identified_clips(lengths):
+    """Clips whose values name them: clip ``i`` is ``i + 1`` over its ``lengths[i]`` frames, its target the
+    one-hot of class ``i`` (as many classes as clips)."""
+    n = len(lengths)
+    specs = [np.full((64, t), i + 1.0, np.float32) for i, t in enumerate(lengths)]
+    data = ft.LabelledSet("mem", [str(i) for i in range(n)], specs, [], None, [str(i) for i in range(n)], "x")
+    return ft.TaskData(data, specs, list(np.eye(n, dtype=np.float32)))
+
+
+def test_mixup_memory_partner_is_one_stored_earlier_example_and_the_memory_is_fifo():
+    """``--mixup`` (memory partner, the default): the run's first example unmixed; every later one
+    ``x·λ + x'·(1 − λ)`` (targets alike) with ``x'`` one of the ``--mixup_memory`` examples seen before it,
+    stored unmixed (earlier ones of its own batch included, as the official per-example loop); a shorter
+    partner mixed into a window of the clip, a longer one's window mixed into it, the length kept; and the
+    memory the last ``--mixup_memory`` examples, oldest first out."""
+    lengths = [20, 20, 12, 20, 8, 20, 20, 16, 20, 20]
+    td, memory, batch = _identified_clips(lengths), 6, 4
+    opts = ft.FinetuneOptions(mixup=0.5, mixup_memory=memory, batch=batch, epochs=2, seed=3)
+    tuner = ft.Finetuner(_student("clip"), "clip_multi", 20, opts)
+    tuner._build(4, 1)
+    st = tuner.initial_state(td, 16)
+    seen = []
+
+    def step(params, rest, opt_state, t_state, spec, length, y, key):
+        seen.append((np.asarray(spec), np.asarray(length), np.asarray(y)))
+        return params, rest, opt_state, 0.0, 0.0
+
+    tuner._step, order = step, []
+    for epoch in range(2):
+        assert tuner._train_epoch(st, td, batch, 2, None, lambda: 0.0)
+        order += list(np.random.default_rng((3, epoch)).permutation(10)[: 2 * batch])
+        st.epoch, st.batch = epoch + 1, 0
+    spec, length, y = (np.concatenate(a) for a in zip(*seen, strict=True))
+    for r, i in enumerate(order):
+        n = lengths[i]
+        assert length[r] == n and not spec[r, :, n:].any()
+        if r == 0:  # nothing stored yet: unmixed
+            np.testing.assert_array_equal(spec[r, :, :n], i + 1.0)
+            np.testing.assert_array_equal(y[r], np.eye(10)[i])
+            continue
+        lam = y[r, i]
+        partners = [j for j in np.flatnonzero(y[r]) if j != i] or [i]
+        assert len(partners) == 1 and partners[0] in order[max(0, r - memory) : r]
+        j = partners[0]
+        np.testing.assert_allclose(y[r].sum(), 1.0, rtol=1e-6)
+        mixed = lam * (i + 1) + (1 - lam) * (j + 1)
+        cols = spec[r, 0, :n]
+        window = np.isclose(cols, mixed, rtol=1e-5)
+        if j == i:
+            np.testing.assert_allclose(cols, i + 1.0, rtol=1e-5)
+        elif lengths[j] >= n:
+            assert window.all()
+        else:  # a shorter partner: a window of its length, the rest the clip itself
+            (at,) = np.flatnonzero(window)[:1]
+            assert window.sum() == lengths[j] and window[at : at + lengths[j]].all()
+            np.testing.assert_array_equal(cols[~window], i + 1.0)
+    bank = st.mixup
+    assert bank.filled == memory and len(bank.length) == memory
+    ring = [(bank.pos + k) % memory for k in range(memory)]
+    assert [int(bank.y[s].argmax()) for s in ring] == order[-memory:]
+    for s, i in zip(ring, order[-memory:], strict=True):
+        np.testing.assert_array_equal(bank.spec[s, :, : lengths[i]], i + 1.0)  # stored before its mixing
+        assert bank.length[s] == lengths[i]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -218,6 +218,29 @@ def test_finetune_stopped_by_ctrl_c_saves_exits_0_and_the_rerun_ends_as_the_unin
     assert not np.array_equal(pretrained.patch_embed.kernel[...], tuned.patch_embed.kernel[...])
 
 
+def test_mixup_memory_is_checkpointed_and_a_run_stopped_mid_epoch_ends_as_the_uninterrupted_one(
+    inputs, tmp_path
+):
+    """``--mixup`` with the memory partner: the memory (here 12 examples, refilled several times over the run)
+    is saved with the checkpoint and restored, so a run stopped in its second epoch and continued ends with
+    the uninterrupted run's model, bit for bit."""
+    opts = OPTIONS[: OPTIONS.index("--mixup")] + ["--mixup", "0.5", "--mixup_memory", "12"]
+    runs = []
+    for name, hook in (("whole", None), ("stopped", _stop_at(signal.SIGINT, "finetuned", 1, 1))):
+        out = tmp_path / name
+        argv = _plain_argv(inputs, out) + opts
+        assert ftr.main(argv, after_step=hook) == 0
+        if hook is not None:
+            assert not (out / "RESULTS.json").exists()
+            assert entry.main(argv) == 0
+        runs.append(out)
+    assert _comparable(runs[0]).replace(str(runs[0]), "") == _comparable(runs[1]).replace(str(runs[1]), "")
+    a, b = (out / "finetuned" / "model" / "params.msgpack" for out in runs)
+    assert a.read_bytes() == b.read_bytes()
+    options = json.loads((runs[0] / "RESULTS.json").read_text())["models"]["finetuned"]["options"]
+    assert (options["mixup"], options["mixup_partner"], options["mixup_memory"]) == (0.5, "memory", 12)
+
+
 def test_importing_the_command_entry_imports_no_jax():
     """Ctrl-C during the seconds JAX takes to import is one line ("interrupted", exit 130) only if the
     import happens inside the CLI guard: the entry module itself must not import JAX."""

@@ -23,12 +23,31 @@ per step; gradients clipped to a global norm of ``--clip_norm`` (3.0) before the
 (0-based) ``d^(L−b)`` and the head 1 at both levels; clip tasks (the clip fine-tuning code): the stem (patch
 projection, positions, mask token, CLS) ``d^L`` — the same factor as block 0 — and the final norm ``d``; SED
 (the official frame-level code): the stem ``d^(L+1)`` and the final norm 1. Loss: softmax cross-entropy for
-single-label tasks, binary cross-entropy for multi-label and SED (mean over valid steps). ``--mixup ALPHA``
-(off by default) is the official ``mixup_training``: each example mixed with another of the batch,
-``λ ~ Beta(α, α)``, on the normalised spectrogram, targets mixed alike, then (clip tasks) BYOL-A's
-RandomResizeCrop on both axes (:func:`augment`; on the whole crop, so a clip shorter than the crop is warped
-with its padding, where the official transform sees the clip alone); and with it **every** loss is BCE on
-(mixed one-hot, or sigmoid teacher) targets, single-label tasks included.
+single-label tasks, binary cross-entropy for multi-label and SED (mean over valid steps).
+
+**Mixup**, ``--mixup ALPHA`` (off by default), is the official ``mixup_training`` (``FinetuneTargetTransform``:
+``MixupSpecLabel(n_memory=5000)`` then BYOL-A's ``RandomResizeCrop``), and with it **every** loss is BCE on
+(mixed one-hot, or sigmoid teacher) targets, single-label tasks included. Clip tasks, ``--mixup_partner
+memory`` (default), as the official: a FIFO memory (:class:`MixupBank`) of the last ``--mixup_memory`` (5000)
+training examples — the normalised crops before their own mixing, their lengths and one-hot targets — and,
+example by example in batch order, each example with the memory non-empty mixed with one drawn uniformly
+from it, ``x·λ + x'·(1 − λ)``, ``λ ~ Beta(α, α)`` per example, targets alike, a partner of another length by
+the official window rule (:func:`mix_pair`), then the example itself appended: the run's first example is
+left unmixed, and an example can draw earlier ones of its own batch, as in the official data loader. Then
+BYOL-A's RandomResizeCrop on both axes of each clip's valid frames alone (:func:`random_resize_crop_valid`;
+padding stays padding), in the step (:func:`augment`). ``--mixup_partner batch``: the partner is another
+example of the same batch instead (a permutation, :func:`mixup_batch`; the mix valid as far as the longer).
+SED always mixes within the batch (the official frame-level datasets take no target transform) and gets no
+resize-crop (a time warp would move events off their labelled steps).
+
+What differs from the official memory: ours is one memory for the whole run, on the host in the training
+process and saved with the checkpoints (a stopped run continues it bit for bit), where the official one lives
+in each data-loader worker (10 per GPU, not persistent: re-created empty every epoch, so each worker's
+first example of an epoch is unmixed and its memory holds only the batches that worker built); its draws
+come from ``(seed, epoch, step)`` NumPy streams; it holds at most the run's example count (a memory that
+never fills behaves the same); and it holds our training crops (``--crop_s``, padded) where the official one
+holds whole clips (up to 12 s), so a partner's length differs from the clip's only where one of them is
+shorter than the crop.
 
 **ATST-C2F**: ``λ·L_distill + (1 − λ)·L_task`` with a frozen teacher — a model fine-tuned on the same task by
 this command (``--teacher FT_DIR``: the model's folder, or the ``--out`` of the run that made it) — run on
@@ -143,6 +162,8 @@ class FinetuneOptions:
     clip_norm: float = 3.0
     warmup_epochs: float = 1.0
     mixup: float = 0.0  # Beta(α, α); 0 = off
+    mixup_partner: str = "memory"  # memory (official, clip level) | batch
+    mixup_memory: int = 5000  # the memory's size in examples (official n_memory)
     crop_s: float | None = None  # None: the encoder's chunk
     drop_path: float | None = None  # None: the pretraining rate
     distill_lambda: float = 0.5
@@ -394,10 +415,14 @@ def c2f_loss(logits, targets, teacher_logits, lam: float, softmax: bool, valid=N
 # Augmentation (--mixup)
 # ----------------------------------------------------------------------------------------------------------
 
+MIXUP_PARTNERS = ("memory", "batch")
+MIXUP_STREAM = 0x313C  # the NumPy stream of a step's memory-mixup draws, apart from its crops'
+
 
 def mixup_batch(key, spec, length, y, alpha: float):
-    """Each example mixed with another of the batch, ``λ ~ Beta(α, α)``, on the normalised spectrogram, the
-    targets alike; the mix is valid as far as the longer of the two."""
+    """``--mixup_partner batch``: each example mixed with another of the batch (a permutation), ``λ ~ Beta(α,
+    α)`` per example, on the normalised spectrogram, the targets alike; the mix is valid as far as the longer
+    of the two."""
     lam = jax.random.beta(key, alpha, alpha, (spec.shape[0],))
     perm = jax.random.permutation(jax.random.fold_in(key, 1), spec.shape[0])
     ls = lam[:, None, None]
@@ -407,13 +432,114 @@ def mixup_batch(key, spec, length, y, alpha: float):
     return spec, length, ly * y + (1 - ly) * y[perm]
 
 
-def augment(key, spec, length, y, alpha: float, level: str):
-    """``--mixup``: the official ``mixup_training`` — mixup, then at clip level BYOL-A's RandomResizeCrop on
-    both axes (canvas 1× frequency, 1.5× time, scales U(0.6, 1.5); its defaults) on ``fold_in(key, 2)``.
+def mix_pair(x, n: int, partner, m: int, lam, rng: np.random.Generator):
+    """The official ``MixupSpecLabel`` rule for one example: ``x [F, T]`` (``n`` valid frames) mixed with a
+    stored ``partner`` (``m`` valid frames) as ``x·λ + partner·(1 − λ)``. Equal lengths: frame by frame; the
+    partner shorter: it is mixed into the window ``[s, s + m)`` of ``x``, the rest of ``x`` kept as it is; the
+    partner longer: ``x`` is mixed with the partner's window ``[s, s + n)``; ``s`` uniform in ``[0, |n − m|)``
+    (the official draw excludes the last offset). The mix keeps ``x``'s length; padding stays zero."""
+    out = np.array(x, np.float32)
+    lam = np.float32(lam)
+    if n == m:
+        out[:, :n] = lam * x[:, :n] + (1 - lam) * partner[:, :n]
+    elif n > m:
+        s = int(rng.integers(0, n - m))
+        out[:, s : s + m] = lam * x[:, s : s + m] + (1 - lam) * partner[:, :m]
+    else:
+        s = int(rng.integers(0, m - n))
+        out[:, :n] = lam * x[:, :n] + (1 - lam) * partner[:, s : s + n]
+    return out
+
+
+@dataclasses.dataclass
+class MixupBank:
+    """``--mixup_partner memory``: the official FIFO memory of the most recent training examples (host-side
+    NumPy, as the official one lives in the data loader; saved with the fine-tune checkpoint): ``spec [M, F,
+    T]`` (the normalised crops before their own mixing, zero-padded), their valid ``length [M]`` and targets
+    ``y [M, K]``; a ring, ``pos`` the next slot to write, ``filled`` the slots written (at most ``M``)."""
+
+    spec: np.ndarray
+    length: np.ndarray
+    y: np.ndarray
+    pos: int = 0
+    filled: int = 0
+
+    @classmethod
+    def empty(cls, size: int, freqs: int, frames: int, classes: int) -> MixupBank:
+        z = np.zeros
+        return cls(z((size, freqs, frames), np.float32), z((size,), np.int32), z((size, classes), np.float32))
+
+    def append(self, x, n: int, y) -> None:
+        """Stores one example, the oldest dropped once the memory is full."""
+        self.spec[self.pos], self.length[self.pos], self.y[self.pos] = x, n, y
+        self.pos = (self.pos + 1) % len(self.length)
+        self.filled = min(self.filled + 1, len(self.length))
+
+    def mix(self, rng: np.random.Generator, spec, length, y, alpha: float):
+        """The batch ``spec [B, F, T]``, ``length [B]``, ``y [B, K]`` as the official per-example loop leaves
+        it: example by example, with the memory non-empty, ``λ ~ Beta(α, α)`` and a partner drawn uniformly
+        from the memory (:func:`mix_pair`; the targets ``y·λ + y'·(1 − λ)``), then the example itself (as it
+        was before mixing) appended. So the run's very first example is left as it is, and an example may draw
+        an earlier one of its own batch. Returns the mixed ``(spec, y)``; lengths do not change."""
+        spec_out, y_out = np.array(spec, np.float32), np.array(y, np.float32)
+        for r in range(spec.shape[0]):
+            n = int(length[r])
+            if self.filled:
+                lam = np.float32(rng.beta(alpha, alpha))
+                j = int(rng.integers(0, self.filled))
+                spec_out[r] = mix_pair(spec[r], n, self.spec[j], int(self.length[j]), lam, rng)
+                y_out[r] = lam * y[r] + (1 - lam) * self.y[j]
+            self.append(spec[r], n, y[r])
+        return spec_out, y_out
+
+
+def _valid_time_matrix(width, offset, length, canvas, frames: int):
+    """``[B, frames, frames]``: per example, canvas columns ``offset … offset+width−1`` resized (bicubic,
+    ``align_corners=True``, taps clamped to the crop) to the clip's ``length`` valid frames, the clip sitting
+    in the middle of a zero canvas of ``canvas`` columns; output and input columns past ``length`` are 0."""
+    n = length.astype(jnp.float32)
+    start = (canvas - length) // 2  # where the clip sits on its canvas
+    s = jnp.arange(frames, dtype=jnp.float32)
+    scale = jnp.where(length > 1, (width.astype(jnp.float32) - 1) / jnp.maximum(n - 1, 1.0), 0.0)
+    src = scale[:, None] * s[None, :]
+    base = jnp.floor(src)
+    w = views._cubic_weights(src - base)  # [B, frames, 4]
+    taps = base[..., None] + jnp.arange(-1, 3, dtype=jnp.float32)
+    taps = jnp.clip(taps, 0, width.astype(jnp.float32)[:, None, None] - 1)
+    col = taps.astype(jnp.int32) + (offset - start)[:, None, None]  # the input column each tap reads
+    keep = (col >= 0) & (col < length[:, None, None]) & (s[None, :, None] < n[:, None, None])
+    onehot = jax.nn.one_hot(col, frames, dtype=jnp.float32) * keep[..., None]
+    return jnp.einsum("bik,bikj->bij", w, onehot)
+
+
+def random_resize_crop_valid(key, x, length, freq_scale=(0.6, 1.5), time_scale=(0.6, 1.5), virtual_time=1.5):
+    """BYOL-A RandomResizeCrop (:func:`atst_jax.data.views.random_resize_crop`, same draws) on each clip's
+    ``length`` valid frames alone, as the official transform sees the unpadded clip: its canvas is
+    ``int(virtual_time · length)`` columns, the crop's width ``clip(int(U(time_scale) · length), 1, canvas)``,
+    and the crop is resized back to ``length`` frames; the padding stays zero. Equal to ``random_resize_crop``
+    where every clip fills the crop."""
+    b, f, t = x.shape
+    length = jnp.asarray(length, jnp.int32)
+    canvas = jnp.floor(length.astype(jnp.float32) * virtual_time).astype(jnp.int32)
+    k_f, k_t = jax.random.split(key)
+    h, i = views._crop_size_and_offset(k_f, b, f, f, freq_scale)
+    w, j = views._crop_size_and_offset(k_t, b, length, canvas, time_scale)
+    rows = views.freq_warp_matrix(h, i, f)  # [B, F, F]
+    cols = _valid_time_matrix(w, j, length, canvas, t)  # [B, T(out), T(in)]
+    y = jnp.einsum("bij,bjt->bit", rows, x.astype(jnp.float32))
+    return jnp.einsum("bft,bst->bfs", y, cols).astype(x.dtype)
+
+
+def augment(key, spec, length, y, alpha: float, level: str, partner: str = "batch"):
+    """``--mixup``, the official ``mixup_training``, inside the step: with ``partner="batch"`` the in-batch
+    mixup (:func:`mixup_batch`; with ``"memory"`` the batch arrives mixed from the :class:`MixupBank`), then
+    at clip level BYOL-A's RandomResizeCrop on both axes of each clip's valid frames (canvas 1× frequency,
+    1.5× time, scales U(0.6, 1.5); its defaults; :func:`random_resize_crop_valid`) on ``fold_in(key, 2)``.
     Frame level keeps mixup alone: a time warp would move the events off their labelled steps."""
-    spec, length, y = mixup_batch(key, spec, length, y, alpha)
+    if partner == "batch":
+        spec, length, y = mixup_batch(key, spec, length, y, alpha)
     if level == "clip":
-        spec = views.random_resize_crop(jax.random.fold_in(key, 2), spec)
+        spec = random_resize_crop_valid(jax.random.fold_in(key, 2), spec, length)
     return spec, length, y
 
 
@@ -519,7 +645,8 @@ class FitState:
     BatchNorm statistics (``rest``) and optimizer state, the best epoch's parameters (host copies), and the
     position — ``step`` steps taken, ``epoch`` epochs finished, ``batch`` steps of the current one and their
     ``losses``. The data position is the position itself: an epoch's order and a step's crops are drawn from
-    ``(seed, epoch[, step])`` (:meth:`Finetuner._train_epoch`)."""
+    ``(seed, epoch[, step])`` (:meth:`Finetuner._train_epoch`). With ``--mixup_partner memory`` the
+    :class:`MixupBank` too (its arrays with the others, its ring position and fill with the position)."""
 
     params: nnx.State
     rest: nnx.State
@@ -533,6 +660,7 @@ class FitState:
     best_score: float | None = None  # None: no epoch validated yet
     best_epoch: int = 0
     seconds: float = 0.0  # training time so far, over every run that worked on it
+    mixup: MixupBank | None = None  # --mixup_partner memory: the memory of recent examples
 
     def arrays(self) -> dict:
         """The arrays as plain nested dicts (what Orbax stores). The optimizer state's leaves are numbered
@@ -545,12 +673,18 @@ class FitState:
         }
         if jax.tree.leaves(self.best[1]):
             out |= {"rest": nnx.to_pure_dict(self.rest), "best_rest": self.best[1]}
+        if self.mixup is not None:  # copies: the memory changes in place while a save may still be writing
+            bank = self.mixup
+            out["mixup"] = {"spec": bank.spec.copy(), "length": bank.length.copy(), "y": bank.y.copy()}
         return out
 
     def position(self) -> dict:
-        """The rest, as JSON."""
+        """The rest, as JSON (with a mixup memory, its ring position and fill)."""
         names = ("step", "epoch", "batch", "history", "best_score", "best_epoch", "seconds")
-        return {k: getattr(self, k) for k in names} | {"losses": [float(x) for x in self.losses]}
+        out = {k: getattr(self, k) for k in names} | {"losses": [float(x) for x in self.losses]}
+        if self.mixup is not None:
+            out |= {"mixup_pos": self.mixup.pos, "mixup_filled": self.mixup.filled}
+        return out
 
     def restored(self, arrays: dict, position: dict) -> FitState:
         """This state (the template: a fresh run's) with a checkpoint's ``arrays`` and ``position``."""
@@ -562,12 +696,19 @@ class FitState:
 
         opt = [arrays["opt"][k] for k in sorted(arrays["opt"])]
         has_rest = "rest" in arrays
+        position = dict(position)
+        bank = None
+        if "mixup" in arrays:  # host arrays again (writable copies), as a fresh run's memory
+            m = {k: np.array(v) for k, v in arrays["mixup"].items()}
+            ring = position.pop("mixup_pos"), position.pop("mixup_filled")
+            bank = MixupBank(m["spec"], m["length"], m["y"], *ring)
         return FitState(
             state(self.params, arrays["params"]),
             state(self.rest, arrays["rest"]) if has_rest else self.rest,
             jax.tree.unflatten(jax.tree.structure(self.opt_state), opt),
             (arrays["best_params"], arrays["best_rest"] if has_rest else self.best[1]),
             **position,
+            mixup=bank,
         )
 
 
@@ -581,6 +722,12 @@ class Finetuner:
         # The loss: softmax CE for a single-label task unless with mixup, where both terms are BCE on sigmoid
         # targets (the official ``mixup_training``: one-hot labels mixed, BCE with logits).
         self.loss_softmax = self.softmax and opts.mixup <= 0
+        if opts.mixup_partner not in MIXUP_PARTNERS:
+            raise FinetuneError(
+                f"--mixup_partner must be one of {'|'.join(MIXUP_PARTNERS)}, got {opts.mixup_partner!r}"
+            )
+        # The memory partner is the official clip-level transform; SED keeps the in-batch partner.
+        self.memory = opts.mixup > 0 and opts.mixup_partner == "memory" and self.level == "clip"
         self.patch = inference.time_patch(model.encoder.cfg)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         if teacher is not None:
@@ -621,11 +768,12 @@ class Finetuner:
         teacher = self.teacher is not None
         t_fn = self._teacher_fn() if teacher else None
         mixup, level = self.opts.mixup, self.level
+        partner = "memory" if self.memory else "batch"
 
         def loss_fn(params, rest, t_state, spec, length, y, key):
             k_mix, k_drop = jax.random.split(key)
             if mixup > 0:
-                spec, length, y = augment(k_mix, spec, length, y, mixup, level)
+                spec, length, y = augment(k_mix, spec, length, y, mixup, level, partner)
             m = nnx.merge(gd, params, rest, copy=True)
             logits, valid = m(spec, length, train=True, key=k_drop)
             v = None if m.level == "clip" else valid
@@ -702,11 +850,18 @@ class Finetuner:
             m = mean_ap(np.concatenate(td.targets), np.concatenate(posteriors))[0]
         return -1.0 if math.isnan(m) else m
 
-    def initial_state(self) -> FitState:
+    def initial_state(self, train: TaskData | None = None, examples: int = 0) -> FitState:
         """The state before the first step: the model's parameters, a fresh optimizer state (:meth:`_build`
-        first), the best epoch's parameters the current ones."""
+        first), the best epoch's parameters the current ones; with the memory partner an empty
+        :class:`MixupBank` of ``min(--mixup_memory, examples)`` slots (``examples``: the run's training
+        examples; a memory that never fills needs no more) shaped by ``train``."""
         host = (_pure(self.params), _pure(self.rest))
-        return FitState(self.params, self.rest, self.tx.init(self.params), host)
+        st = FitState(self.params, self.rest, self.tx.init(self.params), host)
+        if self.memory and train is not None:
+            size = max(1, min(self.opts.mixup_memory, examples))
+            f, k = train.specs[0].shape[0], len(train.data.classes)
+            st.mixup = MixupBank.empty(size, f, self.frames, k)
+        return st
 
     def fit(self, train: TaskData, val: TaskData, log=print, bar=None, ckpt=None) -> dict | None:
         """Trains ``opts.epochs`` epochs, validating after each, and leaves the best epoch's parameters in the
@@ -720,7 +875,7 @@ class Finetuner:
         batch = min(self.opts.batch, n)
         per_epoch = max(1, n // batch)
         self._build(per_epoch * self.opts.epochs, int(round(self.opts.warmup_epochs * per_epoch)))
-        st = self.initial_state()
+        st = self.initial_state(train, per_epoch * batch * self.opts.epochs)
         if ckpt is not None:
             st = ckpt.restore(st)
         t0, before = time.perf_counter(), st.seconds
@@ -746,8 +901,9 @@ class Finetuner:
     def _train_epoch(self, st: FitState, train: TaskData, batch: int, per_epoch: int, ckpt, clock) -> bool:
         """The rest of epoch ``st.epoch`` from step ``st.batch``; False when it stopped (saved) on request.
 
-        The epoch's order and each step's crops and key come from ``(seed, epoch[, step])`` alone, so a run
-        resumed at any step draws what the uninterrupted run drew."""
+        The epoch's order and each step's crops, memory-mixup draws and key come from ``(seed, epoch[,
+        step])`` alone, and the mixup memory is part of the saved state, so a run resumed at any step draws
+        what the uninterrupted run drew."""
         seed = self.opts.seed
         order = np.random.default_rng((seed, st.epoch)).permutation(len(train.specs))
         key = jax.random.key(seed)
@@ -761,6 +917,9 @@ class Finetuner:
             rng = np.random.default_rng((seed, st.epoch, b))
             idx = order[b * batch : (b + 1) * batch]
             spec, length, y = crop_batch(train, idx, self.frames, self.patch, self.level, rng)
+            if st.mixup is not None:  # the official memory mixup, before the step (as in the data loader)
+                mix_rng = np.random.default_rng((seed, st.epoch, b, MIXUP_STREAM))
+                spec, y = st.mixup.mix(mix_rng, spec, length, y, self.opts.mixup)
             st.params, st.rest, st.opt_state, loss, _ = self._step(
                 st.params,
                 st.rest,

@@ -6,7 +6,8 @@ its options and ``--recipe`` presets, the checks made before any work, and the r
         [--teacher FT_DIR | --c2f_clip CLIP_RUN_OR_FILE] [--distill_lambda 0.5] [--no_undistilled] \\
         [--teacher_mode official|eval|train] [--teacher_chunks official|valid] [--recipe TASK] \\
         [--task auto|clip|sed] [--epochs 10] [--batch 16] [--lr 0.16] [--layer_decay 0.75] \\
-        [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--crop_s S] [--drop_path 0.1]
+        [--momentum 0.9] [--clip_norm 3.0] [--warmup_epochs 1] [--mixup ALPHA] [--mixup_partner memory|batch] \\
+        [--mixup_memory 5000] [--crop_s S] [--drop_path 0.1]
 
 **Before any work** (:func:`prepare`) everything the command will read is read and checked, so a mistake
 costs seconds, compiles nothing and leaves nothing behind: the options; ``--out`` (a directory, or one that
@@ -24,8 +25,9 @@ nothing in it is replaced.
 **Checkpoints and stops.** Each model trains in ``OUT/<model>/`` (``finetuned``; with a teacher ``frame``
 and ``frame_distilled``, after ``clip`` with ``--c2f_clip``), with an Orbax checkpoint in
 ``OUT/<model>/checkpoints/`` (:class:`StageCheckpoints`) after every epoch: parameters, BatchNorm statistics,
-optimizer state, the best epoch's parameters and the position (epoch, step, the epoch's losses so far, the
-validation history; an epoch's order and a step's crops are drawn from the seed and the position).
+optimizer state, the best epoch's parameters, the ``--mixup`` memory (with the memory partner) and the
+position (epoch, step, the epoch's losses so far, the validation history; an epoch's order and a step's crops
+and mixup draws are drawn from the seed and the position).
 SIGTERM or Ctrl-C (:class:`atst_jax.distributed.StopSignal`) saves at the next step boundary and exits 0; a
 second Ctrl-C aborts (exit 130). The same command then continues bit for bit. A model that finishes is
 written at once — ``OUT/<model>/model/`` and its entry in ``OUT/RESULTS.json``, whose ``pending`` lists the
@@ -54,6 +56,7 @@ from atst_jax.errors import UserError
 from atst_jax.eval import recipes
 from atst_jax.eval.data import check_sets, hold_out, read_labelled, task_of
 from atst_jax.eval.finetune import (
+    MIXUP_PARTNERS,
     RUN_FILE,
     TEACHER_CHUNKS,
     TEACHER_MODES,
@@ -134,7 +137,26 @@ def _parser():
         p.add_argument(f"--{name}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
     for name in ("lr", "layer_decay", "momentum", "clip_norm", "warmup_epochs", "mixup", "val_fraction"):
         shown = f"(default {getattr(defaults, name)})"
+        if name == "mixup":
+            shown = (
+                "the official mixup_training: α of mixup λ ~ Beta(α, α), then (clips) RandomResizeCrop "
+                + shown
+            )
         p.add_argument(f"--{name}", type=float, default=dflt(name), help=shown)
+    p.add_argument(
+        "--mixup_partner",
+        choices=MIXUP_PARTNERS,
+        default=defaults.mixup_partner,
+        help="with --mixup, clip tasks: whom an example is mixed with (memory: one drawn uniformly from a FIFO "
+        "memory of the last --mixup_memory training examples, the official MixupSpecLabel; batch: another "
+        "example of the same batch). SED always mixes within the batch",
+    )
+    p.add_argument(
+        "--mixup_memory",
+        type=int,
+        default=defaults.mixup_memory,
+        help=f"the memory partner's size in examples (default {defaults.mixup_memory}: the official n_memory)",
+    )
     p.add_argument("--median_s", type=float, default=None, help=f"(default {defaults.median_s})")
     p.add_argument("--crop_s", type=float, default=None, help="(default: the encoder's chunk)")
     p.add_argument("--drop_path", type=float, default=None)
@@ -163,6 +185,7 @@ def _options(args, preset: dict | None = None) -> FinetuneOptions:
         (v["clip_norm"] >= 0, "--clip_norm must be >= 0 (0 = no clipping)"),
         (v["warmup_epochs"] >= 0, "--warmup_epochs must be >= 0"),
         (v["mixup"] >= 0, "--mixup must be >= 0 (0 = off)"),
+        (v["mixup_memory"] >= 1, "--mixup_memory must be >= 1"),
         (0 <= v["distill_lambda"] <= 1, "--distill_lambda must be in [0, 1]"),
         (0 < v["val_fraction"] < 1, "--val_fraction must be in (0, 1)"),
         (v["crop_s"] is None or v["crop_s"] > 0, "--crop_s must be > 0"),
