@@ -55,8 +55,7 @@ def check_data(config, method: methods.Method, files) -> str:
     crop = max(method.inputs(), key=lambda c: c.frames)
     # A method that counts a short clip's padding as audio, as the official data code does, may take crops a
     # little longer than every clip (EAT: 10 s AudioSet clips, 998 frames of its 16 kHz fbank, padded to 1024).
-    pads = bool(getattr(method.cfg, "pad_is_signal", False))
-    if crop.frames > longest and not (pads and longest >= 0.9 * crop.frames):
+    if crop.frames > longest and not (method.pad_is_signal() and longest >= 0.9 * crop.frames):
         sec = (longest - 1) * fs.hop_length / fs.sample_rate
         raise ConfigError(
             f"the {crop.name!r} crop of {config.method} ({crop.frames} frames) is longer than the clips in the "

@@ -665,7 +665,7 @@ def test_official_centre_crop_and_chunk_averaging():
 
     assert ev.official_chunk_frames(FirstFrames.front.feature_set, 12) == 13
     spec = np.tile(np.arange(33, dtype=np.float32), (2, 1))
-    ((vectors, frames, _),) = ev._official_clip_vectors(FirstFrames(), [spec])
+    ((vectors, frames, _),) = ev._official_clip_vectors(FirstFrames(), [spec], 13)
     assert frames == [13, 13, 7]
     assert [v.tolist() for v in vectors] == [[0, 4], [13, 17], [26, 26]]  # [CLS ‖ mean of 0, 4, 8]; …
 

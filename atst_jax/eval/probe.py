@@ -189,7 +189,7 @@ def encoder_features(
     def flush():
         if official and level == "clip":
             chunk_len = official_chunk_frames(embedder.front.feature_set, embedder.chunk_frames)
-            for vectors, frames, arrays in _official_clip_vectors(embedder, group):
+            for vectors, frames, arrays in _official_clip_vectors(embedder, group, chunk_len):
                 check(*arrays)
                 out.append(official_scene(vectors, frames, chunk_len))
         else:
@@ -602,10 +602,10 @@ def official_scene(vectors, piece_frames, chunk_len: int) -> np.ndarray:
     return np.mean(kept, axis=0).astype(np.float32)
 
 
-def _official_clip_vectors(embedder, specs) -> list[tuple[list, list[int], list[np.ndarray]]]:
-    """Per clip: (per official chunk its vector or None, its frames, the arrays to check for non-finite
-    values). Each chunk is encoded on its own, as the official code does (its own token grid and CLS)."""
-    chunk_len = official_chunk_frames(embedder.front.feature_set, embedder.chunk_frames)
+def _official_clip_vectors(embedder, specs, chunk_len: int) -> list[tuple[list, list[int], list[np.ndarray]]]:
+    """Per clip: (per official chunk of ``chunk_len`` frames its vector or None, its frames, the arrays to check
+    for non-finite values). Each chunk is encoded on its own, as the official code does (its own token grid and
+    CLS)."""
     pieces, owners = [], []
     for i, spec in enumerate(specs):
         for s, e in official_pieces(spec.shape[1], chunk_len):

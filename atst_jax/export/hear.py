@@ -63,20 +63,15 @@ def load_model(
     return model_from_file(f, n_blocks=n_blocks, max_chunks=max_chunks, chunk_frames=chunk_frames)
 
 
-def vit_front_ends() -> tuple[str, ...]:
-    """The feature sets the PyTorch ViT embedder computes (``torch_vit.SUPPORTED_FEATURES``)."""
-    from atst_jax.export.torch_vit import SUPPORTED_FEATURES
-
-    return SUPPORTED_FEATURES
-
-
 def model_from_file(f, n_blocks: int | None = None, max_chunks: int = 8, chunk_frames: int | None = None):
     """:func:`load_model` for an encoder already read (``atst_jax.export.load.EncoderFile``): other adapters
     (``atst_jax.export.xares``) serve the same embedder and also need what the file records."""
     # Each layout's embedder computes the front ends listed here: the ViT's the Kaldi fbank sets (ASiT's 32 kHz,
     # EAT's 16 kHz), the ATST layouts' the ATST log-mel. An encoder trained on another would get features it
     # never saw, silently: refuse it instead.
-    computes = vit_front_ends() if f.vit else ("atst_logmel64",)
+    from atst_jax.export.torch_vit import SUPPORTED_FEATURES
+
+    computes = SUPPORTED_FEATURES if f.vit else ("atst_logmel64",)
     if f.features not in computes:
         raise ValueError(
             f"the encoder takes {f.features} features; the PyTorch embedder of its layout computes "

@@ -396,13 +396,6 @@ def _frame_files(config: dict, enc, step: int, encoder: str, inputs=None):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _step_meta(workdir, step: int) -> dict:
-    """The run metadata saved with ``step`` (``{}`` when absent or unreadable: the card says so)."""
-    from atst_jax.checkpoint import read_meta
-
-    return read_meta(workdir, step)
-
-
 def _compute_lines(compute, platform=None) -> list[str]:
     """The card's lines on what training cost: the checkpoint metadata's ``compute`` entry (totals over every
     start of the run up to the exported step; ``metrics.ComputeMeter``)."""
@@ -431,11 +424,13 @@ def _compute_lines(compute, platform=None) -> list[str]:
 
 
 def model_card(workdir, config: dict, step: int, encoder: str, variant: dict, size, n_params: int) -> str:
+    from atst_jax.checkpoint import read_meta
+
     width, depth, heads = size
     config = config or {}
     batch = (config.get("train") or {}).get("global_batch")
     clips = f"{step * int(batch):,} ({step} × global batch {batch})" if batch else "not recorded"
-    meta = _step_meta(workdir, step)
+    meta = read_meta(workdir, step)  # {} when absent or unreadable: the card says so
     data = meta.get("data") or {}
     fingerprint = data.get("fingerprint") or "not recorded"
     if data.get("subset_fingerprint"):

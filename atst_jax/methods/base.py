@@ -141,12 +141,16 @@ class Method:
         (``pipeline.CropExample``; ASiT's waveform ``torch.roll``): the config's ``circular_shift``, else 0."""
         return float(getattr(self.cfg, "circular_shift", 0.0))
 
+    def pad_is_signal(self) -> bool:
+        """Whether a short clip's padding counts as audio (the config's ``pad_is_signal``; False without one)."""
+        return bool(getattr(self.cfg, "pad_is_signal", False))
+
     def padding_as_signal(self, batch):
         """``batch`` with every crop's valid length set to the crop's width where the method's config has
         ``pad_is_signal`` (a short clip's padding then counts as audio: keys, loss terms and statistics, as the
         official ATST and ASiT data code, which zero-pads the waveform); unchanged otherwise. Methods call it
         first in ``loss`` and ``pictures``."""
-        if not getattr(self.cfg, "pad_is_signal", False):
+        if not self.pad_is_signal():
             return batch
         out = dict(batch)
         for crop in self.inputs():

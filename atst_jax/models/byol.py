@@ -51,10 +51,6 @@ def byol_pair(pred, target, weights, groups: int = 1):
         denom = jnp.maximum(jnp.sum(weights), 1.0)
         return 2.0 - 2.0 * jnp.sum(cosine(pred, target) * weights) / denom
     rows = weights.shape[0]
-    if rows % groups == 0:
-        sims = (cosine(pred, target) * weights).reshape(groups, -1)
-        count = jnp.maximum(jnp.sum(weights.reshape(groups, -1), axis=1), 1.0)
-        return 2.0 - 2.0 * jnp.mean(jnp.sum(sims, axis=1) / count)
     block = jnp.arange(rows) * groups // rows
     per_row = (cosine(pred, target) * weights).reshape(rows, -1).sum(axis=1)
     sims = jax.ops.segment_sum(per_row, block, num_segments=groups)
