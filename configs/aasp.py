@@ -12,10 +12,9 @@ clipping at 4, no drop-path, teacher momentum 0.9998 → 0.99999 over the first 
 the 2-D 16×16 patch ViT with a CLS token, fixed 2-D sin-cos positions, qkv bias and the AaPE branch
 (``model.aape``, every field a knob: ``--config.model.aape.kernels=8``). Its trunk is EAT's
 (``model.norm_style="post"``: a LayerNorm on the embedded patches, post-norm blocks, no final norm);
-``--config.model.norm_style=pre`` is this project's pre-norm ViT with a final LayerNorm, what AaSP runs made
-before EAT's layout became the default were (a run's saved config says which; resume such a run with
-``--config.model.norm_style=pre --config.aasp.features=kaldi_fbank128``, the defaults it was made with, and
-``--config.aasp.pad_is_signal=false`` for its masked padding of clips shorter than the crop).
+``--config.model.norm_style=pre`` is this project's pre-norm ViT with a final LayerNorm (a run's saved config
+says which). A run saved with ``norm_style=pre``, ``kaldi_fbank128`` and masked padding resumes with
+``--config.model.norm_style=pre --config.aasp.features=kaldi_fbank128 --config.aasp.pad_is_signal=false``.
 """
 
 import importlib.util
@@ -61,7 +60,7 @@ def get_config(variant: str = "tiny"):
     c.optim.update(eps=1e-8, final_lr=0.0)
     c.model.aape = aape_defaults()
     # post: EAT's trunk (embedding LayerNorm, post-norm blocks, no final norm); pre: this project's pre-norm
-    # blocks + final LayerNorm (the earlier default; other methods' 2-D encoders keep it).
+    # blocks + final LayerNorm (what other methods' 2-D encoders use).
     c.model.norm_style = "post"
     if c.variant == "tiny":
         # CPU-sized: 16 × 8 tokens, 4 copies, a 1-block predictor, a teacher that moves within 300 steps.

@@ -70,8 +70,8 @@ default wherever the AaSP paper is silent, each an option:
   that copy's visible tokens only (its SBLU filter and whole-clip envelope statistics would otherwise carry
   the dropped tokens' content into the kept ones, which the student must then predict without having seen).
   So the costly encoder work is one teacher pass on ``B × N`` plus the student's ``B·M × visible``.
-- ``model.norm_style="pre"``: this project's pre-norm ViT with a final LayerNorm instead of EAT's trunk (the
-  default before EAT's was; a saved run config without the field is pre-norm, ``EncoderConfig``'s default).
+- ``model.norm_style="pre"``: this project's pre-norm ViT with a final LayerNorm instead of EAT's trunk
+  (``EncoderConfig``'s default, so a saved run config without the field is pre-norm).
   ``target_source`` taps the same places (``"ffn"``: the feed-forward output before the residual add).
 - Padding masked (``pad_is_signal=False``): tokens past a clip's valid frames are never visible while enough
   real tokens remain (the EAT sampler then draws its centres among the real tokens), are masked as keys, and
